@@ -1,0 +1,567 @@
+"""Phase 1: run a model over a task once and write what distillation needs into the cache.
+
+`build_target` stores, per label token, the target's top-K log-probs and ids plus the tail mass
+(or, in "sample" mode, tokens drawn from the target with their counts). `build_ref` stores a
+trained reference draft's per-token losses against that cached target, computed with the same
+sparse estimator the draft loss uses, without loading the target.
+
+Determinism is what makes resume and multi-process builds exact: sequences are stored longest
+first, cut into a fixed plan of batches, and every row is computed by the batch that holds it, so
+the same rows come out whichever process, shard or restart computes them.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
+from tqdm.auto import tqdm
+
+import adaspec
+from adaspec import losses, models, tasks
+from adaspec.config import Config
+from adaspec.errors import UserError
+from cache_tools import schema, store
+from cache_tools.errors import CacheError
+
+LOGIT_ROWS = 1024  # label rows turned into full-vocabulary log-probs at a time (bounds memory)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequences and the batch plan
+
+
+def order_sequences(
+    tokenized: list[tasks.TokenizedExample],
+) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+    """Longest first (stable), dropping sequences without label tokens at positions >= 1.
+
+    Returns (input_ids per sequence (T,) int64, label_mask per sequence (T,) bool, source index).
+    """
+    kept = []
+    for ex in tokenized:
+        mask = np.asarray(ex.labels) != -100
+        mask[:1] = False  # position 0 has no prefix to predict it from
+        if mask.any():
+            kept.append((np.asarray(ex.input_ids, dtype=np.int64), mask, ex.source_index))
+    kept.sort(key=lambda item: -len(item[0]))
+    return [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
+
+
+def plan_batches(lengths: np.ndarray, batch_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive [start, stop) sequence ranges of at most `batch_tokens` padded tokens.
+
+    `lengths` is sorted longest first, so a batch's first sequence sets its padded length.
+    """
+    batches, start, n = [], 0, len(lengths)
+    while start < n:
+        size = max(1, batch_tokens // int(lengths[start]))
+        batches.append((start, min(n, start + size)))
+        start += size
+    return batches
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model outputs at label positions
+
+
+def _pad_batch(seqs: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.from_numpy(s)
+        attention_mask[i, : len(s)] = 1
+    return input_ids, attention_mask
+
+
+def _has_plain_head(model) -> bool:
+    """True when logits are exactly output_embeddings(last hidden state) (no scaling/capping)."""
+    cfg = model.config
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            return False
+    return model.get_output_embeddings() is not None and model.base_model is not model
+
+
+@torch.no_grad()
+def label_hidden_and_head(model, seqs: list[np.ndarray], masks: list[np.ndarray], pad_id: int):
+    """Run the model on a right-padded batch; return a function giving label-row logits.
+
+    Row r corresponds to the r-th label position in sequence order; its logits are computed from
+    the hidden state one position earlier. Only label rows go through the vocabulary head.
+    Returns (n_rows, logits_fn) where logits_fn(start, stop) -> (stop - start, V') float32.
+    """
+    device = next(model.parameters()).device
+    input_ids, attention_mask = _pad_batch(seqs, pad_id)
+    rows_b, rows_t = [], []
+    for b, mask in enumerate(masks):
+        positions = np.nonzero(mask)[0]
+        rows_b.append(np.full(len(positions), b))
+        rows_t.append(positions - 1)
+    index_b = torch.from_numpy(np.concatenate(rows_b)).to(device)
+    index_t = torch.from_numpy(np.concatenate(rows_t)).to(device)
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    if _has_plain_head(model):
+        hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[index_b, index_t]
+        head = model.get_output_embeddings()
+
+        def logits_fn(start: int, stop: int) -> torch.Tensor:
+            return head(hidden[start:stop]).float()
+    else:
+        logits = model(**inputs, use_cache=False).logits[index_b, index_t]
+
+        def logits_fn(start: int, stop: int) -> torch.Tensor:
+            return logits[start:stop].float()
+
+    return len(index_b), logits_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse target rows (pure tensor math)
+
+
+def topk_rows(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """(n, V) logits -> ids (n, K) int64, logprobs (n, K) float32, tail_logmass (n,) float32.
+
+    Log-probs come from the full-vocabulary log-softmax in float32; the tail is the log of the
+    mass outside the top K, computed by logsumexp over the rest (no 1 - sum cancellation).
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = torch.topk(logprobs, k, dim=-1)  # sorted, largest first
+    rest = logprobs.scatter(1, ids, float("-inf"))
+    return {"ids": ids, "logprobs": values, "tail_logmass": torch.logsumexp(rest, dim=-1)}
+
+
+def sample_rows(logits: torch.Tensor, n_samples: int, generator: torch.Generator) -> dict:
+    """(n, V) logits -> `n_samples` draws with replacement per row, as unique ids with counts.
+
+    Returns ids (n, S) int64, logprobs (n, S) float32 (true target log-probs of those ids) and
+    counts (n, S) float32; unused slots have id 0, log-prob 0 and count 0.
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    draws = torch.multinomial(logprobs.exp(), n_samples, replacement=True, generator=generator)
+    draws, _ = torch.sort(draws, dim=-1)  # (n, S)
+    is_new = torch.ones_like(draws, dtype=torch.bool)
+    is_new[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    slot = torch.cumsum(is_new.long(), dim=-1) - 1  # (n, S) slot of each draw's unique id
+    counts = torch.zeros(draws.shape, dtype=torch.float32).scatter_add_(
+        1, slot, torch.ones_like(draws, dtype=torch.float32)
+    )
+    ids = torch.zeros_like(draws).scatter_(1, slot, draws)
+    values = torch.where(counts > 0, logprobs.gather(1, ids), torch.zeros_like(counts))
+    return {"ids": ids, "logprobs": values, "counts": counts}
+
+
+# ---------------------------------------------------------------------------------------------
+# The shard loop shared by both stages
+
+
+@dataclass
+class _Layout:
+    """Where each sequence's label rows and each batch's sequences sit."""
+
+    offsets_labels: np.ndarray  # (S+1,) label row offsets
+    batches: list[tuple[int, int]]
+    batch_of_seq: np.ndarray  # (S,) batch index of each sequence
+
+    @classmethod
+    def from_sequences(cls, label_offsets: np.ndarray, lengths: np.ndarray, batch_tokens: int):
+        batches = plan_batches(lengths, batch_tokens)
+        batch_of_seq = np.zeros(len(lengths), dtype=np.int64)
+        for i, (a, b) in enumerate(batches):
+            batch_of_seq[a:b] = i
+        return cls(label_offsets, batches, batch_of_seq)
+
+    def batches_for_rows(self, start: int, stop: int) -> list[int]:
+        first = int(np.searchsorted(self.offsets_labels, start, side="right")) - 1
+        last = int(np.searchsorted(self.offsets_labels, stop, side="left"))  # exclusive
+        return sorted(set(self.batch_of_seq[first:last].tolist()))
+
+    def batch_rows(self, batch: int) -> tuple[int, int]:
+        a, b = self.batches[batch]
+        return int(self.offsets_labels[a]), int(self.offsets_labels[b])
+
+
+def _run_shards(
+    writer: store.StageWriter,
+    layout: _Layout,
+    shards: list[int],
+    compute_batch: Callable[[int], tuple[dict[str, np.ndarray], int]],
+    desc: str,
+    disable_bar: bool,
+) -> None:
+    """Compute and write each shard; writing overlaps the next shard's compute.
+
+    compute_batch(b) -> (rows of batch b as numpy arrays, tokens run through the model).
+    """
+    total = sum(writer.shard_range(s)[1] - writer.shard_range(s)[0] for s in shards)
+    bar = tqdm(total=total, desc=desc, unit="row", disable=disable_bar, dynamic_ncols=True)
+    writes: queue.Queue = queue.Queue(maxsize=1)
+    failure: list[BaseException] = []
+
+    def writer_loop() -> None:
+        while (item := writes.get()) is not None:
+            try:
+                writer.write_shard(*item)
+            except BaseException as err:  # surfaced in the main thread below
+                failure.append(err)
+
+    thread = threading.Thread(target=writer_loop, daemon=True)
+    thread.start()
+    memo: tuple[int, dict] | None = None  # a batch straddling two shards is computed once
+    tokens, started = 0, time.perf_counter()
+    try:
+        for shard in shards:
+            start, stop = writer.shard_range(shard)
+            parts: dict[str, list[np.ndarray]] = {}
+            for batch in layout.batches_for_rows(start, stop):
+                if memo is not None and memo[0] == batch:
+                    rows = memo[1]
+                else:
+                    rows, batch_tokens = compute_batch(batch)
+                    tokens += batch_tokens
+                    memo = (batch, rows)
+                b_start, b_stop = layout.batch_rows(batch)
+                lo, hi = max(start, b_start) - b_start, min(stop, b_stop) - b_start
+                for name, values in rows.items():
+                    parts.setdefault(name, []).append(values[lo:hi])
+                bar.update(hi - lo)
+                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+            if failure:
+                raise failure[0]
+            writes.put((shard, {name: np.concatenate(p) for name, p in parts.items()}))
+    finally:
+        writes.put(None)
+        thread.join()
+        bar.close()
+    if failure:
+        raise failure[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Coordination between processes
+
+
+def _on_main(state: PartialState, fn: Callable[[], object]) -> object:
+    """Run fn on the main process and hand its result (or its error) to every process."""
+    payload: list[object] = [None]
+    if state.is_main_process:
+        try:
+            payload = [("ok", fn())]
+        except (UserError, CacheError) as err:
+            payload = [("error", err)]
+    if state.num_processes > 1:
+        broadcast_object_list(payload, from_process=0)
+    status, value = payload[0]  # type: ignore[misc]
+    if status == "error":
+        raise value  # type: ignore[misc]
+    return value
+
+
+def _all_ok(state: PartialState, error: BaseException | None) -> None:
+    """Raise on every process if any process failed (so nobody waits at a barrier forever)."""
+    errors = gather_object([str(error) if error else None]) if state.num_processes > 1 else [
+        str(error) if error else None
+    ]
+    first = next((e for e in errors if e), None)
+    if first:
+        if error is not None:
+            raise error
+        raise CacheError(first)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def _sequence_params(cfg: Config, fingerprint: str) -> dict:
+    d = cfg.data
+    return {
+        "task": d.task,
+        "split": d.split,
+        "template_version": tasks.template_version(d.task),
+        "data_files_hash": tasks.data_files_hash(d.data_files) if d.data_files else None,
+        "limit": d.limit,
+        "max_length": d.max_length,
+        "chat_template": d.chat_template,
+        "seed": d.seed,
+        "tokenizer_fingerprint": fingerprint,
+    }
+
+
+def ensure_sequences(group, cfg: Config, tokenizer) -> dict:
+    """Write the sequences stage (or check the stored one matches this run); main process only."""
+    fingerprint = models.tokenizer_fingerprint(tokenizer)
+    params = _sequence_params(cfg, fingerprint)
+    manifest = store.read_manifest(group)
+    stage = manifest.get("stages", {}).get(schema.SEQUENCES, {})
+    if stage.get("status") == schema.STATUS_COMPLETE:
+        store.check_params(
+            f"cache {cfg.data.task}/{cfg.data.split} sequences", stage["params"], params,
+            "use a new --cache directory for other data or another tokenizer",
+        )
+        return manifest
+    examples = tasks.load_examples(
+        cfg.data.task, cfg.data.split, cfg.data.data_files, cfg.data.limit, cfg.data.seed
+    )
+    tokenized = tasks.tokenize_examples(
+        examples, tokenizer, cfg.data.max_length, cfg.data.chat_template
+    )
+    input_ids, label_masks, source_index = order_sequences(tokenized)
+    if not input_ids:
+        raise UserError(f"task {cfg.data.task} split {cfg.data.split} gave no sequence with labels")
+    vocab_size = models.real_vocab_size(tokenizer)
+    counts = store.write_sequences(group, input_ids, label_masks, source_index, vocab_size)
+    manifest = {
+        "format": schema.FORMAT_NAME,
+        "format_version": schema.FORMAT_VERSION,
+        "package_version": adaspec.__version__,
+        "task": cfg.data.task,
+        "split": cfg.data.split,
+        "vocab_size": vocab_size,
+        "stages": {
+            schema.SEQUENCES: {"status": schema.STATUS_COMPLETE, "params": params, "counts": counts}
+        },
+    }
+    store.write_manifest(group, manifest)
+    return manifest
+
+
+def _open_split(cfg: Config):
+    root = store.open_root(cfg.cache.cache, mode="a")
+    return root.require_group(store.split_path(cfg.data.task, cfg.data.split))
+
+
+def _begin_stage(group, stage: str, params: dict, n_rows: int, arrays, cfg: Config, fix: str):
+    """Create (or check and reopen) a row stage; main process only. Returns its manifest."""
+    manifest = store.read_manifest(group)
+    entry = manifest["stages"].get(stage)
+    if entry is not None:
+        store.check_params(f"cache stage '{stage}'", entry["params"], params, fix)
+    else:
+        manifest["stages"][stage] = {"status": schema.STATUS_BUILDING, "params": params}
+        store.write_manifest(group, manifest)
+    store.StageWriter(group, stage, n_rows, arrays, cfg.cache.shard_rows, cfg.cache.chunk_rows)
+    return manifest
+
+
+def _finish_stage(group, writer: store.StageWriter, stage: str, counts: dict) -> dict:
+    manifest = store.read_manifest(group)
+    if writer.all_done():
+        manifest["stages"][stage]["status"] = schema.STATUS_COMPLETE
+        manifest["stages"][stage]["counts"] = counts
+        store.write_manifest(group, manifest)
+    return manifest
+
+
+def _load_sequences(group) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    seq = group[schema.SEQUENCES]
+    offsets = seq["offsets"][:]
+    ids = seq["input_ids"][:].astype(np.int64)
+    mask = seq["label_mask"][:].astype(bool)
+    spans = list(zip(offsets[:-1], offsets[1:]))
+    return [ids[a:b] for a, b in spans], [mask[a:b] for a, b in spans], seq["label_offsets"][:]
+
+
+def _target_arrays(cfg: Config, vocab_size: int) -> dict[str, store.RowArray]:
+    k = cfg.cache.topk
+    arrays = {
+        "ids": store.RowArray(schema.id_dtype(vocab_size), k),
+        "logprobs": store.RowArray(schema.value_dtype(cfg.cache.value_encoding), k),
+    }
+    if cfg.cache.sparse == "topk":
+        arrays["tail_logmass"] = store.RowArray(np.dtype(np.float32), None, float("-inf"))
+    else:
+        arrays["counts"] = store.RowArray(np.dtype(np.uint16), k)
+    return arrays
+
+
+def build_stage(cfg: Config, role: str, model_spec: str | None = None, progress: bool = True) -> dict:
+    """Build (or resume) the `target` stage or a `ref/<name>` stage of one task/split.
+
+    Works in one process or under `accelerate launch` (each process takes every N-th shard).
+    Returns the split's manifest after the build.
+    """
+    if role not in ("target", "ref"):
+        raise UserError(f"--model must be target or ref, got {role!r}")
+    state = PartialState()
+    with_lock_error: BaseException | None = None
+    lock = store.build_lock(cfg.cache.cache, cfg.data.task, cfg.data.split, state.process_index)
+    try:
+        lock.__enter__()
+    except CacheError as err:
+        with_lock_error = err
+    _all_ok(state, with_lock_error)
+    try:
+        return _build_locked(cfg, role, model_spec, state, progress)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _build_locked(cfg, role, model_spec, state: PartialState, progress: bool) -> dict:
+    if role == "target":
+        spec = model_spec or cfg.models.target
+    else:
+        spec = model_spec or cfg.models.ref or _recorded_ref(cfg)
+    identity = models.model_identity(spec)
+    device = state.device
+    dtype = resolve_dtype(cfg.models.dtype, device)
+    device_map = cfg.models.device_map if role == "target" else None
+    model, tokenizer = models.load_model(spec, dtype=dtype, device_map=device_map)
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    vocab_size = models.real_vocab_size(tokenizer)
+    if role == "target" and cfg.cache.topk > vocab_size:
+        raise UserError(f"--topk {cfg.cache.topk} exceeds the vocabulary size {vocab_size}")
+
+    group = _open_split(cfg) if state.is_main_process else None
+    _on_main(state, lambda: ensure_sequences(group, cfg, tokenizer))
+    state.wait_for_everyone()
+    if group is None:
+        group = _open_split(cfg)
+    manifest = store.read_manifest(group)
+    stored_fp = manifest["stages"][schema.SEQUENCES]["params"]["tokenizer_fingerprint"]
+    if models.tokenizer_fingerprint(tokenizer) != stored_fp:
+        raise UserError(
+            f"{spec} uses another tokenizer than the cache's sequences; the draft, reference and "
+            "target must share one tokenizer"
+        )
+    seqs, masks, label_offsets = _load_sequences(group)
+    n_rows = int(label_offsets[-1])
+    layout = _Layout.from_sequences(
+        label_offsets, np.array([len(s) for s in seqs]), cfg.cache.batch_tokens
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    if role == "target":
+        stage = schema.TARGET
+        params = {
+            "model": identity,
+            "mode": cfg.cache.sparse,
+            "k": cfg.cache.topk,
+            "value_encoding": cfg.cache.value_encoding,
+            "compute_dtype": str(dtype).removeprefix("torch."),
+            "seed": cfg.cache.seed if cfg.cache.sparse == "sample" else None,
+        }
+        arrays = _target_arrays(cfg, vocab_size)
+        fix = "use a new --cache directory, or the stored settings"
+    else:
+        target_entry = manifest["stages"].get(schema.TARGET, {})
+        if target_entry.get("status") != schema.STATUS_COMPLETE:
+            raise UserError(
+                "the reference stage needs a complete target stage; run "
+                f"`adaspec-cache build --model target --task {cfg.data.task}` first"
+            )
+        stage = schema.ref_group_name(cfg.cache.ref_name)
+        params = {"model": identity, "target": target_entry["params"], "divergences": list(
+            schema.DIVERGENCES)}
+        arrays = {f"loss_{d}": store.RowArray(np.dtype(np.float32)) for d in schema.DIVERGENCES}
+        fix = "use another --ref-name, or the stored reference"
+
+    _on_main(state, lambda: _begin_stage(group, stage, params, n_rows, arrays, cfg, fix))
+    state.wait_for_everyone()
+    writer = store.StageWriter(
+        group, stage, n_rows, arrays, cfg.cache.shard_rows, cfg.cache.chunk_rows, create=False
+    )
+    shards = writer.pending_shards(state.process_index, state.num_processes)
+
+    if role == "target":
+        compute = _target_batch_fn(cfg, model, seqs, masks, layout, pad_id, vocab_size)
+    else:
+        reader = store.CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split)
+        compute = _ref_batch_fn(model, seqs, masks, layout, pad_id, vocab_size, reader)
+    desc = f"{stage} {cfg.data.task}/{cfg.data.split}"
+    if state.num_processes > 1:
+        desc += f" [rank {state.process_index}]"
+    _run_shards(writer, layout, shards, compute, desc, disable_bar=not progress)
+    state.wait_for_everyone()
+    counts = {"label_tokens": n_rows, "shards": writer.n_shards}
+    return _on_main(state, lambda: _finish_stage(group, writer, stage, counts))  # type: ignore[return-value]
+
+
+def _target_batch_fn(cfg, model, seqs, masks, layout: _Layout, pad_id: int, vocab_size: int):
+    encoding = cfg.cache.value_encoding
+
+    def compute(batch: int) -> tuple[dict[str, np.ndarray], int]:
+        a, b = layout.batches[batch]
+        n, logits_fn = label_hidden_and_head(model, seqs[a:b], masks[a:b], pad_id)
+        generator = torch.Generator().manual_seed(cfg.cache.seed * 1_000_003 + batch)
+        parts: dict[str, list[np.ndarray]] = {}
+        for start in range(0, n, LOGIT_ROWS):
+            logits = models.cut_logits(logits_fn(start, min(n, start + LOGIT_ROWS)), vocab_size)
+            if cfg.cache.sparse == "topk":
+                rows = topk_rows(logits.cpu(), cfg.cache.topk)
+            else:
+                rows = sample_rows(logits.cpu(), cfg.cache.topk, generator)
+            for name, values in rows.items():
+                parts.setdefault(name, []).append(values.numpy())
+        out = {name: np.concatenate(v) for name, v in parts.items()}
+        out["logprobs"] = schema.encode_logprobs(out["logprobs"], encoding)
+        out["ids"] = out["ids"].astype(schema.id_dtype(vocab_size))
+        if "counts" in out:
+            out["counts"] = out["counts"].astype(np.uint16)
+        if "tail_logmass" in out:
+            out["tail_logmass"] = out["tail_logmass"].astype(np.float32)
+        return out, sum(len(s) for s in seqs[a:b])
+
+    return compute
+
+
+def _ref_batch_fn(model, seqs, masks, layout: _Layout, pad_id: int, vocab_size: int, reader):
+    def compute(batch: int) -> tuple[dict[str, np.ndarray], int]:
+        a, b = layout.batches[batch]
+        n, logits_fn = label_hidden_and_head(model, seqs[a:b], masks[a:b], pad_id)
+        row0 = int(layout.offsets_labels[a])
+        parts: dict[str, list[np.ndarray]] = {f"loss_{d}": [] for d in schema.DIVERGENCES}
+        for start in range(0, n, LOGIT_ROWS):
+            stop = min(n, start + LOGIT_ROWS)
+            logits = models.cut_logits(logits_fn(start, stop), vocab_size).cpu()
+            target = sparse_target_from_rows(reader.target_rows(row0 + start, row0 + stop))
+            for d in schema.DIVERGENCES:
+                loss = losses.sparse_divergence(logits, target, divergence=d)
+                parts[f"loss_{d}"].append(loss.numpy().astype(np.float32))
+        return {k: np.concatenate(v) for k, v in parts.items()}, sum(len(s) for s in seqs[a:b])
+
+    return compute
+
+
+def sparse_target_from_rows(rows: dict[str, np.ndarray]) -> losses.SparseTarget:
+    """Decoded cache rows (see `CacheReader.target_rows`) -> a torch SparseTarget."""
+    tail = rows.get("tail_logmass")
+    counts = rows.get("counts")
+    return losses.SparseTarget(
+        ids=torch.from_numpy(rows["ids"]),
+        logprobs=torch.from_numpy(rows["logprobs"]),
+        tail_logmass=None if tail is None else torch.from_numpy(tail),
+        counts=None if counts is None else torch.from_numpy(counts),
+    )
+
+
+def _recorded_ref(cfg: Config) -> str:
+    """The reference the ref training stage recorded in the cache manifest."""
+    try:
+        root = store.open_root(cfg.cache.cache, mode="r")
+        manifest = store.read_manifest(root[store.split_path(cfg.data.task, cfg.data.split)])
+    except (CacheError, KeyError):
+        manifest = {}
+    recorded = manifest.get("refs", {}).get(cfg.cache.ref_name)
+    if not recorded:
+        raise UserError(
+            "no reference model: train one with `adaspec-train --stage ref` or pass --model-path"
+        )
+    return recorded["path"]

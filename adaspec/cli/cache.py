@@ -1,0 +1,72 @@
+"""`adaspec-cache`: build, inspect and verify the offline logit cache; preview task data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from adaspec.cli.common import add_config_flags, config_from_args, run
+
+DATA_FLAGS = ["--task", "--split", "--data-files", "--limit", "--max-length", "--chat-template",
+              "--data-seed"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adaspec-cache", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    build = sub.add_parser("build", help="run a model over a task and store its sparse outputs")
+    build.add_argument("--model", required=True, choices=["target", "ref"],
+                       help="role: target (top-K log-probs) or ref (reference losses)")
+    build.add_argument("--model-path", default=None,
+                       help="model spec for the role (default: from the config / the cache)")
+    build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_config_flags(build, DATA_FLAGS + ["--cache", "--topk", "--sparse", "--value-encoding",
+                                          "--batch-tokens", "--shard-rows", "--chunk-rows",
+                                          "--ref-name", "--target", "--dtype", "--device-map"])
+
+    preview = sub.add_parser("preview", help="print formatted examples with token counts")
+    preview.add_argument("--tokenizer", default=None, help="model spec whose tokenizer to use")
+    add_config_flags(preview, DATA_FLAGS + ["--target"])
+
+    info = sub.add_parser("info", help="what a cache holds, and its size per label token")
+    info.add_argument("--cache", default="./cache")
+    info.add_argument("--json", action="store_true", help="print JSON")
+
+    verify = sub.add_parser("verify", help="read every chunk and check the format's promises")
+    verify.add_argument("--cache", default="./cache")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "info":
+        from cache_tools.info import cache_summary, format_summary
+
+        records = cache_summary(args.cache)
+        print(json.dumps(records, indent=2) if args.json else format_summary(args.cache, records))
+        return 0
+    if args.command == "verify":
+        from cache_tools.verify import verify_cache
+
+        report = verify_cache(args.cache)
+        print(("ok: " if report.ok else "FAILED: ") + report.message)
+        return 0 if report.ok else 1
+    cfg = config_from_args(args)
+    if args.command == "preview":
+        from adaspec import models, tasks
+
+        tokenizer = models.load_tokenizer(args.tokenizer or cfg.models.target)
+        print(tasks.preview(cfg.data.task, tokenizer, cfg.data.split, cfg.data.data_files,
+                            cfg.data.limit or 3, cfg.data.max_length, cfg.data.chat_template))
+        return 0
+    from adaspec.build import build_stage
+    from cache_tools.info import cache_summary, format_summary
+
+    build_stage(cfg, args.model, args.model_path, progress=not args.no_progress)
+    print(format_summary(cfg.cache.cache, cache_summary(cfg.cache.cache)))
+    return 0
+
+
+def entry() -> None:
+    run(main)

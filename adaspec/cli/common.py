@@ -1,0 +1,61 @@
+"""What every CLI shares: config flags that override YAML, and one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from adaspec.config import Config, load_config
+from adaspec.errors import UserError
+from cache_tools.errors import CacheError
+
+# flag -> (config key, type, help); a flag given on the command line overrides the YAML value.
+CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--task": ("data.task", str, "task: gsm8k, alpaca, mbpp, cnn_dailymail, xsum, arith"),
+    "--split": ("data.split", str, "split: train, validation, test, all"),
+    "--data-files": ("data.data_files", str, "local data file (JSONL, JSON list, CSV)"),
+    "--limit": ("data.limit", int, "use the first N examples of the split"),
+    "--max-length": ("data.max_length", int, "tokens per sequence (default 512)"),
+    "--chat-template": ("data.chat_template", str, "true: format prompts with the chat template"),
+    "--data-seed": ("data.seed", int, "seed of local-file splits and generated tasks"),
+    "--cache": ("cache.cache", str, "cache root folder or URL (default ./cache)"),
+    "--topk": ("cache.topk", int, "K entries per label token (default 64)"),
+    "--sparse": ("cache.sparse", str, "topk (with tail bucket) or sample"),
+    "--value-encoding": ("cache.value_encoding", str, "float16 or uint8q"),
+    "--batch-tokens": ("cache.batch_tokens", int, "padded tokens per forward batch"),
+    "--shard-rows": ("cache.shard_rows", int, "label rows per shard (write/resume unit)"),
+    "--chunk-rows": ("cache.chunk_rows", int, "label rows per compressed chunk"),
+    "--ref-name": ("cache.ref_name", str, "name of the reference's stored losses"),
+    "--target": ("models.target", str, "target model spec"),
+    "--draft": ("models.draft", str, "draft model spec (SOURCE@layers=N derives one)"),
+    "--dtype": ("models.dtype", str, "auto, float32, bfloat16, float16"),
+    "--device-map": ("models.device_map", str, "device map for the target, e.g. auto"),
+}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, flags: list[str]) -> None:
+    parser.add_argument("--config", help="YAML config file (flags override it)")
+    for flag in flags:
+        key, kind, text = CONFIG_FLAGS[flag]
+        parser.add_argument(flag, dest=key, type=kind, default=None, help=text)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = {k: v for k, v in vars(args).items() if "." in k}
+    return load_config(args.config, overrides)
+
+
+def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
+    """Run a CLI main; user errors become one line on stderr and exit code 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        code = main(argv)
+    except (UserError, CacheError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,206 @@
+"""Run settings as dataclasses: YAML files in `configs/`, overridden by CLI flags.
+
+A config file has one mapping per section (`models`, `data`, `cache`, `train`); every key must be
+a field below, and every value is checked here, so a typo or an out-of-range value is a one-line
+error that names the key and its flag instead of a failure deep inside a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adaspec.errors import UserError
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise UserError(f"{key} (--{key.split('.')[-1].replace('_', '-')}) {message}")
+
+
+@dataclass
+class ModelsConfig:
+    target: str = "smollm2-135m"
+    """Target model: hub id, local folder, .gguf file, alias `smollm2-135m`, or SPEC@layers=N."""
+    draft: str = "smollm2-135m@layers=2"
+    """Draft initialisation (the reference starts from the same weights)."""
+    ref: str | None = None
+    """Trained reference draft; default: the one the ref stage recorded in the cache."""
+    dtype: str = "auto"
+    """Model weights dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."""
+    device_map: str | None = None
+    """Passed to from_pretrained for the target (e.g. `auto` offloads a large target to CPU/disk)."""
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "models.dtype",
+               f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass
+class DataConfig:
+    task: str = "gsm8k"
+    """Task name: gsm8k, alpaca, mbpp, cnn_dailymail, xsum, arith (offline, generated)."""
+    split: str = "train"
+    """Split: train, validation, test or all."""
+    data_files: str | None = None
+    """Local data file (JSONL, JSON list or CSV) instead of the hub."""
+    limit: int | None = None
+    """Use only the first N examples of the split."""
+    max_length: int = 512
+    """Tokens per sequence (prompt + response), truncated beyond."""
+    chat_template: bool = False
+    """Format prompts with the tokenizer's chat template (instruct models)."""
+    seed: int = 0
+    """Seed for splits of local files and generated tasks."""
+
+    def __post_init__(self) -> None:
+        _check(self.split in ("train", "validation", "test", "all"), "data.split",
+               f"must be train, validation, test or all, got {self.split!r}")
+        _check(self.limit is None or self.limit >= 1, "data.limit", f"must be >= 1, got {self.limit}")
+        _check(8 <= self.max_length <= 1 << 20, "data.max_length",
+               f"must be in [8, 1048576], got {self.max_length}")
+
+
+@dataclass
+class CacheConfig:
+    cache: str = "./cache"
+    """Cache root: a local folder or an fsspec URL that zarr supports."""
+    topk: int = 64
+    """Entries stored per label token (K): top-K ids, or the number of samples drawn."""
+    sparse: str = "topk"
+    """topk (top-K + tail bucket) or sample (tokens drawn from the target, Anshumann et al. 2025)."""
+    value_encoding: str = "float16"
+    """Stored log-prob values: float16, or uint8q (1/16-nat steps)."""
+    batch_tokens: int = 4096
+    """Padded tokens per forward batch during the build."""
+    shard_rows: int = 16384
+    """Label rows per shard: the unit of writing, resuming and splitting across processes."""
+    chunk_rows: int = 1024
+    """Label rows per compressed chunk inside a shard (the unit of reading)."""
+    ref_name: str = "ref"
+    """Name under which a reference's per-token losses are stored."""
+    seed: int = 0
+    """Seed of the sampled mode's draws (the build is deterministic given it)."""
+
+    def __post_init__(self) -> None:
+        _check(self.topk >= 1, "cache.topk", f"must be >= 1, got {self.topk}")
+        _check(self.sparse in ("topk", "sample"), "cache.sparse",
+               f"must be topk or sample, got {self.sparse!r}")
+        _check(self.value_encoding in ("float16", "uint8q"), "cache.value_encoding",
+               f"must be float16 or uint8q, got {self.value_encoding!r}")
+        _check(self.batch_tokens >= 8, "cache.batch_tokens", f"must be >= 8, got {self.batch_tokens}")
+        _check(self.chunk_rows >= 1, "cache.chunk_rows", f"must be >= 1, got {self.chunk_rows}")
+        _check(self.shard_rows >= self.chunk_rows and self.shard_rows % self.chunk_rows == 0,
+               "cache.shard_rows",
+               f"must be a multiple of chunk_rows={self.chunk_rows}, got {self.shard_rows}")
+        _check(self.ref_name.replace("-", "").replace("_", "").isalnum(), "cache.ref_name",
+               f"must be letters, digits, - or _, got {self.ref_name!r}")
+
+
+@dataclass
+class Config:
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a YAML or CLI value to the field's type, or raise naming the key."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], key)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return hint(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r}") from None
+
+
+def build_config(file_values: dict | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Config from a nested mapping (YAML) and flat `section.field` overrides (CLI flags)."""
+    merged: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for section, values in (file_values or {}).items():
+        if section not in SECTIONS:
+            raise UserError(f"unknown config section {section!r}; known: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise UserError(f"config section {section!r} must be a mapping")
+        merged[section].update(values)
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        merged[section][name] = value
+    types_by_section = _section_types()
+    built = {}
+    for section, cls in types_by_section.items():
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for name, value in merged[section].items():
+            if name not in known:
+                raise UserError(
+                    f"unknown config key {section}.{name!r}; known: {', '.join(sorted(known))}"
+                )
+            kwargs[name] = _coerce(value, hints[name], f"{section}.{name}")
+        built[section] = cls(**kwargs)
+    return Config(**built)
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config (if given) and apply CLI overrides (`None` values are ignored)."""
+    file_values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} not found")
+        try:
+            file_values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(file_values, dict):
+            raise UserError(f"config file {path} must hold a mapping of sections")
+    clean = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return build_config(file_values, clean)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field docstrings (the string literal under each field) for --help texts."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
+            if isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = nxt.value.value  # type: ignore[attr-defined]
+    return docs

@@ -1,0 +1,103 @@
+"""The logit cache format in one place: names, dtypes, chunk shapes, codecs and the version.
+
+Layout of a cache root (a Zarr v3 group; any Zarr v3 reader can open it):
+
+    <root>/                         attrs: {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+      <task>/<split>/               attrs: {"manifest": {...}}  (see `new_manifest`)
+        sequences/                  ragged token sequences, no padding stored
+          input_ids     (T,)   uint16|uint32   all sequences concatenated
+          label_mask    (T,)   bool            True where the token is a response (label) token
+          offsets       (S+1,) int64           sequence s is input_ids[offsets[s]:offsets[s+1]]
+          label_offsets (S+1,) int64           its label rows are rows label_offsets[s]:label_offsets[s+1]
+          source_index  (S,)   int64           row of the task's split each sequence came from
+        target/                     one row per label token, in sequence order
+          ids           (N, K) uint16|uint32   top-K token ids (or sampled ids, mode "sample")
+          logprobs      (N, K) float16|uint8   target log-probs of those ids (full-vocab log-softmax)
+          tail_logmass  (N,)   float32         log(1 - sum_k p_k), mode "topk" (-inf when nothing is left)
+          counts        (N, K) uint16          draws per id, mode "sample" (0 = padding slot)
+          _done         (n_shards,) uint8      1 once a shard's rows are written (resume marker)
+        ref/<name>/                 per-token losses of a reference draft against the cached target
+          loss_<div>    (N,)   float32         one per divergence (fkl, rkl, tvd, jsd)
+          _done         (n_shards,) uint8
+
+A label row r of sequence s is the distribution predicting input_ids[offsets[s] + j] from the
+tokens before it, where j runs over the positions with label_mask set, in order.
+
+Rows are written in whole shards (`shard_rows` rows, one file per shard and array), each holding
+chunks of `chunk_rows` rows; every chunk is Blosc-zstd compressed and crc32c checksummed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+FORMAT_NAME = "adaspec-logit-cache"
+FORMAT_VERSION = 1
+
+SEQUENCES = "sequences"
+TARGET = "target"
+REF_PREFIX = "ref"
+DONE = "_done"
+
+SEQUENCE_ARRAYS = ("input_ids", "label_mask", "offsets", "label_offsets", "source_index")
+SPARSE_MODES = ("topk", "sample")
+VALUE_ENCODINGS = ("float16", "uint8q")
+DIVERGENCES = ("fkl", "rkl", "tvd", "jsd")
+
+STATUS_BUILDING = "building"
+STATUS_COMPLETE = "complete"
+
+DEFAULT_SHARD_ROWS = 16384
+DEFAULT_CHUNK_ROWS = 1024
+SEQUENCE_CHUNK = 1 << 16
+
+# uint8q: log-probs quantised in 1/16-nat steps, clipped at 255/16 ~ 15.9 nats (p ~ 1.2e-7).
+UINT8Q_STEP = 1.0 / 16.0
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every token id of the vocabulary."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def value_dtype(encoding: str) -> np.dtype:
+    if encoding == "float16":
+        return np.dtype(np.float16)
+    if encoding == "uint8q":
+        return np.dtype(np.uint8)
+    raise ValueError(f"unknown value encoding {encoding!r}; choose one of {VALUE_ENCODINGS}")
+
+
+def encode_logprobs(logprobs: np.ndarray, encoding: str) -> np.ndarray:
+    """(N, K) float32 log-probs -> stored values of `value_dtype(encoding)`."""
+    if encoding == "float16":
+        # Log-probs below float16's range would become -inf; -60 nats is p ~ 1e-26.
+        return np.maximum(logprobs, -60.0).astype(np.float16)
+    if encoding == "uint8q":
+        q = np.rint(-np.asarray(logprobs, dtype=np.float32) / UINT8Q_STEP)
+        return np.clip(q, 0, 255).astype(np.uint8)
+    raise ValueError(f"unknown value encoding {encoding!r}; choose one of {VALUE_ENCODINGS}")
+
+
+def decode_logprobs(stored: np.ndarray, encoding: str) -> np.ndarray:
+    """Stored values -> (N, K) float32 log-probs."""
+    if encoding == "float16":
+        return stored.astype(np.float32)
+    if encoding == "uint8q":
+        return stored.astype(np.float32) * np.float32(-UINT8Q_STEP)
+    raise ValueError(f"unknown value encoding {encoding!r}; choose one of {VALUE_ENCODINGS}")
+
+
+def compressors(dtype: np.dtype) -> list:
+    """Blosc-zstd (byte shuffle, or bit shuffle for 1-byte types) then a crc32c checksum."""
+    dtype = np.dtype(dtype)
+    shuffle = "bitshuffle" if dtype.itemsize == 1 else "shuffle"
+    return [
+        BloscCodec(cname="zstd", clevel=5, shuffle=shuffle, typesize=dtype.itemsize),
+        Crc32cCodec(),
+    ]
+
+
+def ref_group_name(name: str) -> str:
+    return f"{REF_PREFIX}/{name}"

@@ -1,0 +1,351 @@
+"""Writing and reading one `<task>/<split>` group of a logit cache (see `schema` for the layout).
+
+Crash safety: rows are written in whole shards, and a shard is marked in the stage's `_done`
+array only after all its arrays are written (Zarr's local store writes each file atomically).
+A stage's manifest status becomes "complete" only after every shard is marked, so a build that
+dies at any moment leaves a store that resumes (`pending_shards`) and never one that claims to be
+complete. Processes of a distributed build write disjoint shards and their own `_done` entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from cache_tools import schema
+from cache_tools.errors import CacheError
+
+
+@dataclass(frozen=True)
+class RowArray:
+    """One per-row array of a stage: `width` None for (N,), else (N, width)."""
+
+    dtype: np.dtype
+    width: int | None = None
+    fill_value: Any = 0
+
+
+def _is_local(root: str) -> bool:
+    return "://" not in str(root) or str(root).startswith("file://")
+
+
+def _local_path(root: str) -> Path:
+    return Path(str(root).removeprefix("file://"))
+
+
+def open_root(root: str, mode: str = "a") -> zarr.Group:
+    """Open (or with mode "a", create) a cache root group; refuse folders that are not caches."""
+    if mode == "r" and _is_local(root) and not _local_path(root).exists():
+        raise CacheError(f"no cache at {root}; build one with `adaspec-cache build`")
+    try:
+        group = zarr.open_group(root, mode=mode, zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
+        raise CacheError(f"no cache at {root}; build one with `adaspec-cache build`") from err
+    except (ValueError, zarr.errors.ContainsArrayError) as err:
+        raise CacheError(f"{root} is not a Zarr v3 logit cache ({err})") from err
+    attrs = dict(group.attrs)
+    if not attrs and mode != "r":
+        if len(list(group.keys())) > 0:
+            raise CacheError(f"{root} holds a Zarr group that is not a logit cache")
+        group.attrs.update({"format": schema.FORMAT_NAME, "format_version": schema.FORMAT_VERSION})
+    elif attrs.get("format") != schema.FORMAT_NAME:
+        raise CacheError(f"{root} is not a logit cache (no '{schema.FORMAT_NAME}' attribute)")
+    elif attrs.get("format_version") != schema.FORMAT_VERSION:
+        raise CacheError(
+            f"{root} has cache format version {attrs.get('format_version')}, this package reads "
+            f"{schema.FORMAT_VERSION}; rebuild it"
+        )
+    return group
+
+
+def split_path(task: str, split: str) -> str:
+    return f"{task}/{split}"
+
+
+def list_splits(root_group: zarr.Group) -> list[str]:
+    """Every `<task>/<split>` path in a cache root that has a manifest."""
+    found = []
+    for task, task_group in sorted(root_group.groups()):
+        for split, split_group in sorted(task_group.groups()):
+            if "manifest" in split_group.attrs:
+                found.append(f"{task}/{split}")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest
+
+
+def read_manifest(group: zarr.Group) -> dict:
+    return copy.deepcopy(dict(group.attrs.get("manifest", {})))
+
+
+def write_manifest(group: zarr.Group, manifest: dict) -> None:
+    group.attrs.update({"manifest": manifest})
+
+
+def stage_status(manifest: dict, stage: str) -> str | None:
+    return manifest.get("stages", {}).get(stage, {}).get("status")
+
+
+def check_params(where: str, stored: dict, asked: dict, fix: str) -> None:
+    """Refuse, in one line naming the first difference, a build whose settings differ from the store's."""
+    for key in sorted(set(stored) | set(asked)):
+        if stored.get(key) != asked.get(key):
+            raise CacheError(
+                f"{where} was built with {key}={stored.get(key)!r} but this run has "
+                f"{key}={asked.get(key)!r}; {fix}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequences
+
+
+def write_sequences(
+    group: zarr.Group,
+    input_ids: Sequence[np.ndarray],
+    label_masks: Sequence[np.ndarray],
+    source_index: Sequence[int],
+    vocab_size: int,
+) -> dict:
+    """Write ragged sequences (overwriting any partial earlier attempt); returns their counts."""
+    lengths = np.array([len(x) for x in input_ids], dtype=np.int64)
+    n_labels = np.array([int(np.count_nonzero(m)) for m in label_masks], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    label_offsets = np.concatenate([[0], np.cumsum(n_labels)]).astype(np.int64)
+    ids_dtype = schema.id_dtype(vocab_size)
+    flat_ids = np.concatenate(input_ids).astype(ids_dtype) if len(input_ids) else np.zeros(0, ids_dtype)
+    flat_mask = np.concatenate(label_masks).astype(bool) if len(input_ids) else np.zeros(0, bool)
+    seq_group = group.require_group(schema.SEQUENCES)
+    arrays = {
+        "input_ids": flat_ids,
+        "label_mask": flat_mask,
+        "offsets": offsets,
+        "label_offsets": label_offsets,
+        "source_index": np.asarray(source_index, dtype=np.int64),
+    }
+    for name, values in arrays.items():
+        array = seq_group.create_array(
+            name,
+            shape=values.shape,
+            dtype=values.dtype,
+            chunks=(schema.SEQUENCE_CHUNK,),
+            compressors=schema.compressors(values.dtype),
+            fill_value=0,
+            overwrite=True,
+        )
+        if values.size:
+            array[:] = values
+    return {
+        "sequences": int(len(lengths)),
+        "tokens": int(lengths.sum()),
+        "label_tokens": int(n_labels.sum()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Row stages (target, ref/<name>)
+
+
+class StageWriter:
+    """Shard-by-shard writer of a row stage's arrays, resumable through its `_done` markers."""
+
+    def __init__(
+        self,
+        group: zarr.Group,
+        stage: str,
+        n_rows: int,
+        arrays: dict[str, RowArray],
+        shard_rows: int = schema.DEFAULT_SHARD_ROWS,
+        chunk_rows: int = schema.DEFAULT_CHUNK_ROWS,
+        create: bool = True,
+    ):
+        if shard_rows % chunk_rows:
+            raise ValueError(f"shard_rows={shard_rows} must be a multiple of chunk_rows={chunk_rows}")
+        self.stage = stage
+        self.n_rows = int(n_rows)
+        self.shard_rows = int(shard_rows)
+        self.n_shards = max(1, -(-self.n_rows // self.shard_rows))
+        stage_group = group.require_group(stage)
+        self.arrays: dict[str, zarr.Array] = {}
+        for name, spec in arrays.items():
+            shape = (self.n_rows,) if spec.width is None else (self.n_rows, spec.width)
+            if create and name not in stage_group:
+                self.arrays[name] = stage_group.create_array(
+                    name,
+                    shape=shape,
+                    dtype=spec.dtype,
+                    shards=(self.shard_rows,) + shape[1:],
+                    chunks=(chunk_rows,) + shape[1:],
+                    compressors=schema.compressors(spec.dtype),
+                    fill_value=spec.fill_value,
+                )
+            else:
+                self.arrays[name] = stage_group[name]
+            if self.arrays[name].shape != shape:
+                raise CacheError(
+                    f"{stage}/{name} has shape {self.arrays[name].shape}, expected {shape}; "
+                    "the store was written by another build: use a new --cache directory"
+                )
+        if create and schema.DONE not in stage_group:
+            stage_group.create_array(
+                schema.DONE, shape=(self.n_shards,), dtype=np.uint8, chunks=(1,), fill_value=0
+            )
+        self.done = stage_group[schema.DONE]
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        start = shard * self.shard_rows
+        return start, min(start + self.shard_rows, self.n_rows)
+
+    def pending_shards(self, rank: int = 0, world_size: int = 1) -> list[int]:
+        """Shards not yet marked done that belong to process `rank` (round-robin)."""
+        done = self.done[:]
+        return [s for s in range(self.n_shards) if not done[s] and s % world_size == rank]
+
+    def write_shard(self, shard: int, values: dict[str, np.ndarray]) -> None:
+        """Write every array's rows of one shard, then mark it done (the order is the guarantee)."""
+        start, stop = self.shard_range(shard)
+        if set(values) != set(self.arrays):
+            raise ValueError(f"shard values {sorted(values)} != arrays {sorted(self.arrays)}")
+        for name, array in self.arrays.items():
+            if len(values[name]) != stop - start:
+                raise ValueError(f"{name}: {len(values[name])} rows for shard of {stop - start}")
+            if stop > start:
+                array[start:stop] = values[name]
+        self.done[shard] = 1
+
+    def all_done(self) -> bool:
+        return bool(np.all(self.done[:] == 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Locking
+
+
+@contextlib.contextmanager
+def build_lock(root: str, task: str, split: str, rank: int = 0) -> Iterator[None]:
+    """Refuse a second build into the same `<task>/<split>` while one runs (local stores only).
+
+    Each process of a build holds its own lock file; the kernel drops it when the process dies,
+    so a killed build never leaves a stale lock behind.
+    """
+    if not _is_local(root):
+        yield
+        return
+    lock_dir = _local_path(root) / task / split
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = lock_dir / f".build-rank{rank}.lock"
+    handle = open(lock_path, "a+")  # noqa: SIM115 - held for the duration of the context
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise CacheError(
+                f"another build is writing {root}/{task}/{split} (lock {lock_path.name}); "
+                "wait for it to finish or use another --cache"
+            ) from err
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+class CacheReader:
+    """Read-only access to one complete `<task>/<split>` group, decoded to plain numpy."""
+
+    def __init__(self, root: str, task: str, split: str, require: Sequence[str] = (schema.TARGET,)):
+        root_group = open_root(root, mode="r")
+        path = split_path(task, split)
+        if path not in root_group:
+            have = ", ".join(list_splits(root_group)) or "nothing"
+            raise CacheError(
+                f"cache {root} has no {path} (it holds: {have}); build it with "
+                f"`adaspec-cache build --task {task} --split {split}`"
+            )
+        self.root = root
+        self.group = root_group[path]
+        self.manifest = read_manifest(self.group)
+        for stage in (schema.SEQUENCES, *require):
+            if stage_status(self.manifest, stage) != schema.STATUS_COMPLETE:
+                raise CacheError(
+                    f"cache {root}/{path} has no complete '{stage}' stage; run (or resume) "
+                    f"`adaspec-cache build` for it"
+                )
+        seq = self.group[schema.SEQUENCES]
+        self.offsets = seq["offsets"][:]
+        self.label_offsets = seq["label_offsets"][:]
+        self._input_ids = seq["input_ids"]
+        self._label_mask = seq["label_mask"]
+        self.source_index = seq["source_index"][:]
+        target_stage = self.manifest.get("stages", {}).get(schema.TARGET, {})
+        self.target_params = target_stage.get("params", {})
+
+    @property
+    def n_sequences(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_label_rows(self) -> int:
+        return int(self.label_offsets[-1])
+
+    def sequence(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids (T,) int64, label_mask (T,) bool) of one sequence."""
+        start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
+        return (
+            self._input_ids[start:stop].astype(np.int64),
+            self._label_mask[start:stop].astype(bool),
+        )
+
+    def all_tokens(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every sequence's tokens and label mask, concatenated (small: no per-token logits)."""
+        return self._input_ids[:].astype(np.int64), self._label_mask[:].astype(bool)
+
+    def target_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Decoded target rows [start, stop): ids (n, K) int64, logprobs (n, K) float32, and
+        tail_logmass (n,) float32 (topk) or counts (n, K) float32 (sample)."""
+        target = self.group[schema.TARGET]
+        encoding = self.target_params.get("value_encoding", "float16")
+        rows = {
+            "ids": target["ids"][start:stop].astype(np.int64),
+            "logprobs": schema.decode_logprobs(target["logprobs"][start:stop], encoding),
+        }
+        if "tail_logmass" in target:
+            rows["tail_logmass"] = target["tail_logmass"][start:stop].astype(np.float32)
+        if "counts" in target:
+            rows["counts"] = target["counts"][start:stop].astype(np.float32)
+        return rows
+
+    def ref_names(self) -> list[str]:
+        stages = self.manifest.get("stages", {})
+        prefix = schema.REF_PREFIX + "/"
+        return sorted(
+            name.removeprefix(prefix)
+            for name, stage in stages.items()
+            if name.startswith(prefix) and stage.get("status") == schema.STATUS_COMPLETE
+        )
+
+    def ref_losses(self, name: str, divergence: str, start: int, stop: int) -> np.ndarray:
+        """(n,) float32 per-token losses of reference `name` for label rows [start, stop)."""
+        stage = schema.ref_group_name(name)
+        if stage_status(self.manifest, stage) != schema.STATUS_COMPLETE:
+            have = ", ".join(self.ref_names()) or "none"
+            raise CacheError(
+                f"cache has no complete reference '{name}' (complete: {have}); train one with "
+                f"`adaspec-train --stage ref` and build it with `adaspec-cache build --model ref`"
+            )
+        return self.group[stage][f"loss_{divergence}"][start:stop].astype(np.float32)

@@ -1,0 +1,138 @@
+"""Integrity check of a cache: read every chunk and test what the format promises.
+
+Checks, per `<task>/<split>`: every chunk decodes (crc32c checksums, shard indexes), shapes agree
+with the sequence offsets, token ids are inside the vocabulary, log-probs are <= 0, top-K mass
+plus tail mass is 1 within the value encoding's tolerance, sampled counts add up, and reference
+losses are finite. The first failure is reported by array, chunk and rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from cache_tools import schema, store
+
+# |sum_k p_k + p_tail - 1| allowed per row, by how the values are stored.
+MASS_TOLERANCE = {"float16": 5e-3, "uint8q": 6e-2}
+
+
+@dataclass
+class VerifyReport:
+    ok: bool
+    checked_chunks: int
+    message: str
+
+
+class _Bad(Exception):
+    pass
+
+
+def _blocks(n_rows: int, step: int) -> Iterator[tuple[int, int, int]]:
+    for i, start in enumerate(range(0, n_rows, step)):
+        yield i, start, min(n_rows, start + step)
+
+
+def _read(array, start: int, stop: int, where: str) -> np.ndarray:
+    try:
+        return array[start:stop]
+    except Exception as err:  # zarr raises ValueError/RuntimeError/blosc errors on corruption
+        raise _Bad(f"{where}: cannot be read ({type(err).__name__}: {str(err)[:120]})") from None
+
+
+def _check_sequences(group, path: str, vocab_size: int) -> tuple[int, np.ndarray]:
+    seq = group[schema.SEQUENCES]
+    arrays = {}
+    for name in schema.SEQUENCE_ARRAYS:
+        arrays[name] = _read(seq[name], 0, seq[name].shape[0], f"{path}/sequences/{name}")
+    offsets, label_offsets = arrays["offsets"], arrays["label_offsets"]
+    n_tokens = len(arrays["input_ids"])
+    if offsets[0] != 0 or offsets[-1] != n_tokens or np.any(np.diff(offsets) <= 0):
+        raise _Bad(f"{path}/sequences/offsets: not increasing from 0 to {n_tokens}")
+    if np.any(arrays["input_ids"] >= vocab_size):
+        raise _Bad(f"{path}/sequences/input_ids: token id outside the vocabulary ({vocab_size})")
+    per_seq = np.add.reduceat(arrays["label_mask"].astype(np.int64), offsets[:-1])
+    if not np.array_equal(np.diff(label_offsets), per_seq) or label_offsets[0] != 0:
+        raise _Bad(f"{path}/sequences/label_offsets: disagree with label_mask")
+    n_chunks = sum(-(-seq[name].shape[0] // schema.SEQUENCE_CHUNK) for name in schema.SEQUENCE_ARRAYS)
+    return n_chunks, label_offsets
+
+
+def _check_target(group, path: str, params: dict, n_rows: int, vocab_size: int) -> int:
+    target = group[schema.TARGET]
+    encoding = params.get("value_encoding", "float16")
+    chunk_rows = target["ids"].chunks[0]
+    checked = 0
+    for i, start, stop in _blocks(n_rows, chunk_rows):
+        where = f"{path}/target chunk {i} (rows {start}-{stop})"
+        ids = _read(target["ids"], start, stop, where.replace("/target", "/target/ids"))
+        raw = _read(target["logprobs"], start, stop, where.replace("/target", "/target/logprobs"))
+        logprobs = schema.decode_logprobs(raw, encoding)
+        checked += 2
+        if ids.shape[0] != stop - start or ids.shape != logprobs.shape:
+            raise _Bad(f"{where}: ids {ids.shape} and logprobs {logprobs.shape} disagree")
+        if np.any(ids >= vocab_size):
+            raise _Bad(f"{where}: token id outside the vocabulary ({vocab_size})")
+        if not np.all(logprobs <= 1e-3):
+            raise _Bad(f"{where}: log-prob above 0")
+        if "tail_logmass" in target:
+            tail = _read(target["tail_logmass"], start, stop, where.replace("/target", "/target/tail_logmass"))
+            checked += 1
+            mass = np.exp(logprobs.astype(np.float64)).sum(-1) + np.exp(tail.astype(np.float64))
+            worst = float(np.max(np.abs(mass - 1.0))) if len(mass) else 0.0
+            if not worst <= MASS_TOLERANCE[encoding]:
+                raise _Bad(f"{where}: top-K mass + tail = 1 +- {worst:.3g} (tolerance {MASS_TOLERANCE[encoding]})")
+        if "counts" in target:
+            counts = _read(target["counts"], start, stop, where.replace("/target", "/target/counts"))
+            checked += 1
+            if np.any(counts.sum(-1) != params.get("k")):
+                raise _Bad(f"{where}: sample counts do not add up to {params.get('k')}")
+    return checked
+
+
+def _check_ref(group, path: str, stage: str, n_rows: int) -> int:
+    ref = group[stage]
+    checked = 0
+    for name in ref.array_keys():
+        if name == schema.DONE:
+            continue
+        chunk_rows = ref[name].chunks[0]
+        for i, start, stop in _blocks(n_rows, chunk_rows):
+            where = f"{path}/{stage}/{name} chunk {i} (rows {start}-{stop})"
+            values = _read(ref[name], start, stop, where)
+            checked += 1
+            if not np.all(np.isfinite(values)):
+                raise _Bad(f"{where}: non-finite loss")
+    return checked
+
+
+def verify_cache(root: str) -> VerifyReport:
+    """Read every chunk of every complete stage of every split under `root`."""
+    root_group = store.open_root(root, mode="r")
+    checked = 0
+    splits = store.list_splits(root_group)
+    if not splits:
+        return VerifyReport(False, 0, f"{root}: no task/split with a manifest")
+    try:
+        for path in splits:
+            group = root_group[path]
+            manifest = store.read_manifest(group)
+            vocab_size = int(manifest.get("vocab_size", 1 << 32))
+            stages = manifest.get("stages", {})
+            if stages.get(schema.SEQUENCES, {}).get("status") != schema.STATUS_COMPLETE:
+                continue
+            n, label_offsets = _check_sequences(group, path, vocab_size)
+            checked += n
+            n_rows = int(label_offsets[-1])
+            for stage, entry in stages.items():
+                if entry.get("status") != schema.STATUS_COMPLETE or stage == schema.SEQUENCES:
+                    continue
+                if stage == schema.TARGET:
+                    checked += _check_target(group, path, entry["params"], n_rows, vocab_size)
+                else:
+                    checked += _check_ref(group, path, stage, n_rows)
+    except _Bad as bad:
+        return VerifyReport(False, checked, str(bad))
+    return VerifyReport(True, checked, f"{root}: {len(splits)} split(s), {checked} chunks read, all good")
