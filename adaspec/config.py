@@ -60,6 +60,10 @@ class DataConfig:
     """Seed for splits of local files and generated tasks."""
 
     def __post_init__(self) -> None:
+        from adaspec.tasks import TASK_NAMES
+
+        _check(self.task in TASK_NAMES, "data.task",
+               f"must be one of {', '.join(TASK_NAMES)}, got {self.task!r}")
         _check(self.split in ("train", "validation", "test", "all"), "data.split",
                f"must be train, validation, test or all, got {self.split!r}")
         _check(self.limit is None or self.limit >= 1, "data.limit", f"must be >= 1, got {self.limit}")

@@ -112,10 +112,19 @@ def _check_divergence(divergence: str, beta: float) -> None:
         raise ValueError(f"jsd beta={beta!r} is outside [0, 1]")
 
 
-def _atom_terms(
+def _resolve(divergence: str, beta: float) -> str:
+    """TRL's jsd endpoints: beta = 0 is forward KL, beta = 1 is reverse KL."""
+    if divergence == "jsd" and beta == 0.0:
+        return "fkl"
+    if divergence == "jsd" and beta == 1.0:
+        return "rkl"
+    return divergence
+
+
+def _weighted_terms(
     log_weight: torch.Tensor, log_ratio: torch.Tensor, divergence: str, beta: float
 ) -> torch.Tensor:
-    """w * f(r) per atom, from log w and log r = log q - log p.
+    """w * f(r) per atom, from log w and log r = log q - log p (p > 0 wherever w > 0).
 
     Args:
         log_weight: (..., A) float log-weights; -inf marks a zero-weight atom.
@@ -124,21 +133,18 @@ def _atom_terms(
     Returns:
         (..., A) float terms; exactly 0 (with zero gradient) for zero-weight atoms.
     """
-    if divergence == "jsd" and beta == 0.0:
-        divergence = "fkl"
-    elif divergence == "jsd" and beta == 1.0:
-        divergence = "rkl"
-    # Sanitise before computing so the unused branch of the final where has no inf/NaN whose
-    # gradient (0 * inf) would poison the result.
-    # A NaN weight stays live so that a corrupt cache entry shows up instead of vanishing.
+    divergence = _resolve(divergence, beta)
+    # Sanitise before computing so the unused branch of the final where holds no inf/NaN whose
+    # gradient (0 * inf) would poison the result. A NaN weight stays live so that a corrupt
+    # cache entry shows up instead of vanishing.
     live = log_weight != -math.inf
     log_w = torch.where(live, log_weight, 0.0)
     log_r = torch.where(live, log_ratio, 0.0)
     # q = 0 (log r = -inf) is a legal draft value: r log r -> 0 there.
-    has_q = log_r > -math.inf
+    has_q = log_r != -math.inf
     log_r_q = torch.where(has_q, log_r, 0.0)
     weight = log_w.exp()
-    weighted_r = torch.where(has_q, (log_w + log_r_q).exp(), 0.0)  # w * r (= q in topk mode)
+    weighted_r = torch.where(has_q, (log_w + log_r_q).exp(), 0.0)  # w * r (= q when w = p)
 
     if divergence == "fkl":
         terms = -weight * log_r
@@ -153,6 +159,34 @@ def _atom_terms(
         )
         terms = -beta * weight * log_a + (1.0 - beta) * weighted_r * (log_r_q - log_a)
     return torch.where(live, terms, 0.0)
+
+
+def _mass_terms(
+    target_logprobs: torch.Tensor, draft_logprobs: torch.Tensor, divergence: str, beta: float
+) -> torch.Tensor:
+    """p * f(q / p) per outcome, including the limit q * lim_{r->inf} f(r) / r where p = 0.
+
+    That limit is 0 for fkl, q / 2 for tvd, -(1 - beta) log(1 - beta) q for jsd and +inf for
+    rkl (when q > 0): outcomes the target never emits still count against the draft's mass.
+
+    Args:
+        target_logprobs: (..., A) float log p; -inf for outcomes of zero target mass.
+        draft_logprobs: (..., A) float log q.
+
+    Returns:
+        (..., A) float terms.
+    """
+    divergence = _resolve(divergence, beta)
+    terms = _weighted_terms(target_logprobs, draft_logprobs - target_logprobs, divergence, beta)
+    if divergence == "fkl":
+        return terms
+    no_target = target_logprobs == -math.inf
+    draft_probs = torch.where(no_target, draft_logprobs, -math.inf).exp()  # q where p = 0
+    if divergence == "rkl":
+        return terms + torch.where(draft_probs > 0, math.inf, 0.0)
+    if divergence == "tvd":
+        return terms + 0.5 * draft_probs
+    return terms - (1.0 - beta) * math.log1p(-beta) * draft_probs
 
 
 def dense_divergence(
@@ -180,8 +214,7 @@ def dense_divergence(
         )
     draft_logprobs = torch.log_softmax(_upcast(draft_logits), dim=-1)  # (N, V)
     target_logprobs = torch.log_softmax(_upcast(target_logits), dim=-1)  # (N, V)
-    terms = _atom_terms(target_logprobs, draft_logprobs - target_logprobs, divergence, beta)
-    return terms.sum(-1)
+    return _mass_terms(target_logprobs, draft_logprobs, divergence, beta).sum(-1)
 
 
 def _complement_logsumexp(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -238,19 +271,20 @@ def sparse_divergence(
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (N, 1)
     draft_logprobs = logits.gather(-1, ids) - lse  # (N, K)
     target_logprobs = _upcast(target.logprobs)  # (N, K)
-    log_ratio = draft_logprobs - target_logprobs  # (N, K)
 
     if target.tail_logmass is not None:
         target_tail = _upcast(target.tail_logmass)  # (N,)
         draft_tail = _complement_logsumexp(logits, ids) - lse.squeeze(-1)  # (N,)
-        log_weight = torch.cat([target_logprobs, target_tail.unsqueeze(-1)], dim=-1)  # (N, K+1)
-        tail_ratio = (draft_tail - target_tail).unsqueeze(-1)  # (N, 1)
-        log_ratio = torch.cat([log_ratio, tail_ratio], dim=-1)  # (N, K+1)
+        target_atoms = torch.cat([target_logprobs, target_tail.unsqueeze(-1)], -1)  # (N, K+1)
+        draft_atoms = torch.cat([draft_logprobs, draft_tail.unsqueeze(-1)], -1)  # (N, K+1)
+        terms = _mass_terms(target_atoms, draft_atoms, divergence, beta)
     else:
-        counts = target.counts.to(log_ratio.dtype)  # (N, K)
+        counts = target.counts.to(draft_logprobs.dtype)  # (N, K)
         draws = counts.sum(-1, keepdim=True).clamp_min(1.0)  # (N, 1)
         log_weight = torch.where(counts > 0, counts.log() - draws.log(), -math.inf)  # (N, K)
-    return _atom_terms(log_weight, log_ratio, divergence, beta).sum(-1)
+        log_ratio = draft_logprobs - target_logprobs  # (N, K)
+        terms = _weighted_terms(log_weight, log_ratio, divergence, beta)
+    return terms.sum(-1)
 
 
 def _chunk_divergence(

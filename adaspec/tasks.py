@@ -19,16 +19,16 @@ Templates (`{...}` are row fields; every response is followed by `tokenizer.eos_
   \\n{instruction}\\n\\n### Input:\\n{input}\\n\\n### Response:\\n`
   without input `Below is an instruction that describes a task. Write a response that appropriately
   completes the request.\\n\\n### Instruction:\\n{instruction}\\n\\n### Response:\\n`
-  -> `{output}`. An input that is empty or a "no input" placeholder ("Noinput", "<noinput>",
-  "No input.", ...; the original data has several spellings) counts as no input.
+  -> `{output}`. An empty input or a placeholder ("Noinput", "<noinput>", "No input.", "N/A",
+  "None", ...; the original data spells it many ways) counts as no input.
 - mbpp (the MBPP paper's format): `You are an expert Python programmer, and here is your task:
   {text} Your code should pass these tests:\\n\\n{test_list joined by \\n}\\n` -> `{code}`.
   Windows line ends ("\\r\\n", in nearly every source row) become "\\n" in code and tests, since a
   model generates "\\n" at inference.
 - cnn_dailymail: `Summarize the following news article in a few sentences.\\n\\nArticle:\\n{article}
   \\n\\nSummary:\\n` -> `{highlights}`.
-- xsum: `Summarize the following article in one sentence.\\n\\nArticle:\\n{document}\\n\\nSummary:\\n`
-  -> `{summary}`.
+- xsum: `Summarize the following article in one sentence.\\n\\nArticle:\\n{document}
+  \\n\\nSummary:\\n` -> `{summary}`.
 
 With `chat_template=True` the prompt becomes the tokenizer's chat template around one user turn
 holding the prompt above (with the generation prompt); the response and EOS follow as before.
@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import functools
 import hashlib
 import json
 import random
@@ -97,11 +98,13 @@ MBPP_PROMPT = (
 CNN_DAILYMAIL_PROMPT = (
     "Summarize the following news article in a few sentences.\n\nArticle:\n{document}\n\nSummary:\n"
 )
-XSUM_PROMPT = "Summarize the following article in one sentence.\n\nArticle:\n{document}\n\nSummary:\n"
+XSUM_PROMPT = (
+    "Summarize the following article in one sentence.\n\nArticle:\n{document}\n\nSummary:\n"
+)
 
 ARITH_DEFAULT_ROWS = 2000
 _SPLIT_BLOCK = 20  # one test and one validation row per block of 20: 5% each
-_ALPACA_NO_INPUT = {"", "noinput", "n/a"}
+_ALPACA_NO_INPUT = {"", "noinput", "n/a", "none"}
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,7 @@ class Example:
 
 @dataclass(frozen=True)
 class TokenizedExample:
-    """Token ids of one example; `labels` equal `input_ids` on response + EOS, -100 on the prompt."""
+    """Token ids of one example; `labels` equal `input_ids` on response + EOS, -100 elsewhere."""
 
     input_ids: list[int]
     labels: list[int]
@@ -210,9 +213,7 @@ def _summary_example(
 
 
 def _cnn_dailymail_example(row: dict, source_index: int, where: str) -> Example:
-    return _summary_example(
-        row, source_index, where, CNN_DAILYMAIL_PROMPT, "article", "highlights"
-    )
+    return _summary_example(row, source_index, where, CNN_DAILYMAIL_PROMPT, "article", "highlights")
 
 
 def _xsum_example(row: dict, source_index: int, where: str) -> Example:
@@ -231,7 +232,9 @@ _TASKS: dict[str, _Task] = {
     "gsm8k": _Task(_gsm8k_example, "gsm8k-1", "openai/gsm8k", "main"),
     "alpaca": _Task(_alpaca_example, "alpaca-1", "tatsu-lab/alpaca"),
     "mbpp": _Task(_mbpp_example, "mbpp-1", "google-research-datasets/mbpp", "full"),
-    "cnn_dailymail": _Task(_cnn_dailymail_example, "cnn_dailymail-1", "abisee/cnn_dailymail", "3.0.0"),
+    "cnn_dailymail": _Task(
+        _cnn_dailymail_example, "cnn_dailymail-1", "abisee/cnn_dailymail", "3.0.0"
+    ),
     "xsum": _Task(_xsum_example, "xsum-1", "EdinburghNLP/xsum"),
     "arith": _Task(_gsm8k_example, "arith-1"),
 }
@@ -252,12 +255,19 @@ def template_version(task: str) -> str:
 # --- splits ----------------------------------------------------------------------------------
 
 
-def _carved_split(row_index: int, seed: int) -> str:
-    """'test', 'validation' or 'train' for a row, from its index and the seed alone."""
-    block, offset = divmod(row_index, _SPLIT_BLOCK)
+@functools.lru_cache(maxsize=4096)
+def _carved_slots(seed: int, block: int) -> tuple[int, int]:
+    """(test, validation) offsets inside one block of _SPLIT_BLOCK rows."""
     test_slot, validation_slot = random.Random(f"adaspec-split:{seed}:{block}").sample(
         range(_SPLIT_BLOCK), 2
     )
+    return test_slot, validation_slot
+
+
+def _carved_split(row_index: int, seed: int) -> str:
+    """'test', 'validation' or 'train' for a row, from its index and the seed alone."""
+    block, offset = divmod(row_index, _SPLIT_BLOCK)
+    test_slot, validation_slot = _carved_slots(seed, block)
     if offset == test_slot:
         return "test"
     if offset == validation_slot:
@@ -320,7 +330,9 @@ def _read_rows(path: Path) -> list[tuple[Any, str]]:
                 f"{path.name} line {error.lineno}: invalid JSON ({error.msg}); fix the file"
             ) from None
         if not isinstance(items, list):
-            raise UserError(f"{path.name}: expected a JSON list of objects, got {type(items).__name__}")
+            raise UserError(
+                f"{path.name}: expected a JSON list of objects, got {type(items).__name__}"
+            )
         return [(item, f"{path.name} item {index}") for index, item in enumerate(items)]
     if suffix == ".csv":
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # news articles overflow the default
@@ -342,14 +354,20 @@ def _local_examples(task: str, split: str, paths: list[Path], seed: int) -> list
     for path in paths:
         for row, where in _read_rows(path):
             if not isinstance(row, dict):
-                raise UserError(f"{where}: expected an object with fields, got {type(row).__name__}")
+                raise UserError(
+                    f"{where}: expected an object with fields, got {type(row).__name__}"
+                )
             examples.append(row_to_example(row, len(examples), where))
             if task == "mbpp":
                 task_ids.append(_mbpp_task_id(row, where))
     if split == "all":
         return examples
     if task == "mbpp":
-        return [ex for ex, task_id in zip(examples, task_ids) if _mbpp_split(task_id) == split]
+        return [
+            ex
+            for ex, task_id in zip(examples, task_ids, strict=True)
+            if _mbpp_split(task_id) == split
+        ]
     keep = set(_carved_indices(range(len(examples)), split, seed))
     return [example for example in examples if example.source_index in keep]
 
@@ -363,7 +381,7 @@ def _hub_examples(task: str, split: str, seed: int, limit: int | None) -> list[E
         import datasets
 
         dataset_dict = datasets.load_dataset(spec.hub_id, spec.hub_config)
-    except Exception as error:  # noqa: BLE001 - any failure here means the same thing to a user
+    except Exception as error:  # offline, unknown id, missing config: same fix for a user
         raise UserError(
             f"could not load {task} from the Hugging Face hub ({spec.hub_id}: "
             f"{type(error).__name__}); the hub is unreachable, pass --data-files PATH instead"
@@ -388,15 +406,15 @@ def _hub_examples(task: str, split: str, seed: int, limit: int | None) -> list[E
         picked = [(split, i) for i in range(len(dataset_dict[split]))]
     else:
         if "train" not in dataset_dict:
-            raise UserError(f"{spec.hub_id} has no train split to carve {split!r} from; use --data-files")
-        rows = range(len(dataset_dict["train"]))
-        carve = "train" if split == "train" else split
-        picked = [
-            ("train", i)
-            for i in rows
-            if (_carved_split(i, seed) if _carved_split(i, seed) not in dataset_dict else "train")
-            == carve
-        ]
+            raise UserError(f"{spec.hub_id} has no train split to carve {split!r} from")
+
+        def split_of_train_row(row_index: int) -> str:
+            # a train row carved for a split the hub has natively stays in train
+            carved = _carved_split(row_index, seed)
+            return "train" if carved in dataset_dict else carved
+
+        n_train = len(dataset_dict["train"])
+        picked = [("train", i) for i in range(n_train) if split_of_train_row(i) == split]
     picked.sort(key=lambda item: offsets[item[0]] + item[1])
     if limit is not None:
         picked = picked[:limit]
@@ -406,7 +424,7 @@ def _hub_examples(task: str, split: str, seed: int, limit: int | None) -> list[E
         indices = [i for split_name, i in picked if split_name == name]
         if not indices:
             continue
-        for i, row in zip(indices, dataset_dict[name].select(indices)):
+        for i, row in zip(indices, dataset_dict[name].select(indices), strict=True):
             where = f"{spec.hub_id} {name} row {i}"
             examples.append(spec.row_to_example(dict(row), offsets[name] + i, where))
     examples.sort(key=lambda example: example.source_index)
@@ -416,9 +434,21 @@ def _hub_examples(task: str, split: str, seed: int, limit: int | None) -> list[E
 # --- arith: synthetic GSM-style problems -----------------------------------------------------
 
 _PEOPLE = (
-    ("Maya", "she"), ("Liam", "he"), ("Aisha", "she"), ("Carlos", "he"), ("Noah", "he"),
-    ("Priya", "she"), ("Tom", "he"), ("Elena", "she"), ("Kenji", "he"), ("Zoe", "she"),
-    ("Omar", "he"), ("Grace", "she"), ("Mateo", "he"), ("Hana", "she"), ("Ivan", "he"),
+    ("Maya", "she"),
+    ("Liam", "he"),
+    ("Aisha", "she"),
+    ("Carlos", "he"),
+    ("Noah", "he"),
+    ("Priya", "she"),
+    ("Tom", "he"),
+    ("Elena", "she"),
+    ("Kenji", "he"),
+    ("Zoe", "she"),
+    ("Omar", "he"),
+    ("Grace", "she"),
+    ("Mateo", "he"),
+    ("Hana", "she"),
+    ("Ivan", "he"),
 )
 _GOODS = ("notebooks", "apples", "pens", "muffins", "tickets", "candles", "comic books", "plants")
 _BIG_GOODS = ("jacket", "bicycle", "lamp", "backpack", "guitar", "tent", "chair", "watch")
@@ -482,8 +512,8 @@ def _arith_distance(rng: random.Random) -> tuple[str, str]:
         f"{speed_b} miles per hour for {hours_b} hours. How many miles does it travel in total?"
     )
     answer = (
-        f"First it travels {speed_a} x {hours_a} = <<{speed_a}*{hours_a}={dist_a}>>{dist_a} miles.\n"
-        f"Then it travels {speed_b} x {hours_b} = <<{speed_b}*{hours_b}={dist_b}>>{dist_b} miles.\n"
+        f"First it goes {speed_a} x {hours_a} = <<{speed_a}*{hours_a}={dist_a}>>{dist_a} miles.\n"
+        f"Then it goes {speed_b} x {hours_b} = <<{speed_b}*{hours_b}={dist_b}>>{dist_b} miles.\n"
         f"In total it travels {dist_a} + {dist_b} = <<{dist_a}+{dist_b}={total}>>{total} miles.\n"
         f"#### {total}"
     )
@@ -492,16 +522,20 @@ def _arith_distance(rng: random.Random) -> tuple[str, str]:
 
 def _arith_trip_time(rng: random.Random) -> tuple[str, str]:
     name, pronoun, _ = _person(rng)
-    speed, hours = rng.choice((20, 30, 40, 45, 50, 55, 60, 65)), rng.randint(2, 9)
-    distance, minutes = speed * hours, hours * 60
+    speed, hours, pause = 5 * rng.randint(4, 14), rng.randint(2, 9), 5 * rng.randint(1, 9)
+    distance, driving = speed * hours, hours * 60
+    total = driving + pause
     question = (
-        f"{name} has to drive {distance} miles. {pronoun.capitalize()} drives at {speed} miles "
-        f"per hour. How many minutes does the trip take?"
+        f"{name} has to drive {distance} miles at {speed} miles per hour. "
+        f"{pronoun.capitalize()} also stops for a {pause}-minute break. "
+        f"How many minutes does the trip take?"
     )
     answer = (
-        f"The trip takes {distance} / {speed} = <<{distance}/{speed}={hours}>>{hours} hours.\n"
-        f"That is {hours} x 60 = <<{hours}*60={minutes}>>{minutes} minutes.\n"
-        f"#### {minutes}"
+        f"Driving takes {distance} / {speed} = <<{distance}/{speed}={hours}>>{hours} hours.\n"
+        f"That is {hours} x 60 = <<{hours}*60={driving}>>{driving} minutes.\n"
+        f"With the break it takes {driving} + {pause} = <<{driving}+{pause}={total}>>{total} "
+        f"minutes.\n"
+        f"#### {total}"
     )
     return question, answer
 
@@ -565,19 +599,21 @@ def _arith_wages(rng: random.Random) -> tuple[str, str]:
 
 
 def _arith_discount(rng: random.Random) -> tuple[str, str]:
+    name, pronoun, _ = _person(rng)
     item = rng.choice(_BIG_GOODS)
     # a price in 20s and a percent in 5s make the discount a whole number
-    price, percent = 20 * rng.randint(1, 20), rng.choice((10, 15, 20, 25, 30, 40, 50, 75))
+    price = 20 * rng.randint(1, 60)
+    percent = rng.choice((5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 60, 75))
     discount = price * percent // 100
     sale = price - discount
     question = (
-        f"A {item} costs ${price}. During a sale it is {percent}% off. "
-        f"How much does the {item} cost during the sale?"
+        f"{name} wants a {item} that costs ${price}. During a sale it is {percent}% off. "
+        f"How much does {pronoun} pay for the {item} during the sale?"
     )
     answer = (
         f"The discount is {price} x {percent} / 100 = "
         f"$<<{price}*{percent}/100={discount}>>{discount}.\n"
-        f"The sale price is {price} - {discount} = $<<{price}-{discount}={sale}>>{sale}.\n"
+        f"{name} pays {price} - {discount} = $<<{price}-{discount}={sale}>>{sale}.\n"
         f"#### {sale}"
     )
     return question, answer
@@ -620,8 +656,16 @@ def _arith_garden(rng: random.Random) -> tuple[str, str]:
 
 
 _ARITH_TEMPLATES = (
-    _arith_change, _arith_shopping_total, _arith_distance, _arith_trip_time, _arith_sharing,
-    _arith_ages, _arith_wages, _arith_discount, _arith_reading, _arith_garden,
+    _arith_change,
+    _arith_shopping_total,
+    _arith_distance,
+    _arith_trip_time,
+    _arith_sharing,
+    _arith_ages,
+    _arith_wages,
+    _arith_discount,
+    _arith_reading,
+    _arith_garden,
 )
 
 
@@ -636,7 +680,7 @@ def arith_row(row_index: int, seed: int = 0) -> dict[str, str]:
 
 
 def _arith_examples(split: str, seed: int, limit: int | None) -> list[Example]:
-    """The split's rows among the first ARITH_DEFAULT_ROWS, or its first `limit` rows however far."""
+    """The split's rows among the first ARITH_DEFAULT_ROWS, or its first `limit` rows."""
     examples: list[Example] = []
     row_index = 0
     while (row_index < ARITH_DEFAULT_ROWS) if limit is None else (len(examples) < limit):
@@ -717,7 +761,9 @@ def render(example: Example, tokenizer: Any, chat_template: bool = False) -> tup
         if not getattr(tokenizer, "chat_template", None):
             raise UserError("the tokenizer has no chat template; drop --chat-template")
         prompt_text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": example.prompt}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": example.prompt}],
+            tokenize=False,
+            add_generation_prompt=True,
         )
     return prompt_text, prompt_text + example.response + eos
 
@@ -730,7 +776,7 @@ def _labelled(
     prompt_ids: list[int], full_ids: list[int], source_index: int, max_length: int
 ) -> TokenizedExample:
     n_prompt = 0
-    for prompt_id, full_id in zip(prompt_ids, full_ids):
+    for prompt_id, full_id in zip(prompt_ids, full_ids, strict=False):
         if prompt_id != full_id:
             break
         n_prompt += 1
@@ -835,13 +881,12 @@ def tokenize_examples(
     full_ids = _token_ids(tokenizer, [full for _, full in texts])
     tokenized = [
         _truncated(example, tokenizer, max_length, chat_template, prompt, full)[0]
-        for example, prompt, full in zip(examples, prompt_ids, full_ids)
+        for example, prompt, full in zip(examples, prompt_ids, full_ids, strict=True)
     ]
     kept = [item for item in tokenized if any(label != IGNORE_INDEX for label in item.labels)]
     if not kept:
         raise UserError(
-            f"no example keeps a response token within max_length={max_length}; "
-            "raise --max-length"
+            f"no example keeps a response token within max_length={max_length}; raise --max-length"
         )
     return kept
 

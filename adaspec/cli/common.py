@@ -47,9 +47,26 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
+def _quiet_libraries() -> None:
+    """Library warnings (hub retries, load reports) would bury our one-line errors."""
+    import logging
+
+    for name in ("huggingface_hub", "transformers", "accelerate", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from huggingface_hub.utils import logging as hub_logging
+        from transformers.utils import logging as tf_logging
+
+        hub_logging.set_verbosity_error()
+        tf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
     """Run a CLI main; user errors become one line on stderr and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
     try:
         code = main(argv)
     except (UserError, CacheError) as err:

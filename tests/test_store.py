@@ -1,0 +1,154 @@
+"""cache_tools: the store's contract (shards, resume markers, manifest, verify, info) on numpy data."""
+
+import numpy as np
+import pytest
+import zarr
+
+from cache_tools import schema, store
+from cache_tools.errors import CacheError
+from cache_tools.info import cache_summary, format_summary
+from cache_tools.verify import verify_cache
+
+
+def _write_split(root, n_seq=7, k=4, vocab=300, shard_rows=16, chunk_rows=8, encoding="float16"):
+    rng = np.random.default_rng(0)
+    group = store.open_root(str(root)).require_group("toy/train")
+    lengths = rng.integers(5, 12, size=n_seq)
+    ids = [rng.integers(0, vocab, size=n) for n in lengths]
+    masks = []
+    for n in lengths:
+        m = np.zeros(n, bool)
+        m[n // 2:] = True
+        masks.append(m)
+    counts = store.write_sequences(group, ids, masks, list(range(n_seq)), vocab)
+    n_rows = counts["label_tokens"]
+    arrays = {
+        "ids": store.RowArray(schema.id_dtype(vocab), k),
+        "logprobs": store.RowArray(schema.value_dtype(encoding), k),
+        "tail_logmass": store.RowArray(np.dtype(np.float32), None, float("-inf")),
+    }
+    logits = rng.normal(size=(n_rows, vocab)) * 3
+    logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    top = np.argsort(-logprobs, axis=-1)[:, :k]
+    top_lp = np.take_along_axis(logprobs, top, -1)
+    tail = np.log1p(-np.exp(top_lp).sum(-1))
+    rows = {
+        "ids": top.astype(schema.id_dtype(vocab)),
+        "logprobs": schema.encode_logprobs(top_lp.astype(np.float32), encoding),
+        "tail_logmass": tail.astype(np.float32),
+    }
+    writer = store.StageWriter(group, schema.TARGET, n_rows, arrays, shard_rows, chunk_rows)
+    manifest = {
+        "vocab_size": vocab,
+        "stages": {
+            schema.SEQUENCES: {"status": schema.STATUS_COMPLETE, "params": {}, "counts": counts},
+            schema.TARGET: {
+                "status": schema.STATUS_BUILDING,
+                "params": {"mode": "topk", "k": k, "value_encoding": encoding},
+            },
+        },
+    }
+    store.write_manifest(group, manifest)
+    return group, writer, rows, manifest
+
+
+def _finish(group, writer, rows, manifest):
+    for shard in writer.pending_shards():
+        a, b = writer.shard_range(shard)
+        writer.write_shard(shard, {name: v[a:b] for name, v in rows.items()})
+    manifest["stages"][schema.TARGET]["status"] = schema.STATUS_COMPLETE
+    store.write_manifest(group, manifest)
+
+
+def test_round_trip_and_plain_zarr(tmp_path):
+    group, writer, rows, manifest = _write_split(tmp_path / "c")
+    _finish(group, writer, rows, manifest)
+    reader = store.CacheReader(str(tmp_path / "c"), "toy", "train")
+    got = reader.target_rows(0, reader.n_label_rows)
+    np.testing.assert_array_equal(got["ids"], rows["ids"].astype(np.int64))
+    np.testing.assert_allclose(got["logprobs"], rows["logprobs"].astype(np.float32))
+    # Any Zarr v3 reader sees plain arrays.
+    plain = zarr.open_group(str(tmp_path / "c"), mode="r")
+    assert plain["toy/train/target/ids"].shape == rows["ids"].shape
+    assert plain.attrs["format"] == schema.FORMAT_NAME
+
+
+def test_pending_shards_resume_and_split_between_processes(tmp_path):
+    group, writer, rows, manifest = _write_split(tmp_path / "c", n_seq=12)
+    assert writer.n_shards >= 3
+    all_shards = writer.pending_shards()
+    assert sorted(writer.pending_shards(0, 2) + writer.pending_shards(1, 2)) == all_shards
+    a, b = writer.shard_range(1)
+    writer.write_shard(1, {name: v[a:b] for name, v in rows.items()})
+    assert 1 not in writer.pending_shards() and not writer.all_done()
+    # A reader refuses the stage until its status is complete.
+    with pytest.raises(CacheError, match="no complete 'target'"):
+        store.CacheReader(str(tmp_path / "c"), "toy", "train")
+    _finish(group, writer, rows, manifest)
+    assert writer.all_done()
+
+
+def test_verify_passes_then_names_a_corrupted_chunk(tmp_path):
+    root = tmp_path / "c"
+    group, writer, rows, manifest = _write_split(root)
+    _finish(group, writer, rows, manifest)
+    report = verify_cache(str(root))
+    assert report.ok, report.message
+    shard_files = sorted((root / "toy/train/target/logprobs/c").rglob("*"))
+    shard_files = [f for f in shard_files if f.is_file()]
+    victim = shard_files[1]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    report = verify_cache(str(root))
+    assert not report.ok
+    assert "target/logprobs" in report.message and "rows" in report.message
+
+
+def test_verify_catches_mass_that_does_not_add_up(tmp_path):
+    root = tmp_path / "c"
+    group, writer, rows, manifest = _write_split(root)
+    rows["tail_logmass"] = rows["tail_logmass"] + 1.0  # claims more tail than exists
+    _finish(group, writer, rows, manifest)
+    report = verify_cache(str(root))
+    assert not report.ok and "mass" in report.message
+
+
+def test_check_params_names_the_difference():
+    with pytest.raises(CacheError) as err:
+        store.check_params("cache stage 'target'", {"k": 32, "mode": "topk"},
+                           {"k": 64, "mode": "topk"}, "use a new --cache")
+    assert "k=32" in str(err.value) and "k=64" in str(err.value)
+
+
+def test_lock_refuses_a_second_builder(tmp_path):
+    with store.build_lock(str(tmp_path), "toy", "train"):
+        with pytest.raises(CacheError, match="another build"):
+            with store.build_lock(str(tmp_path), "toy", "train"):
+                pass
+    with store.build_lock(str(tmp_path), "toy", "train"):  # released after the first
+        pass
+
+
+def test_not_a_cache_is_refused(tmp_path):
+    zarr.open_group(str(tmp_path / "other"), mode="w").create_group("x")
+    with pytest.raises(CacheError, match="not a logit cache"):
+        store.open_root(str(tmp_path / "other"), mode="a")
+
+
+def test_uint8q_round_trip_error_is_bounded():
+    lp = -np.random.default_rng(1).exponential(3.0, size=(100, 8)).astype(np.float32)
+    back = schema.decode_logprobs(schema.encode_logprobs(lp, "uint8q"), "uint8q")
+    inside = lp > -15.9
+    assert np.max(np.abs(back - lp)[inside]) <= schema.UINT8Q_STEP / 2 + 1e-6
+
+
+def test_info_reports_bytes_per_token(tmp_path):
+    root = tmp_path / "c"
+    group, writer, rows, manifest = _write_split(root)
+    _finish(group, writer, rows, manifest)
+    records = cache_summary(str(root))
+    target = [s for s in records[0]["stages"] if s["stage"] == schema.TARGET][0]
+    assert target["status"] == schema.STATUS_COMPLETE
+    assert target["bytes_per_label_token"] > 0
+    assert "B/label token" in format_summary(str(root), records)
