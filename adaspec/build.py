@@ -497,6 +497,7 @@ def _build_locked(cfg, role, model_spec, state: PartialState, progress: bool) ->
 def _target_batch_fn(cfg, model, seqs, masks, layout: _Layout, pad_id: int, vocab_size: int):
     encoding = cfg.cache.value_encoding
 
+    @torch.no_grad()
     def compute(batch: int) -> tuple[dict[str, np.ndarray], int]:
         a, b = layout.batches[batch]
         n, logits_fn = label_hidden_and_head(model, seqs[a:b], masks[a:b], pad_id)
@@ -523,6 +524,7 @@ def _target_batch_fn(cfg, model, seqs, masks, layout: _Layout, pad_id: int, voca
 
 
 def _ref_batch_fn(model, seqs, masks, layout: _Layout, pad_id: int, vocab_size: int, reader):
+    @torch.no_grad()
     def compute(batch: int) -> tuple[dict[str, np.ndarray], int]:
         a, b = layout.batches[batch]
         n, logits_fn = label_hidden_and_head(model, seqs[a:b], masks[a:b], pad_id)

@@ -11,7 +11,7 @@ Templates (`{...}` are row fields; every response is followed by `tokenizer.eos_
   prompt   `{question}\\nAnswer the above question. First think step by step and then answer the
   final number.\\n`; response `{answer}` with "####" replaced by "The final answer is: ", so
   "#### 72" becomes "The final answer is:  72" (two spaces, as in the official code).
-- arith: our own synthetic GSM-style word problems (see `arith_rows`), rendered exactly as gsm8k.
+- arith: our own synthetic GSM-style word problems (see `arith_row`), rendered exactly as gsm8k.
 - alpaca: the Stanford Alpaca prompts, plus a final newline so the response starts a new token
   (with the bare "### Response:" some tokenizers merge ":" with the first response word):
   with input    `Below is an instruction that describes a task, paired with an input that provides
@@ -311,7 +311,8 @@ def _read_rows(path: Path) -> list[tuple[Any, str]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        with path.open(encoding="utf-8") as lines:
+        # utf-8-sig: a byte-order mark would otherwise hide the first line's (or column's) name
+        with path.open(encoding="utf-8-sig") as lines:
             for line_number, line in enumerate(lines, start=1):
                 if not line.strip():
                     continue
@@ -324,7 +325,7 @@ def _read_rows(path: Path) -> list[tuple[Any, str]]:
         return rows
     if suffix == ".json":
         try:
-            items = json.loads(path.read_text(encoding="utf-8"))
+            items = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as error:
             raise UserError(
                 f"{path.name} line {error.lineno}: invalid JSON ({error.msg}); fix the file"
@@ -337,7 +338,7 @@ def _read_rows(path: Path) -> list[tuple[Any, str]]:
     if suffix == ".csv":
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # news articles overflow the default
         rows = []
-        with path.open(encoding="utf-8", newline="") as handle:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle)
             start_line = reader.line_num + 2  # the line after the header
             for row in reader:
@@ -395,13 +396,15 @@ def _hub_examples(task: str, split: str, seed: int, limit: int | None) -> list[E
         total += len(dataset_dict[name])
 
     picked: list[tuple[str, int]] = []  # (native split, row index in it), in source order
-    if split == "all" or task == "mbpp":
-        for name in native:
-            if task == "mbpp" and split != "all":
-                task_ids = dataset_dict[name]["task_id"]
-                picked += [(name, i) for i, tid in enumerate(task_ids) if _mbpp_split(tid) == split]
-            else:
-                picked += [(name, i) for i in range(len(dataset_dict[name]))]
+    if split == "all":
+        picked = [(name, i) for name in native for i in range(len(dataset_dict[name]))]
+    elif task == "mbpp":
+        picked = [
+            (name, i)
+            for name in native
+            for i, task_id in enumerate(dataset_dict[name]["task_id"])
+            if _mbpp_split(task_id) == split
+        ]
     elif split in dataset_dict and split != "train":
         picked = [(split, i) for i in range(len(dataset_dict[split]))]
     else:
@@ -785,18 +788,14 @@ def _labelled(
     return TokenizedExample(input_ids=full_ids, labels=labels, source_index=source_index)
 
 
-def _document_prefix(document: str, tokenizer: Any, n_tokens: int) -> str:
-    """The start of `document` that covers its first `n_tokens` tokens."""
-    if n_tokens <= 0:
-        return ""
+def _document_prefixes(document: str, tokenizer: Any) -> Callable[[int], str]:
+    """A function from n to the start of `document` covering its first n tokens."""
     if getattr(tokenizer, "is_fast", False):
         encoding = tokenizer(document, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = encoding["offset_mapping"]
-        if n_tokens >= len(offsets):
-            return document
-        return document[: offsets[n_tokens - 1][1]]
+        ends = [end for _, end in encoding["offset_mapping"]]
+        return lambda n_tokens: document[: ends[n_tokens - 1]] if n_tokens > 0 else ""
     ids = tokenizer(document, add_special_tokens=False)["input_ids"]
-    return tokenizer.decode(ids[:n_tokens], clean_up_tokenization_spaces=False)
+    return lambda n_tokens: tokenizer.decode(ids[:n_tokens], clean_up_tokenization_spaces=False)
 
 
 def _fit_document(
@@ -806,10 +805,11 @@ def _fit_document(
     start, end = example.document_span
     document = example.prompt[start:end]
     n_document = len(tokenizer(document, add_special_tokens=False)["input_ids"])
+    document_prefix = _document_prefixes(document, tokenizer)
     keep = n_document - (full_length - max_length)
     while True:
-        keep = max(keep, 0)
-        prefix = _document_prefix(document, tokenizer, keep)
+        keep = min(max(keep, 0), n_document)
+        prefix = document_prefix(keep)
         cut = replace(
             example,
             prompt=example.prompt[:start] + prefix + example.prompt[end:],

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
         tokenizer = models.load_tokenizer(args.tokenizer or cfg.models.target)
         print(tasks.preview(cfg.data.task, tokenizer, cfg.data.split, cfg.data.data_files,
-                            cfg.data.limit or 3, cfg.data.max_length, cfg.data.chat_template))
+                            cfg.data.limit or 3, cfg.data.max_length, cfg.data.chat_template,
+                            cfg.data.seed))
         return 0
     from adaspec.build import build_stage
     from cache_tools.info import cache_summary, format_summary
