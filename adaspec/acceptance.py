@@ -20,7 +20,9 @@ def _check_same_shape(target: torch.Tensor, draft: torch.Tensor, what: str) -> N
         )
 
 
-def expected_acceptance(target_logprobs: torch.Tensor, draft_logprobs: torch.Tensor) -> torch.Tensor:
+def expected_acceptance(
+    target_logprobs: torch.Tensor, draft_logprobs: torch.Tensor
+) -> torch.Tensor:
     """Per-position probability that a draft token sampled from q is accepted against p.
 
     Args:

@@ -343,7 +343,7 @@ def ensure_sequences(group, cfg: Config, tokenizer) -> dict:
 
 def _open_split(cfg: Config):
     root = store.open_root(cfg.cache.cache, mode="a")
-    return root.require_group(store.split_path(cfg.data.task, cfg.data.split))
+    return root.require_group(cfg.data.task).require_group(cfg.data.split)
 
 
 def _begin_stage(group, stage: str, params: dict, n_rows: int, arrays, cfg: Config, fix: str):

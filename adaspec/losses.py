@@ -28,7 +28,10 @@ The divergences (r = q / p):
 
 Numerics: computed from log-probs in float32 (float64 inputs stay float64); zero-weight atoms
 (w = 0, including a -inf tail when K = V and padding in sample mode) contribute exactly 0 with
-zero gradient, through `torch.where` on sanitised inputs, never 0 * inf.
+zero gradient, through `torch.where` on sanitised inputs, never 0 * inf. Where the target has no
+mass but the draft has q > 0 (target logits of -inf), the f-divergence's limit term
+q * lim_{r->inf} f(r) / r is added: 0 for fkl, q / 2 for tvd, -(1 - beta) log(1 - beta) q for
+jsd and +inf for rkl, so dense and K = V values stay the true divergences.
 """
 
 import math
@@ -84,7 +87,7 @@ class SparseTarget:
 
     @property
     def mode(self) -> str:
-        """"topk" or "sample"."""
+        """The cache mode: "topk" or "sample"."""
         return "topk" if self.tail_logmass is not None else "sample"
 
     def __len__(self) -> int:
@@ -295,6 +298,7 @@ def _chunk_divergence(
     divergence: str,
     beta: float,
 ) -> torch.Tensor:
+    """One checkpointed chunk: (n, H) hidden -> (n, V) logits -> (n,) divergences."""
     logits = F.linear(draft_hidden, lm_head_weight, lm_head_bias)  # (n, V)
     return sparse_divergence(logits, target, divergence, beta)
 

@@ -133,9 +133,7 @@ def load_tokenizer(spec: str):
         raise _loading_error(parsed, location, error) from error
 
 
-def load_model(
-    spec: str, dtype: torch.dtype = torch.float32, device_map: str | dict | None = None
-):
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device_map: str | dict | None = None):
     """(model in eval mode, tokenizer) for a spec; `@layers=N` keeps the first N decoder layers.
 
     GGUF weights are dequantized to plain tensors, so the model trains and saves like any other.
@@ -213,7 +211,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     if backend is not None:
         model_json = json.loads(backend.to_str()).get("model", {})
         # Older tokenizer.json files store a merge as "a b", newer ones as ["a", "b"].
-        merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model_json.get("merges", [])]
+        merges = [
+            m.split(" ", 1) if isinstance(m, str) else list(m) for m in model_json.get("merges", [])
+        ]
     special = {
         name: str(getattr(tokenizer, f"{name}_token", None))
         for name in ("bos", "eos", "pad", "unk")
@@ -239,7 +239,8 @@ def real_vocab_size(tokenizer) -> int:
 
 def shared_vocab_size(tokenizer_a, tokenizer_b) -> int:
     """The vocab size both sides use, or UserError if the tokenizers differ."""
-    fingerprint_a, fingerprint_b = tokenizer_fingerprint(tokenizer_a), tokenizer_fingerprint(tokenizer_b)
+    fingerprint_a = tokenizer_fingerprint(tokenizer_a)
+    fingerprint_b = tokenizer_fingerprint(tokenizer_b)
     if fingerprint_a != fingerprint_b:
         raise UserError(
             f"tokenizers differ: {fingerprint_a} vs {fingerprint_b}; "
@@ -321,8 +322,8 @@ def save_model(model, tokenizer, out_dir: str | Path) -> None:
     """save_pretrained of model and tokenizer into one folder that plain transformers loads."""
     if getattr(model, "hf_quantizer", None) is not None:
         raise UserError(
-            f"cannot save a quantized {type(model).__name__}; load it with adaspec.models.load_model, "
-            "which dequantizes GGUF weights"
+            f"cannot save a quantized {type(model).__name__}; load it with "
+            "adaspec.models.load_model, which dequantizes GGUF weights"
         )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ class SpecStats:
     rejected: int = 0
     """Draft tokens rejected: at most one per step, none when all drafts were accepted."""
     new_tokens: int = 0
-    """Tokens emitted (accepted drafts plus one target token per step, unless a drafted EOS ended)."""
+    """Tokens emitted: accepted drafts plus one target token per step (none after a drafted EOS)."""
 
     def alpha(self) -> float:
         """accepted / (accepted + rejected): the AdaSPEC paper's acceptance rate (nan if none)."""
@@ -107,7 +107,7 @@ def _takes_logits_to_keep(model_class: type) -> bool:
 
 
 def _forward(model, cache: DynamicCache, ids: torch.Tensor, n_logits: int, vocab_size: int):
-    """Feed `ids` (L,) after the cached prefix; return the last `n_logits` logits, (n_logits, V) fp32."""
+    """Feed `ids` (L,) after the cached prefix; return the last logits, (n_logits, V) fp32."""
     kwargs = {}
     if _takes_logits_to_keep(type(model)):
         # skip the LM head on positions whose logits we never read
@@ -161,7 +161,7 @@ def _verify(
     return n, _sample(residual, generator)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def speculative_generate(
     target,
     draft,
@@ -248,7 +248,7 @@ def speculative_generate(
     return new_tokens, stats
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def target_generate(
     target,
     input_ids: torch.Tensor,

@@ -148,8 +148,11 @@ def test_topk_is_the_coarse_grained_divergence_below_dense(divergence, beta):
 @pytest.mark.parametrize("divergence,beta", CASES[:5], ids=CASE_IDS[:5])
 def test_sample_estimator_is_unbiased(divergence, beta):
     gen = _gen(4)
-    n, v, draws, repeats = 4, 60, 64, 2000
-    draft_logits, target_logits = _logits(gen, n, v, scale=3.0), _logits(gen, n, v, scale=3.0)
+    n, v, draws, repeats = 6, 60, 64, 2000
+    # A draft near the target, as in distillation: the estimator's variance grows with how far
+    # the draft strays where the target is small (chi-square(q || p) for tvd and rkl).
+    target_logits = _logits(gen, n, v)
+    draft_logits = target_logits + 1.5 * torch.randn(n, v, generator=gen, dtype=torch.float64)
     target = _sample_target(target_logits.repeat(repeats, 1), draws, gen)  # (repeats * N, K)
     estimates = sparse_divergence(draft_logits.repeat(repeats, 1), target, divergence, beta)
     estimates = estimates.view(repeats, n)  # (repeats, N)
@@ -159,8 +162,7 @@ def test_sample_estimator_is_unbiased(divergence, beta):
     assert (stderr < 0.1 * dense).all()  # the check has teeth
 
 
-@pytest.mark.parametrize("mode", ["topk", "sample"])
-@pytest.mark.parametrize("divergence", ["fkl", "jsd", "tvd"])
+@pytest.mark.parametrize("mode,divergence", [("topk", "fkl"), ("topk", "tvd"), ("sample", "jsd")])
 def test_chunked_equals_unchunked(mode, divergence):
     gen = _gen(5)
     n, h, v, padded = 37, 16, 70, 75

@@ -78,7 +78,8 @@ def test_parse_model_spec(spec, expected):
 
 
 def test_parse_model_spec_existing_folder_is_dir(tiny_model_dir):
-    assert parse_model_spec(f"{tiny_model_dir}@layers=1") == ModelSpec(str(tiny_model_dir), 1, "dir")
+    expected = ModelSpec(str(tiny_model_dir), 1, "dir")
+    assert parse_model_spec(f"{tiny_model_dir}@layers=1") == expected
 
 
 @pytest.mark.parametrize(
@@ -124,34 +125,33 @@ def test_layers_draft_matches_manual_truncation_and_saves(tiny_model_dir, tiny_t
     torch.testing.assert_close(_logits(plain, input_ids), _logits(draft, input_ids))
 
 
-@pytest.mark.parametrize(
-    ("make", "layers_of"),
-    [
-        (
-            lambda: Qwen2ForCausalLM(Qwen2Config(
-                vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-            )),
-            lambda m: m.model.layers,
-        ),
-        (
-            lambda: GPTNeoXForCausalLM(GPTNeoXConfig(
-                vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                num_attention_heads=4,
-            )),
-            lambda m: m.gpt_neox.layers,
-        ),
-        (
-            lambda: GPT2LMHeadModel(GPT2Config(
-                vocab_size=64, n_embd=32, n_layer=3, n_head=4, bos_token_id=0, eos_token_id=0,
-            )),
-            lambda m: m.transformer.h,
-        ),
-    ],
-    ids=["qwen2", "gpt-neox", "gpt2"],
-)
-def test_keep_first_layers_families_save_and_load(make, layers_of, tmp_path):
-    model = make().eval()
+def _tiny_qwen2():
+    config = Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    return Qwen2ForCausalLM(config), lambda m: m.model.layers
+
+
+def _tiny_gpt_neox():
+    config = GPTNeoXConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4,
+    )  # fmt: skip
+    return GPTNeoXForCausalLM(config), lambda m: m.gpt_neox.layers
+
+
+def _tiny_gpt2():
+    config = GPT2Config(
+        vocab_size=64, n_embd=32, n_layer=3, n_head=4, bos_token_id=0, eos_token_id=0
+    )
+    return GPT2LMHeadModel(config), lambda m: m.transformer.h
+
+
+@pytest.mark.parametrize("make", [_tiny_qwen2, _tiny_gpt_neox, _tiny_gpt2])
+def test_keep_first_layers_families_save_and_load(make, tmp_path):
+    model, layers_of = make()
+    model.eval()
     keep_first_layers(model, 2)
     assert len(layers_of(model)) == 2
     assert model.config.num_hidden_layers == 2

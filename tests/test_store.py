@@ -12,7 +12,7 @@ from cache_tools.verify import verify_cache
 
 def _write_split(root, n_seq=7, k=4, vocab=300, shard_rows=16, chunk_rows=8, encoding="float16"):
     rng = np.random.default_rng(0)
-    group = store.open_root(str(root)).require_group("toy/train")
+    group = store.open_root(str(root)).require_group("toy").require_group("train")
     lengths = rng.integers(5, 12, size=n_seq)
     ids = [rng.integers(0, vocab, size=n) for n in lengths]
     masks = []

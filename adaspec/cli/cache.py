@@ -71,3 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     run(main)
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,258 @@
+"""Phase 1 end to end on a tiny model: exact top-K, resume after SIGKILL, refusals, 2 processes."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, make_tiny_model, make_tiny_tokenizer
+
+from adaspec.build import order_sequences, plan_batches, sample_rows, topk_rows
+from adaspec.config import build_config
+from adaspec.errors import UserError
+from cache_tools import schema, store
+from cache_tools.errors import CacheError
+from cache_tools.verify import verify_cache
+
+GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+
+
+def _cfg(cache, model_dir, **cache_kw):
+    values = {
+        "models": {"target": str(model_dir)},
+        "data": {"task": "gsm8k", "data_files": str(GSM8K), "limit": 8, "max_length": 512},
+        "cache": {"cache": str(cache), "topk": 8, "shard_rows": 256, "chunk_rows": 128,
+                  "batch_tokens": 512, **cache_kw},
+    }
+    return build_config(values)
+
+
+def _build(cfg, role="target", spec=None):
+    from adaspec.build import build_stage
+
+    return build_stage(cfg, role, spec, progress=False)
+
+
+def _stage_files(root: Path, stages=("sequences", "target")) -> dict[str, bytes]:
+    """Every file of the given stages' arrays (chunks, shards and array metadata)."""
+    out = {}
+    for stage in stages:
+        base = root / "gsm8k" / "train" / stage
+        for path in sorted(base.rglob("*")):
+            if path.is_file() and schema.DONE not in path.parts:
+                out[str(path.relative_to(root))] = path.read_bytes()
+    return out
+
+
+def test_cached_topk_equals_full_log_softmax(tmp_path, tiny_model_dir, tiny_tokenizer):
+    cfg = _cfg(tmp_path / "c", tiny_model_dir)
+    manifest = _build(cfg)
+    assert manifest["stages"]["target"]["status"] == schema.STATUS_COMPLETE
+    reader = store.CacheReader(str(tmp_path / "c"), "gsm8k", "train")
+    model = make_tiny_model(len(tiny_tokenizer), n_layers=2, seed=1)
+    model.load_state_dict(
+        __import__("transformers").AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    )
+    for s in range(reader.n_sequences):
+        ids, mask = reader.sequence(s)
+        with torch.no_grad():
+            logits = model(torch.from_numpy(ids)[None]).logits[0].double()
+        full = torch.log_softmax(logits, -1)[np.nonzero(mask)[0] - 1]  # (n, V) float64
+        values, top_ids = torch.topk(full, 8, dim=-1)
+        rows = reader.target_rows(int(reader.label_offsets[s]), int(reader.label_offsets[s + 1]))
+        np.testing.assert_array_equal(rows["ids"], top_ids.numpy())
+        # float16 storage: relative error of a log-prob is at most 2**-11.
+        np.testing.assert_allclose(rows["logprobs"], values.numpy(), rtol=1e-3, atol=1e-3)
+        rest = full.scatter(1, top_ids, float("-inf")).logsumexp(-1)
+        np.testing.assert_allclose(rows["tail_logmass"], rest.numpy(), rtol=1e-4, atol=1e-5)
+    assert verify_cache(str(tmp_path / "c")).ok
+
+
+def test_topk_rows_and_sample_rows_match_dense_float64():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(50, 40, generator=g, dtype=torch.float64) * 3
+    rows = topk_rows(logits, 40)
+    assert torch.all(torch.isneginf(rows["tail_logmass"]))  # K = V: nothing left over
+    rows = topk_rows(logits, 6)
+    lp = torch.log_softmax(logits, -1)
+    mass = rows["logprobs"].double().exp().sum(-1) + rows["tail_logmass"].double().exp()
+    torch.testing.assert_close(mass, torch.ones(50, dtype=torch.float64), atol=1e-6, rtol=0)
+    sampled = sample_rows(logits, 64, torch.Generator().manual_seed(0))
+    assert torch.all(sampled["counts"].sum(-1) == 64)
+    used = sampled["counts"] > 0
+    torch.testing.assert_close(
+        sampled["logprobs"][used], lp.float().gather(1, sampled["ids"])[used], atol=1e-6, rtol=0
+    )
+
+
+def test_order_and_batch_plan():
+    from adaspec.tasks import TokenizedExample
+
+    exs = [TokenizedExample(list(range(n)), [-100] * (n // 2) + list(range(n - n // 2)), i)
+           for i, n in enumerate([5, 9, 7, 9, 3])]
+    exs.append(TokenizedExample([1, 2, 3], [-100, -100, -100], 5))  # no label: dropped
+    ids, masks, src = order_sequences(exs)
+    assert [len(x) for x in ids] == [9, 9, 7, 5, 3] and src == [1, 3, 2, 0, 4]
+    batches = plan_batches(np.array([len(x) for x in ids]), 18)
+    assert batches == [(0, 2), (2, 4), (4, 5)]
+
+
+def test_mismatched_settings_are_refused_in_one_line(tmp_path, tiny_model_dir):
+    _build(_cfg(tmp_path / "c", tiny_model_dir))
+    with pytest.raises(CacheError) as err:
+        _build(_cfg(tmp_path / "c", tiny_model_dir, topk=4))
+    assert "k=8" in str(err.value) and "k=4" in str(err.value) and "\n" not in str(err.value)
+    # Another tokenizer: a model dir whose tokenizer has another vocabulary.
+    other = tmp_path / "other"
+    tok = make_tiny_tokenizer(vocab_size=280)
+    make_tiny_model(len(tok), seed=3).save_pretrained(other)
+    tok.save_pretrained(other)
+    with pytest.raises(CacheError) as err:
+        _build(_cfg(tmp_path / "c", other))
+    assert "tokenizer_fingerprint" in str(err.value)
+    with pytest.raises(UserError, match="--topk 999"):
+        _build(_cfg(tmp_path / "d", tiny_model_dir, topk=999))
+
+
+def test_ref_stage_with_k_equal_v_gives_dense_kl(tmp_path, tiny_model_dir, tiny_tokenizer):
+    vocab = len(tiny_tokenizer)
+    cfg = _cfg(tmp_path / "c", tiny_model_dir, topk=vocab)
+    _build(cfg)
+    ref_dir = tmp_path / "ref"
+    make_tiny_model(vocab, n_layers=1, seed=7).save_pretrained(ref_dir)
+    tiny_tokenizer.save_pretrained(ref_dir)
+    manifest = _build(cfg, "ref", str(ref_dir))
+    assert manifest["stages"]["ref/ref"]["status"] == schema.STATUS_COMPLETE
+    from transformers import AutoModelForCausalLM
+
+    target = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ref = AutoModelForCausalLM.from_pretrained(ref_dir).eval()
+    reader = store.CacheReader(str(tmp_path / "c"), "gsm8k", "train")
+    stored = reader.ref_losses("ref", "fkl", 0, reader.n_label_rows)
+    dense = []
+    for s in range(reader.n_sequences):
+        ids, mask = reader.sequence(s)
+        pos = np.nonzero(mask)[0] - 1
+        with torch.no_grad():
+            p = torch.log_softmax(target(torch.from_numpy(ids)[None]).logits[0].double(), -1)[pos]
+            q = torch.log_softmax(ref(torch.from_numpy(ids)[None]).logits[0].double(), -1)[pos]
+        dense.append((p.exp() * (p - q)).sum(-1).numpy())
+    # The only difference from dense float64: the target's log-probs stored as float16.
+    np.testing.assert_allclose(stored, np.concatenate(dense), rtol=2e-2, atol=2e-3)
+
+
+def _cli_build(cache: Path, model_dir: Path, extra=(), env=None, **popen):
+    cmd = [sys.executable, "-m", "adaspec.cli.cache", "build", "--model", "target",
+           "--target", str(model_dir), "--task", "gsm8k", "--data-files", str(GSM8K),
+           "--limit", "40", "--max-length", "512", "--cache", str(cache), "--topk", "16",
+           "--shard-rows", "1024", "--chunk-rows", "256", "--batch-tokens", "2048", *extra]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen(cmd, cwd=REPO, env=full_env, **popen)
+
+
+@pytest.fixture(scope="module")
+def slow_model_dir(tmp_path_factory):
+    """A wider tiny model so a build lasts long enough to be killed part way."""
+    path = tmp_path_factory.mktemp("wide")
+    tok = make_tiny_tokenizer()
+    make_tiny_model(len(tok), n_layers=4, seed=2, hidden=256).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _done_count(root: Path) -> int:
+    done = root / "gsm8k" / "train" / "target" / schema.DONE / "c"
+    return sum(1 for p in done.rglob("*") if p.is_file()) if done.exists() else 0
+
+
+def _kill_when(proc, ready, rng, timeout=300.0) -> bool:
+    """SIGKILL `proc` a random moment after `ready()` turns true; False if it finished first."""
+    deadline = time.time() + timeout
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 0.4))
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    return True
+
+
+def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path, slow_model_dir):
+    clean = tmp_path / "clean"
+    proc = _cli_build(clean, slow_model_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert proc.wait(timeout=600) == 0
+    n_shards = _done_count(clean)
+    assert n_shards >= 6
+
+    killed = tmp_path / "killed"
+    rng = random.Random(1234)
+    kills = 0
+    # First kill: while the sequences are being written or the model loads.
+    proc = _cli_build(killed, slow_model_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kills += _kill_when(proc, lambda: (killed / "zarr.json").exists(), rng)
+    # Then: each time at a random moment after at least one more shard was written.
+    for _ in range(6):
+        before = _done_count(killed)
+        proc = _cli_build(killed, slow_model_dir, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+        kills += _kill_when(proc, lambda b=before: _done_count(killed) > b, rng)
+        if kills >= 4:
+            break
+    assert kills >= 4
+    group = store.open_root(str(killed), "r")["gsm8k/train"]
+    assert store.stage_status(store.read_manifest(group), "target") != schema.STATUS_COMPLETE
+    with pytest.raises(CacheError, match="no complete 'target'"):
+        store.CacheReader(str(killed), "gsm8k", "train")
+    proc = _cli_build(killed, slow_model_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    a, b = _stage_files(clean), _stage_files(killed)
+    assert a.keys() == b.keys() and len(a) > 10
+    assert [k for k in a if a[k] != b[k]] == []
+    assert verify_cache(str(killed)).ok
+
+
+def test_a_concurrent_second_build_is_refused(tmp_path, slow_model_dir):
+    first = _cli_build(tmp_path / "c", slow_model_dir, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE)
+    lock = tmp_path / "c" / "gsm8k" / "train" / ".build-rank0.lock"
+    deadline = time.time() + 120
+    while not (lock.exists() and lock.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    second = _cli_build(tmp_path / "c", slow_model_dir, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE)
+    _, err2 = second.communicate(timeout=300)
+    first.wait(timeout=600)
+    assert first.returncode == 0
+    assert second.returncode == 2
+    assert "another build" in err2.decode() and "Traceback" not in err2.decode()
+
+
+def test_two_process_build_equals_one_process_build(tmp_path, tiny_model_dir):
+    one = _cli_build(tmp_path / "one", tiny_model_dir, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.PIPE)
+    assert one.wait(timeout=600) == 0
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "adaspec.cli.cache", "build", "--model", "target",
+           "--target", str(tiny_model_dir), "--task", "gsm8k", "--data-files", str(GSM8K),
+           "--limit", "40", "--max-length", "512", "--cache", str(tmp_path / "two"),
+           "--topk", "16", "--shard-rows", "1024", "--chunk-rows", "256", "--batch-tokens", "2048",
+           "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = _stage_files(tmp_path / "one"), _stage_files(tmp_path / "two")
+    assert a.keys() == b.keys() and len(a) > 5
+    assert [k for k in a if a[k] != b[k]] == []
+    group = store.open_root(str(tmp_path / "two"), "r")["gsm8k/train"]
+    assert store.stage_status(store.read_manifest(group), "target") == schema.STATUS_COMPLETE
