@@ -455,6 +455,7 @@ def _build_locked(cfg, role, model_spec, state: PartialState, progress: bool) ->
             "mode": cfg.cache.sparse,
             "k": cfg.cache.topk,
             "value_encoding": cfg.cache.value_encoding,
+            "id_encoding": cfg.cache.id_encoding,
             "compute_dtype": str(dtype).removeprefix("torch."),
             "seed": cfg.cache.seed if cfg.cache.sparse == "sample" else None,
         }
@@ -512,6 +513,11 @@ def _target_batch_fn(cfg, model, seqs, masks, layout: _Layout, pad_id: int, voca
             for name, values in rows.items():
                 parts.setdefault(name, []).append(values.numpy())
         out = {name: np.concatenate(v) for name, v in parts.items()}
+        out["ids"], out["logprobs"], counts = schema.encode_rows(
+            out["ids"], out["logprobs"], out.get("counts"), cfg.cache.id_encoding
+        )
+        if counts is not None:
+            out["counts"] = counts
         out["logprobs"] = schema.encode_logprobs(out["logprobs"], encoding)
         out["ids"] = out["ids"].astype(schema.id_dtype(vocab_size))
         if "counts" in out:

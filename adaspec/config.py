@@ -81,6 +81,8 @@ class CacheConfig:
     """topk (top-K + tail bucket) or sample (tokens drawn from the target, Anshumann et al. 2025)."""
     value_encoding: str = "float16"
     """Stored log-prob values: float16, or uint8q (1/16-nat steps)."""
+    id_encoding: str = "plain"
+    """Stored token ids: plain, or delta (sorted within a token, differences stored)."""
     batch_tokens: int = 4096
     """Padded tokens per forward batch during the build."""
     shard_rows: int = 16384
@@ -98,6 +100,8 @@ class CacheConfig:
                f"must be topk or sample, got {self.sparse!r}")
         _check(self.value_encoding in ("float16", "uint8q"), "cache.value_encoding",
                f"must be float16 or uint8q, got {self.value_encoding!r}")
+        _check(self.id_encoding in ("plain", "delta"), "cache.id_encoding",
+               f"must be plain or delta, got {self.id_encoding!r}")
         _check(self.batch_tokens >= 8, "cache.batch_tokens", f"must be >= 8, got {self.batch_tokens}")
         _check(self.chunk_rows >= 1, "cache.chunk_rows", f"must be >= 1, got {self.chunk_rows}")
         _check(self.shard_rows >= self.chunk_rows and self.shard_rows % self.chunk_rows == 0,

@@ -11,7 +11,8 @@ Layout of a cache root (a Zarr v3 group; any Zarr v3 reader can open it):
           label_offsets (S+1,) int64           its label rows are rows label_offsets[s]:label_offsets[s+1]
           source_index  (S,)   int64           row of the task's split each sequence came from
         target/                     one row per label token, in sequence order
-          ids           (N, K) uint16|uint32   top-K token ids (or sampled ids, mode "sample")
+          ids           (N, K) uint16|uint32   top-K token ids (or sampled ids, mode "sample");
+                                               id_encoding "delta": sorted, stored as differences
           logprobs      (N, K) float16|uint8   target log-probs of those ids (full-vocab log-softmax)
           tail_logmass  (N,)   float32         log(1 - sum_k p_k), mode "topk" (-inf when nothing is left)
           counts        (N, K) uint16          draws per id, mode "sample" (0 = padding slot)
@@ -43,6 +44,7 @@ DONE = "_done"
 SEQUENCE_ARRAYS = ("input_ids", "label_mask", "offsets", "label_offsets", "source_index")
 SPARSE_MODES = ("topk", "sample")
 VALUE_ENCODINGS = ("float16", "uint8q")
+ID_ENCODINGS = ("plain", "delta")
 DIVERGENCES = ("fkl", "rkl", "tvd", "jsd")
 
 STATUS_BUILDING = "building"
@@ -87,6 +89,34 @@ def decode_logprobs(stored: np.ndarray, encoding: str) -> np.ndarray:
     if encoding == "uint8q":
         return stored.astype(np.float32) * np.float32(-UINT8Q_STEP)
     raise ValueError(f"unknown value encoding {encoding!r}; choose one of {VALUE_ENCODINGS}")
+
+
+def encode_rows(ids: np.ndarray, values: np.ndarray, counts: np.ndarray | None,
+                encoding: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Order a row's entries for storage. "plain": as given (top-K: largest first).
+    "delta": ids sorted ascending and stored as [first id, differences...] (small numbers that
+    compress far better than random ids); values and counts follow the same order."""
+    if encoding == "plain":
+        return ids, values, counts
+    if encoding != "delta":
+        raise ValueError(f"unknown id encoding {encoding!r}; choose one of {ID_ENCODINGS}")
+    order = np.argsort(ids, axis=-1, kind="stable")
+    ids = np.take_along_axis(ids, order, -1)
+    values = np.take_along_axis(values, order, -1)
+    if counts is not None:
+        counts = np.take_along_axis(counts, order, -1)
+    deltas = ids.copy()
+    deltas[:, 1:] = ids[:, 1:] - ids[:, :-1]
+    return deltas, values, counts
+
+
+def decode_ids(stored: np.ndarray, encoding: str) -> np.ndarray:
+    """Stored ids -> (N, K) int64 token ids (entries in storage order)."""
+    if encoding == "plain":
+        return stored.astype(np.int64)
+    if encoding == "delta":
+        return np.cumsum(stored.astype(np.int64), axis=-1)
+    raise ValueError(f"unknown id encoding {encoding!r}; choose one of {ID_ENCODINGS}")
 
 
 def compressors(dtype: np.dtype) -> list:

@@ -321,7 +321,8 @@ class CacheReader:
         target = self.group[schema.TARGET]
         encoding = self.target_params.get("value_encoding", "float16")
         rows = {
-            "ids": target["ids"][start:stop].astype(np.int64),
+            "ids": schema.decode_ids(target["ids"][start:stop], self.target_params.get(
+                "id_encoding", "plain")),
             "logprobs": schema.decode_logprobs(target["logprobs"][start:stop], encoding),
         }
         if "tail_logmass" in target:

@@ -68,6 +68,7 @@ def _check_target(group, path: str, params: dict, n_rows: int, vocab_size: int) 
     for i, start, stop in _blocks(n_rows, chunk_rows):
         where = f"{path}/target chunk {i} (rows {start}-{stop})"
         ids = _read(target["ids"], start, stop, where.replace("/target", "/target/ids"))
+        ids = schema.decode_ids(ids, params.get("id_encoding", "plain"))
         raw = _read(target["logprobs"], start, stop, where.replace("/target", "/target/logprobs"))
         logprobs = schema.decode_logprobs(raw, encoding)
         checked += 2

@@ -152,3 +152,16 @@ def test_info_reports_bytes_per_token(tmp_path):
     assert target["status"] == schema.STATUS_COMPLETE
     assert target["bytes_per_label_token"] > 0
     assert "B/label token" in format_summary(str(root), records)
+
+
+def test_delta_id_encoding_round_trips_with_values_following():
+    rng = np.random.default_rng(3)
+    ids = np.stack([rng.choice(5000, 16, replace=False) for _ in range(20)]).astype(np.uint16)
+    values = rng.normal(size=(20, 16)).astype(np.float32)
+    counts = rng.integers(1, 5, size=(20, 16)).astype(np.uint16)
+    stored, v2, c2 = schema.encode_rows(ids, values, counts, "delta")
+    back = schema.decode_ids(stored, "delta")
+    assert np.all(np.diff(back, axis=-1) > 0)  # sorted
+    for row in range(20):
+        original = dict(zip(ids[row].tolist(), zip(values[row].tolist(), counts[row].tolist())))
+        assert dict(zip(back[row].tolist(), zip(v2[row].tolist(), c2[row].tolist()))) == original

@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="model spec for the role (default: from the config / the cache)")
     build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_config_flags(build, DATA_FLAGS + ["--cache", "--topk", "--sparse", "--value-encoding",
-                                          "--batch-tokens", "--shard-rows", "--chunk-rows",
+                                          "--id-encoding", "--batch-tokens", "--shard-rows", "--chunk-rows",
                                           "--ref-name", "--target", "--dtype", "--device-map"])
 
     preview = sub.add_parser("preview", help="print formatted examples with token counts")

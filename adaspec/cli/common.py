@@ -24,6 +24,7 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--topk": ("cache.topk", int, "K entries per label token (default 64)"),
     "--sparse": ("cache.sparse", str, "topk (with tail bucket) or sample"),
     "--value-encoding": ("cache.value_encoding", str, "float16 or uint8q"),
+    "--id-encoding": ("cache.id_encoding", str, "plain or delta (sorted ids, differences)"),
     "--batch-tokens": ("cache.batch_tokens", int, "padded tokens per forward batch"),
     "--shard-rows": ("cache.shard_rows", int, "label rows per shard (write/resume unit)"),
     "--chunk-rows": ("cache.chunk_rows", int, "label rows per compressed chunk"),
