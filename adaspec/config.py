@@ -112,10 +112,88 @@ class CacheConfig:
 
 
 @dataclass
+class TrainConfig:
+    stage: str = "draft"
+    """draft (AdaSPEC / k=1 DistillSpec), ref (plain-KD reference, k=1), sft (fine-tune the target)."""
+    k: float = 0.4
+    """Fraction of label tokens kept by AdaSPEC selection (1.0 = plain KD, the DistillSpec baseline)."""
+    loss: str = "fkl"
+    """Divergence: fkl, rkl, tvd, jsd."""
+    beta: float = 0.5
+    """JSD mixture weight of the target (TRL GKD convention)."""
+    selection: str = "adaspec"
+    """Token rule: adaspec (delta = L_draft - L_ref, top k) or speckd (draft argmax == target top-1)."""
+    threshold: str = "batch"
+    """AdaSPEC threshold: batch (quantile within the micro-batch, official) or global (whole data)."""
+    normalize: str = "all"
+    """Loss normaliser: all label tokens (official code) or selected tokens (paper Eq. 10)."""
+    epochs: float = 1.0
+    """Passes over the data."""
+    scale_epochs_by_k: bool = False
+    """Multiply epochs by 1/k as the official scripts do (3 -> 7.5 at k = 0.4)."""
+    batch_size: int = 4
+    """Sequences per micro-batch (per process)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-5
+    """Peak learning rate (the paper: 1e-5, constant)."""
+    lr_schedule: str = "constant"
+    """constant or cosine (with warmup)."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0 disables)."""
+    mixed_precision: str = "auto"
+    """auto (bf16 on CUDA, none on CPU), no, bf16, fp16."""
+    chunk_tokens: int = 1024
+    """Label tokens per loss chunk: bounds the (tokens, vocab) memory of the draft's log-softmax."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every N optimizer steps (0: only at the end of each epoch)."""
+    seed: int = 0
+    """Seed of data order and initialisation; CPU runs are deterministic given it."""
+    out: str | None = None
+    """Run folder (default runs/<stage>-<task>-k<k>-<loss>-s<seed>)."""
+    online: bool = False
+    """Compute target (and reference) outputs live instead of reading the cache (baseline)."""
+
+    def __post_init__(self) -> None:
+        _check(self.stage in ("draft", "ref", "sft"), "train.stage",
+               f"must be draft, ref or sft, got {self.stage!r}")
+        _check(0.0 < self.k <= 1.0, "train.k", f"must be in (0, 1], got {self.k}")
+        _check(self.loss in ("fkl", "rkl", "tvd", "jsd"), "train.loss",
+               f"must be fkl, rkl, tvd or jsd, got {self.loss!r}")
+        _check(0.0 <= self.beta <= 1.0, "train.beta", f"must be in [0, 1], got {self.beta}")
+        _check(self.selection in ("adaspec", "speckd"), "train.selection",
+               f"must be adaspec or speckd, got {self.selection!r}")
+        _check(self.threshold in ("batch", "global"), "train.threshold",
+               f"must be batch or global, got {self.threshold!r}")
+        _check(self.normalize in ("all", "selected"), "train.normalize",
+               f"must be all or selected, got {self.normalize!r}")
+        _check(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.lr_schedule in ("constant", "cosine"), "train.lr_schedule",
+               f"must be constant or cosine, got {self.lr_schedule!r}")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm",
+               f"must be >= 0, got {self.max_grad_norm}")
+        _check(self.mixed_precision in ("auto", "no", "bf16", "fp16"), "train.mixed_precision",
+               f"must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
+        _check(self.chunk_tokens >= 1, "train.chunk_tokens", f"must be >= 1, got {self.chunk_tokens}")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every",
+               f"must be >= 0, got {self.checkpoint_every}")
+
+
+@dataclass
 class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
