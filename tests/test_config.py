@@ -43,7 +43,7 @@ def test_bad_values_name_the_key(values, words):
 
 
 def test_every_shipped_config_loads():
-    files = sorted((REPO / "configs").glob("*.yaml"))
+    files = sorted((REPO / "configs").rglob("*.yaml"))
     assert files
     for path in files:
         load_config(path)
