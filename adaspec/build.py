@@ -12,11 +12,13 @@ the same rows come out whichever process, shard or restart computes them.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -274,9 +276,11 @@ def _on_main(state: PartialState, fn: Callable[[], object]) -> object:
 
 def _all_ok(state: PartialState, error: BaseException | None) -> None:
     """Raise on every process if any process failed (so nobody waits at a barrier forever)."""
-    errors = gather_object([str(error) if error else None]) if state.num_processes > 1 else [
-        str(error) if error else None
-    ]
+    errors = (
+        gather_object([str(error) if error else None])
+        if state.num_processes > 1
+        else [str(error) if error else None]
+    )
     first = next((e for e in errors if e), None)
     if first:
         if error is not None:
@@ -288,7 +292,7 @@ def _all_ok(state: PartialState, error: BaseException | None) -> None:
 # Stages
 
 
-def _sequence_params(cfg: Config, fingerprint: str) -> dict:
+def _sequence_params(cfg: Config, fingerprint: str, generate: dict | None = None) -> dict:
     d = cfg.data
     return {
         "task": d.task,
@@ -300,6 +304,7 @@ def _sequence_params(cfg: Config, fingerprint: str) -> dict:
         "chat_template": d.chat_template,
         "seed": d.seed,
         "tokenizer_fingerprint": fingerprint,
+        "generate": generate,
     }
 
 
@@ -311,7 +316,9 @@ def ensure_sequences(group, cfg: Config, tokenizer) -> dict:
     stage = manifest.get("stages", {}).get(schema.SEQUENCES, {})
     if stage.get("status") == schema.STATUS_COMPLETE:
         store.check_params(
-            f"cache {cfg.data.task}/{cfg.data.split} sequences", stage["params"], params,
+            f"cache {cfg.data.task}/{cfg.data.split} sequences",
+            stage["params"],
+            params,
             "use a new --cache directory for other data or another tokenizer",
         )
         return manifest
@@ -321,6 +328,10 @@ def ensure_sequences(group, cfg: Config, tokenizer) -> dict:
     tokenized = tasks.tokenize_examples(
         examples, tokenizer, cfg.data.max_length, cfg.data.chat_template
     )
+    return _write_sequences_stage(group, cfg, tokenizer, tokenized, params)
+
+
+def _write_sequences_stage(group, cfg: Config, tokenizer, tokenized, params: dict) -> dict:
     input_ids, label_masks, source_index = order_sequences(tokenized)
     if not input_ids:
         raise UserError(f"task {cfg.data.task} split {cfg.data.split} gave no sequence with labels")
@@ -339,6 +350,177 @@ def ensure_sequences(group, cfg: Config, tokenizer) -> dict:
     }
     store.write_manifest(group, manifest)
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Target-generated data (--generate)
+#
+# The target samples a response per prompt; the per-step distributions of that generation are
+# the teacher-forced ones, so their sparse rows are kept as they come (no second forward pass).
+# Each generation batch is staged as one .npz file (written atomically), which makes the pass
+# resumable and splittable across processes; the staged rows then feed the ordinary target stage.
+
+
+def _staging_dir(cfg: Config) -> Path:
+    if not store.is_local(cfg.cache.cache):
+        raise UserError(
+            "--generate needs a local --cache folder (its staging files live beside it)"
+        )
+    return (
+        Path(cfg.cache.cache.removeprefix("file://"))
+        / f".generate-{cfg.data.task}-{cfg.data.split}"
+    )
+
+
+def _generation_params(cfg: Config, identity: dict) -> dict:
+    return {
+        "model": identity,
+        "temperature": cfg.cache.gen_temperature,
+        "max_new_tokens": cfg.cache.gen_max_new_tokens,
+        "seed": cfg.cache.seed,
+    }
+
+
+def _row_fn(cfg: Config, vocab_size: int):
+    """Full logits (n, V') -> sparse target rows as float32/int64 numpy (before encoding)."""
+
+    def rows_of(logits: torch.Tensor, generator: torch.Generator) -> dict[str, np.ndarray]:
+        logits = models.cut_logits(logits, vocab_size).float().cpu()
+        if cfg.cache.sparse == "topk":
+            rows = topk_rows(logits, cfg.cache.topk)
+        else:
+            rows = sample_rows(logits, cfg.cache.topk, generator)
+        return {name: values.numpy() for name, values in rows.items()}
+
+    return rows_of
+
+
+@torch.no_grad()
+def generate_batches(cfg: Config, model, tokenizer, state: PartialState, progress: bool) -> None:
+    """Sample the target's responses for the split's prompts and stage them (resumable)."""
+    staging = _staging_dir(cfg)
+    staging.mkdir(parents=True, exist_ok=True)
+    examples = tasks.load_examples(
+        cfg.data.task, cfg.data.split, cfg.data.data_files, cfg.data.limit, cfg.data.seed
+    )
+    budget = max(1, cfg.data.max_length - cfg.cache.gen_max_new_tokens)
+    prompts = []
+    for ex in examples:
+        prompt_text, _ = tasks.render(ex, tokenizer, cfg.data.chat_template)
+        ids = tokenizer(prompt_text).input_ids[-budget:]  # keep the end: it asks the question
+        prompts.append((np.asarray(ids, dtype=np.int64), ex.source_index))
+    prompts.sort(key=lambda item: -len(item[0]))
+    width = len(prompts[0][0]) + cfg.cache.gen_max_new_tokens if prompts else 1
+    per_batch = max(1, cfg.cache.batch_tokens // width)
+    batches = [prompts[i : i + per_batch] for i in range(0, len(prompts), per_batch)]
+    vocab_size = models.real_vocab_size(tokenizer)
+    rows_of = _row_fn(cfg, vocab_size)
+    eos = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    device = next(model.parameters()).device
+    mine = [i for i in range(len(batches)) if i % state.num_processes == state.process_index]
+    todo = [i for i in mine if not (staging / f"batch-{i:06d}.npz").exists()]
+    bar = tqdm(
+        total=len(todo),
+        desc=f"generate {cfg.data.task}/{cfg.data.split}",
+        unit="batch",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    for i in todo:
+        batch = batches[i]
+        longest = len(batch[0][0])
+        input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for b, (ids, _) in enumerate(batch):  # left padding: generation continues every row
+            input_ids[b, longest - len(ids) :] = torch.from_numpy(ids)
+            attention_mask[b, longest - len(ids) :] = 1
+        torch.manual_seed(cfg.cache.seed * 1_000_003 + i)
+        sample = cfg.cache.gen_temperature > 0
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=cfg.cache.gen_max_new_tokens,
+            do_sample=sample,
+            temperature=cfg.cache.gen_temperature if sample else None,
+            top_k=None,
+            top_p=None,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=pad_id,
+            eos_token_id=eos,
+        )
+        generated = out.sequences[:, longest:].cpu()  # (B, G)
+        step_logits = torch.stack(out.logits, dim=1)  # (B, G, V') raw, untempered
+        arrays: dict[str, list] = {"input_ids": [], "n_prompt": [], "source_index": []}
+        rows: dict[str, list] = {}
+        generator = torch.Generator().manual_seed(cfg.cache.seed * 1_000_003 + i)
+        for b, (ids, source) in enumerate(batch):
+            tokens = generated[b].tolist()
+            n = tokens.index(eos) + 1 if eos in tokens else len(tokens)
+            arrays["input_ids"].append(np.concatenate([ids, np.asarray(tokens[:n])]))
+            arrays["n_prompt"].append(len(ids))
+            arrays["source_index"].append(source)
+            for name, values in rows_of(step_logits[b, :n], generator).items():
+                rows.setdefault(name, []).append(values)
+        lengths = np.array([len(x) for x in arrays["input_ids"]])
+        payload = {
+            "lengths": lengths,
+            "input_ids": np.concatenate(arrays["input_ids"]),
+            "n_prompt": np.array(arrays["n_prompt"]),
+            "source_index": np.array(arrays["source_index"]),
+            **{f"row_{name}": np.concatenate(v) for name, v in rows.items()},
+        }
+        tmp = staging / f"batch-{i:06d}.tmp.npz"
+        np.savez(tmp, **payload)
+        os.replace(tmp, staging / f"batch-{i:06d}.npz")  # atomic: a staged batch is whole
+        bar.update(1)
+    bar.close()
+
+
+def load_generated(cfg: Config) -> dict[int, dict[str, np.ndarray]]:
+    """Staged generations by source index: input_ids, label_mask and the sparse rows."""
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for path in sorted(_staging_dir(cfg).glob("batch-*[0-9].npz")):
+        with np.load(path) as data:
+            offsets = np.concatenate([[0], np.cumsum(data["lengths"])])
+            row = 0
+            for j, source in enumerate(data["source_index"].tolist()):
+                ids = data["input_ids"][offsets[j] : offsets[j + 1]]
+                mask = np.zeros(len(ids), dtype=bool)
+                mask[int(data["n_prompt"][j]) :] = True
+                n = int(mask.sum())
+                out[source] = {
+                    "input_ids": ids,
+                    "label_mask": mask,
+                    **{k[4:]: data[k][row : row + n] for k in data.files if k.startswith("row_")},
+                }
+                row += n
+    return out
+
+
+def ensure_generated_sequences(group, cfg: Config, tokenizer, generated: dict, gen_params: dict):
+    """The sequences stage of a --generate build (main process only)."""
+    params = _sequence_params(cfg, models.tokenizer_fingerprint(tokenizer), gen_params)
+    manifest = store.read_manifest(group)
+    stage = manifest.get("stages", {}).get(schema.SEQUENCES, {})
+    if stage.get("status") == schema.STATUS_COMPLETE:
+        store.check_params(
+            f"cache {cfg.data.task}/{cfg.data.split} sequences",
+            stage["params"],
+            params,
+            "use a new --cache directory for other data, tokenizer or generation settings",
+        )
+        return manifest
+    tokenized = [
+        tasks.TokenizedExample(
+            g["input_ids"].tolist(),
+            [t if m else -100 for t, m in zip(g["input_ids"].tolist(), g["label_mask"], strict=True)],
+            source,
+        )
+        for source, g in sorted(generated.items())
+    ]
+    return _write_sequences_stage(group, cfg, tokenizer, tokenized, params)
 
 
 def _open_split(cfg: Config):
@@ -373,7 +555,7 @@ def _load_sequences(group) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarr
     offsets = seq["offsets"][:]
     ids = seq["input_ids"][:].astype(np.int64)
     mask = seq["label_mask"][:].astype(bool)
-    spans = list(zip(offsets[:-1], offsets[1:]))
+    spans = list(zip(offsets[:-1], offsets[1:], strict=True))
     return [ids[a:b] for a, b in spans], [mask[a:b] for a, b in spans], seq["label_offsets"][:]
 
 
@@ -390,7 +572,9 @@ def _target_arrays(cfg: Config, vocab_size: int) -> dict[str, store.RowArray]:
     return arrays
 
 
-def build_stage(cfg: Config, role: str, model_spec: str | None = None, progress: bool = True) -> dict:
+def build_stage(
+    cfg: Config, role: str, model_spec: str | None = None, progress: bool = True
+) -> dict:
     """Build (or resume) the `target` stage or a `ref/<name>` stage of one task/split.
 
     Works in one process or under `accelerate launch` (each process takes every N-th shard).
@@ -429,8 +613,19 @@ def _build_locked(cfg, role, model_spec, state: PartialState, progress: bool) ->
     if role == "target" and cfg.cache.topk > vocab_size:
         raise UserError(f"--topk {cfg.cache.topk} exceeds the vocabulary size {vocab_size}")
 
+    generated = None
     group = _open_split(cfg) if state.is_main_process else None
-    _on_main(state, lambda: ensure_sequences(group, cfg, tokenizer))
+    if role == "target" and cfg.cache.generate:
+        generate_batches(cfg, model, tokenizer, state, progress)
+        state.wait_for_everyone()
+        generated = load_generated(cfg)
+        gen_params = _generation_params(cfg, identity)
+
+        _on_main(
+            state, lambda: ensure_generated_sequences(group, cfg, tokenizer, generated, gen_params)
+        )
+    else:
+        _on_main(state, lambda: ensure_sequences(group, cfg, tokenizer))
     state.wait_for_everyone()
     if group is None:
         group = _open_split(cfg)
@@ -458,6 +653,7 @@ def _build_locked(cfg, role, model_spec, state: PartialState, progress: bool) ->
             "id_encoding": cfg.cache.id_encoding,
             "compute_dtype": str(dtype).removeprefix("torch."),
             "seed": cfg.cache.seed if cfg.cache.sparse == "sample" else None,
+            "generate": _generation_params(cfg, identity) if cfg.cache.generate else None,
         }
         arrays = _target_arrays(cfg, vocab_size)
         fix = "use a new --cache directory, or the stored settings"
@@ -469,8 +665,11 @@ def _build_locked(cfg, role, model_spec, state: PartialState, progress: bool) ->
                 f"`adaspec-cache build --model target --task {cfg.data.task}` first"
             )
         stage = schema.ref_group_name(cfg.cache.ref_name)
-        params = {"model": identity, "target": target_entry["params"], "divergences": list(
-            schema.DIVERGENCES)}
+        params = {
+            "model": identity,
+            "target": target_entry["params"],
+            "divergences": list(schema.DIVERGENCES),
+        }
         arrays = {f"loss_{d}": store.RowArray(np.dtype(np.float32)) for d in schema.DIVERGENCES}
         fix = "use another --ref-name, or the stored reference"
 
@@ -481,7 +680,10 @@ def _build_locked(cfg, role, model_spec, state: PartialState, progress: bool) ->
     )
     shards = writer.pending_shards(state.process_index, state.num_processes)
 
-    if role == "target":
+    if role == "target" and generated is not None:
+        source = group[schema.SEQUENCES]["source_index"][:]
+        compute = _staged_batch_fn(cfg, layout, seqs, source, generated, vocab_size)
+    elif role == "target":
         compute = _target_batch_fn(cfg, model, seqs, masks, layout, pad_id, vocab_size)
     else:
         reader = store.CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split)
@@ -496,7 +698,7 @@ def _build_locked(cfg, role, model_spec, state: PartialState, progress: bool) ->
 
 
 def _target_batch_fn(cfg, model, seqs, masks, layout: _Layout, pad_id: int, vocab_size: int):
-    encoding = cfg.cache.value_encoding
+    rows_of = _row_fn(cfg, vocab_size)
 
     @torch.no_grad()
     def compute(batch: int) -> tuple[dict[str, np.ndarray], int]:
@@ -505,26 +707,40 @@ def _target_batch_fn(cfg, model, seqs, masks, layout: _Layout, pad_id: int, voca
         generator = torch.Generator().manual_seed(cfg.cache.seed * 1_000_003 + batch)
         parts: dict[str, list[np.ndarray]] = {}
         for start in range(0, n, LOGIT_ROWS):
-            logits = models.cut_logits(logits_fn(start, min(n, start + LOGIT_ROWS)), vocab_size)
-            if cfg.cache.sparse == "topk":
-                rows = topk_rows(logits.cpu(), cfg.cache.topk)
-            else:
-                rows = sample_rows(logits.cpu(), cfg.cache.topk, generator)
-            for name, values in rows.items():
-                parts.setdefault(name, []).append(values.numpy())
-        out = {name: np.concatenate(v) for name, v in parts.items()}
-        out["ids"], out["logprobs"], counts = schema.encode_rows(
-            out["ids"], out["logprobs"], out.get("counts"), cfg.cache.id_encoding
-        )
-        if counts is not None:
-            out["counts"] = counts
-        out["logprobs"] = schema.encode_logprobs(out["logprobs"], encoding)
-        out["ids"] = out["ids"].astype(schema.id_dtype(vocab_size))
-        if "counts" in out:
-            out["counts"] = out["counts"].astype(np.uint16)
-        if "tail_logmass" in out:
-            out["tail_logmass"] = out["tail_logmass"].astype(np.float32)
+            for name, values in rows_of(
+                logits_fn(start, min(n, start + LOGIT_ROWS)), generator
+            ).items():
+                parts.setdefault(name, []).append(values)
+        out = _encode_rows(cfg, {name: np.concatenate(v) for name, v in parts.items()}, vocab_size)
         return out, sum(len(s) for s in seqs[a:b])
+
+    return compute
+
+
+def _encode_rows(cfg: Config, rows: dict[str, np.ndarray], vocab_size: int) -> dict:
+    """float32/int64 sparse rows -> the stored dtypes and encodings."""
+    out = dict(rows)
+    out["ids"], out["logprobs"], counts = schema.encode_rows(
+        out["ids"], out["logprobs"], out.get("counts"), cfg.cache.id_encoding
+    )
+    out["logprobs"] = schema.encode_logprobs(out["logprobs"], cfg.cache.value_encoding)
+    out["ids"] = out["ids"].astype(schema.id_dtype(vocab_size))
+    if counts is not None:
+        out["counts"] = counts.astype(np.uint16)
+    if "tail_logmass" in out:
+        out["tail_logmass"] = out["tail_logmass"].astype(np.float32)
+    return out
+
+
+def _staged_batch_fn(cfg, layout: _Layout, seqs, source_index, generated: dict, vocab_size: int):
+    """Rows of a plan batch taken from the staged generations (no model call)."""
+
+    def compute(batch: int) -> tuple[dict[str, np.ndarray], int]:
+        a, b = layout.batches[batch]
+        parts = [generated[int(source_index[s])] for s in range(a, b)]
+        names = [k for k in parts[0] if k not in ("input_ids", "label_mask")]
+        rows = {name: np.concatenate([p[name] for p in parts]) for name in names}
+        return _encode_rows(cfg, rows, vocab_size), 0
 
     return compute
 

@@ -35,11 +35,14 @@ class ModelsConfig:
     dtype: str = "auto"
     """Model weights dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."""
     device_map: str | None = None
-    """Passed to from_pretrained for the target (e.g. `auto` offloads a large target to CPU/disk)."""
+    """Passed to from_pretrained for the target (`auto` offloads a big target to CPU/disk)."""
 
     def __post_init__(self) -> None:
-        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "models.dtype",
-               f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        _check(
+            self.dtype in ("auto", "float32", "bfloat16", "float16"),
+            "models.dtype",
+            f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}",
+        )
 
 
 @dataclass
@@ -62,13 +65,24 @@ class DataConfig:
     def __post_init__(self) -> None:
         from adaspec.tasks import TASK_NAMES
 
-        _check(self.task in TASK_NAMES, "data.task",
-               f"must be one of {', '.join(TASK_NAMES)}, got {self.task!r}")
-        _check(self.split in ("train", "validation", "test", "all"), "data.split",
-               f"must be train, validation, test or all, got {self.split!r}")
-        _check(self.limit is None or self.limit >= 1, "data.limit", f"must be >= 1, got {self.limit}")
-        _check(8 <= self.max_length <= 1 << 20, "data.max_length",
-               f"must be in [8, 1048576], got {self.max_length}")
+        _check(
+            self.task in TASK_NAMES,
+            "data.task",
+            f"must be one of {', '.join(TASK_NAMES)}, got {self.task!r}",
+        )
+        _check(
+            self.split in ("train", "validation", "test", "all"),
+            "data.split",
+            f"must be train, validation, test or all, got {self.split!r}",
+        )
+        _check(
+            self.limit is None or self.limit >= 1, "data.limit", f"must be >= 1, got {self.limit}"
+        )
+        _check(
+            8 <= self.max_length <= 1 << 20,
+            "data.max_length",
+            f"must be in [8, 1048576], got {self.max_length}",
+        )
 
 
 @dataclass
@@ -78,7 +92,7 @@ class CacheConfig:
     topk: int = 64
     """Entries stored per label token (K): top-K ids, or the number of samples drawn."""
     sparse: str = "topk"
-    """topk (top-K + tail bucket) or sample (tokens drawn from the target, Anshumann et al. 2025)."""
+    """topk (top-K + tail bucket) or sample (draws from the target; Anshumann et al. 2025)."""
     value_encoding: str = "float16"
     """Stored log-prob values: float16, or uint8q (1/16-nat steps)."""
     id_encoding: str = "plain"
@@ -89,6 +103,12 @@ class CacheConfig:
     """Label rows per shard: the unit of writing, resuming and splitting across processes."""
     chunk_rows: int = 1024
     """Label rows per compressed chunk inside a shard (the unit of reading)."""
+    generate: bool = False
+    """Cache the target on its own sampled responses (DistillSpec's best data)."""
+    gen_max_new_tokens: int = 256
+    """Longest sampled response with --generate."""
+    gen_temperature: float = 1.0
+    """Sampling temperature of --generate (0 = greedy); the cache stores the untempered distribution."""
     ref_name: str = "ref"
     """Name under which a reference's per-token losses are stored."""
     seed: int = 0
@@ -96,19 +116,45 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         _check(self.topk >= 1, "cache.topk", f"must be >= 1, got {self.topk}")
-        _check(self.sparse in ("topk", "sample"), "cache.sparse",
-               f"must be topk or sample, got {self.sparse!r}")
-        _check(self.value_encoding in ("float16", "uint8q"), "cache.value_encoding",
-               f"must be float16 or uint8q, got {self.value_encoding!r}")
-        _check(self.id_encoding in ("plain", "delta"), "cache.id_encoding",
-               f"must be plain or delta, got {self.id_encoding!r}")
-        _check(self.batch_tokens >= 8, "cache.batch_tokens", f"must be >= 8, got {self.batch_tokens}")
+        _check(
+            self.sparse in ("topk", "sample"),
+            "cache.sparse",
+            f"must be topk or sample, got {self.sparse!r}",
+        )
+        _check(
+            self.value_encoding in ("float16", "uint8q"),
+            "cache.value_encoding",
+            f"must be float16 or uint8q, got {self.value_encoding!r}",
+        )
+        _check(
+            self.id_encoding in ("plain", "delta"),
+            "cache.id_encoding",
+            f"must be plain or delta, got {self.id_encoding!r}",
+        )
+        _check(
+            self.batch_tokens >= 8, "cache.batch_tokens", f"must be >= 8, got {self.batch_tokens}"
+        )
         _check(self.chunk_rows >= 1, "cache.chunk_rows", f"must be >= 1, got {self.chunk_rows}")
-        _check(self.shard_rows >= self.chunk_rows and self.shard_rows % self.chunk_rows == 0,
-               "cache.shard_rows",
-               f"must be a multiple of chunk_rows={self.chunk_rows}, got {self.shard_rows}")
-        _check(self.ref_name.replace("-", "").replace("_", "").isalnum(), "cache.ref_name",
-               f"must be letters, digits, - or _, got {self.ref_name!r}")
+        _check(
+            self.shard_rows >= self.chunk_rows and self.shard_rows % self.chunk_rows == 0,
+            "cache.shard_rows",
+            f"must be a multiple of chunk_rows={self.chunk_rows}, got {self.shard_rows}",
+        )
+        _check(
+            self.gen_max_new_tokens >= 1,
+            "cache.gen_max_new_tokens",
+            f"must be >= 1, got {self.gen_max_new_tokens}",
+        )
+        _check(
+            self.gen_temperature >= 0,
+            "cache.gen_temperature",
+            f"must be >= 0, got {self.gen_temperature}",
+        )
+        _check(
+            self.ref_name.replace("-", "").replace("_", "").isalnum(),
+            "cache.ref_name",
+            f"must be letters, digits, - or _, got {self.ref_name!r}",
+        )
 
 
 @dataclass
@@ -159,33 +205,66 @@ class TrainConfig:
     """Compute target (and reference) outputs live instead of reading the cache (baseline)."""
 
     def __post_init__(self) -> None:
-        _check(self.stage in ("draft", "ref", "sft"), "train.stage",
-               f"must be draft, ref or sft, got {self.stage!r}")
+        _check(
+            self.stage in ("draft", "ref", "sft"),
+            "train.stage",
+            f"must be draft, ref or sft, got {self.stage!r}",
+        )
         _check(0.0 < self.k <= 1.0, "train.k", f"must be in (0, 1], got {self.k}")
-        _check(self.loss in ("fkl", "rkl", "tvd", "jsd"), "train.loss",
-               f"must be fkl, rkl, tvd or jsd, got {self.loss!r}")
+        _check(
+            self.loss in ("fkl", "rkl", "tvd", "jsd"),
+            "train.loss",
+            f"must be fkl, rkl, tvd or jsd, got {self.loss!r}",
+        )
         _check(0.0 <= self.beta <= 1.0, "train.beta", f"must be in [0, 1], got {self.beta}")
-        _check(self.selection in ("adaspec", "speckd"), "train.selection",
-               f"must be adaspec or speckd, got {self.selection!r}")
-        _check(self.threshold in ("batch", "global"), "train.threshold",
-               f"must be batch or global, got {self.threshold!r}")
-        _check(self.normalize in ("all", "selected"), "train.normalize",
-               f"must be all or selected, got {self.normalize!r}")
+        _check(
+            self.selection in ("adaspec", "speckd"),
+            "train.selection",
+            f"must be adaspec or speckd, got {self.selection!r}",
+        )
+        _check(
+            self.threshold in ("batch", "global"),
+            "train.threshold",
+            f"must be batch or global, got {self.threshold!r}",
+        )
+        _check(
+            self.normalize in ("all", "selected"),
+            "train.normalize",
+            f"must be all or selected, got {self.normalize!r}",
+        )
         _check(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")
         _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
-        _check(self.lr_schedule in ("constant", "cosine"), "train.lr_schedule",
-               f"must be constant or cosine, got {self.lr_schedule!r}")
-        _check(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(self.max_grad_norm >= 0, "train.max_grad_norm",
-               f"must be >= 0, got {self.max_grad_norm}")
-        _check(self.mixed_precision in ("auto", "no", "bf16", "fp16"), "train.mixed_precision",
-               f"must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
-        _check(self.chunk_tokens >= 1, "train.chunk_tokens", f"must be >= 1, got {self.chunk_tokens}")
-        _check(self.checkpoint_every >= 0, "train.checkpoint_every",
-               f"must be >= 0, got {self.checkpoint_every}")
+        _check(
+            self.lr_schedule in ("constant", "cosine"),
+            "train.lr_schedule",
+            f"must be constant or cosine, got {self.lr_schedule!r}",
+        )
+        _check(
+            self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}"
+        )
+        _check(
+            self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}"
+        )
+        _check(
+            self.max_grad_norm >= 0,
+            "train.max_grad_norm",
+            f"must be >= 0, got {self.max_grad_norm}",
+        )
+        _check(
+            self.mixed_precision in ("auto", "no", "bf16", "fp16"),
+            "train.mixed_precision",
+            f"must be auto, no, bf16 or fp16, got {self.mixed_precision!r}",
+        )
+        _check(
+            self.chunk_tokens >= 1, "train.chunk_tokens", f"must be >= 1, got {self.chunk_tokens}"
+        )
+        _check(
+            self.checkpoint_every >= 0,
+            "train.checkpoint_every",
+            f"must be >= 0, got {self.checkpoint_every}",
+        )
 
 
 @dataclass
@@ -231,7 +310,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         raise UserError(f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r}") from None
 
 
-def build_config(file_values: dict | None = None, overrides: dict[str, Any] | None = None) -> Config:
+def build_config(
+    file_values: dict | None = None, overrides: dict[str, Any] | None = None
+) -> Config:
     """Config from a nested mapping (YAML) and flat `section.field` overrides (CLI flags)."""
     merged: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     for section, values in (file_values or {}).items():
@@ -269,7 +350,9 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         try:
             file_values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+            raise UserError(
+                f"config file {path} is not valid YAML: {str(err).splitlines()[0]}"
+            ) from None
         if not isinstance(file_values, dict):
             raise UserError(f"config file {path} must hold a mapping of sections")
     clean = {k: v for k, v in (overrides or {}).items() if v is not None}

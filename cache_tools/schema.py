@@ -91,8 +91,9 @@ def decode_logprobs(stored: np.ndarray, encoding: str) -> np.ndarray:
     raise ValueError(f"unknown value encoding {encoding!r}; choose one of {VALUE_ENCODINGS}")
 
 
-def encode_rows(ids: np.ndarray, values: np.ndarray, counts: np.ndarray | None,
-                encoding: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def encode_rows(
+    ids: np.ndarray, values: np.ndarray, counts: np.ndarray | None, encoding: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Order a row's entries for storage. "plain": as given (top-K: largest first).
     "delta": ids sorted ascending and stored as [first id, differences...] (small numbers that
     compress far better than random ids); values and counts follow the same order."""

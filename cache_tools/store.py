@@ -13,6 +13,7 @@ import contextlib
 import copy
 import fcntl
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,11 @@ import zarr
 from cache_tools import schema
 from cache_tools.errors import CacheError
 
+# Lock and staging files sit beside the groups on purpose; Zarr warns about any such file.
+warnings.filterwarnings(
+    "ignore", message=".*is not recognized as a component of a Zarr hierarchy", category=UserWarning
+)
+
 
 @dataclass(frozen=True)
 class RowArray:
@@ -34,7 +40,7 @@ class RowArray:
     fill_value: Any = 0
 
 
-def _is_local(root: str) -> bool:
+def is_local(root: str) -> bool:
     return "://" not in str(root) or str(root).startswith("file://")
 
 
@@ -44,7 +50,7 @@ def _local_path(root: str) -> Path:
 
 def open_root(root: str, mode: str = "a") -> zarr.Group:
     """Open (or with mode "a", create) a cache root group; refuse folders that are not caches."""
-    if mode == "r" and _is_local(root) and not _local_path(root).exists():
+    if mode == "r" and is_local(root) and not _local_path(root).exists():
         raise CacheError(f"no cache at {root}; build one with `adaspec-cache build`")
     try:
         group = zarr.open_group(root, mode=mode, zarr_format=3)
@@ -124,7 +130,9 @@ def write_sequences(
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     label_offsets = np.concatenate([[0], np.cumsum(n_labels)]).astype(np.int64)
     ids_dtype = schema.id_dtype(vocab_size)
-    flat_ids = np.concatenate(input_ids).astype(ids_dtype) if len(input_ids) else np.zeros(0, ids_dtype)
+    flat_ids = (
+        np.concatenate(input_ids).astype(ids_dtype) if len(input_ids) else np.zeros(0, ids_dtype)
+    )
     flat_mask = np.concatenate(label_masks).astype(bool) if len(input_ids) else np.zeros(0, bool)
     seq_group = group.require_group(schema.SEQUENCES)
     arrays = {
@@ -171,7 +179,9 @@ class StageWriter:
         create: bool = True,
     ):
         if shard_rows % chunk_rows:
-            raise ValueError(f"shard_rows={shard_rows} must be a multiple of chunk_rows={chunk_rows}")
+            raise ValueError(
+                f"shard_rows={shard_rows} must be a multiple of chunk_rows={chunk_rows}"
+            )
         self.stage = stage
         self.n_rows = int(n_rows)
         self.shard_rows = int(shard_rows)
@@ -239,12 +249,13 @@ def build_lock(root: str, task: str, split: str, rank: int = 0) -> Iterator[None
     Each process of a build holds its own lock file; the kernel drops it when the process dies,
     so a killed build never leaves a stale lock behind.
     """
-    if not _is_local(root):
+    if not is_local(root):
         yield
         return
-    lock_dir = _local_path(root) / task / split
+    # Beside the groups, not inside them: a folder without zarr.json confuses Zarr readers.
+    lock_dir = _local_path(root)
     lock_dir.mkdir(parents=True, exist_ok=True)
-    lock_path = lock_dir / f".build-rank{rank}.lock"
+    lock_path = lock_dir / f".build-{task}-{split}-rank{rank}.lock"
     handle = open(lock_path, "a+")  # noqa: SIM115 - held for the duration of the context
     try:
         try:
@@ -321,8 +332,9 @@ class CacheReader:
         target = self.group[schema.TARGET]
         encoding = self.target_params.get("value_encoding", "float16")
         rows = {
-            "ids": schema.decode_ids(target["ids"][start:stop], self.target_params.get(
-                "id_encoding", "plain")),
+            "ids": schema.decode_ids(
+                target["ids"][start:stop], self.target_params.get("id_encoding", "plain")
+            ),
             "logprobs": schema.decode_logprobs(target["logprobs"][start:stop], encoding),
         }
         if "tail_logmass" in target:

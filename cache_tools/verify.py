@@ -56,7 +56,9 @@ def _check_sequences(group, path: str, vocab_size: int) -> tuple[int, np.ndarray
     per_seq = np.add.reduceat(arrays["label_mask"].astype(np.int64), offsets[:-1])
     if not np.array_equal(np.diff(label_offsets), per_seq) or label_offsets[0] != 0:
         raise _Bad(f"{path}/sequences/label_offsets: disagree with label_mask")
-    n_chunks = sum(-(-seq[name].shape[0] // schema.SEQUENCE_CHUNK) for name in schema.SEQUENCE_ARRAYS)
+    n_chunks = sum(
+        -(-seq[name].shape[0] // schema.SEQUENCE_CHUNK) for name in schema.SEQUENCE_ARRAYS
+    )
     return n_chunks, label_offsets
 
 
@@ -79,14 +81,23 @@ def _check_target(group, path: str, params: dict, n_rows: int, vocab_size: int) 
         if not np.all(logprobs <= 1e-3):
             raise _Bad(f"{where}: log-prob above 0")
         if "tail_logmass" in target:
-            tail = _read(target["tail_logmass"], start, stop, where.replace("/target", "/target/tail_logmass"))
+            tail = _read(
+                target["tail_logmass"],
+                start,
+                stop,
+                where.replace("/target", "/target/tail_logmass"),
+            )
             checked += 1
             mass = np.exp(logprobs.astype(np.float64)).sum(-1) + np.exp(tail.astype(np.float64))
             worst = float(np.max(np.abs(mass - 1.0))) if len(mass) else 0.0
             if not worst <= MASS_TOLERANCE[encoding]:
-                raise _Bad(f"{where}: top-K mass + tail = 1 +- {worst:.3g} (tolerance {MASS_TOLERANCE[encoding]})")
+                raise _Bad(
+                    f"{where}: top-K mass + tail = 1 +- {worst:.3g} (tolerance {MASS_TOLERANCE[encoding]})"
+                )
         if "counts" in target:
-            counts = _read(target["counts"], start, stop, where.replace("/target", "/target/counts"))
+            counts = _read(
+                target["counts"], start, stop, where.replace("/target", "/target/counts")
+            )
             checked += 1
             if np.any(counts.sum(-1) != params.get("k")):
                 raise _Bad(f"{where}: sample counts do not add up to {params.get('k')}")
@@ -136,4 +147,6 @@ def verify_cache(root: str) -> VerifyReport:
                     checked += _check_ref(group, path, stage, n_rows)
     except _Bad as bad:
         return VerifyReport(False, checked, str(bad))
-    return VerifyReport(True, checked, f"{root}: {len(splits)} split(s), {checked} chunks read, all good")
+    return VerifyReport(
+        True, checked, f"{root}: {len(splits)} split(s), {checked} chunks read, all good"
+    )

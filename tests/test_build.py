@@ -29,8 +29,14 @@ def _cfg(cache, model_dir, **cache_kw):
     values = {
         "models": {"target": str(model_dir)},
         "data": {"task": "gsm8k", "data_files": str(GSM8K), "limit": 8, "max_length": 512},
-        "cache": {"cache": str(cache), "topk": 8, "shard_rows": 256, "chunk_rows": 128,
-                  "batch_tokens": 512, **cache_kw},
+        "cache": {
+            "cache": str(cache),
+            "topk": 8,
+            "shard_rows": 256,
+            "chunk_rows": 128,
+            "batch_tokens": 512,
+            **cache_kw,
+        },
     }
     return build_config(values)
 
@@ -96,8 +102,10 @@ def test_topk_rows_and_sample_rows_match_dense_float64():
 def test_order_and_batch_plan():
     from adaspec.tasks import TokenizedExample
 
-    exs = [TokenizedExample(list(range(n)), [-100] * (n // 2) + list(range(n - n // 2)), i)
-           for i, n in enumerate([5, 9, 7, 9, 3])]
+    exs = [
+        TokenizedExample(list(range(n)), [-100] * (n // 2) + list(range(n - n // 2)), i)
+        for i, n in enumerate([5, 9, 7, 9, 3])
+    ]
     exs.append(TokenizedExample([1, 2, 3], [-100, -100, -100], 5))  # no label: dropped
     ids, masks, src = order_sequences(exs)
     assert [len(x) for x in ids] == [9, 9, 7, 5, 3] and src == [1, 3, 2, 0, 4]
@@ -150,10 +158,35 @@ def test_ref_stage_with_k_equal_v_gives_dense_kl(tmp_path, tiny_model_dir, tiny_
 
 
 def _cli_build(cache: Path, model_dir: Path, extra=(), env=None, **popen):
-    cmd = [sys.executable, "-m", "adaspec.cli.cache", "build", "--model", "target",
-           "--target", str(model_dir), "--task", "gsm8k", "--data-files", str(GSM8K),
-           "--limit", "40", "--max-length", "512", "--cache", str(cache), "--topk", "16",
-           "--shard-rows", "1024", "--chunk-rows", "256", "--batch-tokens", "2048", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "adaspec.cli.cache",
+        "build",
+        "--model",
+        "target",
+        "--target",
+        str(model_dir),
+        "--task",
+        "gsm8k",
+        "--data-files",
+        str(GSM8K),
+        "--limit",
+        "40",
+        "--max-length",
+        "512",
+        "--cache",
+        str(cache),
+        "--topk",
+        "16",
+        "--shard-rows",
+        "1024",
+        "--chunk-rows",
+        "256",
+        "--batch-tokens",
+        "2048",
+        *extra,
+    ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(cmd, cwd=REPO, env=full_env, **popen)
 
@@ -202,8 +235,9 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path, slow_m
     # Then: each time at a random moment after at least one more shard was written.
     for _ in range(6):
         before = _done_count(killed)
-        proc = _cli_build(killed, slow_model_dir, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+        proc = _cli_build(
+            killed, slow_model_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         kills += _kill_when(proc, lambda b=before: _done_count(killed) > b, rng)
         if kills >= 4:
             break
@@ -222,14 +256,16 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path, slow_m
 
 
 def test_a_concurrent_second_build_is_refused(tmp_path, slow_model_dir):
-    first = _cli_build(tmp_path / "c", slow_model_dir, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE)
-    lock = tmp_path / "c" / "gsm8k" / "train" / ".build-rank0.lock"
+    first = _cli_build(
+        tmp_path / "c", slow_model_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    lock = tmp_path / "c" / ".build-gsm8k-train-rank0.lock"
     deadline = time.time() + 120
     while not (lock.exists() and lock.read_text().strip()) and time.time() < deadline:
         time.sleep(0.2)
-    second = _cli_build(tmp_path / "c", slow_model_dir, stdout=subprocess.DEVNULL,
-                        stderr=subprocess.PIPE)
+    second = _cli_build(
+        tmp_path / "c", slow_model_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     _, err2 = second.communicate(timeout=300)
     first.wait(timeout=600)
     assert first.returncode == 0
@@ -238,16 +274,50 @@ def test_a_concurrent_second_build_is_refused(tmp_path, slow_model_dir):
 
 
 def test_two_process_build_equals_one_process_build(tmp_path, tiny_model_dir):
-    one = _cli_build(tmp_path / "one", tiny_model_dir, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.PIPE)
+    one = _cli_build(
+        tmp_path / "one", tiny_model_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     assert one.wait(timeout=600) == 0
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "adaspec.cli.cache", "build", "--model", "target",
-           "--target", str(tiny_model_dir), "--task", "gsm8k", "--data-files", str(GSM8K),
-           "--limit", "40", "--max-length", "512", "--cache", str(tmp_path / "two"),
-           "--topk", "16", "--shard-rows", "1024", "--chunk-rows", "256", "--batch-tokens", "2048",
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "adaspec.cli.cache",
+        "build",
+        "--model",
+        "target",
+        "--target",
+        str(tiny_model_dir),
+        "--task",
+        "gsm8k",
+        "--data-files",
+        str(GSM8K),
+        "--limit",
+        "40",
+        "--max-length",
+        "512",
+        "--cache",
+        str(tmp_path / "two"),
+        "--topk",
+        "16",
+        "--shard-rows",
+        "1024",
+        "--chunk-rows",
+        "256",
+        "--batch-tokens",
+        "2048",
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -256,3 +326,32 @@ def test_two_process_build_equals_one_process_build(tmp_path, tiny_model_dir):
     assert [k for k in a if a[k] != b[k]] == []
     group = store.open_root(str(tmp_path / "two"), "r")["gsm8k/train"]
     assert store.stage_status(store.read_manifest(group), "target") == schema.STATUS_COMPLETE
+
+
+def test_generate_caches_the_targets_own_samples(tmp_path, tiny_model_dir, tiny_tokenizer):
+    cfg = _cfg(tmp_path / "c", tiny_model_dir, generate=True, gen_max_new_tokens=12)
+    manifest = _build(cfg)
+    assert manifest["stages"]["target"]["status"] == schema.STATUS_COMPLETE
+    assert manifest["stages"]["sequences"]["params"]["generate"]["max_new_tokens"] == 12
+    reader = store.CacheReader(str(tmp_path / "c"), "gsm8k", "train")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert reader.n_sequences == 8
+    for s in range(reader.n_sequences):
+        ids, mask = reader.sequence(s)
+        n_new = int(mask.sum())
+        assert 1 <= n_new <= 12 and mask[-n_new:].all() and not mask[:-n_new].any()
+        # The stored rows are the generation's own distributions: they agree with a
+        # teacher-forced pass over the generated tokens.
+        with torch.no_grad():
+            logits = model(torch.from_numpy(ids)[None]).logits[0].double()
+        full = torch.log_softmax(logits, -1)[np.nonzero(mask)[0] - 1]
+        rows = reader.target_rows(int(reader.label_offsets[s]), int(reader.label_offsets[s + 1]))
+        np.testing.assert_array_equal(rows["ids"][:, 0], full.argmax(-1).numpy())
+        np.testing.assert_allclose(
+            rows["logprobs"], full.gather(1, torch.from_numpy(rows["ids"])).numpy(), atol=2e-3
+        )
+    assert verify_cache(str(tmp_path / "c")).ok
+    again = _build(cfg)  # everything is staged and stored: a no-op that changes nothing
+    assert again["stages"]["target"] == manifest["stages"]["target"]

@@ -52,7 +52,10 @@ def test_every_shipped_config_loads():
 def _cli(*args):
     return subprocess.run(
         [sys.executable, "-c", "from adaspec.cli.cache import entry; entry()", *args],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
     )
 
 

@@ -18,7 +18,7 @@ def _write_split(root, n_seq=7, k=4, vocab=300, shard_rows=16, chunk_rows=8, enc
     masks = []
     for n in lengths:
         m = np.zeros(n, bool)
-        m[n // 2:] = True
+        m[n // 2 :] = True
         masks.append(m)
     counts = store.write_sequences(group, ids, masks, list(range(n_seq)), vocab)
     n_rows = counts["label_tokens"]
@@ -116,8 +116,12 @@ def test_verify_catches_mass_that_does_not_add_up(tmp_path):
 
 def test_check_params_names_the_difference():
     with pytest.raises(CacheError) as err:
-        store.check_params("cache stage 'target'", {"k": 32, "mode": "topk"},
-                           {"k": 64, "mode": "topk"}, "use a new --cache")
+        store.check_params(
+            "cache stage 'target'",
+            {"k": 32, "mode": "topk"},
+            {"k": 64, "mode": "topk"},
+            "use a new --cache",
+        )
     assert "k=32" in str(err.value) and "k=64" in str(err.value)
 
 

@@ -7,8 +7,15 @@ import json
 
 from adaspec.cli.common import add_config_flags, config_from_args, run
 
-DATA_FLAGS = ["--task", "--split", "--data-files", "--limit", "--max-length", "--chat-template",
-              "--data-seed"]
+DATA_FLAGS = [
+    "--task",
+    "--split",
+    "--data-files",
+    "--limit",
+    "--max-length",
+    "--chat-template",
+    "--data-seed",
+]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -16,14 +23,39 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     build = sub.add_parser("build", help="run a model over a task and store its sparse outputs")
-    build.add_argument("--model", required=True, choices=["target", "ref"],
-                       help="role: target (top-K log-probs) or ref (reference losses)")
-    build.add_argument("--model-path", default=None,
-                       help="model spec for the role (default: from the config / the cache)")
+    build.add_argument(
+        "--model",
+        required=True,
+        choices=["target", "ref"],
+        help="role: target (top-K log-probs) or ref (reference losses)",
+    )
+    build.add_argument(
+        "--model-path",
+        default=None,
+        help="model spec for the role (default: from the config / the cache)",
+    )
     build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    add_config_flags(build, DATA_FLAGS + ["--cache", "--topk", "--sparse", "--value-encoding",
-                                          "--id-encoding", "--batch-tokens", "--shard-rows", "--chunk-rows",
-                                          "--ref-name", "--target", "--dtype", "--device-map"])
+    add_config_flags(
+        build,
+        DATA_FLAGS
+        + [
+            "--cache",
+            "--topk",
+            "--sparse",
+            "--value-encoding",
+            "--id-encoding",
+            "--batch-tokens",
+            "--shard-rows",
+            "--chunk-rows",
+            "--ref-name",
+            "--target",
+            "--dtype",
+            "--device-map",
+            "--generate",
+            "--gen-max-new-tokens",
+            "--gen-temperature",
+        ],
+    )
 
     preview = sub.add_parser("preview", help="print formatted examples with token counts")
     preview.add_argument("--tokenizer", default=None, help="model spec whose tokenizer to use")
@@ -57,9 +89,18 @@ def main(argv: list[str] | None = None) -> int:
         from adaspec import models, tasks
 
         tokenizer = models.load_tokenizer(args.tokenizer or cfg.models.target)
-        print(tasks.preview(cfg.data.task, tokenizer, cfg.data.split, cfg.data.data_files,
-                            cfg.data.limit or 3, cfg.data.max_length, cfg.data.chat_template,
-                            cfg.data.seed))
+        print(
+            tasks.preview(
+                cfg.data.task,
+                tokenizer,
+                cfg.data.split,
+                cfg.data.data_files,
+                cfg.data.limit or 3,
+                cfg.data.max_length,
+                cfg.data.chat_template,
+                cfg.data.seed,
+            )
+        )
         return 0
     from adaspec.build import build_stage
     from cache_tools.info import cache_summary, format_summary

@@ -18,7 +18,7 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--data-files": ("data.data_files", str, "local data file (JSONL, JSON list, CSV)"),
     "--limit": ("data.limit", int, "use the first N examples of the split"),
     "--max-length": ("data.max_length", int, "tokens per sequence (default 512)"),
-    "--chat-template": ("data.chat_template", str, "true: format prompts with the chat template"),
+    "--chat-template": ("data.chat_template", bool, "format prompts with the chat template"),
     "--data-seed": ("data.seed", int, "seed of local-file splits and generated tasks"),
     "--cache": ("cache.cache", str, "cache root folder or URL (default ./cache)"),
     "--topk": ("cache.topk", int, "K entries per label token (default 64)"),
@@ -28,6 +28,9 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--batch-tokens": ("cache.batch_tokens", int, "padded tokens per forward batch"),
     "--shard-rows": ("cache.shard_rows", int, "label rows per shard (write/resume unit)"),
     "--chunk-rows": ("cache.chunk_rows", int, "label rows per compressed chunk"),
+    "--generate": ("cache.generate", bool, "cache the target on its own sampled responses"),
+    "--gen-max-new-tokens": ("cache.gen_max_new_tokens", int, "longest sampled response"),
+    "--gen-temperature": ("cache.gen_temperature", float, "sampling temperature (0 = greedy)"),
     "--ref-name": ("cache.ref_name", str, "name of the reference's stored losses"),
     "--target": ("models.target", str, "target model spec"),
     "--draft": ("models.draft", str, "draft model spec (SOURCE@layers=N derives one)"),
@@ -40,7 +43,11 @@ def add_config_flags(parser: argparse.ArgumentParser, flags: list[str]) -> None:
     parser.add_argument("--config", help="YAML config file (flags override it)")
     for flag in flags:
         key, kind, text = CONFIG_FLAGS[flag]
-        parser.add_argument(flag, dest=key, type=kind, default=None, help=text)
+        if kind is bool:  # a bare switch; absent means "as the config says"
+            parser.add_argument(flag, dest=key, action="store_const", const=True, default=None,
+                                help=text)
+        else:
+            parser.add_argument(flag, dest=key, type=kind, default=None, help=text)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
