@@ -75,3 +75,25 @@ def test_cli_errors_are_one_line_without_traceback(args, needle):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error:") and needle in lines[0]
+
+
+def test_cli_data_errors_are_one_line(tmp_path, tiny_model_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q1", "answer": "a #### 1"}\n{"question": "q2"}\n')
+    cases = [
+        (["--data-files", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
+        (["--data-files", str(bad), "--split", "all"], "answer"),
+    ]
+    for extra, needle in cases:
+        result = _cli("preview", "--task", "gsm8k", "--tokenizer", str(tiny_model_dir), *extra)
+        assert result.returncode == 2, result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert needle in lines[0]
+
+
+def test_cli_preview_shows_label_spans(tiny_model_dir, shared_data):
+    result = _cli("preview", "--task", "gsm8k", "--tokenizer", str(tiny_model_dir),
+                  "--data-files", str(shared_data / "gsm8k" / "train.jsonl"), "--limit", "2")
+    assert result.returncode == 0, result.stderr
+    assert "The final answer is:" in result.stdout and "label" in result.stdout

@@ -1,0 +1,50 @@
+"""`adaspec-train`: distil a draft (AdaSPEC), train its reference, or fine-tune the target."""
+
+from __future__ import annotations
+
+import argparse
+
+from adaspec.cli.common import add_config_flags, config_from_args, run
+
+DATA_FLAGS = ["--task", "--split", "--data-files", "--limit", "--max-length", "--chat-template",
+              "--data-seed"]
+TRAIN_FLAGS = ["--stage", "--k", "--loss", "--beta", "--selection", "--threshold", "--normalize",
+               "--epochs", "--batch-size", "--grad-accum", "--lr", "--lr-schedule",
+               "--warmup-steps", "--weight-decay", "--max-grad-norm", "--mixed-precision",
+               "--chunk-tokens", "--checkpoint-every", "--seed", "--out"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adaspec-train", description=__doc__)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run folder from its latest checkpoint")
+    parser.add_argument("--online", dest="train.online", action="store_const", const=True,
+                        default=None, help="compute target/reference outputs live (no cache)")
+    parser.add_argument("--scale-epochs-by-k", dest="train.scale_epochs_by_k",
+                        action="store_const", const=True, default=None,
+                        help="multiply epochs by 1/k as the official scripts do")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_config_flags(parser, DATA_FLAGS + ["--cache", "--ref-name", "--target", "--draft", "--ref",
+                                           "--dtype", "--device-map"] + TRAIN_FLAGS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    cfg = config_from_args(args)
+    from accelerate import PartialState
+
+    from adaspec.train import train
+
+    run_dir = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if PartialState().is_main_process:
+        print(f"saved {run_dir / 'model'} (metrics: {run_dir / 'metrics.jsonl'})")
+    return 0
+
+
+def entry() -> None:
+    run(main)
+
+
+if __name__ == "__main__":
+    entry()
