@@ -515,7 +515,7 @@ def ensure_generated_sequences(group, cfg: Config, tokenizer, generated: dict, g
     tokenized = [
         tasks.TokenizedExample(
             g["input_ids"].tolist(),
-            [t if m else -100 for t, m in zip(g["input_ids"].tolist(), g["label_mask"], strict=True)],
+            np.where(g["label_mask"], g["input_ids"], -100).tolist(),
             source,
         )
         for source, g in sorted(generated.items())

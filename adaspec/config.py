@@ -108,7 +108,7 @@ class CacheConfig:
     gen_max_new_tokens: int = 256
     """Longest sampled response with --generate."""
     gen_temperature: float = 1.0
-    """Sampling temperature of --generate (0 = greedy); the cache stores the untempered distribution."""
+    """Sampling temperature of --generate (0 = greedy); the untempered distribution is cached."""
     ref_name: str = "ref"
     """Name under which a reference's per-token losses are stored."""
     seed: int = 0
@@ -160,17 +160,17 @@ class CacheConfig:
 @dataclass
 class TrainConfig:
     stage: str = "draft"
-    """draft (AdaSPEC / k=1 DistillSpec), ref (plain-KD reference, k=1), sft (fine-tune the target)."""
+    """draft (AdaSPEC; k=1 is DistillSpec), ref (plain-KD reference, k=1), sft (tune the target)."""
     k: float = 0.4
-    """Fraction of label tokens kept by AdaSPEC selection (1.0 = plain KD, the DistillSpec baseline)."""
+    """Fraction of label tokens AdaSPEC keeps (1.0 = plain KD, the DistillSpec baseline)."""
     loss: str = "fkl"
     """Divergence: fkl, rkl, tvd, jsd."""
     beta: float = 0.5
     """JSD mixture weight of the target (TRL GKD convention)."""
     selection: str = "adaspec"
-    """Token rule: adaspec (delta = L_draft - L_ref, top k) or speckd (draft argmax == target top-1)."""
+    """Token rule: adaspec (top-k of L_draft - L_ref) or speckd (draft argmax == target top-1)."""
     threshold: str = "batch"
-    """AdaSPEC threshold: batch (quantile within the micro-batch, official) or global (whole data)."""
+    """AdaSPEC threshold: batch (quantile in the micro-batch, official) or global (running)."""
     normalize: str = "all"
     """Loss normaliser: all label tokens (official code) or selected tokens (paper Eq. 10)."""
     epochs: float = 1.0
@@ -368,7 +368,7 @@ def field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     docs: dict[str, str] = {}
     body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in zip(body, body[1:], strict=False):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
             if isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
                 docs[node.target.id] = nxt.value.value  # type: ignore[attr-defined]

@@ -1,1 +1,1 @@
-"""cache_tools: an offline-distillation logit cache stored as Zarr v3 (no torch.nn, no transformers)."""
+"""cache_tools: an offline-distillation logit cache in Zarr v3 (no torch, no transformers)."""

@@ -64,6 +64,7 @@ def format_summary(root: str, records: list[dict]) -> str:
             ratio = f" ratio {st['compression_ratio']:.2f}x" if st["compression_ratio"] else ""
             lines.append(
                 f"    {st['stage']:<12} {st['status']:<9}{extra}{model}  "
-                f"{st['bytes'] / 1e6:.2f} MB, {st['bytes_per_label_token']:.1f} B/label token{ratio}"
+                f"{st['bytes'] / 1e6:.2f} MB, "
+                f"{st['bytes_per_label_token']:.1f} B/label token{ratio}"
             )
     return "\n".join(lines)

@@ -8,13 +8,13 @@ Layout of a cache root (a Zarr v3 group; any Zarr v3 reader can open it):
           input_ids     (T,)   uint16|uint32   all sequences concatenated
           label_mask    (T,)   bool            True where the token is a response (label) token
           offsets       (S+1,) int64           sequence s is input_ids[offsets[s]:offsets[s+1]]
-          label_offsets (S+1,) int64           its label rows are rows label_offsets[s]:label_offsets[s+1]
+          label_offsets (S+1,) int64           its label rows: label_offsets[s]:label_offsets[s+1]
           source_index  (S,)   int64           row of the task's split each sequence came from
         target/                     one row per label token, in sequence order
           ids           (N, K) uint16|uint32   top-K token ids (or sampled ids, mode "sample");
                                                id_encoding "delta": sorted, stored as differences
-          logprobs      (N, K) float16|uint8   target log-probs of those ids (full-vocab log-softmax)
-          tail_logmass  (N,)   float32         log(1 - sum_k p_k), mode "topk" (-inf when nothing is left)
+          logprobs      (N, K) float16|uint8   target log-probs of those ids (full log-softmax)
+          tail_logmass  (N,)   float32         log(1 - sum_k p_k), mode "topk" (-inf: nothing left)
           counts        (N, K) uint16          draws per id, mode "sample" (0 = padding slot)
           _done         (n_shards,) uint8      1 once a shard's rows are written (resume marker)
         ref/<name>/                 per-token losses of a reference draft against the cached target

@@ -104,7 +104,7 @@ def stage_status(manifest: dict, stage: str) -> str | None:
 
 
 def check_params(where: str, stored: dict, asked: dict, fix: str) -> None:
-    """Refuse, in one line naming the first difference, a build whose settings differ from the store's."""
+    """Refuse, in one line naming the first difference, settings that differ from the store's."""
     for key in sorted(set(stored) | set(asked)):
         if stored.get(key) != asked.get(key):
             raise CacheError(

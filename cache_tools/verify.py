@@ -92,7 +92,8 @@ def _check_target(group, path: str, params: dict, n_rows: int, vocab_size: int) 
             worst = float(np.max(np.abs(mass - 1.0))) if len(mass) else 0.0
             if not worst <= MASS_TOLERANCE[encoding]:
                 raise _Bad(
-                    f"{where}: top-K mass + tail = 1 +- {worst:.3g} (tolerance {MASS_TOLERANCE[encoding]})"
+                    f"{where}: top-K mass + tail = 1 +- {worst:.3g} "
+                    f"(tolerance {MASS_TOLERANCE[encoding]})"
                 )
         if "counts" in target:
             counts = _read(

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 _CORPUS = [
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "Natalia sold clips to 48 of her friends in April, and then half as many clips in May.",
     "How many clips did Natalia sell altogether in April and May? The final answer is: 72",
     "Give three tips for staying healthy. Eat a balanced diet and get enough sleep.",
     "Write a python function to find the first repeated character in a given string.",
@@ -94,7 +94,7 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
 def shared_data() -> Path:
     """The real task files beside the repo; a missing folder fails loudly, never skips."""
     if not SHARED_DATA.is_dir():
-        raise FileNotFoundError(f"{SHARED_DATA} is missing: tests need ../shared/data beside the repo")
+        raise FileNotFoundError(f"{SHARED_DATA} is missing: tests need ../shared/data")
     return SHARED_DATA
 
 

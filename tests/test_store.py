@@ -1,4 +1,4 @@
-"""cache_tools: the store's contract (shards, resume markers, manifest, verify, info) on numpy data."""
+"""cache_tools: the store's contract (shards, resume, manifest, verify, info) on numpy data."""
 
 import numpy as np
 import pytest
@@ -167,5 +167,7 @@ def test_delta_id_encoding_round_trips_with_values_following():
     back = schema.decode_ids(stored, "delta")
     assert np.all(np.diff(back, axis=-1) > 0)  # sorted
     for row in range(20):
-        original = dict(zip(ids[row].tolist(), zip(values[row].tolist(), counts[row].tolist())))
-        assert dict(zip(back[row].tolist(), zip(v2[row].tolist(), c2[row].tolist()))) == original
+        pairs = zip(values[row].tolist(), counts[row].tolist(), strict=True)
+        original = dict(zip(ids[row].tolist(), pairs, strict=True))
+        pairs = zip(v2[row].tolist(), c2[row].tolist(), strict=True)
+        assert dict(zip(back[row].tolist(), pairs, strict=True)) == original
