@@ -1,0 +1,53 @@
+"""`adaspec-eval`: a draft's acceptance rate offline (cache), exact (teacher-forced) and real."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from adaspec.cli.common import add_config_flags, config_from_args, run
+
+DATA_FLAGS = ["--task", "--split", "--data-files", "--limit", "--max-length", "--chat-template",
+              "--data-seed"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adaspec-eval", description=__doc__)
+    parser.add_argument("--draft", required=True, help="run folder (its model/) or a model spec")
+    parser.add_argument("--modes", default="offline,exact,speculative",
+                        help="comma list of offline, exact, speculative")
+    parser.add_argument("--gamma", type=int, default=5, help="draft tokens per step")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--prompts", type=int, default=10, help="prompts for speculative decoding")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    parser.add_argument("--no-progress", action="store_true")
+    add_config_flags(parser, DATA_FLAGS + ["--cache", "--target", "--dtype", "--device-map",
+                                           "--batch-tokens"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if getattr(args, "data.split") is None:
+        setattr(args, "data.split", "test")  # evaluation reads held-out data by default
+    cfg = config_from_args(args)
+    from adaspec.evaluate import evaluate, format_result
+
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    result = evaluate(cfg, args.draft, modes, args.gamma, args.temperature, args.max_new_tokens,
+                      args.prompts, progress=not args.no_progress)
+    print(format_result(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def entry() -> None:
+    run(main)
+
+
+if __name__ == "__main__":
+    entry()
