@@ -582,7 +582,8 @@ def build_stage(
     """
     if role not in ("target", "ref"):
         raise UserError(f"--model must be target or ref, got {role!r}")
-    state = PartialState()
+    # cpu=True on a CPU-only machine: otherwise a torchrun launch is not seen as distributed
+    state = PartialState(cpu=not torch.cuda.is_available())
     with_lock_error: BaseException | None = None
     lock = store.build_lock(cfg.cache.cache, cfg.data.task, cfg.data.split, state.process_index)
     try:

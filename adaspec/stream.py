@@ -1,4 +1,4 @@
-"""Batches for torch: sequences (and their cached target rows and reference losses) in a seeded order.
+"""Batches for torch: sequences, their cached target rows and reference losses, in a seeded order.
 
 Each epoch is a permutation of the sequence indices, `np.random.default_rng((seed, epoch))`, cut
 into micro-batches of `batch_size` sequences (the last one may be short). Under several processes,

@@ -31,7 +31,6 @@ import time
 from collections import deque
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from tqdm.auto import tqdm
@@ -39,9 +38,10 @@ from tqdm.auto import tqdm
 from adaspec import build, losses, models, selection
 from adaspec.config import Config
 from adaspec.errors import UserError
-from adaspec.stream import Batch, BatchStream, InMemorySequences, online_sequences
+from adaspec.stream import Batch, BatchStream, online_sequences
 from cache_tools import schema, store
 from cache_tools.errors import CacheError
+from cache_tools.store import CacheReader
 
 GLOBAL_WINDOW = 50  # micro-batches of deltas behind the running "global" AdaSPEC threshold
 PROGRESS_FILE = "progress.json"
@@ -57,7 +57,8 @@ def resolve_config(cfg: Config) -> Config:
     if train_cfg.stage in ("ref", "sft") and train_cfg.k != 1.0:
         train_cfg = dataclasses.replace(train_cfg, k=1.0)
     if train_cfg.out is None:
-        name = f"{train_cfg.stage}-{cfg.data.task}-k{train_cfg.k:g}-{train_cfg.loss}-s{train_cfg.seed}"
+        t = train_cfg
+        name = f"{t.stage}-{cfg.data.task}-k{t.k:g}-{t.loss}-s{t.seed}"
         train_cfg = dataclasses.replace(train_cfg, out=str(Path("runs") / name))
     return dataclasses.replace(cfg, train=train_cfg)
 
@@ -85,7 +86,8 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices (linear and embedding weights) only; biases and norm gains are vectors."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,11 +252,12 @@ def _split_group(cfg: Config, mode: str):
 
 
 def _cached_split_exists(cfg: Config) -> bool:
+    """True if the cache holds the split with a complete sequences stage."""
     try:
-        _split_group(cfg, "r")
+        manifest = store.read_manifest(_split_group(cfg, "r"))
     except (CacheError, KeyError):
         return False
-    return True
+    return store.stage_status(manifest, schema.SEQUENCES) == schema.STATUS_COMPLETE
 
 
 def record_ref(cfg: Config, run_dir: Path, steps: int) -> None:
@@ -302,30 +305,22 @@ def _needs_ref(cfg: Config) -> bool:
     return t.stage == "draft" and t.k < 1.0 and t.selection == "adaspec"
 
 
-def _open_data(cfg: Config, tokenizer, device, rank: int, world: int) -> _Data:
-    t = cfg.train
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if t.online:
-        sequences: InMemorySequences = online_sequences(cfg, tokenizer)
-        data = _Data(BatchStream(sequences, t.batch_size, t.seed, pad_id, rank=rank,
-                                 world_size=world), models.real_vocab_size(tokenizer))
-        if t.stage != "sft":
-            dtype = build.resolve_dtype(cfg.models.dtype, device)
-            data.target_model = _frozen(cfg.models.target, dtype, device, tokenizer,
-                                        cfg.models.device_map)
-            if _needs_ref(cfg):
-                data.ref_model = _frozen(_recorded_ref_path(cfg), dtype, device, tokenizer)
-        return data
+def _open_cache(cfg: Config) -> tuple[CacheReader | None, str | None]:
+    """Check what the run needs from the cache before any weights load (errors come fast).
 
+    Returns (the reader, or None for an online run without a cache; the reference spec of an
+    online AdaSPEC run, else None).
+    """
+    t = cfg.train
+    if t.online:
+        # A cache holding the split defines the data (as for a cached run: its sequences may be
+        # target-generated); without one the task is tokenized here exactly as a build would.
+        reader = None
+        if _cached_split_exists(cfg):
+            reader = CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split, require=())
+        return reader, _recorded_ref_path(cfg) if _needs_ref(cfg) else None
     require = () if t.stage == "sft" else (schema.TARGET,)
-    reader = store.CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split, require=require)
-    stored_fp = reader.manifest["stages"][schema.SEQUENCES]["params"]["tokenizer_fingerprint"]
-    if models.tokenizer_fingerprint(tokenizer) != stored_fp:
-        raise UserError(
-            f"the model to train uses another tokenizer than the cache {cfg.cache.cache}; the "
-            "draft, reference and target must share one tokenizer"
-        )
-    ref = None
+    reader = CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split, require=require)
     if _needs_ref(cfg):
         stage = schema.ref_group_name(cfg.cache.ref_name)
         if store.stage_status(reader.manifest, stage) != schema.STATUS_COMPLETE:
@@ -339,10 +334,41 @@ def _open_data(cfg: Config, tokenizer, device, rank: int, world: int) -> _Data:
                 f"the cache's jsd reference losses use beta=0.5, not --beta {t.beta:g}; use "
                 "beta 0.5 or --online"
             )
-        ref = (cfg.cache.ref_name, t.loss)
+    return reader, None
+
+
+def _open_data(cfg: Config, reader: CacheReader | None, ref_spec: str | None, tokenizer, device,
+               rank: int, world: int) -> _Data:
+    """The batch stream of this process, and in online mode the frozen target and reference."""
+    t = cfg.train
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if reader is not None:
+        _check_tokenizer(reader, tokenizer, cfg)
+    if t.online:
+        sequences = reader if reader is not None else online_sequences(cfg, tokenizer)
+        data = _Data(BatchStream(sequences, t.batch_size, t.seed, pad_id, rank=rank,
+                                 world_size=world), models.real_vocab_size(tokenizer))
+        if t.stage != "sft":
+            dtype = build.resolve_dtype(cfg.models.dtype, device)
+            data.target_model = _frozen(cfg.models.target, dtype, device, tokenizer,
+                                        cfg.models.device_map)
+            if ref_spec is not None:
+                data.ref_model = _frozen(ref_spec, dtype, device, tokenizer)
+        return data
+    assert reader is not None
+    ref = (cfg.cache.ref_name, t.loss) if _needs_ref(cfg) else None
     stream = BatchStream(reader, t.batch_size, t.seed, pad_id, with_target=t.stage != "sft",
                          ref=ref, rank=rank, world_size=world)
     return _Data(stream, int(reader.manifest["vocab_size"]))
+
+
+def _check_tokenizer(reader: CacheReader, tokenizer, cfg: Config) -> None:
+    stored = reader.manifest["stages"][schema.SEQUENCES]["params"]["tokenizer_fingerprint"]
+    if models.tokenizer_fingerprint(tokenizer) != stored:
+        raise UserError(
+            f"the model to train uses another tokenizer than the cache {cfg.cache.cache}; the "
+            "draft, reference and target must share one tokenizer"
+        )
 
 
 def _frozen(spec: str, dtype, device, tokenizer, device_map: str | None = None):
@@ -384,16 +410,19 @@ def train(
     # normaliser is the label-token count of the whole accumulated batch, known only once all its
     # micro-batches are read, and the last step of a fractional epoch may have fewer micro-batches;
     # accelerate's own accumulation divides every loss by a fixed count instead.
-    accelerator = Accelerator(mixed_precision=_mixed_precision(t.mixed_precision),
+    # cpu=True without CUDA: accelerate only sets up multi-process CPU (gloo) runs when told so.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision=_mixed_precision(t.mixed_precision),
                               gradient_accumulation_steps=1)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     checkpoint = _check_run_dir(run_dir, cfg, resume)
     torch.manual_seed(t.seed)
 
+    reader, ref_spec = _open_cache(cfg)
     spec = cfg.models.target if t.stage == "sft" else cfg.models.draft
     model, tokenizer = models.load_model(spec, dtype=build.resolve_dtype(cfg.models.dtype, device))
     model.to(device).train()
-    data = _open_data(cfg, tokenizer, device, rank, world)
+    data = _open_data(cfg, reader, ref_spec, tokenizer, device, rank, world)
     stream = data.stream
     per_epoch = stream.batches_per_epoch
     if per_epoch == 0:
@@ -455,7 +484,8 @@ def train(
                                   device=device)
             label_norm = float(accelerator.reduce(counts, "sum")) / world
             lr = scheduler.get_last_lr()[0]
-            totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, kept, labels, tokens
+            # loss, kept tokens, label tokens, tokens
+            totals = torch.zeros(4, dtype=torch.float64, device=device)
 
             for i, batch in enumerate(group):
                 # Gradients are all-reduced once per optimizer step, on the last micro-batch.

@@ -282,7 +282,8 @@ def test_two_process_build_equals_one_process_build(tmp_path, tiny_model_dir):
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--cpu",
+        # --multi_gpu starts N processes (gloo on a CPU-only machine); --cpu would start one.
+        "--multi_gpu",
         "--num_processes",
         "2",
         "--num_machines",
@@ -316,7 +317,6 @@ def test_two_process_build_equals_one_process_build(tmp_path, tiny_model_dir):
         "256",
         "--batch-tokens",
         "2048",
-        "--no-progress",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -326,6 +326,7 @@ def test_two_process_build_equals_one_process_build(tmp_path, tiny_model_dir):
     assert [k for k in a if a[k] != b[k]] == []
     group = store.open_root(str(tmp_path / "two"), "r")["gsm8k/train"]
     assert store.stage_status(store.read_manifest(group), "target") == schema.STATUS_COMPLETE
+    assert "[rank 1]" in result.stderr  # two processes really ran, each with its own bar
 
 
 def test_generate_caches_the_targets_own_samples(tmp_path, tiny_model_dir, tiny_tokenizer):

@@ -54,9 +54,11 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--max-grad-norm": ("train.max_grad_norm", float, "gradient clipping (0 disables)"),
     "--mixed-precision": ("train.mixed_precision", str, "auto, no, bf16, fp16"),
     "--chunk-tokens": ("train.chunk_tokens", int, "label tokens per loss chunk"),
-    "--checkpoint-every": ("train.checkpoint_every", int, "checkpoint every N steps (0: per epoch)"),
+    "--checkpoint-every": ("train.checkpoint_every", int, "checkpoint every N steps (0: epochs)"),
     "--seed": ("train.seed", int, "seed of data order and initialisation"),
     "--out": ("train.out", str, "run folder (default runs/<stage>-<task>-k<k>-<loss>-s<seed>)"),
+    "--online": ("train.online", bool, "compute target/reference outputs live (no cache needed)"),
+    "--scale-epochs-by-k": ("train.scale_epochs_by_k", bool, "multiply epochs by 1/k (official)"),
 }
 
 

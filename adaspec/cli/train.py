@@ -11,18 +11,14 @@ DATA_FLAGS = ["--task", "--split", "--data-files", "--limit", "--max-length", "-
 TRAIN_FLAGS = ["--stage", "--k", "--loss", "--beta", "--selection", "--threshold", "--normalize",
                "--epochs", "--batch-size", "--grad-accum", "--lr", "--lr-schedule",
                "--warmup-steps", "--weight-decay", "--max-grad-norm", "--mixed-precision",
-               "--chunk-tokens", "--checkpoint-every", "--seed", "--out"]
+               "--chunk-tokens", "--checkpoint-every", "--seed", "--out", "--online",
+               "--scale-epochs-by-k"]
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaspec-train", description=__doc__)
     parser.add_argument("--resume", action="store_true",
                         help="continue the run folder from its latest checkpoint")
-    parser.add_argument("--online", dest="train.online", action="store_const", const=True,
-                        default=None, help="compute target/reference outputs live (no cache)")
-    parser.add_argument("--scale-epochs-by-k", dest="train.scale_epochs_by_k",
-                        action="store_const", const=True, default=None,
-                        help="multiply epochs by 1/k as the official scripts do")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_config_flags(parser, DATA_FLAGS + ["--cache", "--ref-name", "--target", "--draft", "--ref",
                                            "--dtype", "--device-map"] + TRAIN_FLAGS)
