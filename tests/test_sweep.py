@@ -1,0 +1,53 @@
+"""Sweeps on tiny models: table and plots written, re-run is a no-op, single pass == one by one."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from test_train import _cfg, _weights
+from test_train import env as train_env  # noqa: F401  (module fixture: tiny cache with a ref)
+from test_train import one_thread  # noqa: F401
+
+from adaspec.build import build_stage
+from adaspec.sweep import grid, run_sweep
+
+
+@pytest.fixture(scope="module")
+def env(train_env):  # noqa: F811
+    # The evaluation cache: the target on the test split of the same file.
+    cfg = _cfg(train_env)
+    test_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split="test", limit=4))
+    build_stage(test_cfg, "target", progress=False)
+    return train_env
+
+
+def test_sweep_writes_table_plots_and_reruns_as_a_no_op(env, tmp_path):
+    cfg = _cfg(env, epochs=1.0)
+    variants = grid([0.5, 1.0], [1.0], ["fkl"], [0])
+    rows = run_sweep(cfg, variants, tmp_path / "s", "test", progress=False)
+    assert [r["k"] for r in rows] == [0.5, 1.0]
+    for r in rows:
+        assert 0.0 <= r["alpha_lower"] <= r["alpha_upper"] <= 1.0
+        assert r["eval_tokens"] > 0
+    for name in ("results.csv", "results.md", "alpha_vs_k.png", "loss_curves.png"):
+        assert (tmp_path / "s" / name).stat().st_size > 0
+    assert "k0.5-e1-fkl-s0" in (tmp_path / "s" / "results.md").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "s").rglob("model.safetensors")}
+    again = run_sweep(cfg, variants, tmp_path / "s", "test", progress=False)
+    assert again == rows
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing retrained
+
+
+def test_single_pass_equals_one_by_one(env, tmp_path):
+    cfg = _cfg(env, epochs=1.0)
+    variants = grid([0.5, 1.0], [1.0, 2.0], ["fkl"], [0])
+    one = run_sweep(cfg, variants, tmp_path / "one", "test", progress=False)
+    many = run_sweep(cfg, variants, tmp_path / "many", "test", single_pass=True, progress=False)
+    for a, b in zip(one, many, strict=True):
+        wa, wb = _weights(tmp_path / "one" / a["name"]), _weights(tmp_path / "many" / b["name"])
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6)
+        assert a["alpha_lower"] == pytest.approx(b["alpha_lower"], abs=1e-5)
