@@ -142,6 +142,82 @@ def drop_page_cache(folder: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Candidates outside the schema: a per-token K
+
+
+# Keep only the entries a rule selects, move the rest's mass into the tail, store the kept ones
+# as uint8q/delta and pad the row with empty slots (id delta 0, value 255). Needs a format change
+# (uint8q 255 = empty slot, decoded to logprob -inf) and losses that skip empty slots.
+CANDIDATES = {
+    "per-token K: p >= 1e-5": ("p", 1e-5),
+    "per-token K: p >= 1e-4": ("p", 1e-4),
+    "per-token K: tail <= 1e-3": ("tail", 1e-3),
+}
+
+
+def in_memory_bytes(values: np.ndarray, shard_rows: int, chunk_rows: int) -> int:
+    """Stored bytes of one row array written like the cache's (same shards, chunks, codecs)."""
+    import zarr
+    from zarr.storage import MemoryStore
+
+    from cache_tools import schema
+
+    array = zarr.create_array(store=MemoryStore(), shape=values.shape, dtype=values.dtype,
+                              shards=(shard_rows,) + values.shape[1:],
+                              chunks=(chunk_rows,) + values.shape[1:],
+                              compressors=schema.compressors(values.dtype))
+    array[:] = values
+    return int(array.nbytes_stored())
+
+
+def per_token_k(ref: dict, rule: str, threshold: float, vocab_size: int, shard_rows: int,
+                chunk_rows: int) -> tuple[dict, dict]:
+    """(stats with bytes per label token, decoded rows with empty slots as duplicate ids)."""
+    from cache_tools import schema
+
+    ids, logprobs, tail = ref["ids"], ref["logprobs"], ref["tail_logmass"]
+    n = len(ids)
+    if rule == "p":
+        keep = logprobs >= np.log(threshold)
+    else:  # keep ranks (largest first) while the mass from there on, tail included, > threshold
+        probs = np.exp(logprobs.astype(np.float64))
+        after = np.cumsum(probs[:, ::-1], 1)[:, ::-1] + np.exp(tail.astype(np.float64))[:, None]
+        keep = np.concatenate([np.ones((n, 1), bool), after[:, 1:] > threshold], 1)
+    keep[:, 0] = True  # the most likely token always stays
+    order = np.argsort(np.where(keep, ids, ids + vocab_size), 1, kind="stable")  # kept first
+    ids_s = np.take_along_axis(ids, order, 1)
+    lp_s = np.take_along_axis(logprobs, order, 1)
+    kept = np.take_along_axis(keep, order, 1)
+    last = np.take_along_axis(ids_s, kept.sum(1, keepdims=True) - 1, 1)
+    ids_s = np.where(kept, ids_s, last)  # (N, K) empty slots repeat the last kept id
+    deltas = ids_s.copy()
+    deltas[:, 1:] = ids_s[:, 1:] - ids_s[:, :-1]
+    stored_q = np.where(kept, schema.encode_logprobs(lp_s, "uint8q"), 255).astype(np.uint8)
+    dropped = np.where(kept, -np.inf, lp_s.astype(np.float64))
+    top = np.max(dropped, 1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        dropped_lse = np.log(np.exp(dropped - top).sum(1)) + top[:, 0]
+    new_tail = np.logaddexp(tail.astype(np.float64), dropped_lse).astype(np.float32)
+    sizes = {
+        "ids": in_memory_bytes(deltas.astype(schema.id_dtype(vocab_size)), shard_rows, chunk_rows),
+        "logprobs": in_memory_bytes(stored_q, shard_rows, chunk_rows),
+        "tail_logmass": in_memory_bytes(new_tail, shard_rows, chunk_rows),
+    }
+    decoded = {"ids": ids_s.astype(np.int64),
+               "logprobs": np.where(kept, schema.decode_logprobs(stored_q, "uint8q"), -np.inf
+                                    ).astype(np.float32),
+               "tail_logmass": new_tail}
+    moved = np.exp(dropped_lse)
+    stats = {"bytes_per_label_token": {**{k: v / n for k, v in sizes.items()},
+                                       "total": sum(sizes.values()) / n},
+             "mean_k": float(kept.sum(1).mean()), "min_k": int(kept.sum(1).min()),
+             "mass_moved_to_tail_mean": float(moved.mean()),
+             "mass_moved_to_tail_max": float(moved.max())}
+    return stats, decoded
+
+
+# ---------------------------------------------------------------------------------------------
 # Fidelity
 
 
@@ -229,7 +305,8 @@ def read_batches(reader, batches: list[np.ndarray]) -> dict:
     return {"seconds": total, "sequence_seconds": seq_s, "target_seconds": tgt_s,
             "ms_per_batch_median": 1e3 * statistics.median(per_batch),
             "ms_per_batch_mean": 1e3 * total / len(per_batch),
-            "rows": rows, "tokens": tokens, "rows_per_s": rows / total, "tokens_per_s": tokens / total}
+            "rows": rows, "tokens": tokens, "rows_per_s": rows / total,
+            "tokens_per_s": tokens / total}
 
 
 def read_batches_opened_once(reader, batches: list[np.ndarray]) -> dict:
@@ -256,7 +333,8 @@ def read_batches_opened_once(reader, batches: list[np.ndarray]) -> dict:
     total = sum(per_batch)
     return {"seconds": total, "ms_per_batch_median": 1e3 * statistics.median(per_batch),
             "ms_per_batch_mean": 1e3 * total / len(per_batch),
-            "rows": rows, "tokens": tokens, "rows_per_s": rows / total, "tokens_per_s": tokens / total}
+            "rows": rows, "tokens": tokens, "rows_per_s": rows / total,
+            "tokens_per_s": tokens / total}
 
 
 def train_steps(draft, reader, batches: list[np.ndarray], steps: int, pad_id: int,
@@ -272,13 +350,15 @@ def train_steps(draft, reader, batches: list[np.ndarray], steps: int, pad_id: in
     head = draft.get_output_embeddings()
     times, tokens, rows = [], [], []
     for step, idx in enumerate(batches[: steps + 1]):
-        seqs, masks = zip(*(reader.sequence(int(i)) for i in idx))
-        parts = [reader.target_rows(int(reader.label_offsets[i]), int(reader.label_offsets[i + 1]))
-                 for i in idx]
-        target = sparse_target_from_rows({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+        seqs, masks = zip(*(reader.sequence(int(i)) for i in idx), strict=True)
+        parts = [reader.target_rows(int(reader.label_offsets[i]),
+                                    int(reader.label_offsets[i + 1])) for i in idx]
+        target = sparse_target_from_rows(
+            {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
         t0 = time.perf_counter()
         input_ids, attention_mask = _pad_batch(list(seqs), pad_id)
-        index_b = torch.from_numpy(np.concatenate([np.full(int(m.sum()), b) for b, m in enumerate(masks)]))
+        index_b = torch.from_numpy(
+            np.concatenate([np.full(int(m.sum()), b) for b, m in enumerate(masks)]))
         index_t = torch.from_numpy(np.concatenate([np.nonzero(m)[0] - 1 for m in masks]))
         hidden = draft.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                   use_cache=False).last_hidden_state[index_b, index_t]
@@ -392,15 +472,22 @@ def main(argv: list[str] | None = None) -> int:
         s, m = base_reader.sequence(i)
         seqs.append(s)
         masks.append(m)
-    losses = draft_losses(draft, seqs, masks, {"float32": ref, **decoded}, pad_id, vocab,
-                          args.batch_tokens)
-    for name in combos:
+    candidates, candidate_rows = {}, {}
+    shard_rows = combos["uint8q/delta"]["shard_rows"]
+    chunk_rows = combos["uint8q/delta"]["chunk_rows"]
+    for name, (rule, threshold) in CANDIDATES.items():
+        candidates[name], candidate_rows[name] = per_token_k(ref, rule, threshold, vocab,
+                                                             shard_rows, chunk_rows)
+    losses = draft_losses(draft, seqs, masks, {"float32": ref, **decoded, **candidate_rows},
+                          pad_id, vocab, args.batch_tokens)
+    for name, entry in [*((n, combos[n]["fidelity"]) for n in combos), *candidates.items()]:
         diff = np.abs(losses[name] - losses["float32"])
-        combos[name]["fidelity"].update({
+        entry.update({
             "draft_fkl_mean": float(losses[name].mean()),
             "draft_fkl_float32_mean": float(losses["float32"].mean()),
             "draft_fkl_abs_diff_mean": float(diff.mean()),
             "draft_fkl_abs_diff_max": float(diff.max()),
+            "draft_fkl_abs_diff_mean_over_loss": float(diff.mean() / losses["float32"].mean()),
             "draft_fkl_rel_diff_of_mean": float(abs(losses[name].mean() / losses["float32"].mean()
                                                     - 1)),
         })
@@ -410,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     n_seq = base_reader.n_sequences
     size = min(args.batch_seqs, n_seq)
     batches = [rng.choice(n_seq, size, replace=False) for _ in range(args.read_batches)]
-    for name, combo in combos.items():
+    for combo in combos.values():
         root = Path(combo["root"])
         drop_page_cache(root)
         t0 = time.perf_counter()
@@ -458,12 +545,23 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(
         ["encoding", "max|dp|", "mean|dp|", "KL coarse vs f32", "KL coarse vs f16",
-         "draft fKL |diff| mean", "rel diff of mean"],
+         "draft fKL |diff| mean", "|diff|/loss", "rel diff of mean"],
         [[n, c["fidelity"]["max_abs_err_p"], c["fidelity"]["mean_abs_err_p"],
           c["fidelity"]["coarse_kl_vs_float32_mean"], c["fidelity"]["coarse_kl_vs_float16_mean"],
-          c["fidelity"]["draft_fkl_abs_diff_mean"], c["fidelity"]["draft_fkl_rel_diff_of_mean"]]
+          c["fidelity"]["draft_fkl_abs_diff_mean"],
+          c["fidelity"]["draft_fkl_abs_diff_mean_over_loss"],
+          c["fidelity"]["draft_fkl_rel_diff_of_mean"]]
          for n, c in combos.items()]))
     print(f"(draft fKL vs float32 target, mean {losses['float32'].mean():.4f} nats/token)")
+    print()
+    print(format_table(
+        ["candidate, uint8q/delta + empty slots", "total B/tok", "mean K", "mass to tail max",
+         "draft fKL |diff| mean", "|diff|/loss", "rel diff of mean", f"<= {GOAL_BYTES:.0f}?"],
+        [[n, c["bytes_per_label_token"]["total"], c["mean_k"], c["mass_moved_to_tail_max"],
+          c["draft_fkl_abs_diff_mean"], c["draft_fkl_abs_diff_mean_over_loss"],
+          c["draft_fkl_rel_diff_of_mean"],
+          "yes" if c["bytes_per_label_token"]["total"] <= GOAL_BYTES else "no"]
+         for n, c in candidates.items()]))
     print()
     rows_table = []
     for n, c in combos.items():
@@ -492,9 +590,11 @@ def main(argv: list[str] | None = None) -> int:
                                             "raw_uint16_ids_fp16_values": raw_topk,
                                             "distillkit_approx": 300, "goal": GOAL_BYTES},
         "sequences_stage_bytes_per_label_token": sum(
-            s["stored"] for s in stage_bytes(base, task, split, schema.SEQUENCES).values()) / n_rows,
+            s["stored"] for s in stage_bytes(base, task, split, schema.SEQUENCES).values()
+        ) / n_rows,
         "float16_plain_rewrite_identical_to_build": same,
         "combos": combos,
+        "candidates_per_token_k": candidates,
         "consume": consume,
         "files": files,
         "meets_goal": meets,
