@@ -18,10 +18,22 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# The whole pipeline on the embedded default: target cache -> reference (k = 1, also the
+# DistillSpec baseline) -> reference cache -> AdaSPEC draft (k = 0.4) -> evaluation on held-out
+# arith rows (offline from a cache, exact teacher-forced, real speculative decoding) -> a table.
+DEMO := --config configs/demo.yaml --cache $(DEMO_DIR)/cache
 demo: setup
-	$(BIN)/adaspec-cache preview --task arith --limit 2
-	$(BIN)/adaspec-cache build --model target --config configs/demo.yaml --cache $(DEMO_DIR)/cache
+	$(BIN)/adaspec-cache preview --task arith --limit 1
+	$(BIN)/adaspec-cache build --model target $(DEMO)
+	$(BIN)/adaspec-cache build --model target $(DEMO) --split test --limit 40
+	$(BIN)/adaspec-train $(DEMO) --stage ref --out $(DEMO_DIR)/runs/ref-k1.0
+	$(BIN)/adaspec-cache build --model ref $(DEMO)
+	$(BIN)/adaspec-train $(DEMO) --stage draft --k 0.4 --out $(DEMO_DIR)/runs/adaspec-k0.4
+	$(BIN)/adaspec-cache info --cache $(DEMO_DIR)/cache
 	$(BIN)/adaspec-cache verify --cache $(DEMO_DIR)/cache
+	$(BIN)/adaspec-eval $(DEMO) --split test --limit 40 --prompts 3 --max-new-tokens 48 \
+		--draft smollm2-135m@layers=2 $(DEMO_DIR)/runs/ref-k1.0 $(DEMO_DIR)/runs/adaspec-k0.4 \
+		--json $(DEMO_DIR)/eval.json
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -180,12 +180,15 @@ def resolve_draft(path_or_spec: str) -> str:
     return path_or_spec
 
 
+MODES = ("offline", "exact", "speculative")
+
+
 def evaluate(
-    cfg: Config, draft_spec: str, modes: tuple[str, ...] = ("offline", "exact", "speculative"),
+    cfg: Config, draft_specs: list[str], modes: tuple[str, ...] = MODES,
     gamma: int = 5, temperature: float = 0.0, max_new_tokens: int = 128, n_prompts: int = 10,
     progress: bool = True,
-) -> dict:
-    """Every requested measure of one draft on one task split, as a JSON-ready dict."""
+) -> list[dict]:
+    """Every requested measure of each draft on one task split (the target loads once)."""
     unknown = set(modes) - {"offline", "exact", "speculative"}
     if unknown:
         raise UserError(f"--modes has {sorted(unknown)}; choose from offline, exact, speculative")
@@ -193,35 +196,40 @@ def evaluate(
         raise UserError(f"--gamma must be >= 1, got {gamma}")
     if temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {temperature}")
-    draft_spec = resolve_draft(draft_spec)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = build.resolve_dtype(cfg.models.dtype, device)
-    draft, tokenizer = models.load_model(draft_spec, dtype=dtype)
-    draft.to(device).eval()
-    vocab_size = models.real_vocab_size(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    result: dict = {
-        "task": cfg.data.task, "split": cfg.data.split, "draft": draft_spec,
-        "target": cfg.models.target, "gamma": gamma, "temperature": temperature,
-        "max_new_tokens": max_new_tokens,
-    }
     reader = None
     if "offline" in modes:
         reader = CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split)
-        result["offline"] = offline_acceptance(
-            draft, reader, vocab_size, pad_id, cfg.cache.batch_tokens, progress
-        )
+    target = target_tok = None
     if "exact" in modes or "speculative" in modes:
         target, target_tok = models.load_model(cfg.models.target, dtype=dtype,
                                                device_map=cfg.models.device_map)
         if cfg.models.device_map is None:
             target.to(device)
         target.eval()
-        models.shared_vocab_size(target_tok, tokenizer)
+    results = []
+    for spec in draft_specs:
+        spec = resolve_draft(spec)
+        draft, tokenizer = models.load_model(spec, dtype=dtype)
+        draft.to(device).eval()
+        vocab_size = models.real_vocab_size(tokenizer)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        result: dict = {
+            "task": cfg.data.task, "split": cfg.data.split, "draft": spec,
+            "target": cfg.models.target, "gamma": gamma, "temperature": temperature,
+            "max_new_tokens": max_new_tokens,
+        }
+        if reader is not None:
+            result["offline"] = offline_acceptance(
+                draft, reader, vocab_size, pad_id, cfg.cache.batch_tokens, progress
+            )
+        if target is not None:
+            models.shared_vocab_size(target_tok, tokenizer)
         if "exact" in modes:
             # On the cache's tokens when there is one, so offline and exact compare like with like.
-            seqs = _cache_sequences(reader) if reader is not None else _task_sequences(cfg,
-                                                                                        tokenizer)
+            seqs = (_cache_sequences(reader) if reader is not None
+                    else _task_sequences(cfg, tokenizer))
             result["exact"] = exact_acceptance(
                 draft, target, seqs, vocab_size, pad_id, cfg.cache.batch_tokens, progress
             )
@@ -232,7 +240,31 @@ def evaluate(
                 draft, target, prompts, vocab_size, tokenizer.eos_token_id, gamma, temperature,
                 max_new_tokens, cfg.data.seed, progress,
             )
-    return result
+        results.append(result)
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    """A markdown table of several drafts' results, one row each."""
+    header = ["draft", "offline acceptance [bounds]", "offline greedy", "exact acceptance",
+              "exact greedy", "alpha (paper)", "accepted/drafted", "mean accepted length",
+              "speedup"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def cell(section: dict | None, key: str, fmt: str = ".4f") -> str:
+        return format(section[key], fmt) if section and key in section else "-"
+
+    for r in results:
+        o, e, s = r.get("offline"), r.get("exact"), r.get("speculative")
+        bounds = (f"{o['expected_acceptance_lower']:.4f} - {o['expected_acceptance_upper']:.4f}"
+                  if o else "-")
+        lines.append("| " + " | ".join([
+            r["draft"], bounds, cell(o, "greedy_agreement"), cell(e, "expected_acceptance"),
+            cell(e, "greedy_agreement"), cell(s, "alpha_paper"),
+            cell(s, "draft_acceptance_rate_vllm"), cell(s, "mean_accepted_length", ".3f"),
+            cell(s, "speedup", ".3f"),
+        ]) + " |")
+    return "\n".join(lines)
 
 
 def format_result(result: dict) -> str:

@@ -36,7 +36,7 @@ def setup(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
 
 def test_offline_bounds_contain_exact_on_the_same_tokens(setup):
     cfg, draft_dir = setup
-    result = evaluate(cfg, str(draft_dir), ("offline", "exact"), progress=False)
+    [result] = evaluate(cfg, [str(draft_dir)], ("offline", "exact"), progress=False)
     off, exact = result["offline"], result["exact"]
     assert off["label_tokens"] == exact["label_tokens"] > 100
     assert off["expected_acceptance_lower"] <= exact["expected_acceptance"] + 1e-4

@@ -14,7 +14,8 @@ DATA_FLAGS = ["--task", "--split", "--data-files", "--limit", "--max-length", "-
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaspec-eval", description=__doc__)
-    parser.add_argument("--draft", required=True, help="run folder (its model/) or a model spec")
+    parser.add_argument("--draft", required=True, nargs="+",
+                        help="run folder(s) (their model/) or model spec(s)")
     parser.add_argument("--modes", default="offline,exact,speculative",
                         help="comma list of offline, exact, speculative")
     parser.add_argument("--gamma", type=int, default=5, help="draft tokens per step")
@@ -33,15 +34,19 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "data.split") is None:
         setattr(args, "data.split", "test")  # evaluation reads held-out data by default
     cfg = config_from_args(args)
-    from adaspec.evaluate import evaluate, format_result
+    from adaspec.evaluate import evaluate, format_result, format_table
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    result = evaluate(cfg, args.draft, modes, args.gamma, args.temperature, args.max_new_tokens,
-                      args.prompts, progress=not args.no_progress)
-    print(format_result(result))
+    results = evaluate(cfg, args.draft, modes, args.gamma, args.temperature, args.max_new_tokens,
+                       args.prompts, progress=not args.no_progress)
+    for result in results:
+        print(format_result(result))
+    if len(results) > 1:
+        print(format_table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        payload = results[0] if len(results) == 1 else results
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     return 0
 
 
