@@ -523,6 +523,16 @@ def ensure_generated_sequences(group, cfg: Config, tokenizer, generated: dict, g
     return _write_sequences_stage(group, cfg, tokenizer, tokenized, params)
 
 
+def _require_sequences(group, cfg: Config) -> dict:
+    manifest = store.read_manifest(group)
+    if store.stage_status(manifest, schema.SEQUENCES) != schema.STATUS_COMPLETE:
+        raise UserError(
+            f"the cache has no {cfg.data.task}/{cfg.data.split} sequences yet; run "
+            f"`adaspec-cache build --model target --task {cfg.data.task}` first"
+        )
+    return manifest
+
+
 def _open_split(cfg: Config):
     root = store.open_root(cfg.cache.cache, mode="a")
     return root.require_group(cfg.data.task).require_group(cfg.data.split)
@@ -625,8 +635,10 @@ def _build_locked(cfg, role, model_spec, state: PartialState, progress: bool) ->
         _on_main(
             state, lambda: ensure_generated_sequences(group, cfg, tokenizer, generated, gen_params)
         )
-    else:
+    elif role == "target":
         _on_main(state, lambda: ensure_sequences(group, cfg, tokenizer))
+    else:  # a reference is scored on the sequences the target stage was built on, whatever flags
+        _on_main(state, lambda: _require_sequences(group, cfg))
     state.wait_for_everyone()
     if group is None:
         group = _open_split(cfg)

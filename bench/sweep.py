@@ -1,0 +1,478 @@
+"""What a sweep of drafts costs from the cache, online, and in one shared pass over the data.
+
+One process, one work folder, one run; every measure below runs in it, one after the other:
+
+- setup (paid once, timed apart): the target cache of the train split and of a small test split
+  (`build_stage(cfg, "target")`), the reference (`train(stage="ref")`, k = 1, from the cache)
+  and its stage of per-token losses (`build_stage(cfg, "ref")`).
+- cached: `run_sweep` over k in --ks, one variant after the other (train from the cache, then
+  evaluate each draft offline on the test cache, write the tables and plots).
+- online: the same variants through `train.train` with `train.online=True` (the target and the
+  reference run live, `models.ref` pointing at the trained reference), same hyperparameters,
+  same data order; then the same offline evaluation, tables and plots as `run_sweep`.
+- single pass: `run_sweep(..., single_pass=True)` into a fresh folder: every draft steps on each
+  micro-batch read once. Its drafts are compared with the one-by-one drafts weight by weight
+  (they should be equal); the online drafts are compared with the cached ones too (they differ
+  by what the top-K + tail cache and its float16 values change in the gradients).
+
+Ratios: online / cached; online / (cached + the setup only the cache needs: both target-cache
+and ref-stage builds of the train split), with the break-even number of variants; single pass /
+one by one. The reference training and the test cache serve both routes and are not charged to
+the cache. Where the time goes is measured by wrapping what the runs call (model loads, the
+online target and reference forwards, the draft's forward+loss, backward, waiting for batches,
+checkpoints, offline evaluation); "other" is the rest (mostly the optimizer step).
+
+    .venv/bin/python bench/sweep.py                             # ~15 min here
+    .venv/bin/python bench/sweep.py --ks 0.4,1.0 --limit 24
+    .venv/bin/python bench/sweep.py --target /tmp/tiny --draft /tmp/tiny@layers=1 --topk 16 \\
+        --limit 8 --test-limit 4 --out /tmp/sweep-smoke.json       # smoke, ~1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cache_build import (  # noqa: E402
+    DEFAULT_DATA,
+    RESULTS,
+    OtherLoad,
+    format_table,
+    machine_info,
+    write_json,
+)
+
+MODES = ("cached", "online", "single_pass")
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing: phases of the run, and the pieces of each phase
+
+
+class PhaseTimers:
+    """Seconds and calls per (phase, piece); the phase is set by `phase()`."""
+
+    def __init__(self):
+        self.current = "none"
+        self.seconds: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.calls: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.phases: dict[str, dict] = {}
+
+    def add(self, piece: str, seconds: float) -> None:
+        self.seconds[self.current][piece] += seconds
+        self.calls[self.current][piece] += 1
+
+    def wrap(self, name, fn):
+        """`fn` timed under `name` (a string, or a function of fn's arguments giving one)."""
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.add(name if isinstance(name, str) else name(*args, **kwargs),
+                         time.perf_counter() - start)
+
+        return timed
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Wall, CPU time and other processes' load of one phase of the run."""
+        self.current = name
+        others = OtherLoad()
+        others.start()
+        loadavg = os.getloadavg()
+        cpu, start = time.process_time(), time.perf_counter()
+        try:
+            yield
+        finally:
+            wall = time.perf_counter() - start
+            self.phases[name] = {
+                "seconds": wall, "cpu_seconds": time.process_time() - cpu,
+                "others_cores": others.stop() / max(wall, 1e-9),
+                "loadavg_before": loadavg, "loadavg_after": os.getloadavg(),
+                "pieces": dict(self.seconds[name]), "calls": dict(self.calls[name]),
+            }
+            self.current = "none"
+            print(f"  {name}: {wall:.1f} s", flush=True)
+
+
+@contextlib.contextmanager
+def instrumented(timers: PhaseTimers, role_of):
+    """Patch what the runs call with timed versions; `role_of(spec)` names a model load."""
+    from adaspec import evaluate, models, stream, sweep, train
+
+    roles: dict[int, str] = {}  # id(frozen model) -> its role, for the online forwards
+
+    def frozen(spec, *args, **kwargs):
+        model = original_frozen(spec, *args, **kwargs)
+        roles[id(model)] = role_of(spec)
+        return model
+
+    def batches(self, *args, **kwargs):
+        inner = original_batches(self, *args, **kwargs)
+
+        def timed():
+            # Reading runs in the prefetch thread: what the loop sees is its wait for a batch.
+            try:
+                while True:
+                    start = time.perf_counter()
+                    try:
+                        item = next(inner)
+                    except StopIteration:
+                        return
+                    finally:
+                        timers.add("waiting for batches", time.perf_counter() - start)
+                    yield item
+            finally:
+                inner.close()
+
+        return timed()
+
+    original_frozen, original_batches = train._frozen, stream.BatchStream.batches
+    patches = [
+        mock.patch.object(models, "load_model", timers.wrap(
+            lambda spec, *a, **k: f"load {role_of(spec)}", models.load_model)),
+        mock.patch.object(train, "_frozen", frozen),
+        mock.patch.object(train, "_label_logits", timers.wrap(
+            lambda model, *a, **k: f"online {roles.get(id(model), '?')} forward",
+            train._label_logits)),
+        mock.patch.object(train.LossModel, "forward", timers.wrap(
+            "draft forward + loss", train.LossModel.forward)),
+        mock.patch.object(torch.Tensor, "backward", timers.wrap(
+            "draft backward", torch.Tensor.backward)),
+        mock.patch.object(stream.BatchStream, "batches", batches),
+        mock.patch.object(train, "_save_checkpoint", timers.wrap(
+            "checkpoint (accelerate state)", train._save_checkpoint)),
+        mock.patch.object(models, "save_model", timers.wrap("save model", models.save_model)),
+        mock.patch.object(evaluate, "offline_acceptance", timers.wrap(
+            "offline evaluation", evaluate.offline_acceptance)),
+        mock.patch.object(sweep, "write_tables", timers.wrap(
+            "tables + plots", sweep.write_tables)),
+        mock.patch.object(sweep, "plot_results", timers.wrap(
+            "tables + plots", sweep.plot_results)),
+    ]
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# The online sweep (run_sweep's one-by-one path with online=True) and the weight checks
+
+
+def online_sweep(cfg, variants, out: Path, eval_split: str, ref_model: str,
+                 progress: bool) -> list[dict]:
+    """Like `run_sweep(cfg, variants, out, eval_split)`, each variant trained with online=True."""
+    from adaspec import sweep, train
+    from cache_tools.store import CacheReader
+
+    eval_reader = CacheReader(cfg.cache.cache, cfg.data.task, eval_split)
+    seconds = {}
+    for v in variants:
+        vcfg = sweep.variant_config(cfg, v, out / v.name)  # sets online=False: switched on here
+        vcfg = dataclasses.replace(
+            vcfg, models=dataclasses.replace(vcfg.models, ref=ref_model),
+            train=dataclasses.replace(vcfg.train, online=True))
+        started = time.perf_counter()
+        train.train(vcfg, progress=progress)
+        seconds[v.name] = time.perf_counter() - started
+    for v in variants:
+        sweep._evaluate_variant(cfg, v, out / v.name, eval_reader, seconds[v.name], progress)
+    rows = [json.loads((out / v.name / sweep.RESULT_FILE).read_text()) for v in variants]
+    sweep.write_tables(rows, out)
+    sweep.plot_results(rows, out)
+    return rows
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    weights: dict[str, torch.Tensor] = {}
+    for path in sorted((run_dir / "model").glob("*.safetensors")):
+        weights.update(load_file(path))
+    if not weights:
+        raise SystemExit(f"no safetensors weights in {run_dir / 'model'}")
+    return weights
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    if a.keys() != b.keys():
+        raise SystemExit(f"the drafts hold different tensors: {sorted(a.keys() ^ b.keys())}")
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", default="smollm2-135m", help="target spec (alias, dir, gguf)")
+    parser.add_argument("--draft", default="smollm2-135m@layers=2",
+                        help="draft initialisation (the reference starts from it too)")
+    parser.add_argument("--task", default="gsm8k")
+    parser.add_argument("--data-files", default=str(DEFAULT_DATA))
+    parser.add_argument("--limit", type=int, default=32, help="train rows (default 32)")
+    parser.add_argument("--test-limit", type=int, default=16, help="test rows (default 16)")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--topk", type=int, default=64)
+    parser.add_argument("--ks", default="0.4,0.7,1.0", help="comma list of k (default 0.4,0.7,1.0)")
+    parser.add_argument("--epochs", type=float, default=1.0, help="epochs of every variant")
+    parser.add_argument("--ref-epochs", type=float, default=1.0, help="epochs of the reference")
+    parser.add_argument("--loss", default="fkl", choices=["fkl", "rkl", "tvd", "jsd"])
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=None, help="default: the config's")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's)")
+    parser.add_argument("--workdir", default=None,
+                        help="folder for the caches and runs (default: a temp folder, removed)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp work folder")
+    parser.add_argument("--progress", action="store_true", help="show the runs' progress bars")
+    parser.add_argument("--out", default=str(RESULTS / "sweep.json"))
+    args = parser.parse_args(argv)
+
+    from adaspec import models, sweep, train
+    from adaspec.build import build_stage
+    from adaspec.config import build_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.progress:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    ks = [float(x) for x in args.ks.split(",") if x.strip()]
+    if args.workdir:
+        work = Path(args.workdir)
+        if work.exists() and any(work.iterdir()):
+            raise SystemExit(f"--workdir {work} is not empty; every measure needs fresh folders")
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
+    print(f"work folder {work}")
+
+    train_values = {"batch_size": args.batch_size, "epochs": args.epochs, "loss": args.loss,
+                    "seed": args.seed}
+    if args.lr is not None:
+        train_values["lr"] = args.lr
+    cfg = build_config({
+        "models": {"target": args.target, "draft": args.draft},
+        "data": {"task": args.task, "split": "train", "data_files": args.data_files,
+                 "limit": args.limit, "max_length": args.max_length},
+        "cache": {"cache": str(work / "cache"), "topk": args.topk},
+        "train": train_values,
+    })
+    test_cfg = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, split="test", limit=args.test_limit))
+    ref_cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, stage="ref", k=1.0, epochs=args.ref_epochs, out=str(work / "ref")))
+    ref_model = work / "ref" / "model"
+    variants = sweep.grid(ks, [args.epochs], [args.loss], [args.seed])
+    n = len(variants)
+    info = machine_info()
+
+    def role_of(spec: str) -> str:
+        if spec == cfg.models.target:
+            return "target"
+        if spec == cfg.models.draft:
+            return "draft init"
+        if Path(spec).exists() and Path(spec).resolve() == ref_model.resolve():
+            return "reference"
+        return "trained draft"
+
+    timers = PhaseTimers()
+    progress = args.progress
+    rows: dict[str, list[dict]] = {}
+    started = time.perf_counter()
+    try:
+        with instrumented(timers, role_of):
+            print("setup (paid once):")
+            with timers.phase("setup: target cache, train split"):
+                manifest = build_stage(cfg, "target", progress=progress)
+            with timers.phase("setup: target cache, test split"):
+                test_manifest = build_stage(test_cfg, "target", progress=progress)
+            with timers.phase("setup: reference training"):
+                train.train(ref_cfg, progress=progress)
+            with timers.phase("setup: ref stage, train split"):
+                manifest = build_stage(cfg, "ref", progress=progress)
+            print(f"sweeps over k = {args.ks} ({n} variants):")
+            with timers.phase("cached"):
+                rows["cached"] = sweep.run_sweep(cfg, variants, work / "cached", "test",
+                                                 progress=progress)
+            with timers.phase("online"):
+                rows["online"] = online_sweep(cfg, variants, work / "online", "test",
+                                              str(ref_model), progress)
+            with timers.phase("single_pass"):
+                rows["single_pass"] = sweep.run_sweep(cfg, variants, work / "single_pass", "test",
+                                                      single_pass=True, progress=progress)
+        total_seconds = time.perf_counter() - started
+
+        # The drafts: single pass vs one by one (should be equal), online vs cached (close).
+        diffs = {}
+        for v in variants:
+            cached = _weights(work / "cached" / v.name)
+            diffs[v.name] = {
+                "single_pass_vs_cached": max_abs_diff(
+                    _weights(work / "single_pass" / v.name), cached),
+                "online_vs_cached": max_abs_diff(_weights(work / "online" / v.name), cached),
+            }
+        # Their scale: how far training moved each draft from its initialisation.
+        load_started = time.perf_counter()
+        init_weights = models.load_model(args.draft)[0].state_dict()
+        init_load_seconds = time.perf_counter() - load_started
+        update_scale = {}
+        for v in variants:
+            trained = _weights(work / "cached" / v.name)
+            update_scale[v.name] = max_abs_diff(trained, {k: init_weights[k] for k in trained})
+    finally:
+        if not args.workdir and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    # ---- ratios -------------------------------------------------------------------------------
+    ph = timers.phases
+    wall = {m: ph[m]["seconds"] for m in MODES}
+    cache_only_setup = (ph["setup: target cache, train split"]["seconds"]
+                        + ph["setup: ref stage, train split"]["seconds"])
+    shared_setup = (ph["setup: target cache, test split"]["seconds"]
+                    + ph["setup: reference training"]["seconds"])
+    per_variant = {m: wall[m] / n for m in MODES}
+    extra = per_variant["online"] - per_variant["cached"]
+
+    def evaluation(mode: str) -> float:
+        pieces = ph[mode]["pieces"]
+        return sum(pieces.get(p, 0.0) for p in (
+            "offline evaluation", "load trained draft", "tables + plots"))
+
+    train_part = {m: wall[m] - evaluation(m) for m in MODES}
+    summary = {
+        "variants": n,
+        "online_over_cached": wall["online"] / wall["cached"],
+        "online_over_cached_with_cache_setup": wall["online"] / (wall["cached"]
+                                                                  + cache_only_setup),
+        "break_even_variants": cache_only_setup / extra if extra > 0 else math.inf,
+        "online_over_cached_training_only": train_part["online"] / train_part["cached"],
+        "single_pass_over_one_by_one": wall["single_pass"] / wall["cached"],
+        "single_pass_over_one_by_one_training_only":
+            train_part["single_pass"] / train_part["cached"],
+        "max_abs_weight_diff_single_pass_vs_one_by_one":
+            max(d["single_pass_vs_cached"] for d in diffs.values()),
+        "max_abs_weight_diff_online_vs_cached":
+            max(d["online_vs_cached"] for d in diffs.values()),
+        "cache_only_setup_seconds": cache_only_setup,
+        "shared_setup_seconds": shared_setup,
+        "total_seconds": total_seconds,
+    }
+
+    # ---- tables -------------------------------------------------------------------------------
+    counts = manifest["stages"]["sequences"]["counts"]
+    test_counts = test_manifest["stages"]["sequences"]["counts"]
+    print(f"\n{cfg.data.task}: train {counts}, test {test_counts}; target {args.target}, draft "
+          f"{args.draft}, K={args.topk}, batch {args.batch_size}, {args.epochs:g} epoch(s), "
+          f"torch threads {torch.get_num_threads()}")
+    phase_rows = []
+    for name, p in ph.items():
+        loads = sum(s for piece, s in p["pieces"].items() if piece.startswith("load "))
+        per = p["seconds"] / n if name in MODES else ""
+        phase_rows.append([name, p["seconds"], per, loads, p["others_cores"]])
+    print()
+    print(format_table(["phase", "wall s", "per variant s", "of which model loads s",
+                        "others' cores"], phase_rows))
+
+    ratio_rows = [
+        ["online / cached (sweep wall time)", summary["online_over_cached"]],
+        ["online / (cached + cache-only setup)", summary["online_over_cached_with_cache_setup"]],
+        ["  break-even: variants for the cache to pay off", summary["break_even_variants"]],
+        ["online / cached, training only (evaluation excluded)",
+         summary["online_over_cached_training_only"]],
+        ["single pass / one by one (sweep wall time)", summary["single_pass_over_one_by_one"]],
+        ["single pass / one by one, training only",
+         summary["single_pass_over_one_by_one_training_only"]],
+        ["max |weight diff| single pass vs one by one",
+         summary["max_abs_weight_diff_single_pass_vs_one_by_one"]],
+        ["max |weight diff| online vs cached", summary["max_abs_weight_diff_online_vs_cached"]],
+    ]
+    print()
+    print(format_table(["ratio", "value"],
+                       [[a, f"{b:.3e}" if "diff" in a else b] for a, b in ratio_rows]))
+
+    pieces = sorted({piece for m in MODES for piece in ph[m]["pieces"]},
+                    key=lambda piece: -max(ph[m]["pieces"].get(piece, 0.0) for m in MODES))
+    piece_rows = [[piece] + [ph[m]["pieces"].get(piece, 0.0) for m in MODES] for piece in pieces]
+    piece_rows.append(["other (optimizer step, clipping, setup, logging)"]
+                      + [wall[m] - sum(ph[m]["pieces"].values()) for m in MODES])
+    piece_rows.append(["sweep wall time"] + [wall[m] for m in MODES])
+    print()
+    print(format_table(["where the time goes (s)", *MODES], piece_rows))
+
+    variant_rows = []
+    for i, v in enumerate(variants):
+        r = {m: rows[m][i] for m in MODES}
+        variant_rows.append([v.name] + [r[m]["alpha_mid"] for m in MODES]
+                            + [r["cached"]["final_train_loss"], r["online"]["final_train_loss"],
+                               f"{diffs[v.name]['single_pass_vs_cached']:.2e}",
+                               f"{diffs[v.name]['online_vs_cached']:.2e}",
+                               f"{update_scale[v.name]:.2e}"])
+    print()
+    print(format_table(["variant", "alpha cached", "alpha online", "alpha 1-pass",
+                        "loss cached", "loss online", "|dW| 1-pass", "|dW| online",
+                        "|W - W init|"], variant_rows))
+    print(f"\nonline/cached {summary['online_over_cached']:.2f}x; with the cache-only setup "
+          f"amortised over {n} variants {summary['online_over_cached_with_cache_setup']:.2f}x "
+          f"(break-even at {summary['break_even_variants']:.1f} variants); single pass / one by "
+          f"one {summary['single_pass_over_one_by_one']:.2f}x")
+
+    payload = {
+        "benchmark": "sweep",
+        "what": {
+            "setup": "build_stage target (train, test splits), train stage=ref k=1 from the "
+                     "cache, build_stage ref (train split); each a phase",
+            "cached": "run_sweep(cfg, variants, out, 'test') one by one: train + offline "
+                      "evaluation + tables/plots",
+            "online": "the same variants via train.train with train.online=True and models.ref "
+                      "= the trained reference, then the same evaluation, tables and plots",
+            "single_pass": "run_sweep(..., single_pass=True) into a fresh folder",
+            "cache_only_setup": "target-cache and ref-stage builds of the train split (the "
+                                "reference training and the test cache serve both routes)",
+            "break_even_variants": "cache_only_setup / (online - cached seconds per variant)",
+            "training_only": "phase wall time minus offline evaluation, trained-draft loads "
+                             "and tables/plots",
+            "pieces": "seconds inside wrapped calls; 'waiting for batches' is the loop's wait "
+                      "on the prefetch thread; 'draft backward' is every Tensor.backward",
+            "weight_diffs": "max |w_a - w_b| over every tensor of model.safetensors; "
+                            "update_scale = max |w_cached - w_init| (the draft initialisation)",
+            "others_cores": "CPU seconds of other processes per wall second (/proc/stat)",
+        },
+        "machine": info,
+        "settings": {**vars(args), "config": cfg.to_dict(),
+                     "variants": [v.name for v in variants]},
+        "data": {"train": counts, "test": test_counts},
+        "summary": summary,
+        "phases": ph,
+        "results": rows,
+        "weight_diffs": diffs,
+        "update_scale": update_scale,
+        "init_draft_load_seconds": init_load_seconds,
+    }
+    write_json(Path(args.out), payload)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
