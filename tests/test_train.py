@@ -253,3 +253,39 @@ def test_two_processes_train_like_one_process_with_the_combined_batch(env):
     a, b = _weights(out), _weights(single)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_sigkill_mid_run_then_resume_gives_identical_weights(env):
+    """A real crash: the CLI process is SIGKILLed after a checkpoint, then resumed."""
+    import signal
+    import time
+
+    def cli(out: Path):
+        cmd = [sys.executable, "-m", "adaspec.cli.train", "--cache", str(env.cache),
+               "--task", "gsm8k", "--target", str(env.target), "--draft", f"{env.target}@layers=1",
+               "--k", "0.5", "--batch-size", "1", "--epochs", "2", "--lr", "1e-3",
+               "--checkpoint-every", "2", "--seed", "3", "--out", str(out), "--no-progress"]
+        if out.exists():
+            cmd.append("--resume")
+        return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    whole = cli(env.root / "sig-whole")
+    assert whole.wait(timeout=600) == 0
+    cut = env.root / "sig-cut"
+    proc = cli(cut)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        done = list(cut.glob("checkpoints/*/progress.json"))
+        if done and int(done[0].parent.name.split("-")[1]) >= 4:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (cut / "model").exists()
+    resumed = cli(cut)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err.decode()[-2000:]
+    a, b = _weights(env.root / "sig-whole"), _weights(cut)
+    assert [name for name in a if not torch.equal(a[name], b[name])] == []
