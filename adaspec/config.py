@@ -95,7 +95,7 @@ class CacheConfig:
     """topk (top-K + tail bucket) or sample (draws from the target; Anshumann et al. 2025)."""
     value_encoding: str = "float16"
     """Stored log-prob values: float16, or uint8q (1/16-nat steps)."""
-    id_encoding: str = "plain"
+    id_encoding: str = "delta"
     """Stored token ids: plain, or delta (sorted within a token, differences stored)."""
     batch_tokens: int = 4096
     """Padded tokens per forward batch during the build."""

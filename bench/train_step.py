@@ -34,7 +34,7 @@ time and makes the sizes differ in nothing but size. The timed runs use the larg
     .venv/bin/python bench/train_step.py                   # ~6 min here
     .venv/bin/python bench/train_step.py --steps 8 --rounds 3
     .venv/bin/python bench/train_step.py --target /tmp/tiny --draft /tmp/tiny@layers=1 \\
-        --limit 8 --topk 16 --steps 2 --rounds 1 --rss-steps 1      # smoke
+        --limit 16 --topk 16 --batch-size 2 --steps 2 --rounds 1 --scales 1,10   # smoke
 """
 
 from __future__ import annotations
@@ -187,11 +187,13 @@ def timed_run(mode: str, overrides: dict, run_dir: Path, max_steps: int, batches
     from adaspec.stream import BatchStream
 
     seconds: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
     original_batches, original_load = BatchStream.batches, BatchStream.load
     original_label_logits, original_forward = train_mod._label_logits, train_mod.LossModel.forward
 
     def add(name, start):
         seconds[name] += time.perf_counter() - start
+        calls[name] += 1
 
     def timed_batches(self, start_batch=0, stop_batch=None):
         # (b) serves the batches decoded beforehand; every mode times the loop's wait for one.
@@ -257,6 +259,7 @@ def timed_run(mode: str, overrides: dict, run_dir: Path, max_steps: int, batches
         "losses": [r["loss"] for r in records],
         "selected_fraction": [r["selected_fraction"] for r in records],
         "pieces_seconds": dict(seconds),
+        "pieces_calls": dict(calls),
         "wall_seconds": wall,
         "others_cores": others.stop() / wall,
     }
@@ -434,9 +437,11 @@ def main(argv: list[str] | None = None) -> int:
             "median_step_seconds": statistics.median(steps),
             "tokens_per_s": timed_tokens / statistics.median(totals),
             "label_rows_per_s": sum(label_rows[args.warmup:]) / statistics.median(totals),
-            "pieces_ms_per_step": {
-                name: 1e3 * statistics.median(r["pieces_seconds"].get(name, 0.0) for r in mine)
-                / max_steps
+            # One call per batch each (grad_accum 1); the prefetch thread also reads a few
+            # batches ahead that are never used, hence per call rather than per step.
+            "pieces_ms_per_call": {
+                name: 1e3 * statistics.median(r["pieces_seconds"][name] / r["pieces_calls"][name]
+                                              for r in mine)
                 for name in sorted({n for r in mine for n in r["pieces_seconds"]})},
         }
 
@@ -457,17 +462,32 @@ def main(argv: list[str] | None = None) -> int:
         x == losses["cached"][0] for x in losses["cached"] + losses["in_memory"])
 
     # Peak RSS: fresh processes, the same number of steps at every data size.
+    # The epoch's permutation differs with the data size, so each size's first batches differ:
+    # their largest label-row count (the loss's (N, V) tensors) is recorded beside each peak.
     rss = {}
     rss_steps = min(args.rss_steps, BatchStream(CacheReader(str(caches[1]), task, split),
                                                 args.batch_size, 0, pad_id).batches_per_epoch - 1)
+    if rss_steps < 1:
+        raise SystemExit(f"the 1x cache has {facts[1]['sequences']} sequences, too few for a step "
+                         f"before its epoch ends at --batch-size {args.batch_size}; raise --limit")
+    largest_batch = {}
+    for scale in scales:
+        scaled = BatchStream(CacheReader(str(caches[scale]), task, split), args.batch_size, 0,
+                             pad_id)
+        largest_batch[scale] = max(
+            int(sum(scaled.label_offsets[i + 1] - scaled.label_offsets[i]
+                    for i in scaled.batch_indices(p)))
+            for p in range(rss_steps))
     for scale in scales:
         rss[f"cached {scale}x"] = measure_rss(
             {**base, "cache.cache": str(caches[scale]), "train.out": str(work / f"rss-{scale}")},
             rss_steps)
+        rss[f"cached {scale}x"]["largest_batch_label_rows"] = largest_batch[scale]
         print(f"peak RSS cached {scale}x: {rss[f'cached {scale}x']['peak_rss_mib']:.0f} MiB")
     rss["online 1x"] = measure_rss(
         {**base, "cache.cache": str(caches[1]), "train.online": True,
          "train.out": str(work / "rss-online")}, rss_steps)
+    rss["online 1x"]["largest_batch_label_rows"] = largest_batch[1]
     for entry in rss.values():
         if entry["checkpoint_written"]:
             raise SystemExit("an RSS run wrote a checkpoint; its peak is not comparable")
@@ -492,10 +512,10 @@ def main(argv: list[str] | None = None) -> int:
               f"(per round: {spread})")
     print(f"(a) and (b) losses identical step by step: "
           f"{summary['cached_equals_in_memory_losses']}")
-    pieces = sorted({n for m in MODES for n in sm[m]["pieces_ms_per_step"]})
+    pieces = sorted({n for m in MODES for n in sm[m]["pieces_ms_per_call"]})
     print()
-    print(format_table(["ms per step (incl. warm-up)"] + [f"({m[0]})" for m in ("a", "b", "c")],
-                       [[n] + [sm[m]["pieces_ms_per_step"].get(n, 0.0) for m in MODES]
+    print(format_table(["ms per batch (warm-up included)", "(a)", "(b)", "(c)"],
+                       [[n] + [sm[m]["pieces_ms_per_call"].get(n, "") for m in MODES]
                         for n in pieces]))
     print()
     rss_rows = []
@@ -503,11 +523,12 @@ def main(argv: list[str] | None = None) -> int:
         scale = int(name.split()[1].rstrip("x"))
         f = facts[scale]
         rss_rows.append([name, f["sequences"], f["label_tokens"], f["disk_bytes"] / 2**20,
-                         f["decoded_bytes"] / 2**20, entry["peak_rss_mib"],
-                         entry["peak_rss_steps_mib"] or "n/a",
-                         entry.get("steps_peak_vs_cached_1x", entry["peak_vs_cached_1x"])])
+                         f["decoded_bytes"] / 2**20, entry["largest_batch_label_rows"],
+                         entry["peak_rss_mib"], entry["peak_rss_steps_mib"] or "n/a",
+                         entry["peak_vs_cached_1x"]])
     print(format_table(["peak RSS (own process)", "sequences", "label rows", "cache MiB",
-                        "decoded MiB", "peak MiB", "peak, steps", "steps vs 1x"], rss_rows))
+                        "decoded MiB", "max rows/batch", "peak MiB", "peak, steps",
+                        "peak vs 1x"], rss_rows))
 
     payload = {
         "benchmark": "train_step",

@@ -300,11 +300,18 @@ class CacheReader:
         seq = self.group[schema.SEQUENCES]
         self.offsets = seq["offsets"][:]
         self.label_offsets = seq["label_offsets"][:]
-        self._input_ids = seq["input_ids"]
-        self._label_mask = seq["label_mask"]
+        # Tokens are small (2-4 B each, no logits): holding them saves a chunk decode per read.
+        self._input_ids = seq["input_ids"][:].astype(np.int64)
+        self._label_mask = seq["label_mask"][:].astype(bool)
         self.source_index = seq["source_index"][:]
         target_stage = self.manifest.get("stages", {}).get(schema.TARGET, {})
         self.target_params = target_stage.get("params", {})
+        # Arrays opened once: opening one reads its metadata from the store.
+        self._target = (
+            {name: array for name, array in self.group[schema.TARGET].arrays()}
+            if schema.TARGET in self.group
+            else {}
+        )
 
     @property
     def n_sequences(self) -> int:
@@ -317,19 +324,16 @@ class CacheReader:
     def sequence(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids (T,) int64, label_mask (T,) bool) of one sequence."""
         start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
-        return (
-            self._input_ids[start:stop].astype(np.int64),
-            self._label_mask[start:stop].astype(bool),
-        )
+        return self._input_ids[start:stop], self._label_mask[start:stop]
 
     def all_tokens(self) -> tuple[np.ndarray, np.ndarray]:
         """Every sequence's tokens and label mask, concatenated (small: no per-token logits)."""
-        return self._input_ids[:].astype(np.int64), self._label_mask[:].astype(bool)
+        return self._input_ids, self._label_mask
 
     def target_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Decoded target rows [start, stop): ids (n, K) int64, logprobs (n, K) float32, and
         tail_logmass (n,) float32 (topk) or counts (n, K) float32 (sample)."""
-        target = self.group[schema.TARGET]
+        target = self._target
         encoding = self.target_params.get("value_encoding", "float16")
         rows = {
             "ids": schema.decode_ids(
