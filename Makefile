@@ -25,13 +25,13 @@ DEMO := --config configs/demo.yaml --cache $(DEMO_DIR)/cache
 demo: setup
 	$(BIN)/adaspec-cache preview --task arith --limit 1
 	$(BIN)/adaspec-cache build --model target $(DEMO)
-	$(BIN)/adaspec-cache build --model target $(DEMO) --split test --limit 40
+	$(BIN)/adaspec-cache build --model target $(DEMO) --split test --limit 24
 	$(BIN)/adaspec-train $(DEMO) --stage ref --out $(DEMO_DIR)/runs/ref-k1.0
 	$(BIN)/adaspec-cache build --model ref $(DEMO)
 	$(BIN)/adaspec-train $(DEMO) --stage draft --k 0.4 --out $(DEMO_DIR)/runs/adaspec-k0.4
 	$(BIN)/adaspec-cache info --cache $(DEMO_DIR)/cache
 	$(BIN)/adaspec-cache verify --cache $(DEMO_DIR)/cache
-	$(BIN)/adaspec-eval $(DEMO) --split test --limit 40 --prompts 3 --max-new-tokens 48 \
+	$(BIN)/adaspec-eval $(DEMO) --split test --limit 24 --prompts 2 --max-new-tokens 32 \
 		--draft smollm2-135m@layers=2 $(DEMO_DIR)/runs/ref-k1.0 $(DEMO_DIR)/runs/adaspec-k0.4 \
 		--json $(DEMO_DIR)/eval.json
 

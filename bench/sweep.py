@@ -1,6 +1,6 @@
 """What a sweep of drafts costs from the cache, online, and in one shared pass over the data.
 
-One process, one work folder, one run; every measure below runs in it, one after the other:
+One process, one work folder, one run; every measure below runs in it:
 
 - setup (paid once, timed apart): the target cache of the train split and of a small test split
   (`build_stage(cfg, "target")`), the reference (`train(stage="ref")`, k = 1, from the cache)
@@ -15,6 +15,12 @@ One process, one work folder, one run; every measure below runs in it, one after
   (they should be equal); the online drafts are compared with the cached ones too (they differ
   by what the top-K + tail cache and its float16 values change in the gradients).
 
+Other jobs on the machine come and go over minutes, so the sweeps are interleaved: each variant's
+cached and online runs go side by side (`run_sweep`/the online mirror over that one variant,
+order alternated), the single pass runs mid-way, and each sweep ends with its call over all
+variants, which trains nothing (finished variants are skipped) and writes the sweep's tables.
+A sweep's wall time is the sum of its calls; process CPU time is given too.
+
 Ratios: online / cached; online / (cached + the setup only the cache needs: both target-cache
 and ref-stage builds of the train split), with the break-even number of variants; single pass /
 one by one. The reference training and the test cache serve both routes and are not charged to
@@ -22,8 +28,8 @@ the cache. Where the time goes is measured by wrapping what the runs call (model
 online target and reference forwards, the draft's forward+loss, backward, waiting for batches,
 checkpoints, offline evaluation); "other" is the rest (mostly the optimizer step).
 
-    .venv/bin/python bench/sweep.py                             # ~15 min here
-    .venv/bin/python bench/sweep.py --ks 0.4,1.0 --limit 24
+    .venv/bin/python bench/sweep.py                             # 15-25 min here
+    .venv/bin/python bench/sweep.py --ks 0.4,1.0 --limit 16
     .venv/bin/python bench/sweep.py --target /tmp/tiny --draft /tmp/tiny@layers=1 --topk 16 \\
         --limit 8 --test-limit 4 --out /tmp/sweep-smoke.json       # smoke, ~1 min
 """
@@ -90,8 +96,9 @@ class PhaseTimers:
         return timed
 
     @contextlib.contextmanager
-    def phase(self, name: str):
-        """Wall, CPU time and other processes' load of one phase of the run."""
+    def phase(self, name: str, label: str = ""):
+        """Wall, CPU time and other processes' load of one segment of a phase of the run; a
+        phase may be run in several segments (they add up), each also kept on its own."""
         self.current = name
         others = OtherLoad()
         others.start()
@@ -100,15 +107,21 @@ class PhaseTimers:
         try:
             yield
         finally:
-            wall = time.perf_counter() - start
-            self.phases[name] = {
-                "seconds": wall, "cpu_seconds": time.process_time() - cpu,
-                "others_cores": others.stop() / max(wall, 1e-9),
-                "loadavg_before": loadavg, "loadavg_after": os.getloadavg(),
-                "pieces": dict(self.seconds[name]), "calls": dict(self.calls[name]),
-            }
+            segment = {"label": label, "seconds": time.perf_counter() - start,
+                       "cpu_seconds": time.process_time() - cpu,
+                       "others_cpu_seconds": others.stop(),
+                       "loadavg_before": loadavg, "loadavg_after": os.getloadavg()}
+            p = self.phases.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0,
+                                              "others_cpu_seconds": 0.0, "segments": []})
+            for key in ("seconds", "cpu_seconds", "others_cpu_seconds"):
+                p[key] += segment[key]
+            p["others_cores"] = p["others_cpu_seconds"] / max(p["seconds"], 1e-9)
+            p["segments"].append(segment)
+            p["pieces"], p["calls"] = dict(self.seconds[name]), dict(self.calls[name])
             self.current = "none"
-            print(f"  {name}: {wall:.1f} s", flush=True)
+            print(f"  {name}{' ' + label if label else ''}: {segment['seconds']:.1f} s "
+                  f"(other processes: {segment['others_cpu_seconds'] / segment['seconds']:.2f} "
+                  "cores)", flush=True)
 
 
 @contextlib.contextmanager
@@ -178,13 +191,15 @@ def instrumented(timers: PhaseTimers, role_of):
 
 def online_sweep(cfg, variants, out: Path, eval_split: str, ref_model: str,
                  progress: bool) -> list[dict]:
-    """Like `run_sweep(cfg, variants, out, eval_split)`, each variant trained with online=True."""
+    """`run_sweep(cfg, variants, out, eval_split)` step for step (finished variants skipped),
+    each variant trained with online=True and `models.ref` = the trained reference."""
     from adaspec import sweep, train
     from cache_tools.store import CacheReader
 
     eval_reader = CacheReader(cfg.cache.cache, cfg.data.task, eval_split)
+    todo = [v for v in variants if not (out / v.name / sweep.RESULT_FILE).exists()]
     seconds = {}
-    for v in variants:
+    for v in todo:
         vcfg = sweep.variant_config(cfg, v, out / v.name)  # sets online=False: switched on here
         vcfg = dataclasses.replace(
             vcfg, models=dataclasses.replace(vcfg.models, ref=ref_model),
@@ -192,7 +207,7 @@ def online_sweep(cfg, variants, out: Path, eval_split: str, ref_model: str,
         started = time.perf_counter()
         train.train(vcfg, progress=progress)
         seconds[v.name] = time.perf_counter() - started
-    for v in variants:
+    for v in todo:
         sweep._evaluate_variant(cfg, v, out / v.name, eval_reader, seconds[v.name], progress)
     rows = [json.loads((out / v.name / sweep.RESULT_FILE).read_text()) for v in variants]
     sweep.write_tables(rows, out)
@@ -227,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="draft initialisation (the reference starts from it too)")
     parser.add_argument("--task", default="gsm8k")
     parser.add_argument("--data-files", default=str(DEFAULT_DATA))
-    parser.add_argument("--limit", type=int, default=32, help="train rows (default 32)")
-    parser.add_argument("--test-limit", type=int, default=16, help="test rows (default 16)")
+    parser.add_argument("--limit", type=int, default=24, help="train rows (default 24)")
+    parser.add_argument("--test-limit", type=int, default=12, help="test rows (default 12)")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--topk", type=int, default=64)
     parser.add_argument("--ks", default="0.4,0.7,1.0", help="comma list of k (default 0.4,0.7,1.0)")
@@ -311,16 +326,27 @@ def main(argv: list[str] | None = None) -> int:
                 train.train(ref_cfg, progress=progress)
             with timers.phase("setup: ref stage, train split"):
                 manifest = build_stage(cfg, "ref", progress=progress)
-            print(f"sweeps over k = {args.ks} ({n} variants):")
-            with timers.phase("cached"):
-                rows["cached"] = sweep.run_sweep(cfg, variants, work / "cached", "test",
-                                                 progress=progress)
-            with timers.phase("online"):
-                rows["online"] = online_sweep(cfg, variants, work / "online", "test",
-                                              str(ref_model), progress)
-            with timers.phase("single_pass"):
-                rows["single_pass"] = sweep.run_sweep(cfg, variants, work / "single_pass", "test",
-                                                      single_pass=True, progress=progress)
+            # The machine's load drifts over minutes: the cached and the online run of each
+            # variant go side by side (order alternated), and the single pass runs mid-way.
+            # A sweep finishes with a call over all variants that trains nothing (finished
+            # variants are skipped) and writes the sweep's tables and plots.
+            print(f"sweeps over k = {args.ks} ({n} variants), cached and online interleaved:")
+
+            def one(mode: str, chosen: list, label: str) -> list[dict]:
+                with timers.phase(mode, label):
+                    if mode == "online":
+                        return online_sweep(cfg, chosen, work / mode, "test", str(ref_model),
+                                            progress)
+                    return sweep.run_sweep(cfg, chosen, work / mode, "test",
+                                           single_pass=mode == "single_pass", progress=progress)
+
+            for i, v in enumerate(variants):
+                for mode in ("cached", "online") if i % 2 == 0 else ("online", "cached"):
+                    one(mode, [v], v.name)
+                if i == (n - 1) // 2:
+                    rows["single_pass"] = one("single_pass", variants, "all variants")
+            rows["cached"] = one("cached", variants, "all variants (nothing to train: tables)")
+            rows["online"] = one("online", variants, "all variants (nothing to train: tables)")
         total_seconds = time.perf_counter() - started
 
         # The drafts: single pass vs one by one (should be equal), online vs cached (close).
@@ -360,12 +386,19 @@ def main(argv: list[str] | None = None) -> int:
             "offline evaluation", "load trained draft", "tables + plots"))
 
     train_part = {m: wall[m] - evaluation(m) for m in MODES}
+    # Per variant, the cached and the online run went side by side: one ratio each.
+    pair_ratios = {}
+    for v in variants:
+        got = {m: sum(seg["seconds"] for seg in ph[m]["segments"] if seg["label"] == v.name)
+               for m in ("cached", "online")}
+        pair_ratios[v.name] = got["online"] / got["cached"]
     summary = {
         "variants": n,
         "online_over_cached": wall["online"] / wall["cached"],
         "online_over_cached_with_cache_setup": wall["online"] / (wall["cached"]
                                                                   + cache_only_setup),
         "break_even_variants": cache_only_setup / extra if extra > 0 else math.inf,
+        "online_over_cached_per_variant": pair_ratios,
         "online_over_cached_training_only": train_part["online"] / train_part["cached"],
         # Process CPU time is less sensitive than wall time to other jobs on a shared machine.
         "online_over_cached_cpu": ph["online"]["cpu_seconds"] / ph["cached"]["cpu_seconds"],
@@ -400,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ratio_rows = [
         ["online / cached (sweep wall time)", summary["online_over_cached"]],
+        *[[f"  {name}: online / cached side by side", r] for name, r in pair_ratios.items()],
         ["online / (cached + cache-only setup)", summary["online_over_cached_with_cache_setup"]],
         ["  break-even: variants for the cache to pay off", summary["break_even_variants"]],
         ["online / cached, training only (evaluation excluded)",
