@@ -31,7 +31,7 @@ larger sizes (`--scales`) repeat that cache's sequences and stored rows S times,
 `store.write_sequences` and `StageWriter` (same encoding, chunks and shards), which costs no model
 time and makes the sizes differ in nothing but size. The timed runs use the largest cache.
 
-    .venv/bin/python bench/train_step.py                   # ~6 min here
+    .venv/bin/python bench/train_step.py                   # ~16 min with other jobs on 1 core
     .venv/bin/python bench/train_step.py --steps 8 --rounds 3
     .venv/bin/python bench/train_step.py --target /tmp/tiny --draft /tmp/tiny@layers=1 \\
         --limit 16 --topk 16 --batch-size 2 --steps 2 --rounds 1 --scales 1,10   # smoke
