@@ -26,7 +26,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from adaspec import evaluate, models, selection, train
+from adaspec import build, evaluate, models, selection, train
 from adaspec.config import Config
 from adaspec.errors import UserError
 from adaspec.stream import BatchStream
@@ -91,12 +91,19 @@ def train_single_pass(cfg: Config, variants: list[Variant], out: Path,
         raise ValueError("a single pass needs one seed and one divergence")
     if cfg.train.grad_accum != 1:
         raise UserError("--single-pass trains with --grad-accum 1; drop --grad-accum or the flag")
+    if cfg.train.selection != "adaspec" or cfg.train.threshold != "batch":
+        raise UserError(
+            "--single-pass implements AdaSPEC selection with the micro-batch threshold only; "
+            f"selection={cfg.train.selection}, threshold={cfg.train.threshold} need the "
+            "one-by-one sweep (drop --single-pass)"
+        )
     base = variant_config(cfg, variants[0], out / variants[0].name)
     need_ref = any(train._needs_ref(variant_config(cfg, v, out)) for v in variants)
     reader = CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split)
     device = torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda")
     torch.manual_seed(variants[0].seed)
-    draft, tokenizer = models.load_model(cfg.models.draft)
+    draft, tokenizer = models.load_model(cfg.models.draft,
+                                         dtype=build.resolve_dtype(cfg.models.dtype, device))
     train._check_tokenizer(reader, tokenizer, cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     vocab_size = int(reader.manifest["vocab_size"])
