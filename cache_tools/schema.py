@@ -12,7 +12,7 @@ Layout of a cache root (a Zarr v3 group; any Zarr v3 reader can open it):
           source_index  (S,)   int64           row of the task's split each sequence came from
         target/                     one row per label token, in sequence order
           ids           (N, K) uint16|uint32   top-K token ids (or sampled ids, mode "sample");
-                                               id_encoding "delta": sorted, stored as differences
+                                               "delta": first kept, rest sorted, differences
           logprobs      (N, K) float16|uint8   target log-probs of those ids (full log-softmax)
           tail_logmass  (N,)   float32         log(1 - sum_k p_k), mode "topk" (-inf: nothing left)
           counts        (N, K) uint16          draws per id, mode "sample" (0 = padding slot)
@@ -91,24 +91,28 @@ def decode_logprobs(stored: np.ndarray, encoding: str) -> np.ndarray:
     raise ValueError(f"unknown value encoding {encoding!r}; choose one of {VALUE_ENCODINGS}")
 
 
-def encode_rows(
-    ids: np.ndarray, values: np.ndarray, counts: np.ndarray | None, encoding: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def encode_rows(ids: np.ndarray, values: np.ndarray, counts: np.ndarray | None,
+                encoding: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Order a row's entries for storage. "plain": as given (top-K: largest first).
-    "delta": ids sorted ascending and stored as [first id, differences...] (small numbers that
-    compress far better than random ids); values and counts follow the same order."""
+
+    "delta": the first entry (the top-1 in top-K mode) stays first with its id as is, so the
+    target's greedy token is exact whatever the value rounding; the other ids are sorted and
+    stored as [smallest, differences...], small numbers that compress far better than random
+    ids. Values and counts follow the same order.
+    """
     if encoding == "plain":
         return ids, values, counts
     if encoding != "delta":
         raise ValueError(f"unknown id encoding {encoding!r}; choose one of {ID_ENCODINGS}")
-    order = np.argsort(ids, axis=-1, kind="stable")
+    order = np.argsort(ids[:, 1:], axis=-1, kind="stable") + 1  # (N, K-1) the rest, by id
+    order = np.concatenate([np.zeros((len(ids), 1), dtype=order.dtype), order], axis=-1)
     ids = np.take_along_axis(ids, order, -1)
     values = np.take_along_axis(values, order, -1)
     if counts is not None:
         counts = np.take_along_axis(counts, order, -1)
-    deltas = ids.copy()
-    deltas[:, 1:] = ids[:, 1:] - ids[:, :-1]
-    return deltas, values, counts
+    stored = ids.copy()
+    stored[:, 2:] = ids[:, 2:] - ids[:, 1:-1]
+    return stored, values, counts
 
 
 def decode_ids(stored: np.ndarray, encoding: str) -> np.ndarray:
@@ -116,7 +120,9 @@ def decode_ids(stored: np.ndarray, encoding: str) -> np.ndarray:
     if encoding == "plain":
         return stored.astype(np.int64)
     if encoding == "delta":
-        return np.cumsum(stored.astype(np.int64), axis=-1)
+        ids = stored.astype(np.int64)
+        ids[:, 1:] = np.cumsum(ids[:, 1:], axis=-1)
+        return ids
     raise ValueError(f"unknown id encoding {encoding!r}; choose one of {ID_ENCODINGS}")
 
 

@@ -165,7 +165,8 @@ def test_delta_id_encoding_round_trips_with_values_following():
     counts = rng.integers(1, 5, size=(20, 16)).astype(np.uint16)
     stored, v2, c2 = schema.encode_rows(ids, values, counts, "delta")
     back = schema.decode_ids(stored, "delta")
-    assert np.all(np.diff(back, axis=-1) > 0)  # sorted
+    np.testing.assert_array_equal(back[:, 0], ids[:, 0])  # the first (top-1) entry stays first
+    assert np.all(np.diff(back[:, 1:], axis=-1) > 0)  # the rest sorted
     for row in range(20):
         pairs = zip(values[row].tolist(), counts[row].tolist(), strict=True)
         original = dict(zip(ids[row].tolist(), pairs, strict=True))
