@@ -308,10 +308,12 @@ def _sequence_params(cfg: Config, fingerprint: str, generate: dict | None = None
     }
 
 
-def ensure_sequences(group, cfg: Config, tokenizer) -> dict:
-    """Write the sequences stage (or check the stored one matches this run); main process only."""
-    fingerprint = models.tokenizer_fingerprint(tokenizer)
-    params = _sequence_params(cfg, fingerprint)
+def _ensure_sequences(group, cfg: Config, tokenizer, tokenized_fn, generate=None) -> dict:
+    """Write the sequences stage (or check the stored one matches this run); main process only.
+
+    tokenized_fn() -> list of TokenizedExample, called only when the stage must be written.
+    """
+    params = _sequence_params(cfg, models.tokenizer_fingerprint(tokenizer), generate)
     manifest = store.read_manifest(group)
     stage = manifest.get("stages", {}).get(schema.SEQUENCES, {})
     if stage.get("status") == schema.STATUS_COMPLETE:
@@ -319,16 +321,24 @@ def ensure_sequences(group, cfg: Config, tokenizer) -> dict:
             f"cache {cfg.data.task}/{cfg.data.split} sequences",
             stage["params"],
             params,
-            "use a new --cache directory for other data or another tokenizer",
+            "use a new --cache directory for other data, tokenizer or generation settings",
         )
         return manifest
-    examples = tasks.load_examples(
-        cfg.data.task, cfg.data.split, cfg.data.data_files, cfg.data.limit, cfg.data.seed
-    )
-    tokenized = tasks.tokenize_examples(
-        examples, tokenizer, cfg.data.max_length, cfg.data.chat_template
-    )
-    return _write_sequences_stage(group, cfg, tokenizer, tokenized, params)
+    return _write_sequences_stage(group, cfg, tokenizer, tokenized_fn(), params)
+
+
+def ensure_sequences(group, cfg: Config, tokenizer) -> dict:
+    """The sequences stage of the task's own data."""
+
+    def tokenized():
+        examples = tasks.load_examples(
+            cfg.data.task, cfg.data.split, cfg.data.data_files, cfg.data.limit, cfg.data.seed
+        )
+        return tasks.tokenize_examples(
+            examples, tokenizer, cfg.data.max_length, cfg.data.chat_template
+        )
+
+    return _ensure_sequences(group, cfg, tokenizer, tokenized)
 
 
 def _write_sequences_stage(group, cfg: Config, tokenizer, tokenized, params: dict) -> dict:
@@ -500,27 +510,19 @@ def load_generated(cfg: Config) -> dict[int, dict[str, np.ndarray]]:
 
 
 def ensure_generated_sequences(group, cfg: Config, tokenizer, generated: dict, gen_params: dict):
-    """The sequences stage of a --generate build (main process only)."""
-    params = _sequence_params(cfg, models.tokenizer_fingerprint(tokenizer), gen_params)
-    manifest = store.read_manifest(group)
-    stage = manifest.get("stages", {}).get(schema.SEQUENCES, {})
-    if stage.get("status") == schema.STATUS_COMPLETE:
-        store.check_params(
-            f"cache {cfg.data.task}/{cfg.data.split} sequences",
-            stage["params"],
-            params,
-            "use a new --cache directory for other data, tokenizer or generation settings",
-        )
-        return manifest
-    tokenized = [
-        tasks.TokenizedExample(
-            g["input_ids"].tolist(),
-            np.where(g["label_mask"], g["input_ids"], -100).tolist(),
-            source,
-        )
-        for source, g in sorted(generated.items())
-    ]
-    return _write_sequences_stage(group, cfg, tokenizer, tokenized, params)
+    """The sequences stage of a --generate build: prompts plus the target's own responses."""
+
+    def tokenized():
+        return [
+            tasks.TokenizedExample(
+                g["input_ids"].tolist(),
+                np.where(g["label_mask"], g["input_ids"], -100).tolist(),
+                source,
+            )
+            for source, g in sorted(generated.items())
+        ]
+
+    return _ensure_sequences(group, cfg, tokenizer, tokenized, gen_params)
 
 
 def _require_sequences(group, cfg: Config) -> dict:
