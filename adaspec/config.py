@@ -357,19 +357,3 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise UserError(f"config file {path} must hold a mapping of sections")
     clean = {k: v for k, v in (overrides or {}).items() if v is not None}
     return build_config(file_values, clean)
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Field docstrings (the string literal under each field) for --help texts."""
-    import ast
-    import inspect
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    docs: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
-            if isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                docs[node.target.id] = nxt.value.value  # type: ignore[attr-defined]
-    return docs
