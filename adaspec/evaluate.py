@@ -23,6 +23,7 @@ from adaspec import acceptance, build, models, speculative, tasks
 from adaspec.build import label_hidden_and_head, sparse_target_from_rows
 from adaspec.config import Config
 from adaspec.errors import UserError
+from adaspec.stream import online_sequences
 from cache_tools.store import CacheReader
 
 
@@ -40,14 +41,9 @@ def _cache_sequences(reader: CacheReader) -> _Sequences:
 
 
 def _task_sequences(cfg: Config, tokenizer) -> _Sequences:
-    examples = tasks.load_examples(
-        cfg.data.task, cfg.data.split, cfg.data.data_files, cfg.data.limit, cfg.data.seed
-    )
-    tokenized = tasks.tokenize_examples(
-        examples, tokenizer, cfg.data.max_length, cfg.data.chat_template
-    )
-    ids, masks, _ = build.order_sequences(tokenized)
-    return _Sequences(ids, masks)
+    seqs = online_sequences(cfg, tokenizer)
+    pairs = [seqs.sequence(i) for i in range(seqs.n_sequences)]
+    return _Sequences([p[0] for p in pairs], [p[1] for p in pairs])
 
 
 def _batches(n: int, lengths: list[int], batch_tokens: int) -> list[tuple[int, int]]:

@@ -76,6 +76,16 @@ def seed():
     return 0
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: tiny matmuls on a shared 2-core machine run ~30x slower with two
+    threads spinning against other jobs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tiny_tokenizer()

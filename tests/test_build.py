@@ -161,36 +161,16 @@ def test_ref_stage_with_k_equal_v_gives_dense_kl(tmp_path, tiny_model_dir, tiny_
     np.testing.assert_allclose(stored, np.concatenate(dense), rtol=2e-2, atol=2e-3)
 
 
+def _build_args(cache: Path, model_dir: Path, extra=()) -> list[str]:
+    """`adaspec-cache build` arguments of the crash and multi-process tests."""
+    return ["build", "--model", "target", "--target", str(model_dir), "--task", "gsm8k",
+            "--data-files", str(GSM8K), "--limit", "40", "--max-length", "512",
+            "--cache", str(cache), "--topk", "16", "--shard-rows", "1024",
+            "--chunk-rows", "256", "--batch-tokens", "2048", *extra]
+
+
 def _cli_build(cache: Path, model_dir: Path, extra=(), env=None, **popen):
-    cmd = [
-        sys.executable,
-        "-m",
-        "adaspec.cli.cache",
-        "build",
-        "--model",
-        "target",
-        "--target",
-        str(model_dir),
-        "--task",
-        "gsm8k",
-        "--data-files",
-        str(GSM8K),
-        "--limit",
-        "40",
-        "--max-length",
-        "512",
-        "--cache",
-        str(cache),
-        "--topk",
-        "16",
-        "--shard-rows",
-        "1024",
-        "--chunk-rows",
-        "256",
-        "--batch-tokens",
-        "2048",
-        *extra,
-    ]
+    cmd = [sys.executable, "-m", "adaspec.cli.cache", *_build_args(cache, model_dir, extra)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(cmd, cwd=REPO, env=full_env, **popen)
 
@@ -298,29 +278,7 @@ def test_two_process_build_equals_one_process_build(tmp_path, tiny_model_dir):
         "no",
         "-m",
         "adaspec.cli.cache",
-        "build",
-        "--model",
-        "target",
-        "--target",
-        str(tiny_model_dir),
-        "--task",
-        "gsm8k",
-        "--data-files",
-        str(GSM8K),
-        "--limit",
-        "40",
-        "--max-length",
-        "512",
-        "--cache",
-        str(tmp_path / "two"),
-        "--topk",
-        "16",
-        "--shard-rows",
-        "1024",
-        "--chunk-rows",
-        "256",
-        "--batch-tokens",
-        "2048",
+        *_build_args(tmp_path / "two", tiny_model_dir),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

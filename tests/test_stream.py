@@ -13,15 +13,7 @@ from adaspec.config import build_config
 from adaspec.stream import BatchStream, online_sequences, prefetch
 from cache_tools import store
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: tiny matmuls on a shared 2-core machine run ~30x slower with two
-    threads spinning against other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

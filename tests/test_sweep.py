@@ -6,15 +6,13 @@ import dataclasses
 
 import pytest
 import torch
-from test_train import (
-    _cfg,
-    _weights,
-    one_thread,  # noqa: F401
-)
+from test_train import _cfg, _weights
 from test_train import env as train_env  # noqa: F401  (module fixture: tiny cache with a ref)
 
 from adaspec.build import build_stage
 from adaspec.sweep import grid, run_sweep
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,15 +29,7 @@ from adaspec.errors import UserError
 from adaspec.train import lr_factor, resolve_config, train
 from cache_tools import schema, store
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: tiny matmuls on a shared 2-core machine run ~30x slower with two
-    threads spinning against other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
