@@ -62,11 +62,15 @@ def sparse_acceptance_bounds(
 
     The K cached tokens give sum_k min(p_k, q_k) exactly; the tail tokens add something in
     [0, min(p_tail, q_tail)], because a sum of minima is at most the minimum of the sums.
+    The same holds for any set of known entries, e.g. the distinct tokens of a sampled cache:
+    a slot whose log-prob is -inf is empty (its id is ignored).
 
     Args:
-        target_ids: (N, K) integer token ids of the cached target entries, distinct per row.
-        target_logprobs: (N, K) target log-probs of those ids.
-        target_tail_logmass: (N,) log of the target mass outside the K ids (-inf when K = V).
+        target_ids: (N, K) integer token ids of the cached target entries, distinct per row
+            among the non-empty slots.
+        target_logprobs: (N, K) target log-probs of those ids; -inf marks an empty slot.
+        target_tail_logmass: (N,) log of the target mass outside the known ids (-inf when they
+            cover the vocabulary).
         draft_logprobs: (N, V) full draft log-probs.
 
     Returns:
@@ -80,6 +84,7 @@ def sparse_acceptance_bounds(
         )
     target_probs = target_logprobs.float().exp()  # (N, K)
     draft_probs = draft_logprobs.float().gather(-1, target_ids.long()).exp()  # (N, K)
+    draft_probs = torch.where(target_logprobs == float("-inf"), 0.0, draft_probs)  # empty slots
     lower = torch.minimum(target_probs, draft_probs).sum(dim=-1)
     target_tail = target_tail_logmass.float().exp()
     # q's mass outside the K ids; clamp the rounding error that can make it slightly negative

@@ -584,13 +584,22 @@ def _target_arrays(cfg: Config, vocab_size: int) -> dict[str, store.RowArray]:
     return arrays
 
 
+LabelForward = Callable[[list[np.ndarray], list[np.ndarray], int], tuple[int, Callable]]
+
+
 def build_stage(
-    cfg: Config, role: str, model_spec: str | None = None, progress: bool = True
+    cfg: Config, role: str, model_spec: str | None = None, progress: bool = True,
+    loaded: tuple | None = None, label_forward: LabelForward | None = None,
 ) -> dict:
     """Build (or resume) the `target` stage or a `ref/<name>` stage of one task/split.
 
     Works in one process or under `accelerate launch` (each process takes every N-th shard).
     Returns the split's manifest after the build.
+
+    For studies that build many caches of the same sequences (bench/fidelity.py):
+    `loaded` is the (model, tokenizer) of `model_spec` already in memory (not loaded again), and
+    `label_forward(seqs, masks, pad_id) -> (n_rows, logits_fn)` replaces
+    `label_hidden_and_head(model, ...)` for the target stage, e.g. a memo of it.
     """
     if role not in ("target", "ref"):
         raise UserError(f"--model must be target or ref, got {role!r}")
@@ -604,12 +613,13 @@ def build_stage(
         with_lock_error = err
     _all_ok(state, with_lock_error)
     try:
-        return _build_locked(cfg, role, model_spec, state, progress)
+        return _build_locked(cfg, role, model_spec, state, progress, loaded, label_forward)
     finally:
         lock.__exit__(None, None, None)
 
 
-def _build_locked(cfg, role, model_spec, state: PartialState, progress: bool) -> dict:
+def _build_locked(cfg, role, model_spec, state: PartialState, progress: bool,
+                  loaded: tuple | None, label_forward: LabelForward | None) -> dict:
     if role == "target":
         spec = model_spec or cfg.models.target
     else:
@@ -618,7 +628,10 @@ def _build_locked(cfg, role, model_spec, state: PartialState, progress: bool) ->
     device = state.device
     dtype = resolve_dtype(cfg.models.dtype, device)
     device_map = cfg.models.device_map if role == "target" else None
-    model, tokenizer = models.load_model(spec, dtype=dtype, device_map=device_map)
+    if loaded is not None:
+        model, tokenizer = loaded
+    else:
+        model, tokenizer = models.load_model(spec, dtype=dtype, device_map=device_map)
     if device_map is None:
         model.to(device)
     model.eval()
@@ -699,7 +712,10 @@ def _build_locked(cfg, role, model_spec, state: PartialState, progress: bool) ->
         source = group[schema.SEQUENCES]["source_index"][:]
         compute = _staged_batch_fn(cfg, layout, seqs, source, generated, vocab_size)
     elif role == "target":
-        compute = _target_batch_fn(cfg, model, seqs, masks, layout, pad_id, vocab_size)
+        if label_forward is None:
+            def label_forward(seqs_, masks_, pad_id_):
+                return label_hidden_and_head(model, seqs_, masks_, pad_id_)
+        compute = _target_batch_fn(cfg, label_forward, seqs, masks, layout, pad_id, vocab_size)
     else:
         reader = store.CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split)
         compute = _ref_batch_fn(model, seqs, masks, layout, pad_id, vocab_size, reader)
@@ -712,13 +728,14 @@ def _build_locked(cfg, role, model_spec, state: PartialState, progress: bool) ->
     return _on_main(state, lambda: _finish_stage(group, writer, stage, counts))  # type: ignore[return-value]
 
 
-def _target_batch_fn(cfg, model, seqs, masks, layout: _Layout, pad_id: int, vocab_size: int):
+def _target_batch_fn(cfg, label_forward: LabelForward, seqs, masks, layout: _Layout, pad_id: int,
+                     vocab_size: int):
     rows_of = _row_fn(cfg, vocab_size)
 
     @torch.no_grad()
     def compute(batch: int) -> tuple[dict[str, np.ndarray], int]:
         a, b = layout.batches[batch]
-        n, logits_fn = label_hidden_and_head(model, seqs[a:b], masks[a:b], pad_id)
+        n, logits_fn = label_forward(seqs[a:b], masks[a:b], pad_id)
         generator = torch.Generator().manual_seed(cfg.cache.seed * 1_000_003 + batch)
         parts: dict[str, list[np.ndarray]] = {}
         for start in range(0, n, LOGIT_ROWS):

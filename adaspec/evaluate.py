@@ -2,8 +2,9 @@
 
 1. offline: from a cache of the evaluation split (the target is not loaded): the mean over label
    tokens of sum_x min(p, q) = 1 - TVD(p, q) (the probability that a token sampled from the draft
-   is accepted) lies between bounds set by the cached top-K and tail mass; plus the greedy
-   agreement rate (draft argmax == the target's top-1).
+   is accepted) lies between bounds set by the cached entries (top-K, or the distinct sampled
+   tokens of a sampled cache) and the mass outside them; plus the greedy agreement rate (draft
+   argmax == the target's top-1; in a sampled cache, the most probable sampled token).
 2. exact: the same two numbers teacher-forced with the target loaded, over the full vocabulary.
 3. speculative: real speculative decoding (`speculative.py`) over the split's prompts, with the
    three conventions papers and engines use, and the speed of speculative against target-only
@@ -20,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from adaspec import acceptance, build, models, speculative, tasks
-from adaspec.build import label_hidden_and_head, sparse_target_from_rows
+from adaspec.build import label_hidden_and_head
 from adaspec.config import Config
 from adaspec.errors import UserError
 from adaspec.stream import online_sequences
@@ -58,13 +59,26 @@ def _label_logprobs(model, ids, masks, pad_id: int, vocab_size: int) -> torch.Te
     return torch.log_softmax(logits, dim=-1)
 
 
+def known_entries(rows: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decoded cache rows -> (ids, log-probs with -inf for empty slots, log tail mass).
+
+    topk rows are returned as stored. In a sampled cache the known entries are the distinct
+    sampled ids (slots with count 0 are empty) and the tail is the target mass outside them.
+    """
+    ids = torch.from_numpy(rows["ids"])
+    logprobs = torch.from_numpy(rows["logprobs"]).float()
+    if "tail_logmass" in rows:
+        return ids, logprobs, torch.from_numpy(rows["tail_logmass"]).float()
+    logprobs = torch.where(torch.from_numpy(rows["counts"]) > 0, logprobs, float("-inf"))
+    rest = (1.0 - logprobs.double().exp().sum(-1)).clamp(min=0.0)
+    return ids, logprobs, rest.log().float()
+
+
 def offline_acceptance(
     draft, reader: CacheReader, vocab_size: int, pad_id: int, batch_tokens: int = 4096,
     progress: bool = True,
 ) -> dict:
     """Acceptance of `draft` against the cached target of `reader` (no target model)."""
-    if reader.target_params.get("mode") != "topk":
-        raise UserError("offline acceptance needs a top-K cache (built with --sparse topk)")
     seqs = _cache_sequences(reader)
     lower_sum = upper_sum = agree = 0.0
     n_tokens = 0
@@ -73,11 +87,9 @@ def offline_acceptance(
         draft_lp = _label_logprobs(draft, seqs.input_ids[a:b], seqs.label_masks[a:b], pad_id,
                                    vocab_size)
         rows = reader.target_rows(int(reader.label_offsets[a]), int(reader.label_offsets[b]))
-        target = sparse_target_from_rows(rows)
-        lower, upper = acceptance.sparse_acceptance_bounds(
-            target.ids, target.logprobs, target.tail_logmass, draft_lp
-        )
-        top1 = target.ids.gather(1, target.logprobs.argmax(-1, keepdim=True))[:, 0]  # (N,)
+        ids, logprobs, tail = known_entries(rows)
+        lower, upper = acceptance.sparse_acceptance_bounds(ids, logprobs, tail, draft_lp)
+        top1 = ids.gather(1, logprobs.argmax(-1, keepdim=True))[:, 0]  # (N,)
         lower_sum += float(lower.double().sum())
         upper_sum += float(upper.double().sum())
         agree += float((draft_lp.argmax(-1) == top1).double().sum())

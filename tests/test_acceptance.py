@@ -64,6 +64,19 @@ def test_sparse_bounds_contain_exact_value(k):
     assert (upper - lower).max() > 0  # the tail leaves a real gap below K = V
 
 
+def test_sparse_bounds_ignore_empty_slots():
+    """A sampled cache pads rows with empty slots (log-prob -inf, id 0): they change nothing."""
+    gen = torch.Generator().manual_seed(5)
+    target, draft = _random_logprobs(64, 40, 2.0, gen), _random_logprobs(64, 40, 2.0, gen)
+    ids, logprobs, tail = _top_k(target, 6)
+    pad_ids = torch.cat([ids, torch.zeros(64, 3, dtype=ids.dtype)], dim=1)
+    pad_lp = torch.cat([logprobs, torch.full((64, 3), -torch.inf)], dim=1)
+    expected = sparse_acceptance_bounds(ids, logprobs, tail, draft)
+    for got, want in zip(sparse_acceptance_bounds(pad_ids, pad_lp, tail, draft), expected,
+                         strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+
+
 def test_sparse_bounds_exact_at_full_vocab():
     gen = torch.Generator().manual_seed(2)
     target, draft = _random_logprobs(32, 12, 2.0, gen), _random_logprobs(32, 12, 2.0, gen)

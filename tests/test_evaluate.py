@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -44,6 +45,24 @@ def test_offline_bounds_contain_exact_on_the_same_tokens(setup):
     assert off["expected_acceptance_upper"] - off["expected_acceptance_lower"] > 0  # K < V
     # The cached top-1 is the target's argmax (up to float16 ties on a handful of tokens).
     assert abs(off["greedy_agreement"] - exact["greedy_agreement"]) < 0.02
+
+
+def test_offline_bounds_from_a_sampled_cache_contain_exact(setup, tmp_path):
+    cfg, draft_dir = setup
+    sampled = dataclasses.replace(cfg, cache=dataclasses.replace(
+        cfg.cache, cache=str(tmp_path / "sampled"), sparse="sample", topk=16))
+    build_stage(sampled, "target", progress=False)
+    [result] = evaluate(sampled, [str(draft_dir)], ("offline", "exact"), progress=False)
+    off, exact = result["offline"], result["exact"]
+    assert off["label_tokens"] == exact["label_tokens"] > 100
+    assert off["expected_acceptance_lower"] <= exact["expected_acceptance"] + 1e-4
+    assert exact["expected_acceptance"] <= off["expected_acceptance_upper"] + 1e-4
+    # 16 draws hold fewer distinct tokens than the top 16: wider bounds, but not vacuous
+    [topk] = evaluate(cfg, [str(draft_dir)], ("offline",), progress=False)
+    width = off["expected_acceptance_upper"] - off["expected_acceptance_lower"]
+    top_width = (topk["offline"]["expected_acceptance_upper"]
+                 - topk["offline"]["expected_acceptance_lower"])
+    assert top_width < width < 1.0
 
 
 def test_speculative_reports_the_three_conventions(setup, tmp_path):
