@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         "data.data_files": args.data_files, "data.limit": args.limit,
         "data.max_length": args.max_length, "cache.topk": args.topk,
         "cache.batch_tokens": args.batch_tokens, "cache.value_encoding": args.value_encoding,
-        "cache.id_encoding": args.id_encoding,
+        "cache.id_encoding": args.id_encoding, "cache.sparse": "topk",
     }
     if args.shard_rows:
         overrides["cache.shard_rows"] = args.shard_rows

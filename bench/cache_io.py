@@ -419,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
             "models.target": args.model, "data.task": task, "data.split": split,
             "data.data_files": args.data_files, "data.limit": args.limit,
             "data.max_length": args.max_length, "cache.topk": args.topk,
-            "cache.batch_tokens": args.batch_tokens, "cache.cache": str(base)})
+            "cache.batch_tokens": args.batch_tokens, "cache.cache": str(base),
+            "cache.sparse": "topk", "cache.value_encoding": "float16",
+            "cache.id_encoding": "plain"})
         ref = build_reference(cfg)
         reference = "float32 top-K rows of the build's model pass"
     else:

@@ -380,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         "models.ref": str(draft_dir), "data.task": task, "data.split": split,
         "data.data_files": args.data_files, "data.limit": args.limit,
         "data.max_length": args.max_length, "cache.topk": args.topk, "train.k": args.k,
+        "cache.sparse": "topk", "cache.value_encoding": "float16",
         "train.batch_size": args.batch_size,
     }
     caches = {1: work / "cache-1x"}

@@ -32,6 +32,8 @@ def _cfg(cache, model_dir, **cache_kw):
         "cache": {
             "cache": str(cache),
             "topk": 8,
+            "sparse": "topk",
+            "value_encoding": "float16",
             "shard_rows": 256,
             "chunk_rows": 128,
             "batch_tokens": 512,

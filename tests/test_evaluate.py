@@ -28,7 +28,7 @@ def setup(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
         "data": {"task": "gsm8k", "split": "test", "data_files": str(GSM8K), "limit": 6,
                  "max_length": 512},
         "cache": {"cache": str(base / "cache"), "topk": 16, "shard_rows": 512,
-                  "chunk_rows": 256},
+                  "chunk_rows": 256, "sparse": "topk", "value_encoding": "float16"},
     }
     cfg = build_config(values)
     build_stage(cfg, "target", progress=False)

@@ -24,7 +24,7 @@ def cache(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
         "models": {"target": str(tiny_model_dir)},
         "data": {"task": "gsm8k", "data_files": str(GSM8K), "limit": 12, "max_length": 512},
         "cache": {"cache": str(root / "cache"), "topk": 8, "shard_rows": 256, "chunk_rows": 128,
-                  "batch_tokens": 1024},
+                  "batch_tokens": 1024, "sparse": "topk", "value_encoding": "float16"},
     })
     build_stage(cfg, "target", progress=False)
     ref_dir = root / "ref"

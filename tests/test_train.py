@@ -59,7 +59,8 @@ def _cfg(env, cache_values: dict | None = None, ref: str | None = None, **train_
         "models": {"target": str(env.target), "draft": f"{env.target}@layers=1", "ref": ref},
         "data": {"task": "gsm8k", "data_files": str(GSM8K), "limit": 8, "max_length": 512},
         "cache": {"cache": str(env.cache), "topk": len(env.tok), "shard_rows": 256,
-                  "chunk_rows": 128, "batch_tokens": 1024, **(cache_values or {})},
+                  "chunk_rows": 128, "batch_tokens": 1024, "sparse": "topk",
+                  "value_encoding": "float16", **(cache_values or {})},
         "train": train_values,
     })
 
