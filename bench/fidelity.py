@@ -169,6 +169,17 @@ def stage_bytes_per_token(cache: Path, task: str) -> dict:
             "label_tokens": int(record["counts"]["label_tokens"])}
 
 
+def entries_per_token(cache: Path, task: str) -> float:
+    """Mean non-empty entries per label token (K for topk; distinct sampled ids for sample)."""
+    from cache_tools.store import CacheReader
+
+    reader = CacheReader(str(cache), task, "train")
+    rows = reader.target_rows(0, reader.n_label_rows)
+    if "counts" not in rows:
+        return float(rows["ids"].shape[1])
+    return float((rows["counts"] > 0).sum(axis=1).mean())
+
+
 class HeldOut:
     """The held-out split's label tokens with the target's log-probs, computed once."""
 
@@ -203,15 +214,16 @@ class HeldOut:
         return torch.log_softmax(logits, dim=-1)
 
     def acceptance(self, draft) -> dict[str, torch.Tensor]:
-        """Per-token expected acceptance sum min(p, q) and greedy agreement of a draft."""
-        from adaspec import acceptance
+        """Per-token expected acceptance sum min(p, q), greedy agreement and forward KL."""
+        from adaspec import acceptance, losses
 
-        alpha, greedy = [], []
+        alpha, greedy, kl = [], [], []
         for (a, b), target_lp in zip(self.plan, self.target_lp, strict=True):
             draft_lp = self._logprobs(draft, a, b)
             alpha.append(acceptance.expected_acceptance(target_lp, draft_lp))
             greedy.append(acceptance.greedy_agreement(target_lp, draft_lp).float())
-        return {"alpha": torch.cat(alpha), "greedy": torch.cat(greedy)}
+            kl.append(losses.dense_divergence(draft_lp, target_lp, "fkl"))
+        return {"alpha": torch.cat(alpha), "greedy": torch.cat(greedy), "kl": torch.cat(kl)}
 
 
 def evaluate_model(held: HeldOut, model_dir: Path, key: str, cache_file: Path) -> dict:
@@ -261,6 +273,7 @@ def run_task(args, task: str, settings: list[Setting], target_dir: Path, draft_d
                     loaded=(target, tokenizer), label_forward=memo)
         timings[f"cache {s.name}"] = time.perf_counter() - started
         sizes[s.name] = stage_bytes_per_token(work / "caches" / s.name, task)
+        sizes[s.name]["entries_per_token"] = entries_per_token(work / "caches" / s.name, task)
         bar.update(1)
 
     # 2. dense drafts (online): the reference (k = 1) and AdaSPEC k = 0.4 with it
@@ -333,7 +346,7 @@ def run_task(args, task: str, settings: list[Setting], target_dir: Path, draft_d
         cfg.data, split="test", limit=args.eval_rows))
     started = time.perf_counter()
     held = HeldOut(eval_cfg, target, tokenizer, cfg.cache.batch_tokens, progress)
-    eval_key = f"{task}-test-{args.eval_rows}-{args.max_length}"
+    eval_key = f"{task}-test-{args.eval_rows}-{args.max_length}-alpha-greedy-kl"
     init_acc = evaluate_model(held, draft_dir, eval_key, work / "eval-init.pt")
     dense_acc = {1.0: evaluate_model(held, dense_ref, eval_key, runs / "dense" / "k1.eval.pt"),
                  args.k: evaluate_model(held, dense_sel, eval_key,
@@ -354,6 +367,10 @@ def run_task(args, task: str, settings: list[Setting], target_dir: Path, draft_d
                 "greedy_agreement": float(acc["greedy"].mean()),
                 "greedy_agreement_dense": float(dense_acc[k_train]["greedy"].mean()),
                 "alpha_untrained": float(init_acc["alpha"].mean()),
+                "heldout_kl": float(acc["kl"].mean()),
+                "heldout_kl_dense": float(dense_acc[k_train]["kl"].mean()),
+                "heldout_kl_untrained": float(init_acc["kl"].mean()),
+                "heldout_kl_gap": float(acc["kl"].mean() - dense_acc[k_train]["kl"].mean()),
             })
     timings["held-out acceptance"] = time.perf_counter() - started
     bar.update(1)
@@ -417,11 +434,60 @@ def print_tables(records: list[dict], choice: dict) -> None:
     print(f"\nchosen default: {chosen['setting'] if chosen else 'none passes'}")
 
 
+def markdown_table(records: list[dict], choice: dict) -> str:
+    """One row per setting; per task: size, loss error, selection agreement, acceptance gaps."""
+    tasks = sorted({r["task"] for r in records}, key=lambda t: (t != "gsm8k", t))
+    ks = sorted({r["k_train"] for r in records}, reverse=True)
+    head = ["setting", "mean B/tok"]
+    for t in tasks:
+        head += [f"{t} B/tok", f"{t} entries", f"{t} KL err (med / p95)", f"{t} Jaccard"]
+        head += [f"{t} gap k={k:g} (pt)" for k in ks]
+        head += [f"{t} KL - dense KL, k={k:g}" for k in ks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by = {(r["setting"], r["task"], r["k_train"]): r for r in records}
+    chosen = choice["chosen"]["setting"] if choice["chosen"] else None
+    for c in choice["candidates"]:
+        name = c["setting"]
+        cells = [f"**{name}** (chosen)" if name == chosen else name, f"{c['bytes_per_token']:.1f}"]
+        for t in tasks:
+            r = by[(name, t, ks[0])]
+            entries = r.get("entries_per_token", float("nan"))
+            cells += [f"{r['bytes_per_token']:.1f}", f"{entries:.1f}",
+                      f"{r['kl_rel_err_median']:.3f} / {r['kl_rel_err_p95']:.2f}",
+                      f"{r['selection_jaccard']:.3f}"]
+            for k in ks:
+                g = by[(name, t, k)]
+                cells.append(f"{g['alpha_gap_pt']:+.2f} ± {g['alpha_gap_stderr_pt']:.2f}")
+            for k in ks:
+                g = by[(name, t, k)]
+                cells.append(f"{g['heldout_kl_gap']:+.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    first = choice["candidates"][0]["setting"]
+    dense = []
+    for t in tasks:
+        for k in ks:
+            r = by[(choice["candidates"][0]["setting"], t, k)]
+            dense.append(f"{t} k={k:g}: {r['alpha_dense']:.4f}")
+    untrained = {t: by[(choice["candidates"][0]["setting"], t, ks[0])]["alpha_untrained"]
+                 for t in tasks}
+    lines.append("")
+    kls = [f"{t} k={k:g}: {by[(first, t, k)]['heldout_kl_dense']:.3f}" for t in tasks
+           for k in ks]
+    kl0 = ", ".join(f"{t} {by[(first, t, ks[0])]['heldout_kl_untrained']:.3f}" for t in tasks)
+    lines.append("Dense-loss drafts' held-out acceptance: " + ", ".join(dense) + "; untrained "
+                 "draft: " + ", ".join(f"{t} {a:.4f}" for t, a in untrained.items()) + ".")
+    lines.append("")
+    lines.append("Held-out forward KL (nats per token) of the dense-loss drafts: "
+                 + ", ".join(kls) + f"; untrained draft: {kl0}.")
+    return "\n".join(lines) + "\n"
+
+
 def plot(records: list[dict], out_dir: Path, chosen: str | None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = sorted({r["task"] for r in records})
@@ -436,37 +502,52 @@ def plot(records: list[dict], out_dir: Path, chosen: str | None) -> list[Path]:
             out.setdefault((r["mode"], r["value_encoding"]), []).append(r)
         return {k: sorted(v, key=lambda r: r[key]) for k, v in out.items()}
 
-    # acceptance gap vs bytes per label token
+    # acceptance gap and held-out KL gap vs bytes per label token
     ks = sorted({r["k_train"] for r in records})
-    fig, axes = plt.subplots(len(ks), len(tasks), figsize=(5 * len(tasks), 3.6 * len(ks)),
-                             squeeze=False)
-    for i, k in enumerate(ks):
-        for j, task in enumerate(tasks):
-            ax = axes[i][j]
-            rs = [r for r in records if r["task"] == task and r["k_train"] == k]
-            for (mode, enc), pts in series(rs, "bytes_per_token").items():
-                marker, line = styles[(mode, enc)]
-                ax.errorbar([p["bytes_per_token"] for p in pts], [p["alpha_gap_pt"] for p in pts],
-                            yerr=[p["alpha_gap_stderr_pt"] for p in pts], marker=marker,
-                            linestyle=line, color=colors[mode], capsize=2,
-                            label=f"{mode} {enc}")
-                for p in pts:
-                    ax.annotate(f"K{p['k_cache']}", (p["bytes_per_token"], p["alpha_gap_pt"]),
-                                fontsize=6, xytext=(2, 2), textcoords="offset points")
-            ax.axhspan(-0.5, 0.5, color="green", alpha=0.08)
-            ax.axhline(0.0, color="gray", lw=0.8)
-            ax.set_xscale("log")
-            ax.set_title(f"{task}, k = {k:g}: dense alpha {rs[0]['alpha_dense']:.4f}", fontsize=9)
-            ax.set_xlabel("bytes per label token (target stage)")
-            ax.set_ylabel("alpha gap to dense (pt, + = worse)")
-            ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"acceptance gap vs cache size (green: within 0.5 pt); chosen: {chosen}",
-                 fontsize=10)
-    fig.tight_layout()
-    paths.append(out_dir / "gap_vs_bytes.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    panels = [
+        ("alpha_gap_pt", "alpha_gap_stderr_pt", "alpha gap to dense (pt, + = worse)",
+         "dense alpha", "alpha_dense", 0.5, "gap_vs_bytes.png",
+         f"acceptance gap vs cache size (green: within 0.5 pt); chosen: {chosen}"),
+        ("heldout_kl_gap", None, "held-out KL - dense draft's (nats, + = worse)",
+         "dense KL", "heldout_kl_dense", None, "kl_gap_vs_bytes.png",
+         "held-out forward KL of each draft minus the dense-loss draft's"),
+    ]
+    for key, err_key, ylabel, dense_label, dense_key, band, name, title in panels:
+        if any(key not in r for r in records):
+            continue
+        fig, axes = plt.subplots(len(ks), len(tasks), figsize=(5 * len(tasks), 3.6 * len(ks)),
+                                 squeeze=False)
+        for i, k in enumerate(ks):
+            for j, task in enumerate(tasks):
+                ax = axes[i][j]
+                rs = [r for r in records if r["task"] == task and r["k_train"] == k]
+                for (mode, enc), pts in series(rs, "bytes_per_token").items():
+                    marker, line = styles[(mode, enc)]
+                    ax.errorbar([p["bytes_per_token"] for p in pts], [p[key] for p in pts],
+                                yerr=[p[err_key] for p in pts] if err_key else None,
+                                marker=marker, linestyle=line, color=colors[mode], capsize=2,
+                                label=f"{mode} {enc}")
+                    for p in pts:
+                        ax.annotate(f"K{p['k_cache']}", (p["bytes_per_token"], p[key]),
+                                    fontsize=6, xytext=(2, 2), textcoords="offset points")
+                if band:
+                    ax.axhspan(-band, band, color="green", alpha=0.08)
+                ax.axhline(0.0, color="gray", lw=0.8)
+                ax.set_xscale("log")
+                ax.set_xticks([10, 20, 50, 100, 200, 400],
+                              ["10", "20", "50", "100", "200", "400"])
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+                ax.set_title(f"{task}, k = {k:g}: {dense_label} {rs[0][dense_key]:.4f}",
+                             fontsize=9)
+                ax.set_xlabel("bytes per label token (target stage)")
+                ax.set_ylabel(ylabel)
+                ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        paths.append(out_dir / name)
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
 
     # loss error and selection agreement vs K
     base = [r for r in records if r["k_train"] == ks[-1]]
@@ -525,7 +606,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS / "fidelity.json"))
     parser.add_argument("--plots", default=str(DOCS), help="folder for the PNG plots")
     parser.add_argument("--progress", action="store_true", help="show every inner progress bar")
+    parser.add_argument("--report-only", action="store_true",
+                        help="re-make the tables and plots from --out (nothing is computed)")
     args = parser.parse_args(argv)
+
+    if args.report_only:
+        payload = json.loads(Path(args.out).read_text())
+        for r in payload["records"]:  # older runs: count entries from the work folder's caches
+            cache = Path(args.work) / r["task"] / "caches" / r["setting"]
+            if "entries_per_token" not in r and cache.exists():
+                r["entries_per_token"] = entries_per_token(cache, r["task"])
+        payload["choice"] = choose_default(payload["records"], payload["settings"]["max_gap"])
+        report(payload, Path(args.plots))
+        write_json(Path(args.out), payload)
+        return 0
 
     import transformers
 
@@ -547,9 +641,6 @@ def main(argv: list[str] | None = None) -> int:
         for task in tasks:
             records += run_task(args, task, settings, target_dir, draft_dir, bar)
     choice = choose_default(records, args.max_gap)
-    print_tables(records, choice)
-    plots = plot(records, Path(args.plots),
-                 choice["chosen"]["setting"] if choice["chosen"] else None)
     wall = time.perf_counter() - started
     payload = {
         "benchmark": "fidelity",
@@ -564,11 +655,22 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": wall,
         "records": records,
         "choice": choice,
-        "plots": [str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in plots],
     }
+    report(payload, Path(args.plots))
     write_json(Path(args.out), payload)
-    print(f"wrote {args.out} and {len(plots)} plots in {args.plots} ({wall / 60:.1f} min)")
+    print(f"wrote {args.out}, plots and table.md in {args.plots} ({wall / 60:.1f} min)")
     return 0
+
+
+def report(payload: dict, out_dir: Path) -> None:
+    """Print the tables; write the plots and table.md into `out_dir` (paths into the payload)."""
+    records, choice = payload["records"], payload["choice"]
+    print_tables(records, choice)
+    paths = plot(records, out_dir, choice["chosen"]["setting"] if choice["chosen"] else None)
+    paths.append(out_dir / "table.md")
+    paths[-1].write_text(markdown_table(records, choice))
+    payload["plots"] = [str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+                        for p in paths]
 
 
 if __name__ == "__main__":
