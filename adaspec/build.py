@@ -597,12 +597,16 @@ def build_stage(
     Returns the split's manifest after the build.
 
     For studies that build many caches of the same sequences (bench/fidelity.py):
-    `loaded` is the (model, tokenizer) of `model_spec` already in memory (not loaded again), and
+    `loaded` is the (model, tokenizer) of `model_spec` already in memory (not loaded again; the
+    caller keeps it in the dtype the config names, as the manifest records that), and
     `label_forward(seqs, masks, pad_id) -> (n_rows, logits_fn)` replaces
     `label_hidden_and_head(model, ...)` for the target stage, e.g. a memo of it.
     """
     if role not in ("target", "ref"):
         raise UserError(f"--model must be target or ref, got {role!r}")
+    if label_forward is not None and (role != "target" or cfg.cache.generate):
+        raise ValueError("label_forward replaces the target's forward; the ref stage and "
+                         "--generate builds do not use it")
     # cpu=True on a CPU-only machine: otherwise a torchrun launch is not seen as distributed
     state = PartialState(cpu=not torch.cuda.is_available())
     with_lock_error: BaseException | None = None

@@ -89,8 +89,8 @@ class DataConfig:
 class CacheConfig:
     cache: str = "./cache"
     """Cache root: a local folder or an fsspec URL that zarr supports."""
-    # Defaults chosen by bench/fidelity.py (docs/fidelity.md): the smallest cache whose drafts
-    # stay within 0.5 pt of dense-loss drafts in held-out acceptance.
+    # Defaults chosen by bench/fidelity.py (docs/fidelity.md): the smallest tested cache whose
+    # drafts stay within 0.5 pt of dense-loss drafts in held-out acceptance.
     topk: int = 8
     """Entries per label token (K): the number of draws (sample), or top-K ids (topk)."""
     sparse: str = "sample"

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from adaspec import acceptance, build, models, speculative, tasks
-from adaspec.build import label_hidden_and_head
+from adaspec.build import label_hidden_and_head, sparse_target_from_rows
 from adaspec.config import Config
 from adaspec.errors import UserError
 from adaspec.stream import online_sequences
@@ -65,13 +65,12 @@ def known_entries(rows: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     topk rows are returned as stored. In a sampled cache the known entries are the distinct
     sampled ids (slots with count 0 are empty) and the tail is the target mass outside them.
     """
-    ids = torch.from_numpy(rows["ids"])
-    logprobs = torch.from_numpy(rows["logprobs"]).float()
-    if "tail_logmass" in rows:
-        return ids, logprobs, torch.from_numpy(rows["tail_logmass"]).float()
-    logprobs = torch.where(torch.from_numpy(rows["counts"]) > 0, logprobs, float("-inf"))
+    target = sparse_target_from_rows(rows)
+    logprobs = target.entry_logprobs().float()
+    if target.tail_logmass is not None:
+        return target.ids, logprobs, target.tail_logmass.float()
     rest = (1.0 - logprobs.double().exp().sum(-1)).clamp(min=0.0)
-    return ids, logprobs, rest.log().float()
+    return target.ids, logprobs, rest.log().float()
 
 
 def offline_acceptance(

@@ -93,6 +93,13 @@ class SparseTarget:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
+    def entry_logprobs(self) -> torch.Tensor:
+        """(N, K) log-probs with -inf in empty slots (sample-mode padding, count 0), so that an
+        argmax or a sum over entries sees only real tokens."""
+        if self.counts is None:
+            return self.logprobs
+        return torch.where(self.counts > 0, self.logprobs, float("-inf"))
+
     def rows(self, start: int, stop: int) -> "SparseTarget":
         """The entries of label tokens start..stop-1 (views, no copy)."""
         return SparseTarget(

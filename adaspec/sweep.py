@@ -218,7 +218,7 @@ def run_sweep(cfg: Config, variants: list[Variant], out: Path, eval_split: str =
         raise UserError(
             f"{err}; the sweep evaluates offline on a cache of --eval-split {eval_split}: "
             f"`adaspec-cache build --model target --task {cfg.data.task} --split {eval_split} "
-            "--sparse topk --topk 64` (top-K keeps the offline bounds tight)"
+            "--sparse topk --topk 64 --value-encoding float16` (tight, exact offline bounds)"
         ) from None
     todo = [v for v in variants if not (out / v.name / RESULT_FILE).exists()]
     seconds: dict[str, float] = {}

@@ -181,7 +181,7 @@ def _target_top1(target: losses.SparseTarget | None, target_logits: torch.Tensor
     """(N,) int64 the target's most likely token: the id with the largest cached log-prob."""
     if target_logits is not None:
         return target_logits.argmax(-1)
-    best = target.logprobs.argmax(-1, keepdim=True)  # (N, 1): delta-encoded rows are id-sorted
+    best = target.entry_logprobs().argmax(-1, keepdim=True)  # (N, 1): never an empty slot
     return target.ids.long().gather(1, best).squeeze(1)
 
 

@@ -116,6 +116,25 @@ def prepare_models(work: Path, target_spec: str, draft_spec: str) -> tuple[Path,
     return out[0], out[1]
 
 
+REUSED_ARGS = ("target", "draft", "train_rows", "eval_rows", "max_length", "batch_size",
+               "epochs", "lr", "k", "seed")
+
+
+def check_work_folder(work: Path, args) -> None:
+    """A work folder is reused only with the settings that made it (else results would mix)."""
+    asked = {name: getattr(args, name) for name in REUSED_ARGS}
+    stamp = work / "settings.json"
+    if stamp.exists():
+        stored = json.loads(stamp.read_text())
+        differ = [f"{k}={stored.get(k)!r} (now {v!r})" for k, v in asked.items()
+                  if stored.get(k) != v]
+        if differ:
+            raise SystemExit(f"--work {work} was made with {', '.join(differ)}; use another "
+                             "--work folder or the same settings")
+    else:
+        stamp.write_text(json.dumps(asked, indent=2) + "\n")
+
+
 def base_config(args, task: str, target: Path, draft: Path, cache: Path):
     from adaspec.config import build_config
 
@@ -202,7 +221,8 @@ class HeldOut:
             for a, b in tqdm(self.plan, desc="held-out target", disable=not progress)
         ]
         self.n_sequences = len(self.ids)
-        self.n_tokens = int(sum(int(m.sum()) for m in self.masks))
+        self.group_sizes = [int(m.sum()) for m in self.masks]  # label tokens per sequence
+        self.n_tokens = sum(self.group_sizes)
 
     @torch.no_grad()
     def _logprobs(self, model, a: int, b: int) -> torch.Tensor:
@@ -356,7 +376,8 @@ def run_task(args, task: str, settings: list[Setting], target_dir: Path, draft_d
         for k_train, model_dir in drafts[s.name].items():
             acc = evaluate_model(held, model_dir, eval_key,
                                  runs / s.name / f"k{k_train:g}.eval.pt")
-            gap, gap_se = fidelity.paired_difference(dense_acc[k_train]["alpha"], acc["alpha"])
+            gap, gap_se = fidelity.paired_difference(dense_acc[k_train]["alpha"], acc["alpha"],
+                                                     held.group_sizes)
             records.append({
                 "task": task, "setting": s.name, "k_cache": s.k_cache, "mode": s.mode,
                 "value_encoding": s.value_encoding, "id_encoding": "delta", "k_train": k_train,
@@ -395,19 +416,21 @@ def run_task(args, task: str, settings: list[Setting], target_dir: Path, draft_d
 def choose_default(records: list[dict], max_gap_pt: float) -> dict:
     """Smallest mean bytes per label token among settings whose gap < max_gap on every run.
 
-    A gap counts with its uncertainty: gap + 2 paired standard errors must stay under max_gap.
+    Fidelity is two-sided (a cache that trains a different draft, better or worse, is not
+    faithful), and a gap counts with its uncertainty: |gap| + 2 standard errors (paired,
+    clustered by sequence) must stay under max_gap.
     """
     by_setting: dict[str, list[dict]] = {}
     for r in records:
         by_setting.setdefault(r["setting"], []).append(r)
     rows = []
     for name, rs in by_setting.items():
-        worst = max(r["alpha_gap_pt"] + 2 * r["alpha_gap_stderr_pt"] for r in rs)
+        worst = max(abs(r["alpha_gap_pt"]) + 2 * r["alpha_gap_stderr_pt"] for r in rs)
         rows.append({
             "setting": name, "k_cache": rs[0]["k_cache"], "mode": rs[0]["mode"],
             "value_encoding": rs[0]["value_encoding"],
             "bytes_per_token": float(np.mean([r["bytes_per_token"] for r in rs])),
-            "worst_gap_pt": max(r["alpha_gap_pt"] for r in rs),
+            "worst_gap_pt": max((r["alpha_gap_pt"] for r in rs), key=abs),
             "worst_gap_upper_pt": worst, "passes": worst < max_gap_pt,
             "min_selection_jaccard": min(r["selection_jaccard"] for r in rs),
         })
@@ -459,8 +482,7 @@ def markdown_table(records: list[dict], choice: dict) -> str:
                 g = by[(name, t, k)]
                 cells.append(f"{g['alpha_gap_pt']:+.2f} ± {g['alpha_gap_stderr_pt']:.2f}")
             for k in ks:
-                g = by[(name, t, k)]
-                cells.append(f"{g['heldout_kl_gap']:+.3f}")
+                cells.append(f"{by[(name, t, k)].get('heldout_kl_gap', float('nan')):+.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     first = choice["candidates"][0]["setting"]
     dense = []
@@ -471,9 +493,11 @@ def markdown_table(records: list[dict], choice: dict) -> str:
     untrained = {t: by[(choice["candidates"][0]["setting"], t, ks[0])]["alpha_untrained"]
                  for t in tasks}
     lines.append("")
-    kls = [f"{t} k={k:g}: {by[(first, t, k)]['heldout_kl_dense']:.3f}" for t in tasks
+    nan = float("nan")
+    kls = [f"{t} k={k:g}: {by[(first, t, k)].get('heldout_kl_dense', nan):.3f}" for t in tasks
            for k in ks]
-    kl0 = ", ".join(f"{t} {by[(first, t, ks[0])]['heldout_kl_untrained']:.3f}" for t in tasks)
+    kl0 = ", ".join(f"{t} {by[(first, t, ks[0])].get('heldout_kl_untrained', nan):.3f}"
+                    for t in tasks)
     lines.append("Dense-loss drafts' held-out acceptance: " + ", ".join(dense) + "; untrained "
                  "draft: " + ", ".join(f"{t} {a:.4f}" for t, a in untrained.items()) + ".")
     lines.append("")
@@ -633,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
                 for v in args.values.split(",") for k in args.topks.split(",")]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    check_work_folder(work, args)
     started = time.perf_counter()
     target_dir, draft_dir = prepare_models(work, args.target, args.draft)
     jobs_per_task = len(settings) * 3 + 4

@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         "models": {"target": args.target, "draft": args.draft},
         "data": {"task": args.task, "split": "train", "data_files": args.data_files,
                  "limit": args.limit, "max_length": args.max_length},
-        "cache": {"cache": str(work / "cache"), "topk": args.topk, "sparse": "topk"},
+        "cache": {"cache": str(work / "cache"), "topk": args.topk, "sparse": "topk",
+                  "value_encoding": "float16"},
         "train": train_values,
     })
     test_cfg = dataclasses.replace(

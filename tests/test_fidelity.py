@@ -83,6 +83,19 @@ def test_paired_difference_and_micro_batches():
     mean, se = fidelity.paired_difference(a, b)
     assert mean == pytest.approx(d.mean(), rel=1e-9)
     assert se == pytest.approx(d.std(ddof=1) / np.sqrt(64), rel=1e-9)
+    # clustered by sequence: against the formula in float64 numpy
+    sizes = [10, 3, 25, 1, 25]
+    mean_c, se_c = fidelity.paired_difference(a, b, sizes)
+    sums = np.array([part.sum() for part in np.split(d, np.cumsum(sizes)[:-1])])
+    want = np.sqrt(5 / 4 * ((sums - np.array(sizes) * d.mean()) ** 2).sum()) / 64
+    assert mean_c == pytest.approx(d.mean(), rel=1e-9)
+    assert se_c == pytest.approx(want, rel=1e-9)
+    # correlated tokens within a sequence: clustering widens the error
+    block = torch.repeat_interleave(torch.randn(8, generator=gen), 8)
+    assert (fidelity.paired_difference(block, torch.zeros(64), [8] * 8)[1]
+            > 2 * fidelity.paired_difference(block, torch.zeros(64))[1])
+    with pytest.raises(ValueError, match="sum to 63"):
+        fidelity.paired_difference(a, b, [63])
     offsets = np.array([0, 5, 9, 20, 22, 30])
     assert fidelity.micro_batch_rows(offsets, 2) == [9, 13, 8]
     assert sum(fidelity.micro_batch_rows(offsets, 4)) == 30

@@ -204,3 +204,21 @@ def test_reduce_loss_normalisations_and_all_masked():
         reduce_loss(per_token, selected, 4, "mean")
     with pytest.raises(TypeError, match="bool"):
         reduce_loss(per_token, selected.long(), 4)
+
+
+def test_speckd_target_top1_skips_empty_slots_of_a_sampled_cache():
+    """Sampled rows pad with empty slots (count 0, stored log-prob 0 > any real log-prob)."""
+    from adaspec.losses import SparseTarget
+    from adaspec.train import _target_top1
+    from cache_tools import schema
+
+    ids = np.array([[5, 9, 0, 0], [3, 0, 0, 0], [7, 2, 11, 4]])
+    logprobs = np.array([[-1.2, -0.4, 0, 0], [-0.01, 0, 0, 0], [-3.0, -0.2, -2.5, -4.0]],
+                        dtype=np.float32)
+    counts = np.array([[2, 6, 0, 0], [8, 0, 0, 0], [1, 5, 1, 1]], dtype=np.float32)
+    stored_ids, values, stored_counts = schema.encode_rows(ids, logprobs, counts, "delta")
+    values = schema.decode_logprobs(schema.encode_logprobs(values, "uint8q"), "uint8q")
+    target = SparseTarget(ids=torch.from_numpy(schema.decode_ids(stored_ids, "delta")),
+                          logprobs=torch.from_numpy(values),
+                          counts=torch.from_numpy(stored_counts))
+    assert _target_top1(target, None).tolist() == [9, 3, 2]

@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
         "--model",
         required=True,
         choices=["target", "ref"],
-        help="role: target (top-K log-probs) or ref (reference losses)",
+        help="role: target (sampled or top-K log-probs) or ref (reference losses)",
     )
     build.add_argument(
         "--model-path",
