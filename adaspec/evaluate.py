@@ -51,7 +51,7 @@ def _batches(n: int, lengths: list[int], batch_tokens: int) -> list[tuple[int, i
     return build.plan_batches(np.asarray(lengths), batch_tokens) if n else []
 
 
-def _label_logprobs(model, ids, masks, pad_id: int, vocab_size: int) -> torch.Tensor:
+def label_logprobs(model, ids, masks, pad_id: int, vocab_size: int) -> torch.Tensor:
     """(N, V) float32 log-probs at the label rows of a batch of sequences."""
     n, logits_fn = label_hidden_and_head(model, ids, masks, pad_id)
     with torch.no_grad():
@@ -83,7 +83,7 @@ def offline_acceptance(
     n_tokens = 0
     plan = _batches(reader.n_sequences, [len(x) for x in seqs.input_ids], batch_tokens)
     for a, b in tqdm(plan, desc="offline", disable=not progress, dynamic_ncols=True):
-        draft_lp = _label_logprobs(draft, seqs.input_ids[a:b], seqs.label_masks[a:b], pad_id,
+        draft_lp = label_logprobs(draft, seqs.input_ids[a:b], seqs.label_masks[a:b], pad_id,
                                    vocab_size)
         rows = reader.target_rows(int(reader.label_offsets[a]), int(reader.label_offsets[b]))
         ids, logprobs, tail = known_entries(rows)
@@ -112,8 +112,8 @@ def exact_acceptance(
     plan = _batches(len(seqs.input_ids), [len(x) for x in seqs.input_ids], batch_tokens)
     for a, b in tqdm(plan, desc="exact", disable=not progress, dynamic_ncols=True):
         ids, masks = seqs.input_ids[a:b], seqs.label_masks[a:b]
-        draft_lp = _label_logprobs(draft, ids, masks, pad_id, vocab_size)
-        target_lp = _label_logprobs(target, ids, masks, pad_id, vocab_size)
+        draft_lp = label_logprobs(draft, ids, masks, pad_id, vocab_size)
+        target_lp = label_logprobs(target, ids, masks, pad_id, vocab_size)
         total += float(acceptance.expected_acceptance(target_lp, draft_lp).double().sum())
         agree += float(acceptance.greedy_agreement(target_lp, draft_lp).double().sum())
         n_tokens += len(draft_lp)

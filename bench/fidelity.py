@@ -204,6 +204,7 @@ class HeldOut:
 
     def __init__(self, cfg, target, tokenizer, batch_tokens: int, progress: bool):
         from adaspec import build, models
+        from adaspec.evaluate import label_logprobs
         from adaspec.stream import online_sequences
 
         seqs = online_sequences(cfg, tokenizer)
@@ -217,29 +218,22 @@ class HeldOut:
         self.vocab_size = models.real_vocab_size(tokenizer)
         self.plan = build.plan_batches(np.array([len(x) for x in self.ids]), batch_tokens)
         self.target_lp = [
-            self._logprobs(target, a, b)
+            label_logprobs(target, self.ids[a:b], self.masks[a:b], self.pad_id, self.vocab_size)
             for a, b in tqdm(self.plan, desc="held-out target", disable=not progress)
         ]
         self.n_sequences = len(self.ids)
         self.group_sizes = [int(m.sum()) for m in self.masks]  # label tokens per sequence
         self.n_tokens = sum(self.group_sizes)
 
-    @torch.no_grad()
-    def _logprobs(self, model, a: int, b: int) -> torch.Tensor:
-        from adaspec import build, models
-
-        n, logits_fn = build.label_hidden_and_head(model, self.ids[a:b], self.masks[a:b],
-                                                   self.pad_id)
-        logits = models.cut_logits(logits_fn(0, n), self.vocab_size).float().cpu()
-        return torch.log_softmax(logits, dim=-1)
-
     def acceptance(self, draft) -> dict[str, torch.Tensor]:
         """Per-token expected acceptance sum min(p, q), greedy agreement and forward KL."""
         from adaspec import acceptance, losses
+        from adaspec.evaluate import label_logprobs
 
         alpha, greedy, kl = [], [], []
         for (a, b), target_lp in zip(self.plan, self.target_lp, strict=True):
-            draft_lp = self._logprobs(draft, a, b)
+            draft_lp = label_logprobs(draft, self.ids[a:b], self.masks[a:b], self.pad_id,
+                                      self.vocab_size)
             alpha.append(acceptance.expected_acceptance(target_lp, draft_lp))
             greedy.append(acceptance.greedy_agreement(target_lp, draft_lp).float())
             kl.append(losses.dense_divergence(draft_lp, target_lp, "fkl"))

@@ -105,6 +105,16 @@ def test_paired_difference_and_micro_batches():
 # Losses against real caches (tiny models)
 
 
+def _logits_of(model):
+    """The target_logits callable of per_token_losses for a loaded model."""
+
+    def logits(seqs, masks, pad_id):
+        n, logits_fn = label_hidden_and_head(model, seqs, masks, pad_id)
+        return logits_fn(0, n)
+
+    return logits
+
+
 @pytest.fixture(scope="module")
 def tiny_caches(tmp_path_factory, tiny_model_dir, tiny_tokenizer, one_thread):
     base = tmp_path_factory.mktemp("fid")
@@ -134,11 +144,7 @@ def test_per_token_losses_full_cache_equals_dense_and_topk_is_below(tiny_caches)
     draft = make_tiny_model(len(tokenizer), n_layers=1, seed=21)
     ref = make_tiny_model(len(tokenizer), n_layers=1, seed=22)
 
-    def target_logits(seqs, masks, pad_id):
-        n, logits_fn = label_hidden_and_head(target, seqs, masks, pad_id)
-        return logits_fn(0, n)
-
-    out = fidelity.per_token_losses({"draft": draft, "ref": ref}, readers, target_logits,
+    out = fidelity.per_token_losses({"draft": draft, "ref": ref}, readers, _logits_of(target),
                                     pad_id=0, vocab_size=vocab, progress=False)
     n = readers["full"].n_label_rows
     for name in ("dense", "full", "small"):
@@ -198,13 +204,9 @@ def test_default_cache_selects_like_dense_losses(tmp_path, shared_data):
     ref = models.keep_first_layers(copy.deepcopy(target), 4).eval()
     reader = CacheReader(cfg.cache.cache, "gsm8k", "train")
 
-    def target_logits(seqs, masks, pad_id):
-        n, logits_fn = label_hidden_and_head(target, seqs, masks, pad_id)
-        return logits_fn(0, n)
-
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = fidelity.per_token_losses({"draft": draft, "ref": ref}, {"default": reader},
-                                    target_logits, pad_id, models.real_vocab_size(tokenizer),
+                                    _logits_of(target), pad_id, models.real_vocab_size(tokenizer),
                                     progress=False)
     rows = fidelity.micro_batch_rows(reader.label_offsets, 4)
     agreement = fidelity.selection_jaccard(out["default"]["draft"], out["default"]["ref"],
