@@ -12,6 +12,8 @@ the same rows come out whichever process, shard or restart computes them.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import queue
 import threading
@@ -369,6 +371,18 @@ def _write_sequences_stage(group, cfg: Config, tokenizer, tokenized, params: dic
 # the teacher-forced ones, so their sparse rows are kept as they come (no second forward pass).
 # Each generation batch is staged as one .npz file (written atomically), which makes the pass
 # resumable and splittable across processes; the staged rows then feed the ordinary target stage.
+#
+# Generation samples from exactly the distribution that is cached: logits cut to the tokenizer's
+# ids (a padded head's extra rows can never be drawn), tempered by --gen-temperature and nothing
+# else; the model's own generation_config.json (repetition penalty, top-k, min-p, ...) is ignored.
+#
+# The staging folder records the settings its batches were made with (params.json). A build whose
+# settings differ discards stale batches and restages when nothing complete depends on them (the
+# sequences stage is not written yet); once the sequences were written from them it refuses, as
+# new generations would no longer match the stored sequences.
+
+STAGING_PARAMS = "params.json"
+STAGING_VERSION = 1  # bump when what a staged batch holds changes
 
 
 def _staging_dir(cfg: Config) -> Path:
@@ -391,11 +405,98 @@ def _generation_params(cfg: Config, identity: dict) -> dict:
     }
 
 
+def _staging_params(cfg: Config, identity: dict, tokenizer, dtype: torch.dtype) -> dict:
+    """Everything a staged batch depends on: which prompts, how they were generated (model and
+    its weight hash, settings, compute dtype, the batch plan that sets each batch's seed) and how
+    its rows were made sparse."""
+    params = {
+        **_generation_params(cfg, identity),
+        **{k: v for k, v in _sequence_params(cfg, models.tokenizer_fingerprint(tokenizer)).items()
+           if k not in ("seed", "generate")},
+        "data_seed": cfg.data.seed,
+        "vocab_size": models.real_vocab_size(tokenizer),
+        "batch_tokens": cfg.cache.batch_tokens,
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "mode": cfg.cache.sparse,
+        "k": cfg.cache.topk,
+        "staging_version": STAGING_VERSION,
+    }
+    return json.loads(json.dumps(params))  # as it reads back from params.json
+
+
+def _prepare_staging(cfg: Config, staging: Path, params: dict) -> None:
+    """Make `staging` hold only batches made with `params`; main process only.
+
+    Batches of other settings are deleted (nothing complete depends on them) unless the split's
+    sequences stage was written from them: then regenerating would break that stage, so refuse.
+    """
+    staging.mkdir(parents=True, exist_ok=True)
+    path = staging / STAGING_PARAMS
+    try:
+        stored = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):  # unreadable: as good as no record
+        stored = None
+    if stored == params:
+        return
+    batches = sorted(staging.glob("batch-*.npz"))
+    manifest = store.read_manifest(_open_split(cfg))
+    if store.stage_status(manifest, schema.SEQUENCES) == schema.STATUS_COMPLETE:
+        if stored is not None:
+            store.check_params(
+                f"the staging folder {staging}",
+                stored,
+                params,
+                "the cache's sequences were made from them: rerun with those settings, or use "
+                "a new --cache directory",
+            )
+        # No record (staged before records were kept): these batches made the sequences; keep
+        # them, and the check against the stored sequences catches any that do not match.
+    else:
+        for stale in batches:
+            stale.unlink()
+    tmp = staging / f"{STAGING_PARAMS}.tmp"
+    tmp.write_text(json.dumps(params, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class _NonFiniteRow(Exception):
+    """Row `row` of a block of logits has no finite distribution (NaN, +inf or all -inf)."""
+
+    def __init__(self, row: int):
+        super().__init__(row)
+        self.row = row
+
+
+def _nonfinite_error(cfg: Config, source: int, token: int, what: str) -> UserError:
+    return UserError(
+        f"the target gives non-finite logits (NaN or inf) at {what} {token} (0-based) of "
+        f"{cfg.data.task}/{cfg.data.split} example {source}; nothing of it was stored and what "
+        "was written before is kept: fix the model (or try --dtype float32), then rerun to resume"
+    )
+
+
+def _first_nonfinite_row(logits: torch.Tensor) -> int | None:
+    """The first row whose log-softmax is undefined, or None.
+
+    A row is sound when its largest logit is finite: -inf entries (masked ids) are then fine, but
+    NaN anywhere (the max propagates it), +inf, or nothing but -inf leave no distribution, and the
+    stored encodings would turn the NaN log-probs into p = 1.
+    """
+    bad = ~torch.isfinite(logits.amax(dim=-1))
+    return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
+
+
 def _row_fn(cfg: Config, vocab_size: int):
-    """Full logits (n, V') -> sparse target rows as float32/int64 numpy (before encoding)."""
+    """Full logits (n, V') -> sparse target rows as float32/int64 numpy (before encoding).
+
+    Raises _NonFiniteRow (the row's index in the block) for a row with no finite distribution.
+    """
 
     def rows_of(logits: torch.Tensor, generator: torch.Generator) -> dict[str, np.ndarray]:
         logits = models.cut_logits(logits, vocab_size).float().cpu()
+        bad = _first_nonfinite_row(logits)
+        if bad is not None:
+            raise _NonFiniteRow(bad)
         if cfg.cache.sparse == "topk":
             rows = topk_rows(logits, cfg.cache.topk)
         else:
@@ -405,11 +506,108 @@ def _row_fn(cfg: Config, vocab_size: int):
     return rows_of
 
 
+def _generation_config(cfg: Config, eos: int | None, pad_id: int | None):
+    """The whole documented generation setup: greedy, or plain sampling at --gen-temperature.
+
+    Every knob that could reshape the distribution is set to its neutral value (the sampling-only
+    ones when sampling: transformers warns about them otherwise, and greedy never reads them).
+    Fields left None would be filled from the model's generation_config by `generate`, which
+    `_own_generation_defaults` prevents.
+    """
+    from transformers import GenerationConfig
+
+    settings = {
+        "max_new_tokens": cfg.cache.gen_max_new_tokens,
+        "min_length": 0,
+        "num_beams": 1,
+        "num_return_sequences": 1,
+        "repetition_penalty": 1.0,
+        "encoder_repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "encoder_no_repeat_ngram_size": 0,
+        "length_penalty": 1.0,
+        "remove_invalid_values": False,
+        "renormalize_logits": False,
+        "use_cache": True,
+        "eos_token_id": eos,
+        "pad_token_id": pad_id,
+        "output_logits": True,
+        "return_dict_in_generate": True,
+        "do_sample": cfg.cache.gen_temperature > 0,
+    }
+    if settings["do_sample"]:
+        settings.update(
+            temperature=cfg.cache.gen_temperature,
+            top_k=0,
+            top_p=1.0,
+            typical_p=1.0,
+            epsilon_cutoff=0.0,
+            eta_cutoff=0.0,
+        )
+    return GenerationConfig(**settings)
+
+
+@contextlib.contextmanager
+def _own_generation_defaults(model):
+    """Stand a blank generation_config in for the model's while generating.
+
+    `generate` fills every field the passed config leaves None (min_p, suppress_tokens,
+    bad_words_ids, sequence_bias, stop_strings, ...) from `model.generation_config`; a blank one
+    leaves them unset. The model's own is put back afterwards.
+    """
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def _vocab_guard(vocab_size: int, prompt_width: int, eos: int | None, on_bad: Callable):
+    """A one-processor LogitsProcessorList that lets generation draw only ids the tokenizer has.
+
+    Ids past `vocab_size` (a padded head's rows) get -inf, so greedy and sampled tokens come
+    from the same cut distribution that is cached. A row of an unfinished sequence without a
+    finite distribution calls `on_bad(batch row, step)` (which raises) before sampling chokes
+    on it. The scores are not changed in place: generate keeps that tensor as the raw logits.
+    """
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class VocabGuard(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            new = input_ids[:, prompt_width:]
+            running = torch.ones(len(new), dtype=torch.bool, device=new.device)
+            if eos is not None:
+                running &= ~(new == eos).any(dim=-1)
+            bad = _first_nonfinite_row(models.cut_logits(scores, vocab_size)[running])
+            if bad is not None:
+                on_bad(int(running.nonzero()[bad, 0]), new.shape[1])
+            if scores.shape[-1] == vocab_size:
+                return scores
+            guarded = scores.clone()
+            guarded[:, vocab_size:] = float("-inf")
+            return guarded
+
+    return LogitsProcessorList([VocabGuard()])
+
+
 @torch.no_grad()
-def generate_batches(cfg: Config, model, tokenizer, state: PartialState, progress: bool) -> None:
-    """Sample the target's responses for the split's prompts and stage them (resumable)."""
+def generate_batches(cfg: Config, model, tokenizer, state: PartialState, progress: bool,
+                     identity: dict | None = None) -> None:
+    """Sample the target's responses for the split's prompts and stage them (resumable).
+
+    `identity` is the model's `models.model_identity` (default: that of cfg.models.target); with
+    the settings it keys the staging folder (see `_prepare_staging`).
+    """
     staging = _staging_dir(cfg)
-    staging.mkdir(parents=True, exist_ok=True)
+    if identity is None:
+        identity = models.model_identity(models.resolve_run_folder(cfg.models.target))
+    dtype = next(model.parameters()).dtype
+    params = _staging_params(cfg, identity, tokenizer, dtype)
+    _on_main(state, lambda: _prepare_staging(cfg, staging, params))
+    state.wait_for_everyone()
     examples = tasks.load_examples(
         cfg.data.task, cfg.data.split, cfg.data.data_files, cfg.data.limit, cfg.data.seed
     )
@@ -427,6 +625,7 @@ def generate_batches(cfg: Config, model, tokenizer, state: PartialState, progres
     rows_of = _row_fn(cfg, vocab_size)
     eos = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    gen_config = _generation_config(cfg, eos, pad_id)
     device = next(model.parameters()).device
     mine = [i for i in range(len(batches)) if i % state.num_processes == state.process_index]
     todo = [i for i in mine if not (staging / f"batch-{i:06d}.npz").exists()]
@@ -445,21 +644,18 @@ def generate_batches(cfg: Config, model, tokenizer, state: PartialState, progres
         for b, (ids, _) in enumerate(batch):  # left padding: generation continues every row
             input_ids[b, longest - len(ids) :] = torch.from_numpy(ids)
             attention_mask[b, longest - len(ids) :] = 1
+
+        def on_bad(row: int, step: int, batch=batch) -> None:
+            raise _nonfinite_error(cfg, batch[row][1], step, "response token")
+
         torch.manual_seed(cfg.cache.seed * 1_000_003 + i)
-        sample = cfg.cache.gen_temperature > 0
-        out = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            max_new_tokens=cfg.cache.gen_max_new_tokens,
-            do_sample=sample,
-            temperature=cfg.cache.gen_temperature if sample else None,
-            top_k=None,
-            top_p=None,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=pad_id,
-            eos_token_id=eos,
-        )
+        with _own_generation_defaults(model):
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=gen_config,
+                logits_processor=_vocab_guard(vocab_size, longest, eos, on_bad),
+            )
         generated = out.sequences[:, longest:].cpu()  # (B, G)
         step_logits = torch.stack(out.logits, dim=1)  # (B, G, V') raw, untempered
         arrays: dict[str, list] = {"input_ids": [], "n_prompt": [], "source_index": []}
@@ -471,7 +667,11 @@ def generate_batches(cfg: Config, model, tokenizer, state: PartialState, progres
             arrays["input_ids"].append(np.concatenate([ids, np.asarray(tokens[:n])]))
             arrays["n_prompt"].append(len(ids))
             arrays["source_index"].append(source)
-            for name, values in rows_of(step_logits[b, :n], generator).items():
+            try:
+                sparse = rows_of(step_logits[b, :n], generator)
+            except _NonFiniteRow as err:
+                raise _nonfinite_error(cfg, source, err.row, "response token") from None
+            for name, values in sparse.items():
                 rows.setdefault(name, []).append(values)
         lengths = np.array([len(x) for x in arrays["input_ids"]])
         payload = {
@@ -540,13 +740,27 @@ def _open_split(cfg: Config):
     return root.require_group(cfg.data.task).require_group(cfg.data.split)
 
 
-def _begin_stage(group, stage: str, params: dict, n_rows: int, arrays, cfg: Config, fix: str):
-    """Create (or check and reopen) a row stage; main process only. Returns its manifest."""
+def _begin_stage(group, stage: str, params: dict, n_rows: int, arrays, cfg: Config, fix: str,
+                 rebuild: bool = False):
+    """Create (or check and reopen) a row stage; main process only. Returns its manifest.
+
+    `rebuild` discards a stored stage first (stale reference losses, a damaged chunk). The
+    manifest says "building" before anything is deleted and the `_done` markers go first, so a
+    rebuild that dies midway resumes by writing every shard again, never by trusting old ones.
+    """
     manifest = store.read_manifest(group)
     entry = manifest["stages"].get(stage)
+    if entry is not None and rebuild:
+        manifest["stages"][stage] = {"status": schema.STATUS_BUILDING, "params": params}
+        store.write_manifest(group, manifest)
+        if stage in group:
+            if schema.DONE in group[stage]:
+                del group[stage][schema.DONE]
+            del group[stage]
+        entry = None
     if entry is not None:
         store.check_params(f"cache stage '{stage}'", entry["params"], params, fix)
-    else:
+    elif stage not in manifest["stages"]:
         manifest["stages"][stage] = {"status": schema.STATUS_BUILDING, "params": params}
         store.write_manifest(group, manifest)
     store.StageWriter(group, stage, n_rows, arrays, cfg.cache.shard_rows, cfg.cache.chunk_rows)
@@ -590,11 +804,13 @@ LabelForward = Callable[[list[np.ndarray], list[np.ndarray], int], tuple[int, Ca
 def build_stage(
     cfg: Config, role: str, model_spec: str | None = None, progress: bool = True,
     loaded: tuple | None = None, label_forward: LabelForward | None = None,
+    rebuild: bool = False,
 ) -> dict:
     """Build (or resume) the `target` stage or a `ref/<name>` stage of one task/split.
 
     Works in one process or under `accelerate launch` (each process takes every N-th shard).
-    Returns the split's manifest after the build.
+    Returns the split's manifest after the build. `rebuild` discards the stored stage first,
+    whatever it holds (the sequences stay).
 
     For studies that build many caches of the same sequences (bench/fidelity.py):
     `loaded` is the (model, tokenizer) of `model_spec` already in memory (not loaded again; the
@@ -617,17 +833,20 @@ def build_stage(
         with_lock_error = err
     _all_ok(state, with_lock_error)
     try:
-        return _build_locked(cfg, role, model_spec, state, progress, loaded, label_forward)
+        return _build_locked(cfg, role, model_spec, state, progress, loaded, label_forward,
+                             rebuild)
     finally:
         lock.__exit__(None, None, None)
 
 
 def _build_locked(cfg, role, model_spec, state: PartialState, progress: bool,
-                  loaded: tuple | None, label_forward: LabelForward | None) -> dict:
+                  loaded: tuple | None, label_forward: LabelForward | None,
+                  rebuild: bool = False) -> dict:
     if role == "target":
         spec = model_spec or cfg.models.target
     else:
         spec = model_spec or cfg.models.ref or _recorded_ref(cfg)
+    spec = models.resolve_run_folder(spec)  # an adaspec-train run folder: its model/
     identity = models.model_identity(spec)
     device = state.device
     dtype = resolve_dtype(cfg.models.dtype, device)
@@ -646,7 +865,7 @@ def _build_locked(cfg, role, model_spec, state: PartialState, progress: bool,
     generated = None
     group = _open_split(cfg) if state.is_main_process else None
     if role == "target" and cfg.cache.generate:
-        generate_batches(cfg, model, tokenizer, state, progress)
+        _together(state, lambda: generate_batches(cfg, model, tokenizer, state, progress, identity))
         state.wait_for_everyone()
         generated = load_generated(cfg)
         gen_params = _generation_params(cfg, identity)
@@ -669,6 +888,9 @@ def _build_locked(cfg, role, model_spec, state: PartialState, progress: bool,
             "target must share one tokenizer"
         )
     seqs, masks, label_offsets = _load_sequences(group)
+    source_index = group[schema.SEQUENCES]["source_index"][:]
+    if generated is not None:
+        _check_generated(cfg, generated, seqs, source_index)
     n_rows = int(label_offsets[-1])
     layout = _Layout.from_sequences(
         label_offsets, np.array([len(s) for s in seqs]), cfg.cache.batch_tokens
@@ -688,7 +910,8 @@ def _build_locked(cfg, role, model_spec, state: PartialState, progress: bool,
             "generate": _generation_params(cfg, identity) if cfg.cache.generate else None,
         }
         arrays = _target_arrays(cfg, vocab_size)
-        fix = "use a new --cache directory, or the stored settings"
+        fix = ("use a new --cache directory or the stored settings, or replace the stage with "
+               "--rebuild (then rebuild its reference losses too)")
     else:
         target_entry = manifest["stages"].get(schema.TARGET, {})
         if target_entry.get("status") != schema.STATUS_COMPLETE:
@@ -703,9 +926,10 @@ def _build_locked(cfg, role, model_spec, state: PartialState, progress: bool,
             "divergences": list(schema.DIVERGENCES),
         }
         arrays = {f"loss_{d}": store.RowArray(np.dtype(np.float32)) for d in schema.DIVERGENCES}
-        fix = "use another --ref-name, or the stored reference"
+        fix = "use another --ref-name or the stored reference, or replace them with --rebuild"
 
-    _on_main(state, lambda: _begin_stage(group, stage, params, n_rows, arrays, cfg, fix))
+    _on_main(state, lambda: _begin_stage(group, stage, params, n_rows, arrays, cfg, fix,
+                                         rebuild))
     state.wait_for_everyone()
     writer = store.StageWriter(
         group, stage, n_rows, arrays, cfg.cache.shard_rows, cfg.cache.chunk_rows, create=False
@@ -713,8 +937,7 @@ def _build_locked(cfg, role, model_spec, state: PartialState, progress: bool,
     shards = writer.pending_shards(state.process_index, state.num_processes)
 
     if role == "target" and generated is not None:
-        source = group[schema.SEQUENCES]["source_index"][:]
-        compute = _staged_batch_fn(cfg, layout, seqs, source, generated, vocab_size)
+        compute = _staged_batch_fn(cfg, layout, seqs, source_index, generated, vocab_size)
     elif role == "target":
         if label_forward is None:
             def label_forward(seqs_, masks_, pad_id_):
@@ -726,10 +949,42 @@ def _build_locked(cfg, role, model_spec, state: PartialState, progress: bool,
     desc = f"{stage} {cfg.data.task}/{cfg.data.split}"
     if state.num_processes > 1:
         desc += f" [rank {state.process_index}]"
-    _run_shards(writer, layout, shards, compute, desc, disable_bar=not progress)
+
+    def run() -> None:
+        try:
+            _run_shards(writer, layout, shards, compute, desc, disable_bar=not progress)
+        except _NonFiniteRow as err:  # name the example; shards already written stay done
+            s = int(np.searchsorted(label_offsets, err.row, side="right")) - 1
+            token = err.row - int(label_offsets[s])
+            raise _nonfinite_error(cfg, int(source_index[s]), token, "label token") from None
+
+    _together(state, run)
     state.wait_for_everyone()
     counts = {"label_tokens": n_rows, "shards": writer.n_shards}
     return _on_main(state, lambda: _finish_stage(group, writer, stage, counts))  # type: ignore[return-value]
+
+
+def _together(state: PartialState, fn: Callable[[], object]) -> None:
+    """Run fn on every process; a user error on any process is raised on all of them, so none
+    is left waiting at the next barrier."""
+    error: BaseException | None = None
+    try:
+        fn()
+    except (UserError, CacheError) as err:
+        error = err
+    _all_ok(state, error)
+
+
+def _check_generated(cfg: Config, generated: dict, seqs: list[np.ndarray], source_index) -> None:
+    """The staged generations must be the ones the stored sequences were made from."""
+    for s, source in enumerate(source_index.tolist()):
+        staged = generated.get(source)
+        if staged is None or not np.array_equal(staged["input_ids"], seqs[s]):
+            raise CacheError(
+                f"the staged generations in {_staging_dir(cfg)} do not hold the cache's sequence "
+                f"{s} (source index {source}); its target rows cannot be rebuilt from them: build "
+                "into a new --cache directory"
+            )
 
 
 def _target_batch_fn(cfg, label_forward: LabelForward, seqs, masks, layout: _Layout, pad_id: int,
@@ -743,9 +998,11 @@ def _target_batch_fn(cfg, label_forward: LabelForward, seqs, masks, layout: _Lay
         generator = torch.Generator().manual_seed(cfg.cache.seed * 1_000_003 + batch)
         parts: dict[str, list[np.ndarray]] = {}
         for start in range(0, n, LOGIT_ROWS):
-            for name, values in rows_of(
-                logits_fn(start, min(n, start + LOGIT_ROWS)), generator
-            ).items():
+            try:
+                rows = rows_of(logits_fn(start, min(n, start + LOGIT_ROWS)), generator)
+            except _NonFiniteRow as err:  # as a row of the stage, for _build_locked to name
+                raise _NonFiniteRow(int(layout.offsets_labels[a]) + start + err.row) from None
+            for name, values in rows.items():
                 parts.setdefault(name, []).append(values)
         out = _encode_rows(cfg, {name: np.concatenate(v) for name, v in parts.items()}, vocab_size)
         return out, sum(len(s) for s in seqs[a:b])

@@ -33,7 +33,8 @@ class ModelsConfig:
     ref: str | None = None
     """Trained reference draft; default: the one the ref stage recorded in the cache."""
     dtype: str = "auto"
-    """Model weights dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."""
+    """Frozen models' dtype (target, reference, evaluation): auto (bf16 on CUDA, fp32 on CPU),
+    float32, bfloat16, float16. Trained weights stay float32 (see train.mixed_precision)."""
     device_map: str | None = None
     """Passed to from_pretrained for the target (`auto` offloads a big target to CPU/disk)."""
 
@@ -194,7 +195,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping (0 disables)."""
     mixed_precision: str = "auto"
-    """auto (bf16 on CUDA, none on CPU), no, bf16, fp16."""
+    """Autocast of the trained model: auto (bf16 on CUDA; on CPU bf16 if --dtype is bfloat16),
+    no, bf16, fp16. Its weights and optimizer state stay float32 whatever this says."""
     chunk_tokens: int = 1024
     """Label tokens per loss chunk: bounds the (tokens, vocab) memory of the draft's log-softmax."""
     checkpoint_every: int = 0
@@ -275,12 +277,18 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    explicit: frozenset = field(default=frozenset(), compare=False, repr=False)
+    """`section.key` names that the config file or a flag set; every other field is a default.
+    Lets a run tell "the user asked for this value" from "nobody said" (e.g. data flags that
+    must agree with a cache). Not saved: `to_dict` holds the sections only."""
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
 
-SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}  # type: ignore[misc]
+SECTIONS: dict[str, type] = {
+    f.name: f.type for f in dataclasses.fields(Config) if f.name != "explicit"  # type: ignore[misc]
+}
 
 
 def _section_types() -> dict[str, type]:
@@ -327,7 +335,8 @@ def build_config(
         section, _, name = key.partition(".")
         merged[section][name] = value
     types_by_section = _section_types()
-    built = {}
+    built: dict[str, Any] = {}
+    explicit = set()
     for section, cls in types_by_section.items():
         hints = typing.get_type_hints(cls)
         known = {f.name for f in dataclasses.fields(cls)}
@@ -338,8 +347,9 @@ def build_config(
                     f"unknown config key {section}.{name!r}; known: {', '.join(sorted(known))}"
                 )
             kwargs[name] = _coerce(value, hints[name], f"{section}.{name}")
+            explicit.add(f"{section}.{name}")
         built[section] = cls(**kwargs)
-    return Config(**built)
+    return Config(**built, explicit=frozenset(explicit))
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:

@@ -8,12 +8,15 @@
 2. exact: the same two numbers teacher-forced with the target loaded, over the full vocabulary.
 3. speculative: real speculative decoding (`speculative.py`) over the split's prompts, with the
    three conventions papers and engines use, and the speed of speculative against target-only
-   decoding measured in the same run.
+   decoding: one target-only baseline for all drafts, warmed up, interleaved over rounds, and
+   reported as medians with their spread (a single timing drifted too much to rank drafts).
 """
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +28,8 @@ from adaspec.build import label_hidden_and_head, sparse_target_from_rows
 from adaspec.config import Config
 from adaspec.errors import UserError
 from adaspec.stream import online_sequences
+from cache_tools import schema
+from cache_tools.errors import CacheError
 from cache_tools.store import CacheReader
 
 
@@ -122,46 +127,140 @@ def exact_acceptance(
             "label_tokens": n_tokens}
 
 
-def speculative_acceptance(
-    draft, target, prompts: list[torch.Tensor], vocab_size: int, eos_token_id, gamma: int,
-    temperature: float, max_new_tokens: int, seed: int = 0, progress: bool = True,
+def _synchronize() -> None:
+    """Wait for queued GPU work, so a timer read after a run covers the run."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _timed(run):
+    """(run's result, wall seconds)."""
+    _synchronize()
+    started = time.perf_counter()
+    out = run()
+    _synchronize()
+    return out, time.perf_counter() - started
+
+
+def _median(values: list[float]) -> float:
+    return float(np.median(values)) if values else float("nan")
+
+
+def summarize_speed(
+    spec_tokens: list[int], spec_seconds: list[float], target_tokens: list[int],
+    target_seconds: list[float],
 ) -> dict:
-    """Real speculative decoding over prompts, and target-only decoding of the same prompts."""
-    stats = speculative.SpecStats()
-    spec_time = target_time = 0.0
-    target_tokens = 0
-    for i, prompt in enumerate(tqdm(prompts, desc="speculative", disable=not progress,
-                                    dynamic_ncols=True)):
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        started = time.perf_counter()
-        _, one = speculative.speculative_generate(
-            target, draft, prompt, max_new_tokens, gamma, temperature, eos_token_id, vocab_size,
-            generator,
-        )
-        spec_time += time.perf_counter() - started
-        stats = stats.merge(one)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        started = time.perf_counter()
-        out = speculative.target_generate(
-            target, prompt, max_new_tokens, temperature, eos_token_id, vocab_size, generator
-        )
-        target_time += time.perf_counter() - started
-        target_tokens += int(out.shape[0])
-    spec_tps = stats.new_tokens / spec_time if spec_time else float("nan")
-    target_tps = target_tokens / target_time if target_time else float("nan")
+    """Per-round totals of one draft's speculative runs and of the target-only runs -> speeds.
+
+    Each path's tokens/s is a median over rounds with its min and max, and the speedup is the
+    median of per-round ratios: a round's two paths ran interleaved on the same prompts, so a
+    slow phase of the machine hits both and cancels in the ratio. `speedup_spread` is the
+    half-width of the smallest interval centred on the median that holds every round's ratio;
+    `median ± spread` is what tables print and what `speed_within_noise` compares.
+    """
+    def rates(tokens, seconds):
+        return [n / s if s > 0 else float("nan") for n, s in zip(tokens, seconds, strict=True)]
+
+    spec, target = rates(spec_tokens, spec_seconds), rates(target_tokens, target_seconds)
+    ratios = [a / b if b > 0 else float("nan") for a, b in zip(spec, target, strict=True)]
+    speedup = _median(ratios)
+    low, high = (min(ratios), max(ratios)) if ratios else (float("nan"), float("nan"))
     return {
-        "alpha_paper": stats.alpha(),
-        "draft_acceptance_rate_vllm": stats.draft_acceptance_rate(),
-        "mean_accepted_length": stats.mean_accepted_length(),
-        "steps": stats.steps,
-        "drafted": stats.drafted,
-        "accepted": stats.accepted,
-        "rejected": stats.rejected,
-        "new_tokens": stats.new_tokens,
-        "speculative_tokens_per_s": spec_tps,
-        "target_tokens_per_s": target_tps,
-        "speedup": spec_tps / target_tps if target_tps else float("nan"),
+        "speculative_tokens_per_s": _median(spec),
+        "speculative_tokens_per_s_min": min(spec, default=float("nan")),
+        "speculative_tokens_per_s_max": max(spec, default=float("nan")),
+        "target_tokens_per_s": _median(target),
+        "target_tokens_per_s_min": min(target, default=float("nan")),
+        "target_tokens_per_s_max": max(target, default=float("nan")),
+        "speedup": speedup,
+        "speedup_min": low,
+        "speedup_max": high,
+        "speedup_spread": max(speedup - low, high - speedup),
+        "speed_rounds": len(ratios),
     }
+
+
+def speed_within_noise(speedups: list[tuple[float, float]]) -> list[bool]:
+    """(median speedup, spread) per draft -> whether its interval overlaps another draft's.
+
+    A draft whose `median ± spread` overlaps another's cannot be ranked against it by speed
+    from this run; with one draft there is nothing to rank, so the flag is False.
+    """
+    flags = []
+    for i, (m_i, s_i) in enumerate(speedups):
+        flags.append(any(abs(m_i - m_j) <= s_i + s_j
+                         for j, (m_j, s_j) in enumerate(speedups) if j != i))
+    return flags
+
+
+def speculative_acceptance(
+    drafts: list, target, prompts: list[torch.Tensor], vocab_size: int, eos_token_id,
+    gamma: int, temperature: float, max_new_tokens: int, seed: int = 0, rounds: int = 3,
+    progress: bool = True,
+) -> list[dict]:
+    """Real speculative decoding of each draft over prompts, against target-only decoding.
+
+    Speeds measured once per draft used to drift with the machine (the same target measured
+    15-26 tok/s within one call), so: target-only decoding runs once per prompt per round,
+    shared by every draft; each path gets one untimed warm-up run; in each of `rounds` rounds
+    every prompt runs through the target alone and through each draft back to back (order
+    rotated), and `summarize_speed` reports medians with their spreads. Acceptance counts come
+    from the first round's decoding, seeded per prompt as before; later rounds redo the same
+    decoding (greedy is deterministic, sampling is reseeded), so only their times are used.
+    """
+    def generator(i: int) -> torch.Generator:
+        return torch.Generator(device=prompts[i].device).manual_seed(seed * 1_000_003 + i)
+
+    def run(path: int, i: int) -> tuple[int, speculative.SpecStats | None]:
+        """(tokens emitted, stats) of prompt i through path -1 (target only) or draft `path`."""
+        if path < 0:
+            out = speculative.target_generate(target, prompts[i], max_new_tokens, temperature,
+                                              eos_token_id, vocab_size, generator(i))
+            return int(out.shape[0]), None
+        _, one = speculative.speculative_generate(
+            target, drafts[path], prompts[i], max_new_tokens, gamma, temperature, eos_token_id,
+            vocab_size, generator(i),
+        )
+        return one.new_tokens, one
+
+    paths = [-1, *range(len(drafts))]
+    if prompts:
+        for path in paths:  # untimed: first calls pay for allocations, kernels, lazy init
+            run(path, 0)
+    tokens = {p: [0] * rounds for p in paths}
+    seconds = {p: [0.0] * rounds for p in paths}
+    stats = [speculative.SpecStats() for _ in drafts]
+    bar = tqdm(total=rounds * len(prompts), desc="speculative", disable=not progress,
+               dynamic_ncols=True)
+    for r in range(rounds):
+        for i in range(len(prompts)):
+            shift = (r + i) % len(paths)
+            for path in paths[shift:] + paths[:shift]:
+                (n, one), took = _timed(lambda path=path, i=i: run(path, i))
+                tokens[path][r] += n
+                seconds[path][r] += took
+                if one is not None and r == 0:
+                    stats[path] = stats[path].merge(one)
+            bar.update()
+    bar.close()
+    results = []
+    for d, st in enumerate(stats):
+        result = {
+            "alpha_paper": st.alpha(),
+            "draft_acceptance_rate_vllm": st.draft_acceptance_rate(),
+            "mean_accepted_length": st.mean_accepted_length(),
+            "steps": st.steps,
+            "drafted": st.drafted,
+            "accepted": st.accepted,
+            "rejected": st.rejected,
+            "new_tokens": st.new_tokens,
+        }
+        result.update(summarize_speed(tokens[d], seconds[d], tokens[-1], seconds[-1]))
+        results.append(result)
+    flags = speed_within_noise([(r["speedup"], r["speedup_spread"]) for r in results])
+    for result, flag in zip(results, flags, strict=True):
+        result["speed_within_noise"] = flag
+    return results
 
 
 def _prompts(cfg: Config, tokenizer, n: int) -> list[torch.Tensor]:
@@ -190,49 +289,115 @@ def resolve_draft(path_or_spec: str) -> str:
 MODES = ("offline", "exact", "speculative")
 
 
+def _note_on_stderr(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def _open_cache(
+    cfg: Config, modes: tuple[str, ...], asked: bool, note: Callable[[str], None]
+) -> tuple[CacheReader | None, tuple[str, ...]]:
+    """(CacheReader or None, the modes to run): offline needs the cache's split.
+
+    When the user named the modes, a missing split is an error that says how to run without
+    it; when they took the default, the modes that need no cache run and a note says so.
+    """
+    if "offline" not in modes:
+        return None, modes
+    try:
+        return CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split), modes
+    except CacheError as err:
+        if asked:
+            raise UserError(
+                f"{err}; or evaluate without a cache: --modes exact,speculative"
+            ) from err
+        rest = tuple(m for m in modes if m != "offline")
+        note(f"note: skipping offline mode ({err}); running {','.join(rest)}")
+        return None, rest
+
+
+def _check_cache_tokenizer(reader: CacheReader, spec: str, tokenizer, cache: str) -> None:
+    """Offline numbers compare the draft's ids with the cache's ids: one tokenizer or nonsense.
+
+    Exact and speculative modes compare against the target's tokenizer (shared_vocab_size);
+    offline never loads the target, so this is its only check, as in training.
+    """
+    stored = reader.manifest["stages"][schema.SEQUENCES]["params"]["tokenizer_fingerprint"]
+    mine = models.tokenizer_fingerprint(tokenizer)
+    if mine != stored:
+        raise UserError(
+            f"draft {spec} uses another tokenizer (fingerprint {mine}) than the cache "
+            f"{cache} (fingerprint {stored}); evaluate drafts that share the target's tokenizer"
+        )
+
+
 def evaluate(
-    cfg: Config, draft_specs: list[str], modes: tuple[str, ...] = MODES,
+    cfg: Config, draft_specs: list[str], modes: tuple[str, ...] | None = None,
     gamma: int = 5, temperature: float = 0.0, max_new_tokens: int = 128, n_prompts: int = 10,
-    progress: bool = True,
+    progress: bool = True, speed_rounds: int = 3,
+    note: Callable[[str], None] = _note_on_stderr,
 ) -> list[dict]:
-    """Every requested measure of each draft on one task split (the target loads once)."""
-    unknown = set(modes) - {"offline", "exact", "speculative"}
+    """Every requested measure of each draft on one task split (the target loads once).
+
+    `modes=None` runs every mode it can: offline only when the cache holds the split (`note`
+    gets a one-line message otherwise). Every draft's tokenizer is checked before any number
+    is computed, and all drafts stay loaded, so speculative decoding can time them against one
+    shared target-only baseline (`speculative_acceptance`).
+    """
+    asked = modes is not None
+    modes = tuple(modes) if asked else MODES
+    unknown = set(modes) - set(MODES)
     if unknown:
         raise UserError(f"--modes has {sorted(unknown)}; choose from offline, exact, speculative")
     if gamma < 1:
         raise UserError(f"--gamma must be >= 1, got {gamma}")
     if temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {temperature}")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if n_prompts < 1:
+        raise UserError(f"--prompts must be >= 1, got {n_prompts}")
+    if speed_rounds < 3:
+        raise UserError(
+            f"--speed-rounds must be >= 3 (a median and its spread need three), got {speed_rounds}"
+        )
+    reader, modes = _open_cache(cfg, modes, asked, note)
+    needs_target = "exact" in modes or "speculative" in modes
+    specs = [resolve_draft(spec) for spec in draft_specs]
+    tokenizers = [models.load_tokenizer(spec) for spec in specs]
+    target_tok = models.load_tokenizer(cfg.models.target) if needs_target else None
+    for spec, tokenizer in zip(specs, tokenizers, strict=True):
+        if reader is not None:
+            _check_cache_tokenizer(reader, spec, tokenizer, cfg.cache.cache)
+        if target_tok is not None:
+            models.shared_vocab_size(target_tok, tokenizer)
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = build.resolve_dtype(cfg.models.dtype, device)
-    reader = None
-    if "offline" in modes:
-        reader = CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split)
-    target = target_tok = None
-    if "exact" in modes or "speculative" in modes:
-        target, target_tok = models.load_model(cfg.models.target, dtype=dtype,
-                                               device_map=cfg.models.device_map)
+    target = None
+    if needs_target:
+        target, _ = models.load_model(cfg.models.target, dtype=dtype,
+                                      device_map=cfg.models.device_map)
         if cfg.models.device_map is None:
             target.to(device)
         target.eval()
+    drafts = []
+    for spec in specs:
+        draft, _ = models.load_model(spec, dtype=dtype)
+        drafts.append(draft.to(device).eval())
+
     results = []
-    for spec in draft_specs:
-        spec = resolve_draft(spec)
-        draft, tokenizer = models.load_model(spec, dtype=dtype)
-        draft.to(device).eval()
+    for spec, draft, tokenizer in zip(specs, drafts, tokenizers, strict=True):
         vocab_size = models.real_vocab_size(tokenizer)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         result: dict = {
             "task": cfg.data.task, "split": cfg.data.split, "draft": spec,
             "target": cfg.models.target, "gamma": gamma, "temperature": temperature,
-            "max_new_tokens": max_new_tokens,
+            "max_new_tokens": max_new_tokens, "modes": list(modes),
         }
         if reader is not None:
             result["offline"] = offline_acceptance(
                 draft, reader, vocab_size, pad_id, cfg.cache.batch_tokens, progress
             )
-        if target is not None:
-            models.shared_vocab_size(target_tok, tokenizer)
         if "exact" in modes:
             # On the cache's tokens when there is one, so offline and exact compare like with like.
             seqs = (_cache_sequences(reader) if reader is not None
@@ -240,14 +405,18 @@ def evaluate(
             result["exact"] = exact_acceptance(
                 draft, target, seqs, vocab_size, pad_id, cfg.cache.batch_tokens, progress
             )
-        if "speculative" in modes:
-            prompts = _prompts(cfg, tokenizer, n_prompts)
-            result["n_prompts"] = len(prompts)
-            result["speculative"] = speculative_acceptance(
-                draft, target, prompts, vocab_size, tokenizer.eos_token_id, gamma, temperature,
-                max_new_tokens, cfg.data.seed, progress,
-            )
         results.append(result)
+    if "speculative" in modes and drafts:
+        # every draft shares the target's tokenizer (checked above): one prompt set for all
+        tokenizer = tokenizers[0]
+        prompts = [p.to(device) for p in _prompts(cfg, tokenizer, n_prompts)]
+        spec_results = speculative_acceptance(
+            drafts, target, prompts, models.real_vocab_size(tokenizer), tokenizer.eos_token_id,
+            gamma, temperature, max_new_tokens, cfg.data.seed, speed_rounds, progress,
+        )
+        for result, spec_result in zip(results, spec_results, strict=True):
+            result["n_prompts"] = len(prompts)
+            result["speculative"] = spec_result
     return results
 
 
@@ -261,20 +430,32 @@ def format_table(results: list[dict]) -> str:
     def cell(section: dict | None, key: str, fmt: str = ".4f") -> str:
         return format(section[key], fmt) if section and key in section else "-"
 
+    noisy = []
     for r in results:
         o, e, s = r.get("offline"), r.get("exact"), r.get("speculative")
         bounds = (f"{o['expected_acceptance_lower']:.4f} - {o['expected_acceptance_upper']:.4f}"
                   if o else "-")
+        speedup = f"{s['speedup']:.2f} ± {s['speedup_spread']:.2f}" if s else "-"
+        if s and s.get("speed_within_noise"):
+            noisy.append(r["draft"])
         lines.append("| " + " | ".join([
             r["draft"], bounds, cell(o, "greedy_agreement"), cell(e, "expected_acceptance"),
             cell(e, "greedy_agreement"), cell(s, "alpha_paper"),
             cell(s, "draft_acceptance_rate_vllm"), cell(s, "mean_accepted_length", ".3f"),
-            cell(s, "speedup", ".3f"),
+            speedup,
         ]) + " |")
+    if noisy:
+        lines.append("")
+        rounds = results[0]["speculative"]["speed_rounds"]
+        lines.append(
+            "speedup differences between drafts are within noise (median ± spread over "
+            f"{rounds} rounds overlap: {', '.join(noisy)}); rank these by acceptance, not speed"
+        )
     return "\n".join(lines)
 
 
 def format_result(result: dict) -> str:
+    """One draft's results, a few lines of text."""
     lines = [f"draft {result['draft']} on {result['task']}/{result['split']}"]
     if "offline" in result:
         o = result["offline"]
@@ -299,7 +480,11 @@ def format_result(result: dict) -> str:
             f"mean accepted length {s['mean_accepted_length']:.3f}"
         )
         lines.append(
-            f"  speed: speculative {s['speculative_tokens_per_s']:.1f} tok/s, target-only "
-            f"{s['target_tokens_per_s']:.1f} tok/s, ratio {s['speedup']:.3f}"
+            f"  speed (median [min-max] of {s['speed_rounds']} interleaved rounds): speculative "
+            f"{s['speculative_tokens_per_s']:.1f} [{s['speculative_tokens_per_s_min']:.1f}-"
+            f"{s['speculative_tokens_per_s_max']:.1f}] tok/s, target-only "
+            f"{s['target_tokens_per_s']:.1f} [{s['target_tokens_per_s_min']:.1f}-"
+            f"{s['target_tokens_per_s_max']:.1f}] tok/s, speedup {s['speedup']:.3f} "
+            f"± {s['speedup_spread']:.3f}"
         )
     return "\n".join(lines)

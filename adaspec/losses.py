@@ -100,6 +100,28 @@ class SparseTarget:
             return self.logprobs
         return torch.where(self.counts > 0, self.logprobs, float("-inf"))
 
+    def valid_rows(self) -> torch.Tensor:
+        """(N,) bool: rows whose values hold no NaN or +inf (-inf is a legitimate log-prob)."""
+        def ok(x: torch.Tensor) -> torch.Tensor:
+            return ~(torch.isnan(x) | (x == math.inf))
+
+        valid = ok(self.logprobs).all(-1)
+        if self.tail_logmass is not None:
+            valid &= ok(self.tail_logmass)
+        if self.counts is not None:
+            valid &= ok(self.counts.float()).all(-1)
+        return valid
+
+    def emptied(self, rows: torch.Tensor) -> "SparseTarget":
+        """A copy where the (N,) bool `rows` have no atoms: their divergence is exactly 0, with
+        zero gradient (every atom has weight 0), so a broken row can never reach the draft."""
+        keep = ~rows[:, None]  # (N, 1)
+        if self.counts is not None:
+            return SparseTarget(self.ids, torch.where(keep, self.logprobs, 0.0),
+                                counts=torch.where(keep, self.counts, 0))
+        return SparseTarget(self.ids, torch.where(keep, self.logprobs, -math.inf),
+                            tail_logmass=torch.where(rows, -math.inf, self.tail_logmass))
+
     def rows(self, start: int, stop: int) -> "SparseTarget":
         """The entries of label tokens start..stop-1 (views, no copy)."""
         return SparseTarget(

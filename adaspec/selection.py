@@ -25,21 +25,27 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+def _quantile(values: torch.Tensor, q: float, ignore_nan: bool = False) -> torch.Tensor:
     """`torch.quantile(values, q)` (linear interpolation) without its 2**24-element limit.
 
     Above the limit, the two order statistics come from `torch.kthvalue` and are interpolated
     with the same arithmetic as torch (rank q * (n - 1) in the values' dtype, then `lerp`).
+    `ignore_nan` takes the quantile of the non-NaN values (`torch.nanquantile`).
 
     Args:
         values: (n,) float32/float64, n >= 1.
 
     Returns:
-        () same dtype; NaN if any value is NaN (as torch.quantile).
+        () same dtype; NaN if any value is NaN (as torch.quantile) or, with ignore_nan, if all
+        are.
     """
     if values.numel() <= _TORCH_QUANTILE_MAX_NUMEL:
-        return torch.quantile(values, q)
-    if torch.isnan(values).any():
+        return torch.nanquantile(values, q) if ignore_nan else torch.quantile(values, q)
+    if ignore_nan:
+        values = values[~torch.isnan(values)]
+        if values.numel() == 0:
+            return values.new_tensor(math.nan)
+    elif torch.isnan(values).any():
         return values.new_tensor(math.nan)
     last = values.numel() - 1
     rank = torch.tensor(q, dtype=values.dtype) * last  # ()
@@ -64,7 +70,8 @@ def adaspec_select(
     N - ceil((1 - k) * (N - 1)) tokens (at least 1); ties at the threshold are all kept.
     A float threshold (e.g. from `global_threshold`) keeps delta >= threshold instead.
     k = 1.0 keeps every token (plain KD: the DistillSpec baseline and the reference stage),
-    whatever the threshold.
+    whatever the threshold. A NaN delta (a caller marks a non-finite loss so) is never kept and
+    takes no part in the quantile: the rule then runs over the other tokens.
 
     Args:
         draft_loss: (N,) float per-label-token divergence of the draft (detached here).
@@ -88,8 +95,9 @@ def adaspec_select(
         return torch.ones_like(delta, dtype=torch.bool)
     if delta.numel() == 0:
         return torch.zeros_like(delta, dtype=torch.bool)
-    cut = _quantile(delta, 1.0 - k) if isinstance(threshold, str) else float(threshold)
-    return delta >= cut
+    cut = (_quantile(delta, 1.0 - k, ignore_nan=True) if isinstance(threshold, str)
+           else float(threshold))
+    return delta >= cut  # NaN >= cut is False
 
 
 def global_threshold(deltas: torch.Tensor, k: float) -> float:

@@ -102,17 +102,27 @@ def _rollback(cache: DynamicCache, keep: int) -> None:
 
 
 @functools.cache
-def _takes_logits_to_keep(model_class: type) -> bool:
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+def _forward_params(model_class: type) -> frozenset[str]:
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
+def _cache_kwarg(model_class: type) -> str:
+    """The forward argument that takes the KV cache: `cache` in newer transformers (5.24).
+
+    5.24 renamed `past_key_values` to `cache` and warns that the old name goes in 5.40; older
+    releases (5.17 on the GPU machine) only know `past_key_values` and would pass an unknown
+    `cache` on through **kwargs unused, decoding without the prefix. So ask the signature.
+    """
+    return "cache" if "cache" in _forward_params(model_class) else "past_key_values"
 
 
 def _forward(model, cache: DynamicCache, ids: torch.Tensor, n_logits: int, vocab_size: int):
     """Feed `ids` (L,) after the cached prefix; return the last logits, (n_logits, V) fp32."""
-    kwargs = {}
-    if _takes_logits_to_keep(type(model)):
+    kwargs = {_cache_kwarg(type(model)): cache}
+    if "logits_to_keep" in _forward_params(type(model)):
         # skip the LM head on positions whose logits we never read
         kwargs["logits_to_keep"] = n_logits
-    out = model(input_ids=ids[None], past_key_values=cache, use_cache=True, **kwargs)
+    out = model(input_ids=ids[None], use_cache=True, **kwargs)
     return out.logits[0, -n_logits:, :vocab_size].float()
 
 

@@ -26,7 +26,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from adaspec import build, evaluate, models, selection, train
+from adaspec import evaluate, models, selection, train
 from adaspec.config import Config
 from adaspec.errors import UserError
 from adaspec.stream import BatchStream
@@ -102,8 +102,8 @@ def train_single_pass(cfg: Config, variants: list[Variant], out: Path,
     reader = CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split)
     device = torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda")
     torch.manual_seed(variants[0].seed)
-    draft, tokenizer = models.load_model(cfg.models.draft,
-                                         dtype=build.resolve_dtype(cfg.models.dtype, device))
+    # fp32 master weights, as in train.train (bf16 only through autocast).
+    draft, tokenizer = models.load_model(cfg.models.draft, dtype=torch.float32)
     train._check_tokenizer(reader, tokenizer, cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     vocab_size = int(reader.manifest["vocab_size"])

@@ -35,7 +35,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from adaspec import build, losses, models, selection
+from adaspec import build, losses, models, selection, tasks
 from adaspec.config import Config
 from adaspec.errors import UserError
 from adaspec.stream import Batch, BatchStream, online_sequences
@@ -63,10 +63,21 @@ def resolve_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, train=train_cfg)
 
 
-def _mixed_precision(name: str) -> str:
+def mixed_precision(name: str, dtype: str) -> str:
+    """The autocast mode of a training run (accelerate's `mixed_precision`).
+
+    The trained model's weights and AdamW's state are always float32: bf16/fp16 enter only
+    through autocast, as in accelerate's and DeepSpeed's mixed precision. (AdamW on bf16 weights
+    loses most small updates: at lr 1e-5 only ~11% of a tiny model's weights moved in 8 steps.)
+    `auto` is bf16 on CUDA, and on CPU follows `--dtype`: bfloat16 or float16 -> bf16 autocast,
+    else no autocast. `--dtype` itself only sets the frozen models (target, online reference).
+    """
+    cuda = torch.cuda.is_available()
     if name == "auto":
-        return "bf16" if torch.cuda.is_available() else "no"
-    if name == "fp16" and not torch.cuda.is_available():
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if dtype in ("bfloat16", "float16") else "no"
+    if name == "fp16" and not cuda:
         raise UserError("--mixed-precision fp16 needs a CUDA device; use bf16 or no on CPU")
     return name
 
@@ -264,15 +275,107 @@ def record_ref(cfg: Config, run_dir: Path, steps: int) -> None:
     """Write the trained reference into the split's manifest under `refs[cfg.cache.ref_name]`."""
     group = _split_group(cfg, "a")
     manifest = store.read_manifest(group)
+    model_path = str((run_dir / "model").resolve())
     manifest.setdefault("refs", {})[cfg.cache.ref_name] = {
-        "path": str((run_dir / "model").resolve()),
+        "path": model_path,
         "run": str(run_dir.resolve()),
+        "weight_hash": models.model_identity(model_path)["weight_hash"],
         "init": cfg.models.draft,
+        "init_identity": models.model_identity(cfg.models.draft),
         "loss": cfg.train.loss,
         "epochs": cfg.train.epochs,
         "steps": steps,
     }
     store.write_manifest(group, manifest)
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    """Two `models.model_identity` records name the same weights (unknown hashes pass)."""
+    if a.get("weight_hash") is None or b.get("weight_hash") is None:
+        return True
+    return a["weight_hash"] == b["weight_hash"] and a.get("layers") == b.get("layers")
+
+
+def _short(identity: dict) -> str:
+    return f"{identity.get('path')} (weights {str(identity.get('weight_hash'))[:12]})"
+
+
+def check_reference(cfg: Config, manifest: dict) -> None:
+    """Refuse cached reference losses that are stale, or a draft that starts elsewhere.
+
+    AdaSPEC's delta = L_draft - L_ref is meaningful only if the stored L_ref come from the
+    reference this run names (`--ref`, else the one the ref stage recorded in the manifest) and
+    that reference was trained from the draft's initialisation. The ref stage stores the weight
+    hash of the model it scored; the record of the ref training stores its init's identity.
+    An explicit `--ref` that no ref stage of this cache recorded has no known init: only its
+    losses are checked, since there is nothing to compare the draft with.
+    """
+    stage = schema.ref_group_name(cfg.cache.ref_name)
+    built = manifest["stages"][stage]["params"]["model"]
+    record = manifest.get("refs", {}).get(cfg.cache.ref_name)
+    where = f"{cfg.cache.cache}/{cfg.data.task}/{cfg.data.split}"
+    rebuild = (f"`adaspec-cache build --model ref --cache {cfg.cache.cache} --task "
+               f"{cfg.data.task} --split {cfg.data.split} --ref-name {cfg.cache.ref_name}")
+    if manifest["stages"][stage]["params"].get("target") != (
+            manifest["stages"][schema.TARGET]["params"]):
+        raise UserError(
+            f"the cached reference losses '{stage}' in {where} were computed against another "
+            f"target stage than the one stored now; rebuild them with {rebuild} --rebuild`"
+        )
+    named_spec = cfg.models.ref or (record or {}).get("path")
+    if named_spec is not None:
+        try:
+            named = models.model_identity(named_spec)
+        except UserError as err:
+            raise UserError(f"the reference {named_spec} cannot be found ({err})") from None
+        if not _same_weights(built, named):
+            raise UserError(
+                f"the cached reference losses '{stage}' in {where} were built from "
+                f"{_short(built)} but the reference is now {_short(named)}; rebuild them with "
+                f"{rebuild} --model-path {named_spec} --rebuild`"
+            )
+    if record is None or "init_identity" not in record or not _same_weights(built, record):
+        return  # a reference trained elsewhere: its initialisation is not known here
+    draft = models.model_identity(cfg.models.draft)
+    if not _same_weights(record["init_identity"], draft):
+        raise UserError(
+            f"the reference '{cfg.cache.ref_name}' was trained from {record['init']} but this "
+            f"draft starts from {cfg.models.draft}; AdaSPEC compares a draft with a reference of "
+            "the same initialisation: pass --draft " + str(record["init"]) + " or train a "
+            "reference from this draft (`adaspec-train --stage ref`)"
+        )
+
+
+# Data flags that change which sequences a split holds; a cached run must agree with the cache.
+DATA_KEYS = ("data_files", "limit", "max_length", "chat_template", "seed")
+
+
+def check_data(cfg: Config, manifest: dict) -> None:
+    """Refuse data flags that disagree with the cache's sequences (the cache defines the data).
+
+    Only values the config file or a flag set are compared: an unset flag means "as cached".
+    """
+    stored = manifest["stages"][schema.SEQUENCES]["params"]
+    for key in DATA_KEYS:
+        if f"data.{key}" not in cfg.explicit:
+            continue
+        asked = getattr(cfg.data, key)
+        if key == "data_files":
+            have = stored.get("data_files_hash")
+            same = (asked is None and have is None) or (
+                asked is not None and have is not None and tasks.data_files_hash(asked) == have)
+            shown_have = "another file" if have else "the hub's data"
+        else:
+            have = stored.get(key)
+            same = asked == have
+            shown_have = repr(have)
+        if not same:
+            flag = "--data-seed" if key == "seed" else "--" + key.replace("_", "-")
+            raise UserError(
+                f"the cache's {cfg.data.task}/{cfg.data.split} sequences were built with "
+                f"{key}={shown_have} but this run asks {flag} {asked!r}; drop {flag} (the cache "
+                f"defines the data) or build a cache for it with another --cache"
+            )
 
 
 def _recorded_ref_path(cfg: Config) -> str:
@@ -318,9 +421,11 @@ def _open_cache(cfg: Config) -> tuple[CacheReader | None, str | None]:
         reader = None
         if _cached_split_exists(cfg):
             reader = CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split, require=())
+            check_data(cfg, reader.manifest)
         return reader, _recorded_ref_path(cfg) if _needs_ref(cfg) else None
     require = () if t.stage == "sft" else (schema.TARGET,)
     reader = CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split, require=require)
+    check_data(cfg, reader.manifest)
     if _needs_ref(cfg):
         stage = schema.ref_group_name(cfg.cache.ref_name)
         if store.stage_status(reader.manifest, stage) != schema.STATUS_COMPLETE:
@@ -329,6 +434,7 @@ def _open_cache(cfg: Config) -> tuple[CacheReader | None, str | None]:
                 f"{cfg.cache.cache}/{cfg.data.task}/{cfg.data.split}; run `adaspec-train --stage "
                 "ref` then `adaspec-cache build --model ref` (or use --k 1.0)"
             )
+        check_reference(cfg, reader.manifest)
         if t.loss == "jsd" and t.beta != 0.5:
             raise UserError(
                 f"the cache's jsd reference losses use beta=0.5, not --beta {t.beta:g}; use "
@@ -411,8 +517,15 @@ def train(
     # micro-batches are read, and the last step of a fractional epoch may have fewer micro-batches;
     # accelerate's own accumulation divides every loss by a fixed count instead.
     # cpu=True without CUDA: accelerate only sets up multi-process CPU (gloo) runs when told so.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision=_mixed_precision(t.mixed_precision),
+    precision = mixed_precision(t.mixed_precision, cfg.models.dtype)
+    # accelerate's state is a process-wide singleton that refuses a second mixed-precision
+    # setting; a process that trains several runs (a sweep, the tests) resets it when the
+    # setting changes. Its distributed part (PartialState) is kept.
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
                               gradient_accumulation_steps=1)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     checkpoint = _check_run_dir(run_dir, cfg, resume)
@@ -420,7 +533,8 @@ def train(
 
     reader, ref_spec = _open_cache(cfg)
     spec = cfg.models.target if t.stage == "sft" else cfg.models.draft
-    model, tokenizer = models.load_model(spec, dtype=build.resolve_dtype(cfg.models.dtype, device))
+    # fp32 master weights whatever --dtype says (see `mixed_precision`).
+    model, tokenizer = models.load_model(spec, dtype=torch.float32)
     model.to(device).train()
     data = _open_data(cfg, reader, ref_spec, tokenizer, device, rank, world)
     stream = data.stream
@@ -484,14 +598,20 @@ def train(
                                   device=device)
             label_norm = float(accelerator.reduce(counts, "sum")) / world
             lr = scheduler.get_last_lr()[0]
-            # loss, kept tokens, label tokens, tokens
-            totals = torch.zeros(4, dtype=torch.float64, device=device)
+            # loss, kept tokens, label tokens, tokens, non-finite per-token losses
+            totals = torch.zeros(5, dtype=torch.float64, device=device)
 
             for i, batch in enumerate(group):
                 # Gradients are all-reduced once per optimizer step, on the last micro-batch.
                 last = i == len(group) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(loss_model):
                     target = _to(batch.target, device)
+                    # A cached row with NaN/+inf values (the build refuses them; an old or
+                    # hand-made store may hold some) is emptied: loss 0, no gradient, counted.
+                    valid = None
+                    if target is not None:
+                        valid = target.valid_rows()  # (N,) bool
+                        target = target.emptied(~valid)
                     target_logits = ref_loss = None
                     if data.target_model is not None:
                         with torch.no_grad():
@@ -514,6 +634,14 @@ def train(
                         target=target, target_logits=target_logits, want_argmax=speckd,
                     )  # (N,) float32, (N,) int64 | None
 
+                    # A non-finite loss (a diverged model, a bad target row) is never learned
+                    # from, and never silently: it is counted in the metrics, and AdaSPEC's
+                    # threshold is taken over the finite tokens only.
+                    finite = torch.isfinite(per_token.detach())  # (N,) bool
+                    if valid is not None:
+                        finite &= valid
+                    ranked = torch.where(finite, per_token.detach(), math.nan)  # (N,)
+
                     # Which tokens the model learns from this micro-batch.
                     if speckd:
                         keep = selection.speckd_gate(draft_argmax,
@@ -521,12 +649,13 @@ def train(
                     elif need_ref:
                         threshold: str | float = "batch"
                         if t.threshold == "global":
-                            window.append((per_token.detach() - ref_loss).float().cpu())
+                            delta = (per_token.detach() - ref_loss).float()[finite].cpu()
+                            window.append(delta)  # (finite N,) a host copy: "global" syncs
                             threshold = selection.global_threshold(torch.cat(list(window)), t.k)
-                        keep = selection.adaspec_select(per_token.detach(), ref_loss, t.k,
-                                                        threshold)
+                        keep = selection.adaspec_select(ranked, ref_loss, t.k, threshold)
                     else:  # k = 1: the reference, SFT and plain-KD drafts learn every token
                         keep = torch.ones_like(per_token, dtype=torch.bool)
+                    keep = keep & finite
 
                     if t.normalize == "all":
                         loss = selection.reduce_loss(per_token, keep, label_norm, "all")
@@ -534,7 +663,8 @@ def train(
                         loss = selection.reduce_loss(per_token, keep, 1, "selected") / len(group)
                     accelerator.backward(loss)
                 totals += torch.tensor([float(loss.detach()), float(keep.sum()), batch.n_labels,
-                                        batch.n_tokens], dtype=torch.float64, device=device)
+                                        batch.n_tokens, float((~finite).sum())],
+                                       dtype=torch.float64, device=device)
 
             if t.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(loss_model.parameters(), t.max_grad_norm)
@@ -551,6 +681,7 @@ def train(
                 "epoch": micro_done / per_epoch,
                 "loss": float(totals[0]) / world,
                 "selected_fraction": float(totals[1] / totals[2].clamp_min(1)),
+                "nonfinite_tokens": int(totals[4]),
                 "lr": lr,
                 "tokens_per_s": float(totals[3]) / max(now - step_started, 1e-9),
                 "elapsed": elapsed_before + now - started,

@@ -52,6 +52,8 @@ def open_root(root: str, mode: str = "a") -> zarr.Group:
     """Open (or with mode "a", create) a cache root group; refuse folders that are not caches."""
     if mode == "r" and is_local(root) and not _local_path(root).exists():
         raise CacheError(f"no cache at {root}; build one with `adaspec-cache build`")
+    if is_local(root) and _local_path(root).exists() and not _local_path(root).is_dir():
+        raise CacheError(f"{root} is a file, not a cache folder; pass a folder to --cache")
     try:
         group = zarr.open_group(root, mode=mode, zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
@@ -124,15 +126,27 @@ def write_sequences(
     source_index: Sequence[int],
     vocab_size: int,
 ) -> dict:
-    """Write ragged sequences (overwriting any partial earlier attempt); returns their counts."""
+    """Write ragged sequences (overwriting any partial earlier attempt); returns their counts.
+
+    Every id must be one the tokenizer can produce (0 <= id < vocab_size): an id past it (e.g.
+    drawn from a padded embedding row) would wrap in the id dtype or index nothing downstream, and
+    `verify` would reject the whole store later, far from the cause.
+    """
     lengths = np.array([len(x) for x in input_ids], dtype=np.int64)
     n_labels = np.array([int(np.count_nonzero(m)) for m in label_masks], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     label_offsets = np.concatenate([[0], np.cumsum(n_labels)]).astype(np.int64)
+    raw_ids = np.concatenate(input_ids) if len(input_ids) else np.zeros(0, np.int64)
+    bad = np.flatnonzero((raw_ids < 0) | (raw_ids >= vocab_size))
+    if bad.size:
+        i = int(np.searchsorted(offsets, bad[0], side="right")) - 1
+        raise CacheError(
+            f"sequence {i} (source index {int(source_index[i])}) holds token id "
+            f"{int(raw_ids[bad[0]])} at position {int(bad[0] - offsets[i])}, outside the "
+            f"tokenizer's {vocab_size} ids; the ids must come from the tokenizer the cache records"
+        )
     ids_dtype = schema.id_dtype(vocab_size)
-    flat_ids = (
-        np.concatenate(input_ids).astype(ids_dtype) if len(input_ids) else np.zeros(0, ids_dtype)
-    )
+    flat_ids = raw_ids.astype(ids_dtype)
     flat_mask = np.concatenate(label_masks).astype(bool) if len(input_ids) else np.zeros(0, bool)
     seq_group = group.require_group(schema.SEQUENCES)
     arrays = {
@@ -254,6 +268,8 @@ def build_lock(root: str, task: str, split: str, rank: int = 0) -> Iterator[None
         return
     # Beside the groups, not inside them: a folder without zarr.json confuses Zarr readers.
     lock_dir = _local_path(root)
+    if lock_dir.exists() and not lock_dir.is_dir():
+        raise CacheError(f"{root} is a file, not a cache folder; pass a folder to --cache")
     lock_dir.mkdir(parents=True, exist_ok=True)
     lock_path = lock_dir / f".build-{task}-{split}-rank{rank}.lock"
     handle = open(lock_path, "a+")  # noqa: SIM115 - held for the duration of the context
@@ -276,8 +292,39 @@ def build_lock(root: str, task: str, split: str, rank: int = 0) -> Iterator[None
 # Reading
 
 
+def read_rows(array: zarr.Array, start: int, stop: int, root: str) -> np.ndarray:
+    """array[start:stop], or a one-line CacheError naming the array and the unreadable chunk.
+
+    Corruption surfaces as whatever the codec raises (a checksum mismatch, a Blosc error, a
+    truncated shard); on failure each chunk of the range is read alone to name the bad one.
+    """
+    try:
+        return array[start:stop]
+    except Exception as err:  # any codec or I/O error means an unreadable chunk
+        first_error = err
+    chunk_rows = array.chunks[0]
+    bad = start // chunk_rows
+    for chunk in range(start // chunk_rows, -(-stop // chunk_rows)):
+        try:
+            array[chunk * chunk_rows : min(array.shape[0], (chunk + 1) * chunk_rows)]
+        except Exception as err:  # the chunk that fails alone is the bad one
+            bad, first_error = chunk, err
+            break
+    reason = (str(first_error).splitlines() or [type(first_error).__name__])[0][:120]
+    reason = reason.rstrip(". ")
+    lo, hi = bad * chunk_rows, min(array.shape[0], (bad + 1) * chunk_rows)
+    raise CacheError(
+        f"cannot read {root}/{array.path} chunk {bad} (rows {lo}-{hi}): {reason}; run "
+        f"`adaspec-cache verify --cache {root}`, then rebuild the damaged stage with "
+        "`adaspec-cache build ... --rebuild`"
+    ) from None
+
+
 class CacheReader:
-    """Read-only access to one complete `<task>/<split>` group, decoded to plain numpy."""
+    """Read-only access to one complete `<task>/<split>` group, decoded to plain numpy.
+
+    A chunk that cannot be read (corrupt, truncated) raises a one-line CacheError naming it.
+    """
 
     def __init__(self, root: str, task: str, split: str, require: Sequence[str] = (schema.TARGET,)):
         root_group = open_root(root, mode="r")
@@ -297,13 +344,18 @@ class CacheReader:
                     f"cache {root}/{path} has no complete '{stage}' stage; run (or resume) "
                     f"`adaspec-cache build` for it"
                 )
-        seq = self.group[schema.SEQUENCES]
-        self.offsets = seq["offsets"][:]
-        self.label_offsets = seq["label_offsets"][:]
+        seq = {name: self.group[schema.SEQUENCES][name] for name in schema.SEQUENCE_ARRAYS}
+
+        def whole(name: str) -> np.ndarray:
+            return read_rows(seq[name], 0, seq[name].shape[0], str(root))
+
+        self.offsets = whole("offsets")
+        self.label_offsets = whole("label_offsets")
         # Tokens are small (2-4 B each, no logits): holding them saves a chunk decode per read.
-        self._input_ids = seq["input_ids"][:].astype(np.int64)
-        self._label_mask = seq["label_mask"][:].astype(bool)
-        self.source_index = seq["source_index"][:]
+        self._input_ids = whole("input_ids").astype(np.int64)
+        self._label_mask = whole("label_mask").astype(bool)
+        self.source_index = whole("source_index")
+        self._ref_arrays: dict[tuple[str, str], zarr.Array] = {}
         target_stage = self.manifest.get("stages", {}).get(schema.TARGET, {})
         self.target_params = target_stage.get("params", {})
         # Arrays opened once: opening one reads its metadata from the store.
@@ -335,16 +387,22 @@ class CacheReader:
         tail_logmass (n,) float32 (topk) or counts (n, K) float32 (sample)."""
         target = self._target
         encoding = self.target_params.get("value_encoding", "float16")
+        root = self.root
         rows = {
             "ids": schema.decode_ids(
-                target["ids"][start:stop], self.target_params.get("id_encoding", "plain")
+                read_rows(target["ids"], start, stop, root),
+                self.target_params.get("id_encoding", "plain"),
             ),
-            "logprobs": schema.decode_logprobs(target["logprobs"][start:stop], encoding),
+            "logprobs": schema.decode_logprobs(
+                read_rows(target["logprobs"], start, stop, root), encoding
+            ),
         }
         if "tail_logmass" in target:
-            rows["tail_logmass"] = target["tail_logmass"][start:stop].astype(np.float32)
+            rows["tail_logmass"] = read_rows(target["tail_logmass"], start, stop, root).astype(
+                np.float32
+            )
         if "counts" in target:
-            rows["counts"] = target["counts"][start:stop].astype(np.float32)
+            rows["counts"] = read_rows(target["counts"], start, stop, root).astype(np.float32)
         return rows
 
     def ref_names(self) -> list[str]:
@@ -365,4 +423,7 @@ class CacheReader:
                 f"cache has no complete reference '{name}' (complete: {have}); train one with "
                 f"`adaspec-train --stage ref` and build it with `adaspec-cache build --model ref`"
             )
-        return self.group[stage][f"loss_{divergence}"][start:stop].astype(np.float32)
+        array = self._ref_arrays.get((name, divergence))
+        if array is None:  # opened once: opening an array reads its metadata from the store
+            array = self._ref_arrays[(name, divergence)] = self.group[stage][f"loss_{divergence}"]
+        return read_rows(array, start, stop, self.root).astype(np.float32)

@@ -10,8 +10,11 @@ import sys
 import pytest
 from conftest import REPO, make_tiny_model
 
+from adaspec import evaluate as evaluate_module
+from adaspec import models, speculative
 from adaspec.build import build_stage
 from adaspec.config import build_config
+from adaspec.errors import UserError
 from adaspec.evaluate import evaluate
 
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -92,3 +95,206 @@ def test_bad_eval_arguments_are_one_line(setup):
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "--gamma" in done.stderr.strip().splitlines()[-1]
+
+
+# --- tokenizer check, modes without a cache -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_draft(setup, tmp_path_factory, tiny_tokenizer):
+    """A draft whose tokenizer has the same size but two ids swapped: offline numbers come out,
+    and they are nonsense, since the cache's ids mean other tokens."""
+    _, draft_dir = setup
+    path = tmp_path_factory.mktemp("other_tok")
+    make_tiny_model(len(tiny_tokenizer), n_layers=1, seed=13).save_pretrained(path)
+    tok_json = json.loads((draft_dir / "tokenizer.json").read_text())
+    vocab = tok_json["model"]["vocab"]
+    a, b = (t for t in vocab if vocab[t] in (100, 101))
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (path / "tokenizer.json").write_text(json.dumps(tok_json))
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (draft_dir / name).is_file():
+            (path / name).write_text((draft_dir / name).read_text())
+    return path
+
+
+def test_offline_refuses_a_draft_with_another_tokenizer_before_any_number(
+    setup, other_tokenizer_draft, monkeypatch
+):
+    cfg, draft_dir = setup
+    computed = []
+    original = evaluate_module.offline_acceptance
+
+    def spy(draft, *args, **kwargs):
+        computed.append(draft)
+        return original(draft, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "offline_acceptance", spy)
+    # the good draft first: a check per draft inside the loop would already have scored it
+    with pytest.raises(UserError, match="another tokenizer") as err:
+        evaluate(cfg, [str(draft_dir), str(other_tokenizer_draft)], ("offline",),
+                 progress=False)
+    assert str(other_tokenizer_draft) in str(err.value) and "\n" not in str(err.value)
+    assert computed == []
+
+
+def test_default_modes_without_the_cache_split_run_exact_and_speculative(setup, tmp_path):
+    """No --modes and a cache without the split: a note, then the modes that need no cache."""
+    cfg, draft_dir = setup
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "adaspec.cli.eval", "--draft", str(draft_dir),
+           "--target", cfg.models.target, "--task", "gsm8k", "--data-files", str(GSM8K),
+           "--split", "train", "--limit", "2", "--cache", cfg.cache.cache, "--prompts", "1",
+           "--max-new-tokens", "4", "--gamma", "2", "--json", str(out), "--no-progress"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    notes = [line for line in done.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "offline" in notes[0] and "gsm8k/train" in notes[0]
+    result = json.loads(out.read_text())
+    assert "offline" not in result and result["modes"] == ["exact", "speculative"]
+    assert result["exact"]["label_tokens"] > 0  # the task's own tokenized sequences
+    assert result["speculative"]["new_tokens"] > 0
+
+
+def test_asking_for_offline_without_a_cache_names_the_fix(setup, tmp_path):
+    cfg, draft_dir = setup
+    missing = dataclasses.replace(cfg, cache=dataclasses.replace(
+        cfg.cache, cache=str(tmp_path / "no-cache")))
+    with pytest.raises(UserError, match="--modes exact,speculative") as err:
+        evaluate(missing, [str(draft_dir)], ("offline", "exact"), progress=False)
+    assert "\n" not in str(err.value) and "no-cache" in str(err.value)
+    cmd = [sys.executable, "-m", "adaspec.cli.eval", "--draft", str(draft_dir),
+           "--task", "gsm8k", "--data-files", str(GSM8K), "--cache", missing.cache.cache,
+           "--modes", "offline"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--modes exact,speculative" in done.stderr.strip().splitlines()[-1]
+
+
+# --- speed: one shared target-only baseline, interleaved rounds, noise flags --------------------
+
+
+@pytest.fixture(scope="module")
+def second_draft(tmp_path_factory, tiny_tokenizer):
+    path = tmp_path_factory.mktemp("draft2")
+    make_tiny_model(len(tiny_tokenizer), n_layers=1, seed=12).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def _spy_decoding(monkeypatch) -> list[tuple]:
+    """Record every decoding run as ("target", prompt) or ("spec", draft object id, prompt)."""
+    events: list[tuple] = []
+    target_generate, speculative_generate = (speculative.target_generate,
+                                             speculative.speculative_generate)
+
+    def target_spy(target, input_ids, *args, **kwargs):
+        events.append(("target", tuple(input_ids[0].tolist())))
+        return target_generate(target, input_ids, *args, **kwargs)
+
+    def spec_spy(target, draft, input_ids, *args, **kwargs):
+        events.append(("spec", id(draft), tuple(input_ids[0].tolist())))
+        return speculative_generate(target, draft, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(speculative, "target_generate", target_spy)
+    monkeypatch.setattr(speculative, "speculative_generate", spec_spy)
+    return events
+
+
+def test_target_only_runs_once_per_prompt_per_round_whatever_the_drafts(
+    setup, second_draft, monkeypatch
+):
+    cfg, draft_dir = setup
+    events = _spy_decoding(monkeypatch)
+    args = dict(modes=("speculative",), gamma=2, max_new_tokens=4, n_prompts=2, progress=False)
+    [one] = evaluate(cfg, [str(draft_dir)], **args)
+    one_events = list(events)
+    events.clear()
+    two = evaluate(cfg, [str(draft_dir), str(second_draft)], **args)
+    rounds, n_prompts = 3, 2  # the default --speed-rounds
+    for log in (one_events, events):
+        # one untimed warm-up, then each prompt once per round
+        assert sum(e[0] == "target" for e in log) == 1 + rounds * n_prompts
+    assert sum(e[0] == "spec" for e in events) == 2 * (1 + rounds * n_prompts)
+
+    # warm-up: every path once; then rounds of prompts, each prompt through every path in a row
+    paths = 3
+    warm, timed = events[:paths], events[paths:]
+    assert len({e[:2] for e in warm}) == paths
+    blocks = [timed[k:k + paths] for k in range(0, len(timed), paths)]
+    assert len(blocks) == rounds * n_prompts
+    prompts = []
+    for block in blocks:
+        assert len({e[:2] for e in block}) == paths  # target-only and both drafts
+        assert len({e[-1] for e in block}) == 1  # on the same prompt
+        prompts.append(block[0][-1])
+    assert prompts == prompts[:n_prompts] * rounds and len(set(prompts)) == n_prompts
+
+    # acceptance counts are those of the decoding itself, the same whoever else is compared
+    counts = ("steps", "drafted", "accepted", "rejected", "new_tokens", "alpha_paper")
+    assert {k: one["speculative"][k] for k in counts} == {
+        k: two[0]["speculative"][k] for k in counts}
+    s = two[1]["speculative"]
+    assert s["speed_rounds"] == rounds and s["speedup_min"] <= s["speedup"] <= s["speedup_max"]
+    assert all(isinstance(r["speculative"]["speed_within_noise"], bool) for r in two)
+
+
+def test_acceptance_counts_come_from_the_decoding(setup):
+    """Greedy decoding is deterministic: the counts equal one direct run per prompt."""
+    cfg, draft_dir = setup
+    [result] = evaluate(cfg, [str(draft_dir)], ("speculative",), gamma=3, max_new_tokens=6,
+                        n_prompts=2, progress=False)
+    from adaspec.evaluate import _prompts
+
+    target, tokenizer = models.load_model(cfg.models.target)
+    draft, _ = models.load_model(str(draft_dir))
+    total = speculative.SpecStats()
+    for prompt in _prompts(cfg, tokenizer, 2):
+        _, stats = speculative.speculative_generate(
+            target, draft, prompt, 6, 3, 0.0, tokenizer.eos_token_id, len(tokenizer))
+        total = total.merge(stats)
+    s = result["speculative"]
+    assert (s["steps"], s["drafted"], s["accepted"], s["rejected"], s["new_tokens"]) == (
+        total.steps, total.drafted, total.accepted, total.rejected, total.new_tokens)
+
+
+def test_speed_summary_is_medians_over_rounds():
+    from adaspec.evaluate import summarize_speed
+
+    # speculative 10, 5, 20 tok/s; target-only 5 tok/s each round: ratios 2, 1, 4
+    s = summarize_speed([10, 10, 10], [1.0, 2.0, 0.5], [10, 10, 10], [2.0, 2.0, 2.0])
+    assert s["speculative_tokens_per_s"] == 10.0
+    assert (s["speculative_tokens_per_s_min"], s["speculative_tokens_per_s_max"]) == (5.0, 20.0)
+    assert s["target_tokens_per_s"] == 5.0
+    assert (s["speedup"], s["speedup_min"], s["speedup_max"]) == (2.0, 1.0, 4.0)
+    assert s["speedup_spread"] == 2.0  # 2 ± 2 holds every round's ratio
+    assert s["speed_rounds"] == 3
+    # the ratio is paired by round: a slow round slows both paths and cancels out
+    paired = summarize_speed([10, 10, 10], [1.0, 4.0, 1.0], [10, 10, 10], [2.0, 8.0, 2.0])
+    assert paired["speedup"] == 2.0 and paired["speedup_spread"] == 0.0
+
+
+def test_speed_noise_flags_and_table():
+    from adaspec.evaluate import format_table, speed_within_noise
+
+    assert speed_within_noise([(0.50, 0.03), (0.54, 0.02), (0.80, 0.02)]) == [True, True, False]
+    assert speed_within_noise([(0.50, 0.01), (0.60, 0.01)]) == [False, False]
+    assert speed_within_noise([(0.50, 0.30)]) == [False]  # nothing to rank against
+
+    def result(name, speedup, spread, noisy):
+        spec = {"alpha_paper": 0.5, "draft_acceptance_rate_vllm": 0.4,
+                "mean_accepted_length": 2.0, "speedup": speedup, "speedup_spread": spread,
+                "speed_within_noise": noisy, "speed_rounds": 3}
+        return {"draft": name, "speculative": spec}
+
+    noisy = format_table([result("a", 0.52, 0.03, True), result("b", 0.55, 0.04, True)])
+    assert "| 0.52 ± 0.03 |" in noisy and "| 0.55 ± 0.04 |" in noisy
+    assert "speedup differences between drafts are within noise" in noisy.splitlines()[-1]
+    clear = format_table([result("a", 0.52, 0.01, False), result("b", 0.75, 0.02, False)])
+    assert "within noise" not in clear
+
+
+def test_speed_rounds_below_three_are_refused(setup):
+    cfg, draft_dir = setup
+    with pytest.raises(UserError, match="--speed-rounds"):
+        evaluate(cfg, [str(draft_dir)], ("speculative",), speed_rounds=2, progress=False)

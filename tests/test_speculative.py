@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
+import warnings
 
 import pytest
 import torch
@@ -273,3 +275,42 @@ def test_bad_arguments_name_the_value(target):
         target_generate(target, torch.ones(2, 3, dtype=torch.long), 4)
     with pytest.raises(ValueError, match="temperature=-1"):
         target_generate(target, torch.tensor([[1]]), 4, temperature=-1)
+
+
+# --- transformers API -------------------------------------------------------------------------
+
+
+def test_decoding_uses_no_deprecated_transformers_api(target, drafts):
+    """transformers 5.2x warns that `past_key_values` goes in 5.40; the decoding must not."""
+    ids = torch.tensor([PROMPTS[1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, _ = speculative_generate(target, drafts["noisy"], ids, 6, gamma=3, eos_token_id=0)
+        assert out.tolist() == target_generate(target, ids, 6, eos_token_id=0).tolist()
+
+
+class _OldCacheApi(torch.nn.Module):
+    """A causal LM whose forward takes `past_key_values` (transformers <= 5.17's name)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+        params = inspect.signature(type(inner).forward).parameters
+        self._name = "cache" if "cache" in params else "past_key_values"
+
+    def forward(self, input_ids=None, past_key_values=None, use_cache=None, logits_to_keep=0):
+        return self.inner(input_ids=input_ids, use_cache=use_cache, logits_to_keep=logits_to_keep,
+                          **{self._name: past_key_values})
+
+
+def test_models_with_the_old_cache_argument_still_decode(target, drafts):
+    """The argument's name follows each model's signature: an old-style forward gets its cache
+    (without it, each step would see one token and the output would differ)."""
+    ids = torch.tensor([PROMPTS[1]])
+    old_target, old_draft = _OldCacheApi(target), _OldCacheApi(drafts["noisy"])
+    expected = target_generate(target, ids, 9)
+    assert target_generate(old_target, ids, 9).tolist() == expected.tolist()
+    out, stats = speculative_generate(old_target, old_draft, ids, 9, gamma=3)
+    assert out.tolist() == expected.tolist()
+    _check_stats(stats, out, 3, 9)

@@ -125,8 +125,8 @@ def test_outputs_config_metrics_and_assistant_model(env):
     run_dir = train(_cfg(env, k=1.0, epochs=0.5, out=env.root / "outputs"), progress=False)
     metrics = _metrics(run_dir)
     assert len(metrics) == 2  # half of 4 batches
-    assert set(metrics[0]) == {"step", "epoch", "loss", "selected_fraction", "lr",
-                               "tokens_per_s", "elapsed"}
+    assert set(metrics[0]) == {"step", "epoch", "loss", "selected_fraction", "nonfinite_tokens",
+                               "lr", "tokens_per_s", "elapsed"}
     assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["epoch"] == 0.5
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved == resolve_config(_cfg(env, k=1.0, epochs=0.5, out=run_dir)).to_dict()

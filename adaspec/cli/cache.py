@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from adaspec.cli.common import add_config_flags, config_from_args, run
+from adaspec.cli.common import ArgumentParser, add_config_flags, config_from_args, run
+from cache_tools.errors import CacheError
 
 DATA_FLAGS = [
     "--task",
@@ -19,7 +20,7 @@ DATA_FLAGS = [
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adaspec-cache", description=__doc__)
+    parser = ArgumentParser(prog="adaspec-cache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     build = sub.add_parser("build", help="run a model over a task and store its sparse outputs")
@@ -32,9 +33,13 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--model-path",
         default=None,
-        help="model spec for the role (default: from the config / the cache)",
+        help="model spec or adaspec-train run folder for the role (default: from the config / "
+        "the cache)",
     )
     build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    build.add_argument("--rebuild", action="store_true",
+                       help="discard the stored stage first (stale reference losses, a damaged "
+                            "chunk) and build it again")
     add_config_flags(
         build,
         DATA_FLAGS
@@ -82,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         from cache_tools.verify import verify_cache
 
         report = verify_cache(args.cache)
-        print(("ok: " if report.ok else "FAILED: ") + report.message)
-        return 0 if report.ok else 1
+        if not report.ok:  # one line naming the array and chunk, exit 2, like every user error
+            raise CacheError(f"verify failed: {report.message}")
+        print("ok: " + report.message)
+        return 0
     cfg = config_from_args(args)
     if args.command == "preview":
         from adaspec import models, tasks
@@ -105,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     from adaspec.build import build_stage
     from cache_tools.info import cache_summary, format_summary
 
-    build_stage(cfg, args.model, args.model_path, progress=not args.no_progress)
+    build_stage(cfg, args.model, args.model_path, progress=not args.no_progress,
+                rebuild=args.rebuild)
     print(format_summary(cfg.cache.cache, cache_summary(cfg.cache.cache)))
     return 0
 

@@ -62,6 +62,14 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported like every other user error: one line, exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def add_config_flags(parser: argparse.ArgumentParser, flags: list[str]) -> None:
     parser.add_argument("--config", help="YAML config file (flags override it)")
     for flag in flags:
@@ -90,6 +98,7 @@ def _quiet_libraries() -> None:
 
         hub_logging.set_verbosity_error()
         tf_logging.set_verbosity_error()
+        tf_logging.disable_progress_bar()  # "Loading weights" bars; ours say what runs
     except ImportError:
         pass
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from adaspec.cli.common import add_config_flags, config_from_args, run
+from adaspec.cli.common import ArgumentParser, add_config_flags, config_from_args, run
 from adaspec.errors import UserError
 
 DATA_FLAGS = ["--task", "--split", "--data-files", "--limit", "--max-length", "--chat-template",
@@ -26,7 +26,7 @@ def _list(text: str, kind, flag: str) -> list:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adaspec-sweep", description=__doc__)
+    parser = ArgumentParser(prog="adaspec-sweep", description=__doc__)
     parser.add_argument("--k", default="0.2,0.4,0.6,0.8,1.0", help="comma list of k")
     parser.add_argument("--epochs", default="1", help="comma list of epoch counts")
     parser.add_argument("--loss", default="fkl", help="comma list of divergences")

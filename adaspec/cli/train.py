@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from adaspec.cli.common import add_config_flags, config_from_args, run
+from adaspec.cli.common import ArgumentParser, add_config_flags, config_from_args, run
 
 DATA_FLAGS = ["--task", "--split", "--data-files", "--limit", "--max-length", "--chat-template",
               "--data-seed"]
@@ -16,7 +16,7 @@ TRAIN_FLAGS = ["--stage", "--k", "--loss", "--beta", "--selection", "--threshold
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adaspec-train", description=__doc__)
+    parser = ArgumentParser(prog="adaspec-train", description=__doc__)
     parser.add_argument("--resume", action="store_true",
                         help="continue the run folder from its latest checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -1,0 +1,311 @@
+"""Phase 1 faults: padded vocabulary heads, a model's own generation settings, stale --generate
+staging, non-finite target rows and training run folders given as --model-path.
+
+Each test drives a real build on a tiny random model and checks what ends up in the store.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_model
+from test_build import GSM8K, _build, _cfg, _stage_files
+
+from adaspec import build, models
+from adaspec.errors import UserError
+from cache_tools import schema, store
+from cache_tools.errors import CacheError
+from cache_tools.verify import verify_cache
+
+PADDING_ROWS = 20  # head rows past the tokenizer, as Pythia, Phi-2 and Qwen have
+
+
+def _generations(cache) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """(generated tokens, decoded target rows) of every sequence of a --generate cache."""
+    reader = store.CacheReader(str(cache), "gsm8k", "train")
+    out = []
+    for s in range(reader.n_sequences):
+        ids, mask = reader.sequence(s)
+        rows = reader.target_rows(int(reader.label_offsets[s]), int(reader.label_offsets[s + 1]))
+        out.append((ids[mask], rows))
+    return out
+
+
+def _status(cache, stage: str) -> str | None:
+    group = store.open_root(str(cache), "r")["gsm8k/train"]
+    return store.stage_status(store.read_manifest(group), stage)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. A padded head: generation must never draw an id the tokenizer cannot produce
+
+
+@pytest.fixture(scope="module")
+def padded_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny target whose head has PADDING_ROWS extra rows, made large so that an uncut
+    distribution puts nearly all its mass (and its argmax) on them."""
+    path = tmp_path_factory.mktemp("padded")
+    vocab = len(tiny_tokenizer)
+    model = make_tiny_model(vocab + PADDING_ROWS, seed=1)
+    with torch.no_grad():
+        model.lm_head.weight[vocab:] *= 50.0
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generate_with_a_padded_head_samples_only_tokenizer_ids(
+    tmp_path, padded_model_dir, tiny_tokenizer, one_thread, temperature
+):
+    vocab = len(tiny_tokenizer)
+    cache = tmp_path / "c"
+    cfg = _cfg(cache, padded_model_dir, generate=True, gen_max_new_tokens=12,
+               gen_temperature=temperature)
+    _build(cfg)
+    generations = _generations(cache)
+    tokens = np.concatenate([g for g, _ in generations])
+    assert tokens.size > 0 and tokens.max() < vocab
+    if temperature == 0:  # greedy over the cut distribution: the cached top-1, exactly
+        for generated, rows in generations:
+            np.testing.assert_array_equal(generated, rows["ids"][:, 0])
+    assert verify_cache(str(cache)).ok
+
+
+def test_sequence_writer_refuses_ids_outside_the_vocabulary(tmp_path):
+    group = store.open_root(str(tmp_path / "c")).require_group("gsm8k").require_group("train")
+    ids = [np.array([5, 7, 9]), np.array([3, 300, 4])]
+    masks = [np.array([False, True, True])] * 2
+    with pytest.raises(CacheError) as err:
+        store.write_sequences(group, ids, masks, [11, 42], vocab_size=300)
+    message = str(err.value)
+    assert "source index 42" in message and "300" in message and "\n" not in message
+    assert schema.SEQUENCES not in group  # nothing half-written
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The model's generation_config.json must not change what --generate does
+
+
+@pytest.fixture(scope="module")
+def configured_model_dir(tmp_path_factory, tiny_tokenizer):
+    """The tiny target saved with a generation_config.json full of settings that would change
+    both greedy and sampled generations if they were inherited."""
+    from transformers import GenerationConfig
+
+    path = tmp_path_factory.mktemp("configured")
+    model = make_tiny_model(len(tiny_tokenizer), seed=1)
+    model.generation_config = GenerationConfig(
+        do_sample=True,
+        repetition_penalty=3.0,
+        no_repeat_ngram_size=2,
+        min_p=0.9,
+        top_k=5,
+        top_p=0.5,
+        min_new_tokens=12,
+        suppress_tokens=[3, 4],
+        bad_words_ids=[[5], [6]],
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    assert (path / "generation_config.json").is_file()
+    return path
+
+
+def test_greedy_generate_ignores_the_models_generation_config(
+    tmp_path, configured_model_dir, one_thread
+):
+    cache = tmp_path / "c"
+    _build(_cfg(cache, configured_model_dir, generate=True, gen_max_new_tokens=12,
+                gen_temperature=0.0))
+    for generated, rows in _generations(cache):
+        # Each token is the argmax of the cached, untempered distribution at its position.
+        np.testing.assert_array_equal(generated, rows["ids"][:, 0])
+
+
+def test_sampled_generate_draws_from_the_full_cached_distribution(
+    tmp_path, configured_model_dir, tiny_tokenizer, one_thread
+):
+    """At T=1 the draws follow the cached distribution itself: with a near-uniform tiny model
+    most fall outside its 50 likeliest ids (min_p=0.9 or top_k=5 would keep at most ~25)."""
+    vocab = len(tiny_tokenizer)
+    cache = tmp_path / "c"
+    _build(_cfg(cache, configured_model_dir, generate=True, gen_max_new_tokens=12,
+                gen_temperature=1.0, topk=vocab))
+    ranks = []
+    for generated, rows in _generations(cache):
+        for token, ids, logprobs in zip(generated, rows["ids"], rows["logprobs"], strict=True):
+            ranks.append(int((logprobs > logprobs[ids == token][0]).sum()))
+    assert len(ranks) >= 40
+    assert np.mean(np.array(ranks) >= 50) > 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Staged generations are tied to the settings that made them
+
+
+def test_staging_from_an_interrupted_build_at_another_temperature_is_not_reused(
+    tmp_path, tiny_model_dir, one_thread
+):
+    from accelerate import PartialState
+
+    cache = tmp_path / "c"
+    hot = _cfg(cache, tiny_model_dir, generate=True, gen_max_new_tokens=12, gen_temperature=3.0)
+    model, tokenizer = models.load_model(str(tiny_model_dir))
+    # An interrupted T=3 build: every batch staged, nothing written to the store yet.
+    build.generate_batches(hot, model, tokenizer, PartialState(cpu=True), progress=False)
+    staging = build._staging_dir(hot)
+    assert len(list(staging.glob("batch-*.npz"))) > 0
+
+    cold = _cfg(cache, tiny_model_dir, generate=True, gen_max_new_tokens=12, gen_temperature=0.0)
+    manifest = _build(cold)
+    assert manifest["stages"]["sequences"]["params"]["generate"]["temperature"] == 0.0
+    assert manifest["stages"]["target"]["status"] == schema.STATUS_COMPLETE
+    for generated, rows in _generations(cache):
+        np.testing.assert_array_equal(generated, rows["ids"][:, 0])  # greedy, not T=3 samples
+    assert verify_cache(str(cache)).ok
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Non-finite target log-probs are refused, naming the example, and the build resumes
+
+
+@pytest.fixture(scope="module")
+def clean_uint8q(tmp_path_factory, tiny_model_dir):
+    """A clean uint8q build with small shards: the reference the faulty builds resume to."""
+    cache = tmp_path_factory.mktemp("clean") / "c"
+    _build(_cfg(cache, tiny_model_dir, value_encoding="uint8q", shard_rows=128, chunk_rows=128))
+    reader = store.CacheReader(str(cache), "gsm8k", "train")
+    last = reader.n_sequences - 1  # the shortest sequence: in the last batch and shard
+    ids, _ = reader.sequence(last)
+    return cache, ids.copy(), int(reader.source_index[last])
+
+
+def _poisoned_forward(model, poisoned_ids: np.ndarray, label_token: int, value: float):
+    """`label_hidden_and_head` with one logit of one label row of one sequence set to `value`."""
+
+    def forward(seqs, masks, pad_id):
+        n, logits_fn = build.label_hidden_and_head(model, seqs, masks, pad_id)
+        offsets = np.concatenate([[0], np.cumsum([int(m.sum()) for m in masks])])
+        bad = [int(offsets[i]) + label_token for i, s in enumerate(seqs)
+               if np.array_equal(s, poisoned_ids)]
+
+        def poisoned(start: int, stop: int) -> torch.Tensor:
+            logits = logits_fn(start, stop).clone()
+            for row in bad:
+                if start <= row < stop:
+                    logits[row - start, 7] = value
+            return logits
+
+        return n, poisoned
+
+    return forward
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_target_rows_are_refused_and_the_build_resumes(
+    tmp_path, tiny_model_dir, clean_uint8q, one_thread, value
+):
+    from adaspec.build import build_stage
+
+    clean, poisoned_ids, source = clean_uint8q
+    cache = tmp_path / "c"
+    cfg = _cfg(cache, tiny_model_dir, value_encoding="uint8q", shard_rows=128, chunk_rows=128)
+    loaded = models.load_model(str(tiny_model_dir))
+    with pytest.raises(UserError) as err:
+        build_stage(cfg, "target", progress=False, loaded=loaded,
+                    label_forward=_poisoned_forward(loaded[0], poisoned_ids, 2, value))
+    message = str(err.value)
+    assert "\n" not in message and "non-finite" in message
+    assert re.search(rf"\bexample {source}\b", message) and "label token 2" in message
+    # Left resumable: the stage is not complete, the shards before the bad row are kept.
+    assert _status(cache, schema.TARGET) == schema.STATUS_BUILDING
+    done = store.open_root(str(cache), "r")["gsm8k/train/target"][schema.DONE][:]
+    assert 0 < done.sum() < len(done)
+    # A sound model resumes it to exactly the clean build.
+    manifest = _build(cfg)
+    assert manifest["stages"]["target"]["status"] == schema.STATUS_COMPLETE
+    a, b = _stage_files(clean), _stage_files(cache)
+    assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
+
+
+def test_generate_refuses_nonfinite_logits_naming_the_example(
+    tmp_path, tiny_model_dir, one_thread
+):
+    from adaspec.build import build_stage
+
+    cache = tmp_path / "c"
+    cfg = _cfg(cache, tiny_model_dir, generate=True, gen_max_new_tokens=12, gen_temperature=0.0)
+    model, tokenizer = models.load_model(str(tiny_model_dir))
+
+    def first_row_nan(module, inputs, output):
+        output = output.clone()
+        output[0, :, 11] = float("nan")
+        return output
+
+    model.lm_head.register_forward_hook(first_row_nan)
+    with pytest.raises(UserError) as err:
+        build_stage(cfg, "target", progress=False, loaded=(model, tokenizer))
+    message = str(err.value)
+    assert "\n" not in message and "non-finite" in message
+    assert re.search(r"\bexample \d+\b", message)
+    assert _status(cache, schema.SEQUENCES) is None  # nothing claims to be complete
+
+
+def test_rows_with_masked_ids_are_kept(tmp_path, tiny_model_dir, clean_uint8q, one_thread):
+    """A guard against over-refusal: -inf logits (masked ids) leave a finite distribution."""
+    from adaspec.build import build_stage
+
+    clean, poisoned_ids, _ = clean_uint8q
+    cache = tmp_path / "c"
+    cfg = _cfg(cache, tiny_model_dir, value_encoding="uint8q", shard_rows=128, chunk_rows=128)
+    loaded = models.load_model(str(tiny_model_dir))
+    forward = _poisoned_forward(loaded[0], poisoned_ids, 2, float("-inf"))
+    manifest = build_stage(cfg, "target", progress=False, loaded=loaded, label_forward=forward)
+    assert manifest["stages"]["target"]["status"] == schema.STATUS_COMPLETE
+    assert verify_cache(str(cache)).ok
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. --model-path takes a training run folder, as adaspec-eval --draft does
+
+
+def _cli_args(cache, role: str, model_path) -> list[str]:
+    return ["build", "--model", role, "--model-path", str(model_path), "--task", "gsm8k",
+            "--data-files", str(GSM8K), "--limit", "4", "--max-length", "512",
+            "--cache", str(cache), "--topk", "8", "--shard-rows", "256", "--chunk-rows", "128",
+            "--batch-tokens", "512", "--no-progress"]
+
+
+def test_build_accepts_a_training_run_folder(
+    tmp_path, tiny_model_dir, tiny_tokenizer, one_thread, capsys
+):
+    from adaspec.cli.cache import main
+
+    target_run = tmp_path / "target-run"
+    shutil.copytree(tiny_model_dir, target_run / "model")
+    ref_run = tmp_path / "ref-run"  # what `adaspec-train --stage ref` leaves
+    make_tiny_model(len(tiny_tokenizer), n_layers=1, seed=7).save_pretrained(ref_run / "model")
+    tiny_tokenizer.save_pretrained(ref_run / "model")
+    (ref_run / "checkpoints").mkdir()
+
+    cache = tmp_path / "c"
+    assert main(_cli_args(cache, "target", target_run)) == 0
+    assert main(_cli_args(cache, "ref", ref_run)) == 0
+    group = store.open_root(str(cache), "r")["gsm8k/train"]
+    stages = store.read_manifest(group)["stages"]
+    assert stages["target"]["status"] == schema.STATUS_COMPLETE
+    assert stages["ref/ref"]["status"] == schema.STATUS_COMPLETE
+    assert stages["target"]["params"]["model"]["path"] == str((target_run / "model").resolve())
+    assert stages["ref/ref"]["params"]["model"]["path"] == str((ref_run / "model").resolve())
+    assert models.resolve_run_folder(str(ref_run)) == str(ref_run / "model")
+    assert models.resolve_run_folder(str(tiny_model_dir)) == str(tiny_model_dir)
+    assert models.resolve_run_folder("smollm2-135m") == "smollm2-135m"
+

@@ -1,0 +1,226 @@
+"""Training that stays correct on a GPU's precision and honest under faults.
+
+fp32 master weights under bf16, stale reference losses, data flags that disagree with the cache,
+corrupt chunks and non-finite losses (tiny models, CPU).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import REPO
+from safetensors.torch import load_file
+from test_build import GSM8K
+from test_train import _cfg, _metrics, _weights, env  # noqa: F401 - env is a fixture
+
+from adaspec import models
+from adaspec.cli.cache import main as cache_main
+from adaspec.cli.common import run
+from adaspec.errors import UserError
+from adaspec.train import mixed_precision, train
+from cache_tools import store
+from cache_tools.errors import CacheError
+from cache_tools.verify import verify_cache
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _moved_fraction(run_dir, init_spec: str) -> tuple[float, dict]:
+    """Fraction of the saved weights' elements that differ from the initialisation."""
+    init, _ = models.load_model(init_spec, dtype=torch.float32)
+    start = {name: p.detach() for name, p in init.state_dict().items()}
+    saved = _weights(run_dir)
+    moved = total = 0
+    for name, value in saved.items():
+        moved += int((value.float() != start[name].float()).sum())
+        total += value.numel()
+    return moved / total, saved
+
+
+@pytest.mark.parametrize("values", [
+    {"models": {"dtype": "bfloat16"}},  # what `auto` does on CUDA for frozen models
+    {"train": {"mixed_precision": "bf16"}},
+])
+def test_bf16_training_moves_every_weight_like_fp32(env, tmp_path, values):  # noqa: F811
+    """AdamW on bf16 weights drops updates smaller than bf16's spacing; fp32 masters keep them."""
+    cfg = _cfg(env, k=1.0, lr=1e-5, epochs=1.0, out=tmp_path / "run")  # 4 steps
+    for section, changes in values.items():
+        for key, value in changes.items():
+            setattr(getattr(cfg, section), key, value)
+    assert mixed_precision(cfg.train.mixed_precision, cfg.models.dtype) == "bf16"
+    run_dir = train(cfg, progress=False)
+    assert len(_metrics(run_dir)) == 4
+    fraction, saved = _moved_fraction(run_dir, f"{env.target}@layers=1")
+    assert fraction >= 0.99
+    assert {v.dtype for v in saved.values()} == {torch.float32}  # model/ holds the fp32 masters
+    norms = [name for name in saved if "norm" in name]
+    assert norms and all(
+        not torch.equal(saved[n], torch.ones_like(saved[n])) for n in norms
+    )  # RMSNorm gains (initialised to 1) moved too
+
+
+def test_mixed_precision_policy():
+    assert mixed_precision("auto", "float32") == "no"  # CPU here
+    assert mixed_precision("auto", "bfloat16") == "bf16"
+    assert mixed_precision("no", "bfloat16") == "no"
+    with pytest.raises(UserError, match="fp16 needs a CUDA"):
+        mixed_precision("fp16", "auto")
+
+
+def _copy_cache(env, tmp_path):  # noqa: F811
+    cache = tmp_path / "cache"
+    shutil.copytree(env.cache, cache)
+    return cache
+
+
+def test_stale_reference_losses_are_refused(env, tmp_path):  # noqa: F811
+    cache = _copy_cache(env, tmp_path)
+    values = {"cache": str(cache)}
+    # Retrain the reference: the manifest now records ref2, the stored losses are ref1's.
+    ref2 = train(_cfg(env, values, stage="ref", epochs=1, lr=3e-3, out=tmp_path / "ref2"),
+                 progress=False)
+    with pytest.raises(UserError) as err:
+        train(_cfg(env, values, k=0.5, out=tmp_path / "d1"), progress=False)
+    message = str(err.value)
+    assert "\n" not in message and "adaspec-cache build --model ref" in message
+    assert "--rebuild" in message and str(ref2 / "model") in message
+    # An explicit --ref is no longer ignored: ref2's weights are not what the stage scored.
+    with pytest.raises(UserError, match="were built from"):
+        train(_cfg(env, values, ref=str(ref2 / "model"), k=0.5, out=tmp_path / "d2"),
+              progress=False)
+    # ... while the reference that was scored passes the check (its losses are current).
+    assert not (tmp_path / "d3").exists()
+    train(_cfg(env, values, ref=str(env.ref_run / "model"), k=0.5, epochs=0.25,
+               out=tmp_path / "d3"), progress=False)
+    # The command the message names rebuilds the losses from ref2; the draft then trains.
+    command = re.search(r"`adaspec-cache build (.*?)`", message).group(1).split()
+    assert command[:2] == ["--model", "ref"]
+    cache_main(["build", *command, "--no-progress"])
+    built = store.read_manifest(store.open_root(str(cache), "r")["gsm8k/train"])
+    assert built["stages"]["ref/ref"]["params"]["model"]["path"] == str((ref2 / "model").resolve())
+    assert built["stages"]["ref/ref"]["status"] == "complete"
+    train(_cfg(env, values, k=0.5, epochs=0.25, out=tmp_path / "d4"), progress=False)
+
+
+def test_draft_must_start_where_the_reference_started(env, tmp_path):  # noqa: F811
+    cfg = _cfg(env, k=0.5, out=tmp_path / "d")
+    cfg.models.draft = f"{env.target}@layers=2"  # the reference was trained from layers=1
+    with pytest.raises(UserError, match="trained from .*@layers=1 but this draft starts from"):
+        train(cfg, progress=False)
+
+
+@pytest.mark.parametrize("data, flag", [
+    ({"limit": 4}, "--limit"),
+    ({"max_length": 256}, "--max-length"),
+    ({"data_files": str(REPO / "README.md")}, "--data-files"),
+])
+def test_data_flags_that_disagree_with_the_cache_are_refused(env, tmp_path, data, flag):  # noqa: F811
+    cfg = _cfg(env, k=1.0, out=tmp_path / "r")
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
+    with pytest.raises(UserError) as err:
+        train(cfg, progress=False)
+    assert flag in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "r").exists()
+
+
+def test_unset_data_flags_mean_as_cached(env, tmp_path):  # noqa: F811
+    """A config that names no data flags trains on the cache as built."""
+    from adaspec.config import build_config
+
+    cfg = build_config({
+        "models": {"target": str(env.target), "draft": f"{env.target}@layers=1"},
+        "data": {"task": "gsm8k"},
+        "cache": {"cache": str(env.cache)},
+        "train": {"k": 1.0, "batch_size": 2, "epochs": 0.25, "out": str(tmp_path / "r")},
+    })
+    assert cfg.data.limit is None and "data.limit" not in cfg.explicit
+    train(cfg, progress=False)
+    assert len(_metrics(tmp_path / "r")) == 1
+
+
+def _corrupt_chunks(cache, array: str, only_first: bool = False) -> None:
+    """Flip bytes inside stored chunks of target/<array> (every chunk, or chunk 0 only).
+
+    A shard file is its chunks then an index of (offset, nbytes) uint64 pairs per chunk and a
+    crc32c; the index says where each chunk's bytes are.
+    """
+    folder = cache / "gsm8k" / "train" / "target" / array / "c"
+    for shard in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = bytearray(shard.read_bytes())
+        n_chunks = 2  # shard_rows 256 / chunk_rows 128 in these caches
+        index = np.frombuffer(bytes(data[-(16 * n_chunks + 4):-4]), dtype="<u8").reshape(-1, 2)
+        for offset, nbytes in index[:1] if only_first else index:
+            if offset != 2**64 - 1:  # an empty chunk has no bytes
+                for i in range(int(offset) + int(nbytes) // 2, int(offset) + int(nbytes) // 2 + 8):
+                    data[i] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        if only_first:
+            return
+
+
+def test_corrupt_chunk_is_one_line_and_resume_works_after_repair(env, tmp_path, capsys):  # noqa: F811
+    cache = _copy_cache(env, tmp_path)
+    good = tmp_path / "good"
+    shutil.copytree(cache, good)
+    def cfg(cache_dir, out):
+        return _cfg(env, {"cache": str(cache_dir)}, k=0.5, batch_size=1, epochs=1, lr=1e-3,
+                    checkpoint_every=2, out=out)
+
+    whole = train(cfg(good, tmp_path / "whole"), progress=False)
+    # Two good checkpoints, then the store breaks under the run.
+    train(cfg(cache, tmp_path / "run"), progress=False, max_steps=4)
+    _corrupt_chunks(cache, "logprobs")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # as the CLI reports it
+        run(lambda argv: train(cfg(cache, tmp_path / "run"), resume=True, progress=False), [])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert re.search(r"target/logprobs chunk \d+ \(rows \d+-\d+\)", err)
+    assert "adaspec-cache verify" in err
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step-00000004"]
+    # The stage is rebuilt (deterministic: the same bytes), and the run resumes to the end.
+    cache_main(["build", "--model", "target", "--rebuild", "--cache", str(cache), "--task",
+                "gsm8k", "--data-files", str(GSM8K), "--limit", "8", "--target",
+                str(env.target), "--topk", str(len(env.tok)), "--sparse", "topk",
+                "--value-encoding", "float16", "--shard-rows", "256", "--chunk-rows", "128",
+                "--batch-tokens", "1024", "--no-progress"])
+    assert verify_cache(str(cache)).ok
+    train(cfg(cache, tmp_path / "run"), resume=True, progress=False)
+    a, b = _weights(whole), _weights(tmp_path / "run")
+    assert [name for name in a if not torch.equal(a[name], b[name])] == []
+
+
+def test_non_finite_losses_are_counted_and_never_learned(env, tmp_path):  # noqa: F811
+    cache = _copy_cache(env, tmp_path)
+    logprobs = zarr.open_group(str(cache), mode="a")["gsm8k/train/target/logprobs"]
+    rows = np.asarray(logprobs[:])
+    rows[::7, 0] = np.nan  # every 7th label row: a NaN target log-prob -> a NaN loss
+    logprobs[:] = rows
+    poisoned = int(np.isnan(rows[:, 0]).sum())
+    for k in (1.0, 0.5):
+        run_dir = train(_cfg(env, {"cache": str(cache)}, k=k, epochs=1, lr=1e-3,
+                             out=tmp_path / f"k{k}"), progress=False)
+        metrics = _metrics(run_dir)
+        assert sum(m["nonfinite_tokens"] for m in metrics) == poisoned
+        assert all(np.isfinite(m["loss"]) and m["selected_fraction"] > 0 for m in metrics)
+        weights = load_file(run_dir / "model" / "model.safetensors")
+        assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_corrupt_chunk_names_the_array_on_read(env, tmp_path):  # noqa: F811
+    from cache_tools.store import CacheReader
+
+    cache = _copy_cache(env, tmp_path)
+    _corrupt_chunks(cache, "ids", only_first=True)
+    reader = CacheReader(str(cache), "gsm8k", "train")
+    assert len(reader.target_rows(130, 140)["ids"]) == 10  # chunk 1 reads fine
+    with pytest.raises(CacheError, match=r"target/ids chunk 0 \(rows 0-128\)"):
+        reader.target_rows(100, 200)
