@@ -1,13 +1,25 @@
 """Run settings as dataclasses: YAML files in `configs/`, overridden by CLI flags.
 
-A config file has one mapping per section (`models`, `data`, `cache`, `train`); every key must be
-a field below, and every value is checked here, so a typo or an out-of-range value is a one-line
-error that names the key and its flag instead of a failure deep inside a run.
+This module is the one source of settings. Every field has a docstring (it becomes the flag's
+help), an optional `meta(flag=..., choices=...)`: the flag name when it is not `--field-name`,
+and the module that owns the field's choices ("module:NAME", resolved when checked, so a choice
+list is written once, where it is implemented). `cli/common.py` builds each command's flags from
+these classes.
+
+A config file has one mapping per section (`models`, `data`, `cache`, `train`, `eval`,
+`sweep`); every key must be a field below, and every value is checked here, so a typo or an
+out-of-range value is a one-line error that names the key and its flag instead of a failure deep
+inside a run.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import importlib
+import inspect
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,40 +30,100 @@ import yaml
 
 from adaspec.errors import UserError
 
+# Keys renamed since earlier configs: old key -> (new key, why).
+RENAMED = {
+    "cache.topk@sample": ("cache.draws", "the sampled mode's number of draws is cache.draws "
+                                         "(--draws); cache.topk (--topk) is the top-K of "
+                                         "--sparse topk"),
+}
 
-def _check(ok: bool, key: str, message: str) -> None:
+
+def meta(flag: str | None = None, choices: str | None = None) -> dict:
+    """Field metadata: its CLI flag (default --field-name) and "module:NAME" of its choices."""
+    return {"flag": flag, "choices": choices}
+
+
+def flag_of(cls: type, name: str) -> str:
+    """The CLI flag of field `name` of config class `cls`."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.metadata.get("flag") or "--" + name.replace("_", "-")
+
+
+@functools.cache
+def choices_of(cls: type, name: str) -> tuple | None:
+    """The allowed values of a field, from the module that implements them."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    where = f.metadata.get("choices")
+    if where is None:
+        return None
+    module, _, attr = where.partition(":")
+    return tuple(getattr(importlib.import_module(module), attr))
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+class _Checked:
+    """Checks every field with choices; subclasses add range checks in `check`."""
+
+    def __post_init__(self) -> None:
+        section = SECTION_OF[type(self)]
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            allowed = choices_of(type(self), f.name)
+            value = getattr(self, f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if allowed is not None and value is not None:
+                bad = [v for v in values if v not in allowed]
+                _check(not bad, f"{section}.{f.name}", type(self),
+                       f"must be one of {', '.join(map(str, allowed))}, got {bad[0]!r}"
+                       if bad else "")
+        self.check()
+
+    def check(self) -> None:
+        pass
+
+    def _range(self, name: str, ok: bool, rule: str) -> None:
+        _check(ok, f"{SECTION_OF[type(self)]}.{name}", type(self),
+               f"{rule}, got {getattr(self, name)}")
+
+
+def _check(ok: bool, key: str, cls: type, message: str) -> None:
     if not ok:
-        raise UserError(f"{key} (--{key.split('.')[-1].replace('_', '-')}) {message}")
+        raise UserError(f"{key} ({flag_of(cls, key.split('.')[-1])}) {message}")
 
 
 @dataclass
-class ModelsConfig:
-    target: str = "smollm2-135m"
+class ModelsConfig(_Checked):
+    target: str = field(default="smollm2-135m", metadata=meta("--target"))
     """Target model: hub id, local folder, .gguf file, alias `smollm2-135m`, or SPEC@layers=N."""
-    draft: str = "smollm2-135m@layers=2"
+    draft: str = field(default="smollm2-135m@layers=2", metadata=meta("--draft"))
     """Draft initialisation (the reference starts from the same weights)."""
-    ref: str | None = None
+    ref: str | None = field(default=None, metadata=meta("--ref"))
     """Trained reference draft; default: the one the ref stage recorded in the cache."""
-    dtype: str = "auto"
-    """Frozen models' dtype (target, reference, evaluation): auto (bf16 on CUDA, fp32 on CPU),
-    float32, bfloat16, float16. Trained weights stay float32 (see train.mixed_precision)."""
+    dtype: str = field(default="auto", metadata=meta(choices="adaspec.models:DTYPES"))
+    """Frozen models' dtype (target, reference, evaluation): auto is bf16 on CUDA, fp32 on CPU.
+    Trained weights stay float32 (see train.mixed_precision)."""
     device_map: str | None = None
     """Passed to from_pretrained for the target (`auto` offloads a big target to CPU/disk)."""
 
-    def __post_init__(self) -> None:
-        _check(
-            self.dtype in ("auto", "float32", "bfloat16", "float16"),
-            "models.dtype",
-            f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}",
-        )
-
 
 @dataclass
-class DataConfig:
-    task: str = "gsm8k"
-    """Task name: gsm8k, alpaca, mbpp, cnn_dailymail, xsum, arith (offline, generated)."""
-    split: str = "train"
-    """Split: train, validation, test or all."""
+class DataConfig(_Checked):
+    task: str = field(default="gsm8k", metadata=meta(choices="adaspec.tasks:TASK_NAMES"))
+    """Task name (arith: offline, generated)."""
+    split: str = field(default="train", metadata=meta(choices="adaspec.tasks:SPLITS"))
+    """Split of the task's data."""
     data_files: str | None = None
     """Local data file (JSONL, JSON list or CSV) instead of the hub."""
     limit: int | None = None
@@ -60,48 +132,34 @@ class DataConfig:
     """Tokens per sequence (prompt + response), truncated beyond."""
     chat_template: bool = False
     """Format prompts with the tokenizer's chat template (instruct models)."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=meta("--data-seed"))
     """Seed for splits of local files and generated tasks."""
 
-    def __post_init__(self) -> None:
-        from adaspec.tasks import TASK_NAMES
-
-        _check(
-            self.task in TASK_NAMES,
-            "data.task",
-            f"must be one of {', '.join(TASK_NAMES)}, got {self.task!r}",
-        )
-        _check(
-            self.split in ("train", "validation", "test", "all"),
-            "data.split",
-            f"must be train, validation, test or all, got {self.split!r}",
-        )
-        _check(
-            self.limit is None or self.limit >= 1, "data.limit", f"must be >= 1, got {self.limit}"
-        )
-        _check(
-            8 <= self.max_length <= 1 << 20,
-            "data.max_length",
-            f"must be in [8, 1048576], got {self.max_length}",
-        )
+    def check(self) -> None:
+        self._range("limit", self.limit is None or self.limit >= 1, "must be >= 1")
+        self._range("max_length", 8 <= self.max_length <= 1 << 20, "must be in [8, 1048576]")
 
 
 @dataclass
-class CacheConfig:
-    cache: str = "./cache"
+class CacheConfig(_Checked):
+    cache: str = field(default="./cache", metadata=meta("--cache"))
     """Cache root: a local folder or an fsspec URL that zarr supports."""
     # Defaults chosen by bench/fidelity.py (docs/fidelity.md): the smallest tested cache whose
     # drafts stay within 0.5 pt of dense-loss drafts in held-out acceptance.
-    topk: int = 8
-    """Entries per label token (K): the number of draws (sample), or top-K ids (topk)."""
-    sparse: str = "sample"
+    sparse: str = field(default="sample", metadata=meta(choices="cache_tools.schema:SPARSE_MODES"))
     """sample (K draws from the target; Anshumann et al. 2025) or topk (top-K + tail bucket)."""
-    value_encoding: str = "uint8q"
+    draws: int = 8
+    """Tokens drawn from the target per label token (--sparse sample)."""
+    topk: int = 64
+    """Top-K entries stored per label token (--sparse topk)."""
+    value_encoding: str = field(default="uint8q",
+                                metadata=meta(choices="cache_tools.schema:VALUE_ENCODINGS"))
     """Stored log-prob values: uint8q (1/16-nat steps), or float16."""
-    id_encoding: str = "delta"
+    id_encoding: str = field(default="delta",
+                             metadata=meta(choices="cache_tools.schema:ID_ENCODINGS"))
     """Stored token ids: plain, or delta (sorted within a token, differences stored)."""
     batch_tokens: int = 4096
-    """Padded tokens per forward batch during the build."""
+    """Padded tokens per forward batch during the build (and offline evaluation)."""
     shard_rows: int = 16384
     """Label rows per shard: the unit of writing, resuming and splitting across processes."""
     chunk_rows: int = 1024
@@ -114,67 +172,43 @@ class CacheConfig:
     """Sampling temperature of --generate (0 = greedy); the untempered distribution is cached."""
     ref_name: str = "ref"
     """Name under which a reference's per-token losses are stored."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=meta("--cache-seed"))
     """Seed of the sampled mode's draws (the build is deterministic given it)."""
 
-    def __post_init__(self) -> None:
-        _check(self.topk >= 1, "cache.topk", f"must be >= 1, got {self.topk}")
-        _check(
-            self.sparse in ("topk", "sample"),
-            "cache.sparse",
-            f"must be topk or sample, got {self.sparse!r}",
-        )
-        _check(
-            self.value_encoding in ("float16", "uint8q"),
-            "cache.value_encoding",
-            f"must be float16 or uint8q, got {self.value_encoding!r}",
-        )
-        _check(
-            self.id_encoding in ("plain", "delta"),
-            "cache.id_encoding",
-            f"must be plain or delta, got {self.id_encoding!r}",
-        )
-        _check(
-            self.batch_tokens >= 8, "cache.batch_tokens", f"must be >= 8, got {self.batch_tokens}"
-        )
-        _check(self.chunk_rows >= 1, "cache.chunk_rows", f"must be >= 1, got {self.chunk_rows}")
-        _check(
-            self.shard_rows >= self.chunk_rows and self.shard_rows % self.chunk_rows == 0,
-            "cache.shard_rows",
-            f"must be a multiple of chunk_rows={self.chunk_rows}, got {self.shard_rows}",
-        )
-        _check(
-            self.gen_max_new_tokens >= 1,
-            "cache.gen_max_new_tokens",
-            f"must be >= 1, got {self.gen_max_new_tokens}",
-        )
-        _check(
-            self.gen_temperature >= 0,
-            "cache.gen_temperature",
-            f"must be >= 0, got {self.gen_temperature}",
-        )
-        _check(
-            self.ref_name.replace("-", "").replace("_", "").isalnum(),
-            "cache.ref_name",
-            f"must be letters, digits, - or _, got {self.ref_name!r}",
-        )
+    @property
+    def k(self) -> int:
+        """Entries per label token of the configured mode (the manifest's `k`)."""
+        return self.draws if self.sparse == "sample" else self.topk
+
+    def check(self) -> None:
+        self._range("draws", self.draws >= 1, "must be >= 1")
+        self._range("topk", self.topk >= 1, "must be >= 1")
+        self._range("batch_tokens", self.batch_tokens >= 8, "must be >= 8")
+        self._range("chunk_rows", self.chunk_rows >= 1, "must be >= 1")
+        self._range("shard_rows",
+                    self.shard_rows >= self.chunk_rows and self.shard_rows % self.chunk_rows == 0,
+                    f"must be a multiple of chunk_rows={self.chunk_rows}")
+        self._range("gen_max_new_tokens", self.gen_max_new_tokens >= 1, "must be >= 1")
+        self._range("gen_temperature", self.gen_temperature >= 0, "must be >= 0")
+        _check(self.ref_name.replace("-", "").replace("_", "").isalnum(), "cache.ref_name",
+               CacheConfig, f"must be letters, digits, - or _, got {self.ref_name!r}")
 
 
 @dataclass
-class TrainConfig:
-    stage: str = "draft"
+class TrainConfig(_Checked):
+    stage: str = field(default="draft", metadata=meta(choices="adaspec.step:STAGES"))
     """draft (AdaSPEC; k=1 is DistillSpec), ref (plain-KD reference, k=1), sft (tune the target)."""
     k: float = 0.4
     """Fraction of label tokens AdaSPEC keeps (1.0 = plain KD, the DistillSpec baseline)."""
-    loss: str = "fkl"
-    """Divergence: fkl, rkl, tvd, jsd."""
+    loss: str = field(default="fkl", metadata=meta(choices="adaspec.losses:DIVERGENCES"))
+    """Divergence between target and draft."""
     beta: float = 0.5
     """JSD mixture weight of the target (TRL GKD convention)."""
-    selection: str = "adaspec"
+    selection: str = field(default="adaspec", metadata=meta(choices="adaspec.selection:RULES"))
     """Token rule: adaspec (top-k of L_draft - L_ref) or speckd (draft argmax == target top-1)."""
-    threshold: str = "batch"
+    threshold: str = field(default="batch", metadata=meta(choices="adaspec.selection:THRESHOLDS"))
     """AdaSPEC threshold: batch (quantile in the micro-batch, official) or global (running)."""
-    normalize: str = "all"
+    normalize: str = field(default="all", metadata=meta(choices="adaspec.selection:NORMALIZERS"))
     """Loss normaliser: all label tokens (official code) or selected tokens (paper Eq. 10)."""
     epochs: float = 1.0
     """Passes over the data."""
@@ -185,8 +219,8 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     lr: float = 1e-5
-    """Peak learning rate (the paper: 1e-5, constant)."""
-    lr_schedule: str = "constant"
+    """Peak learning rate."""
+    lr_schedule: str = field(default="constant", metadata=meta(choices="adaspec.step:SCHEDULES"))
     """constant or cosine (with warmup)."""
     warmup_steps: int = 0
     """Linear warmup steps."""
@@ -194,81 +228,84 @@ class TrainConfig:
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Gradient clipping (0 disables)."""
-    mixed_precision: str = "auto"
+    mixed_precision: str = field(default="auto",
+                                 metadata=meta(choices="adaspec.step:MIXED_PRECISIONS"))
     """Autocast of the trained model: auto (bf16 on CUDA; on CPU bf16 if --dtype is bfloat16),
     no, bf16, fp16. Its weights and optimizer state stay float32 whatever this says."""
     chunk_tokens: int = 1024
     """Label tokens per loss chunk: bounds the (tokens, vocab) memory of the draft's log-softmax."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N optimizer steps (0: only at the end of each epoch)."""
-    seed: int = 0
+    log_every: int = 1
+    """Write metrics (and sync them from the device) every N optimizer steps."""
+    seed: int = field(default=0, metadata=meta("--seed"))
     """Seed of data order and initialisation; CPU runs are deterministic given it."""
-    out: str | None = None
+    out: str | None = field(default=None, metadata=meta("--out"))
     """Run folder (default runs/<stage>-<task>-k<k>-<loss>-s<seed>)."""
     online: bool = False
     """Compute target (and reference) outputs live instead of reading the cache (baseline)."""
 
-    def __post_init__(self) -> None:
-        _check(
-            self.stage in ("draft", "ref", "sft"),
-            "train.stage",
-            f"must be draft, ref or sft, got {self.stage!r}",
-        )
-        _check(0.0 < self.k <= 1.0, "train.k", f"must be in (0, 1], got {self.k}")
-        _check(
-            self.loss in ("fkl", "rkl", "tvd", "jsd"),
-            "train.loss",
-            f"must be fkl, rkl, tvd or jsd, got {self.loss!r}",
-        )
-        _check(0.0 <= self.beta <= 1.0, "train.beta", f"must be in [0, 1], got {self.beta}")
-        _check(
-            self.selection in ("adaspec", "speckd"),
-            "train.selection",
-            f"must be adaspec or speckd, got {self.selection!r}",
-        )
-        _check(
-            self.threshold in ("batch", "global"),
-            "train.threshold",
-            f"must be batch or global, got {self.threshold!r}",
-        )
-        _check(
-            self.normalize in ("all", "selected"),
-            "train.normalize",
-            f"must be all or selected, got {self.normalize!r}",
-        )
-        _check(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")
-        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
-        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
-        _check(
-            self.lr_schedule in ("constant", "cosine"),
-            "train.lr_schedule",
-            f"must be constant or cosine, got {self.lr_schedule!r}",
-        )
-        _check(
-            self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}"
-        )
-        _check(
-            self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}"
-        )
-        _check(
-            self.max_grad_norm >= 0,
-            "train.max_grad_norm",
-            f"must be >= 0, got {self.max_grad_norm}",
-        )
-        _check(
-            self.mixed_precision in ("auto", "no", "bf16", "fp16"),
-            "train.mixed_precision",
-            f"must be auto, no, bf16 or fp16, got {self.mixed_precision!r}",
-        )
-        _check(
-            self.chunk_tokens >= 1, "train.chunk_tokens", f"must be >= 1, got {self.chunk_tokens}"
-        )
-        _check(
-            self.checkpoint_every >= 0,
-            "train.checkpoint_every",
-            f"must be >= 0, got {self.checkpoint_every}",
-        )
+    def check(self) -> None:
+        self._range("k", 0.0 < self.k <= 1.0, "must be in (0, 1]")
+        self._range("beta", 0.0 <= self.beta <= 1.0, "must be in [0, 1]")
+        self._range("epochs", self.epochs > 0, "must be > 0")
+        for name in ("batch_size", "grad_accum", "chunk_tokens", "log_every"):
+            self._range(name, getattr(self, name) >= 1, "must be >= 1")
+        self._range("lr", self.lr > 0, "must be > 0")
+        for name in ("warmup_steps", "weight_decay", "max_grad_norm", "checkpoint_every"):
+            self._range(name, getattr(self, name) >= 0, "must be >= 0")
+
+
+@dataclass
+class EvalConfig(_Checked):
+    modes: tuple[str, ...] | None = field(default=None,
+                                          metadata=meta(choices="adaspec.evaluate:MODES"))
+    """Comma list of offline, exact, speculative (default: all, offline if the split is cached)."""
+    gamma: int = 5
+    """Draft tokens per speculative step."""
+    temperature: float = 0.0
+    """Sampling temperature of speculative decoding (0 = greedy)."""
+    max_new_tokens: int = 128
+    """Tokens generated per prompt in speculative decoding."""
+    prompts: int = 10
+    """Prompts of the split decoded speculatively."""
+    speed_rounds: int = 3
+    """Interleaved timing rounds of speculative and target-only decoding (speeds are medians)."""
+
+    def check(self) -> None:
+        self._range("gamma", self.gamma >= 1, "must be >= 1")
+        self._range("temperature", self.temperature >= 0, "must be >= 0")
+        self._range("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1")
+        self._range("prompts", self.prompts >= 1, "must be >= 1")
+        self._range("speed_rounds", self.speed_rounds >= 3,
+                    "must be >= 3 (a median and its spread need three)")
+
+
+@dataclass
+class SweepConfig(_Checked):
+    k: tuple[float, ...] = field(default=(0.2, 0.4, 0.6, 0.8, 1.0), metadata=meta("--k"))
+    """Comma list of k."""
+    epochs: tuple[float, ...] = field(default=(1.0,), metadata=meta("--epochs"))
+    """Comma list of epoch counts."""
+    loss: tuple[str, ...] = field(default=("fkl",),
+                                  metadata=meta("--loss", "adaspec.losses:DIVERGENCES"))
+    """Comma list of divergences."""
+    seeds: tuple[int, ...] = (0,)
+    """Comma list of seeds."""
+    eval_split: str = field(default="test", metadata=meta(choices="adaspec.tasks:SPLITS"))
+    """Split whose target cache the drafts are evaluated on."""
+    single_pass: bool = False
+    """Train the variants sharing seed and loss in one pass over the data."""
+    out: str = field(default="sweep", metadata=meta("--out"))
+    """Sweep folder (one run folder a variant)."""
+
+    def check(self) -> None:
+        for name in ("k", "epochs", "loss", "seeds"):
+            self._range(name, len(getattr(self, name)) >= 1, "must not be empty")
+        for k in self.k:
+            _check(0.0 < k <= 1.0, "sweep.k", SweepConfig, f"must be in (0, 1], got {k}")
+        for e in self.epochs:
+            _check(e > 0, "sweep.epochs", SweepConfig, f"must be > 0, got {e}")
 
 
 @dataclass
@@ -277,23 +314,34 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     explicit: frozenset = field(default=frozenset(), compare=False, repr=False)
     """`section.key` names that the config file or a flag set; every other field is a default.
     Lets a run tell "the user asked for this value" from "nobody said" (e.g. data flags that
     must agree with a cache). Not saved: `to_dict` holds the sections only."""
 
-    def to_dict(self) -> dict:
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+    def to_dict(self, sections: tuple[str, ...] | None = None) -> dict:
+        """The sections as plain data (tuples as lists), for config.yaml files."""
+        return {name: as_plain(dataclasses.asdict(getattr(self, name)))
+                for name in (sections or SECTIONS)}
+
+
+def as_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: as_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [as_plain(v) for v in value]
+    return value
 
 
 SECTIONS: dict[str, type] = {
-    f.name: f.type for f in dataclasses.fields(Config) if f.name != "explicit"  # type: ignore[misc]
+    "models": ModelsConfig, "data": DataConfig, "cache": CacheConfig, "train": TrainConfig,
+    "eval": EvalConfig, "sweep": SweepConfig,
 }
-
-
-def _section_types() -> dict[str, type]:
-    hints = typing.get_type_hints(Config)
-    return {name: hints[name] for name in SECTIONS}
+SECTION_OF: dict[type, str] = {cls: name for name, cls in SECTIONS.items()}
+# Sections a run folder's config.yaml holds (what the training run used).
+RUN_SECTIONS = ("models", "data", "cache", "train")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -304,6 +352,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         return _coerce(value, args[0], key)
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            items = [items]
+        return tuple(_coerce(v.strip() if isinstance(v, str) else v, item, key)
+                     for v in items if not (isinstance(v, str) and not v.strip()))
     try:
         if hint is bool:
             if isinstance(value, str):
@@ -320,6 +375,15 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         raise UserError(f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r}") from None
 
 
+def _renamed(merged: dict[str, dict[str, Any]]) -> None:
+    """One-line errors for keys that changed meaning (see RENAMED)."""
+    cache = merged.get("cache", {})
+    if "topk" in cache and "draws" not in cache and cache.get("sparse", "sample") == "sample":
+        new, why = RENAMED["cache.topk@sample"]
+        raise UserError(f"cache.topk={cache['topk']} was given with --sparse sample: {why}; "
+                        f"use {new}")
+
+
 def build_config(
     file_values: dict | None = None, overrides: dict[str, Any] | None = None
 ) -> Config:
@@ -334,10 +398,10 @@ def build_config(
     for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
         merged[section][name] = value
-    types_by_section = _section_types()
+    _renamed(merged)
     built: dict[str, Any] = {}
     explicit = set()
-    for section, cls in types_by_section.items():
+    for section, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}

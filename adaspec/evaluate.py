@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -23,12 +24,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adaspec import acceptance, build, models, speculative, tasks
-from adaspec.build import label_hidden_and_head, sparse_target_from_rows
-from adaspec.config import Config
+from adaspec import acceptance, labels, models, sparse, speculative, tasks
+from adaspec.config import Config, as_plain
 from adaspec.errors import UserError
 from adaspec.stream import online_sequences
-from cache_tools import schema
 from cache_tools.errors import CacheError
 from cache_tools.store import CacheReader
 
@@ -53,29 +52,13 @@ def _task_sequences(cfg: Config, tokenizer) -> _Sequences:
 
 
 def _batches(n: int, lengths: list[int], batch_tokens: int) -> list[tuple[int, int]]:
-    return build.plan_batches(np.asarray(lengths), batch_tokens) if n else []
+    return labels.plan_batches(np.asarray(lengths), batch_tokens) if n else []
 
 
 def label_logprobs(model, ids, masks, pad_id: int, vocab_size: int) -> torch.Tensor:
-    """(N, V) float32 log-probs at the label rows of a batch of sequences."""
-    n, logits_fn = label_hidden_and_head(model, ids, masks, pad_id)
-    with torch.no_grad():
-        logits = models.cut_logits(logits_fn(0, n), vocab_size).float().cpu()
-    return torch.log_softmax(logits, dim=-1)
-
-
-def known_entries(rows: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decoded cache rows -> (ids, log-probs with -inf for empty slots, log tail mass).
-
-    topk rows are returned as stored. In a sampled cache the known entries are the distinct
-    sampled ids (slots with count 0 are empty) and the tail is the target mass outside them.
-    """
-    target = sparse_target_from_rows(rows)
-    logprobs = target.entry_logprobs().float()
-    if target.tail_logmass is not None:
-        return target.ids, logprobs, target.tail_logmass.float()
-    rest = (1.0 - logprobs.double().exp().sum(-1)).clamp(min=0.0)
-    return target.ids, logprobs, rest.log().float()
+    """(N, V) float32 log-probs (on the CPU) at the label rows of a batch of sequences."""
+    batch = labels.pad_batch(ids, masks, pad_id)
+    return labels.LabelLogits(model, batch, vocab_size)().cpu().log_softmax(-1)
 
 
 def offline_acceptance(
@@ -91,7 +74,7 @@ def offline_acceptance(
         draft_lp = label_logprobs(draft, seqs.input_ids[a:b], seqs.label_masks[a:b], pad_id,
                                    vocab_size)
         rows = reader.target_rows(int(reader.label_offsets[a]), int(reader.label_offsets[b]))
-        ids, logprobs, tail = known_entries(rows)
+        ids, logprobs, tail = sparse.known_entries(sparse.from_rows(rows))
         lower, upper = acceptance.sparse_acceptance_bounds(ids, logprobs, tail, draft_lp)
         top1 = ids.gather(1, logprobs.argmax(-1, keepdim=True))[:, 0]  # (N,)
         lower_sum += float(lower.double().sum())
@@ -276,16 +259,6 @@ def _prompts(cfg: Config, tokenizer, n: int) -> list[torch.Tensor]:
     return out
 
 
-def resolve_draft(path_or_spec: str) -> str:
-    """A run folder (with model/ inside) or any model spec -> a model spec."""
-    from pathlib import Path
-
-    path = Path(path_or_spec)
-    if (path / "model" / "config.json").is_file():
-        return str(path / "model")
-    return path_or_spec
-
-
 MODES = ("offline", "exact", "speculative")
 
 
@@ -321,7 +294,7 @@ def _check_cache_tokenizer(reader: CacheReader, spec: str, tokenizer, cache: str
     Exact and speculative modes compare against the target's tokenizer (shared_vocab_size);
     offline never loads the target, so this is its only check, as in training.
     """
-    stored = reader.manifest["stages"][schema.SEQUENCES]["params"]["tokenizer_fingerprint"]
+    stored = reader.tokenizer_fingerprint
     mine = models.tokenizer_fingerprint(tokenizer)
     if mine != stored:
         raise UserError(
@@ -332,37 +305,34 @@ def _check_cache_tokenizer(reader: CacheReader, spec: str, tokenizer, cache: str
 
 def evaluate(
     cfg: Config, draft_specs: list[str], modes: tuple[str, ...] | None = None,
-    gamma: int = 5, temperature: float = 0.0, max_new_tokens: int = 128, n_prompts: int = 10,
-    progress: bool = True, speed_rounds: int = 3,
-    note: Callable[[str], None] = _note_on_stderr,
+    progress: bool = True, note: Callable[[str], None] = _note_on_stderr, **overrides,
 ) -> list[dict]:
     """Every requested measure of each draft on one task split (the target loads once).
 
-    `modes=None` runs every mode it can: offline only when the cache holds the split (`note`
-    gets a one-line message otherwise). Every draft's tokenizer is checked before any number
-    is computed, and all drafts stay loaded, so speculative decoding can time them against one
-    shared target-only baseline (`speculative_acceptance`).
+    Settings come from `cfg.eval` (`EvalConfig`: gamma, temperature, max_new_tokens, prompts,
+    speed_rounds), which keyword `overrides` replace (`n_prompts` is `prompts`); each result
+    records the settings it was measured with. `modes=None` (or cfg.eval.modes None) runs every
+    mode it can: offline only when the cache holds the split (`note` gets a one-line message
+    otherwise). Every draft's tokenizer is checked before any number is computed, and all drafts
+    stay loaded, so speculative decoding can time them against one shared target-only baseline
+    (`speculative_acceptance`).
     """
-    asked = modes is not None
-    modes = tuple(modes) if asked else MODES
-    unknown = set(modes) - set(MODES)
-    if unknown:
-        raise UserError(f"--modes has {sorted(unknown)}; choose from offline, exact, speculative")
-    if gamma < 1:
-        raise UserError(f"--gamma must be >= 1, got {gamma}")
-    if temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {temperature}")
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if n_prompts < 1:
-        raise UserError(f"--prompts must be >= 1, got {n_prompts}")
-    if speed_rounds < 3:
-        raise UserError(
-            f"--speed-rounds must be >= 3 (a median and its spread need three), got {speed_rounds}"
-        )
+    if "n_prompts" in overrides:
+        overrides["prompts"] = overrides.pop("n_prompts")
+    if modes is not None:
+        overrides["modes"] = tuple(modes)
+    try:
+        settings = dataclasses.replace(cfg.eval, **overrides)
+    except TypeError as err:
+        raise ValueError(f"unknown evaluate setting: {err}") from None
+    asked = settings.modes is not None
+    modes = settings.modes if asked else MODES
+    gamma, temperature = settings.gamma, settings.temperature
+    max_new_tokens, n_prompts, speed_rounds = (settings.max_new_tokens, settings.prompts,
+                                               settings.speed_rounds)
     reader, modes = _open_cache(cfg, modes, asked, note)
     needs_target = "exact" in modes or "speculative" in modes
-    specs = [resolve_draft(spec) for spec in draft_specs]
+    specs = [models.resolve_run_folder(spec) for spec in draft_specs]
     tokenizers = [models.load_tokenizer(spec) for spec in specs]
     target_tok = models.load_tokenizer(cfg.models.target) if needs_target else None
     for spec, tokenizer in zip(specs, tokenizers, strict=True):
@@ -372,7 +342,7 @@ def evaluate(
             models.shared_vocab_size(target_tok, tokenizer)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = build.resolve_dtype(cfg.models.dtype, device)
+    dtype = models.resolve_dtype(cfg.models.dtype, device)
     target = None
     if needs_target:
         target, _ = models.load_model(cfg.models.target, dtype=dtype,
@@ -393,6 +363,7 @@ def evaluate(
             "task": cfg.data.task, "split": cfg.data.split, "draft": spec,
             "target": cfg.models.target, "gamma": gamma, "temperature": temperature,
             "max_new_tokens": max_new_tokens, "modes": list(modes),
+            "eval_config": {**as_plain(dataclasses.asdict(settings)), "modes": list(modes)},
         }
         if reader is not None:
             result["offline"] = offline_acceptance(

@@ -35,101 +35,14 @@ jsd and +inf for rkl, so dense and K = V values stay the true divergences.
 """
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from adaspec.sparse import SparseTarget
+
 DIVERGENCES = ("fkl", "rkl", "tvd", "jsd")
-
-
-@dataclass
-class SparseTarget:
-    """One batch of cached target entries for N label tokens; exactly one mode is set.
-
-    Fields:
-        ids: (N, K) int64 token ids (int32 is accepted and widened). Unique within a row, except
-            sample-mode padding (id 0 with count 0).
-        logprobs: (N, K) float target log-probs of those ids, true (not renormalised).
-        tail_logmass: (N,) float, topk mode: log(1 - sum_k p_k), -inf when K = V. None in sample
-            mode.
-        counts: (N, K) float or int, sample mode: how many of the S draws gave each id (0 for
-            padding). None in topk mode.
-    """
-
-    ids: torch.Tensor
-    logprobs: torch.Tensor
-    tail_logmass: torch.Tensor | None = None
-    counts: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if (self.tail_logmass is None) == (self.counts is None):
-            raise ValueError(
-                "SparseTarget needs exactly one of tail_logmass (topk mode) or counts "
-                "(sample mode)"
-            )
-        if self.ids.dim() != 2 or self.logprobs.shape != self.ids.shape:
-            raise ValueError(
-                f"SparseTarget ids {tuple(self.ids.shape)} and logprobs "
-                f"{tuple(self.logprobs.shape)} must both be (N, K)"
-            )
-        if self.tail_logmass is not None and self.tail_logmass.shape != self.ids.shape[:1]:
-            raise ValueError(
-                f"SparseTarget tail_logmass {tuple(self.tail_logmass.shape)} must be (N,) with "
-                f"N = {self.ids.shape[0]}"
-            )
-        if self.counts is not None and self.counts.shape != self.ids.shape:
-            raise ValueError(
-                f"SparseTarget counts {tuple(self.counts.shape)} must match ids "
-                f"{tuple(self.ids.shape)}"
-            )
-
-    @property
-    def mode(self) -> str:
-        """The cache mode: "topk" or "sample"."""
-        return "topk" if self.tail_logmass is not None else "sample"
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def entry_logprobs(self) -> torch.Tensor:
-        """(N, K) log-probs with -inf in empty slots (sample-mode padding, count 0), so that an
-        argmax or a sum over entries sees only real tokens."""
-        if self.counts is None:
-            return self.logprobs
-        return torch.where(self.counts > 0, self.logprobs, float("-inf"))
-
-    def valid_rows(self) -> torch.Tensor:
-        """(N,) bool: rows whose values hold no NaN or +inf (-inf is a legitimate log-prob)."""
-        def ok(x: torch.Tensor) -> torch.Tensor:
-            return ~(torch.isnan(x) | (x == math.inf))
-
-        valid = ok(self.logprobs).all(-1)
-        if self.tail_logmass is not None:
-            valid &= ok(self.tail_logmass)
-        if self.counts is not None:
-            valid &= ok(self.counts.float()).all(-1)
-        return valid
-
-    def emptied(self, rows: torch.Tensor) -> "SparseTarget":
-        """A copy where the (N,) bool `rows` have no atoms: their divergence is exactly 0, with
-        zero gradient (every atom has weight 0), so a broken row can never reach the draft."""
-        keep = ~rows[:, None]  # (N, 1)
-        if self.counts is not None:
-            return SparseTarget(self.ids, torch.where(keep, self.logprobs, 0.0),
-                                counts=torch.where(keep, self.counts, 0))
-        return SparseTarget(self.ids, torch.where(keep, self.logprobs, -math.inf),
-                            tail_logmass=torch.where(rows, -math.inf, self.tail_logmass))
-
-    def rows(self, start: int, stop: int) -> "SparseTarget":
-        """The entries of label tokens start..stop-1 (views, no copy)."""
-        return SparseTarget(
-            ids=self.ids[start:stop],
-            logprobs=self.logprobs[start:stop],
-            tail_logmass=None if self.tail_logmass is None else self.tail_logmass[start:stop],
-            counts=None if self.counts is None else self.counts[start:stop],
-        )
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:

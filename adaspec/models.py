@@ -259,6 +259,26 @@ def cut_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return logits[..., :vocab_size]
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A frozen model's dtype from the config's name: auto is bf16 on CUDA, fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def has_plain_head(model) -> bool:
+    """True when logits are exactly output_embeddings(last hidden state) (no scaling/capping),
+    so that the head can be applied to label rows only."""
+    cfg = model.config
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            return False
+    return model.get_output_embeddings() is not None and model.base_model is not model
+
+
 def resolve_run_folder(spec: str) -> str:
     """A training run folder (`adaspec-train` output, with `model/config.json`) -> its model folder.
 

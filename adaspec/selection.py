@@ -12,6 +12,10 @@ import math
 
 import torch
 
+RULES = ("adaspec", "speckd")  # which tokens a draft with k < 1 learns from
+THRESHOLDS = ("batch", "global")  # where AdaSPEC's quantile is taken
+NORMALIZERS = ("all", "selected")  # what the summed loss of the kept tokens is divided by
+
 # torch.quantile refuses inputs with more elements than this.
 _TORCH_QUANTILE_MAX_NUMEL = 2**24
 
@@ -61,7 +65,7 @@ def adaspec_select(
     draft_loss: torch.Tensor,
     ref_loss: torch.Tensor,
     k: float,
-    threshold: str | float = "batch",
+    threshold: str | float | torch.Tensor = "batch",
 ) -> torch.Tensor:
     """AdaSPEC token selection: keep the tokens whose delta = draft_loss - ref_loss is largest.
 
@@ -95,16 +99,16 @@ def adaspec_select(
         return torch.ones_like(delta, dtype=torch.bool)
     if delta.numel() == 0:
         return torch.zeros_like(delta, dtype=torch.bool)
-    cut = (_quantile(delta, 1.0 - k, ignore_nan=True) if isinstance(threshold, str)
-           else float(threshold))
+    cut = _quantile(delta, 1.0 - k, ignore_nan=True) if isinstance(threshold, str) else threshold
     return delta >= cut  # NaN >= cut is False
 
 
-def global_threshold(deltas: torch.Tensor, k: float) -> float:
+def global_threshold(deltas: torch.Tensor, k: float) -> torch.Tensor | float:
     """The batch rule's threshold over a whole-dataset sample of delta = draft_loss - ref_loss.
 
-    Returns torch.quantile(deltas, 1 - k) (linear interpolation, any size), to pass as
-    `adaspec_select(..., threshold=...)`; -inf for k = 1.0 so that every token is kept.
+    Returns torch.quantile(deltas, 1 - k) (linear interpolation, any size) as a () tensor on the
+    deltas' device (no host sync), to pass as `adaspec_select(..., threshold=...)`; NaN deltas
+    (non-finite losses) are left out. -inf for k = 1.0 so that every token is kept.
 
     Args:
         deltas: (M,) float (any shape is flattened), M >= 1.
@@ -116,7 +120,7 @@ def global_threshold(deltas: torch.Tensor, k: float) -> float:
     deltas = _upcast(deltas.detach()).flatten()  # (M,)
     if deltas.numel() == 0:
         raise ValueError("global_threshold needs at least one delta; got an empty tensor")
-    return float(_quantile(deltas, 1.0 - k))
+    return _quantile(deltas, 1.0 - k, ignore_nan=True)
 
 
 def speckd_gate(
@@ -152,6 +156,50 @@ def speckd_gate(
             f"{tuple(target_top1_ids.shape)} must both be (N,)"
         )
     return proposal == target_top1_ids
+
+
+def select(
+    rule: str,
+    k: float,
+    draft_loss: torch.Tensor,
+    ref_loss: torch.Tensor | None = None,
+    draft_argmax: torch.Tensor | None = None,
+    target_top1: torch.Tensor | None = None,
+    threshold: str | float | torch.Tensor = "batch",
+) -> torch.Tensor:
+    """The tokens a draft learns from, for every rule, as one function.
+
+    k = 1 keeps every token (the reference, SFT and plain-KD drafts); below it, "adaspec" keeps
+    the top k of delta = draft_loss - ref_loss (`adaspec_select`, `threshold` as there) and
+    "speckd" keeps tokens whose draft argmax is the target's top-1 (`speckd_gate`). A
+    non-finite draft loss (NaN or inf: a diverged draft, an emptied target row marked so by the
+    caller) is never kept and takes no part in AdaSPEC's quantile. No host sync.
+
+    Args:
+        rule: one of RULES (ignored at k = 1).
+        k: fraction kept, 0 < k <= 1.
+        draft_loss: (N,) float per-token loss of the draft (detached here).
+        ref_loss: (N,) float, for "adaspec".
+        draft_argmax, target_top1: (N,) int64, for "speckd".
+
+    Returns:
+        (N,) bool.
+    """
+    _check_k(k)
+    loss = draft_loss.detach()
+    finite = torch.isfinite(loss)  # (N,) bool
+    if k == 1.0:
+        return finite
+    if rule == "adaspec":
+        if ref_loss is None:
+            raise ValueError("rule adaspec needs ref_loss")
+        ranked = torch.where(finite, _upcast(loss), math.nan)  # NaN: out of the quantile
+        return adaspec_select(ranked, ref_loss, k, threshold) & finite
+    if rule == "speckd":
+        if draft_argmax is None or target_top1 is None:
+            raise ValueError("rule speckd needs draft_argmax and target_top1")
+        return speckd_gate(draft_argmax, target_top1) & finite
+    raise ValueError(f"unknown rule {rule!r}; choose one of {RULES}")
 
 
 def reduce_loss(

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from adaspec import build, tasks
+from adaspec import labels, sparse, tasks
 from adaspec.config import Config
-from adaspec.losses import SparseTarget
+from adaspec.labels import LabelBatch
+from adaspec.sparse import SparseTarget
 from cache_tools.store import CacheReader
 
 PREFETCH = 2  # batches read ahead of the training step
@@ -59,59 +60,23 @@ def online_sequences(cfg: Config, tokenizer) -> InMemorySequences:
     tokenized = tasks.tokenize_examples(
         examples, tokenizer, cfg.data.max_length, cfg.data.chat_template
     )
-    input_ids, label_masks, _ = build.order_sequences(tokenized)
+    input_ids, label_masks, _ = labels.order_sequences(tokenized)
     return InMemorySequences(input_ids, label_masks)
 
 
 @dataclass
-class Batch:
-    """One micro-batch of B sequences with N label tokens in total.
+class Batch(LabelBatch):
+    """One micro-batch of B sequences with N label tokens in total (see `labels.LabelBatch`),
+    with where it sits in the stream and what the cache holds for its label rows."""
 
-    Label row r is the r-th label token in sequence order (sequence 0's label tokens first, each
-    sequence's in position order); it is predicted from the hidden state at
-    (index_b[r], index_t[r]), one position before the token.
-    """
-
-    position: int
+    position: int = 0
     """Global batch number (epoch * batches_per_epoch + batch within the epoch) on this process."""
-    sequences: np.ndarray
+    sequences: np.ndarray | None = None
     """(B,) int64 sequence indices in the store."""
-    input_ids: torch.Tensor
-    """(B, T) int64, right-padded with pad_id."""
-    attention_mask: torch.Tensor
-    """(B, T) int64, 1 on real tokens."""
-    index_b: torch.Tensor
-    """(N,) int64 batch row of each label token."""
-    index_t: torch.Tensor
-    """(N,) int64 position predicting each label token (the token sits at index_t + 1)."""
     target: SparseTarget | None = None
     """The cached target rows of the N label tokens (None without a target stage)."""
     ref_loss: torch.Tensor | None = None
     """(N,) float32 cached per-token loss of the reference (None unless asked for)."""
-
-    @property
-    def n_labels(self) -> int:
-        return int(self.index_b.numel())
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-    @property
-    def label_ids(self) -> torch.Tensor:
-        """(N,) int64 the label tokens themselves."""
-        return self.input_ids[self.index_b, self.index_t + 1]
-
-    def seqs_and_masks(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Unpadded (input_ids (T_b,) int64, label_mask (T_b,) bool) per sequence."""
-        lengths = self.attention_mask.sum(-1).tolist()
-        seqs = [self.input_ids[b, :n].numpy() for b, n in enumerate(lengths)]
-        masks = []
-        for b, n in enumerate(lengths):
-            mask = np.zeros(n, dtype=bool)
-            mask[self.index_t[self.index_b == b].numpy() + 1] = True
-            masks.append(mask)
-        return seqs, masks
 
 
 def _concat_rows(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -166,30 +131,21 @@ class BatchStream:
     def load(self, position: int, indices: np.ndarray) -> Batch:
         """Read and pad the sequences `indices` (and their rows) into one Batch."""
         seqs, masks = zip(*(self.sequences.sequence(int(i)) for i in indices), strict=True)
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)  # (B, T)
-        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
-        rows_b, rows_t = [], []
-        for b, (ids, mask) in enumerate(zip(seqs, masks, strict=True)):
-            input_ids[b, : len(ids)] = torch.from_numpy(ids)
-            attention_mask[b, : len(ids)] = 1
-            positions = np.nonzero(mask)[0]
-            rows_b.append(np.full(len(positions), b, dtype=np.int64))
-            rows_t.append(positions - 1)
+        input_ids, attention_mask, index_b, index_t = labels.pad_arrays(seqs, masks, self.pad_id)
         batch = Batch(
+            input_ids=torch.from_numpy(input_ids),
+            attention_mask=torch.from_numpy(attention_mask),
+            index_b=torch.from_numpy(index_b),
+            index_t=torch.from_numpy(index_t),
             position=position,
             sequences=np.asarray(indices, dtype=np.int64),
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            index_b=torch.from_numpy(np.concatenate(rows_b)),
-            index_t=torch.from_numpy(np.concatenate(rows_t).astype(np.int64)),
         )
         spans = [(int(self.label_offsets[i]), int(self.label_offsets[i + 1])) for i in indices]
         reader = self.sequences
         if self.with_target:
             assert isinstance(reader, CacheReader)
             rows = _concat_rows([reader.target_rows(a, b) for a, b in spans])
-            batch.target = build.sparse_target_from_rows(rows)
+            batch.target = sparse.from_rows(rows)
         if self.ref is not None:
             assert isinstance(reader, CacheReader)
             name, divergence = self.ref

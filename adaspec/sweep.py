@@ -24,12 +24,11 @@ from pathlib import Path
 
 import torch
 import yaml
-from tqdm.auto import tqdm
 
-from adaspec import evaluate, models, selection, train
+from adaspec import evaluate, models, runs, train
 from adaspec.config import Config
 from adaspec.errors import UserError
-from adaspec.stream import BatchStream
+from cache_tools.errors import CacheError
 from cache_tools.store import CacheReader
 
 RESULT_FILE = "result.json"
@@ -67,116 +66,49 @@ def variant_config(cfg: Config, variant: Variant, run_dir: Path) -> Config:
 # Training several variants in one pass
 
 
-@dataclass
-class _Learner:
-    """One variant's model, optimiser and bookkeeping during a shared pass."""
-
-    variant: Variant
-    cfg: Config
-    run_dir: Path
-    loss_model: train.LossModel
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    total_micro: int
-    seconds: float = 0.0
-
-
 def train_single_pass(cfg: Config, variants: list[Variant], out: Path,
                       progress: bool = True) -> dict[str, float]:
     """Train `variants` (same seed and divergence) over one shared stream of batches.
 
-    Returns the seconds each variant's own compute took (reading is shared and not counted).
+    It is `train.fit` with one learner per variant: every rule, threshold and accumulation that
+    training supports works here. Returns the seconds each variant's run took (the shared pass's
+    time split evenly: reading and teaching are shared).
     """
     if len({(v.seed, v.loss) for v in variants}) != 1:
         raise ValueError("a single pass needs one seed and one divergence")
-    if cfg.train.grad_accum != 1:
-        raise UserError("--single-pass trains with --grad-accum 1; drop --grad-accum or the flag")
-    if cfg.train.selection != "adaspec" or cfg.train.threshold != "batch":
-        raise UserError(
-            "--single-pass implements AdaSPEC selection with the micro-batch threshold only; "
-            f"selection={cfg.train.selection}, threshold={cfg.train.threshold} need the "
-            "one-by-one sweep (drop --single-pass)"
-        )
-    base = variant_config(cfg, variants[0], out / variants[0].name)
-    need_ref = any(train._needs_ref(variant_config(cfg, v, out)) for v in variants)
-    reader = CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split)
-    device = torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda")
+    configs = [variant_config(cfg, v, out / v.name) for v in variants]
+    base = configs[0]
+    if any(train.needs_ref(c) for c in configs):  # the stream reads the reference's losses
+        base = next(c for c in configs if train.needs_ref(c))
+    accelerator = train.accelerator_for(base)
+    device = accelerator.device
+    reader, _ = train.open_cache(base)
     torch.manual_seed(variants[0].seed)
     # fp32 master weights, as in train.train (bf16 only through autocast).
     draft, tokenizer = models.load_model(cfg.models.draft, dtype=torch.float32)
-    train._check_tokenizer(reader, tokenizer, cfg)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    vocab_size = int(reader.manifest["vocab_size"])
-    ref = (cfg.cache.ref_name, variants[0].loss) if need_ref else None
-    stream = BatchStream(reader, cfg.train.batch_size, variants[0].seed, pad_id, with_target=True,
-                         ref=ref)
+    stream, teacher, vocab_size = train.open_data(base, reader, None, tokenizer, device, 0, 1)
     per_epoch = stream.batches_per_epoch
-    t = base.train
-
-    learners = []
-    for v in variants:
-        vcfg = variant_config(cfg, v, out / v.name)
+    learner_runs = []
+    for vcfg in configs:
+        t = vcfg.train
+        epochs = t.epochs / t.k if t.scale_epochs_by_k else t.epochs
+        total_micro = max(1, round(epochs * per_epoch))
+        total_steps = -(-total_micro // t.grad_accum)
         model = copy.deepcopy(draft).to(device).train()
-        loss_model = train.LossModel(model, vocab_size, v.loss, t.beta, t.chunk_tokens)
-        optimizer = torch.optim.AdamW(train._param_groups(model, t.weight_decay), lr=t.lr)
-        total_micro = max(1, round(vcfg.train.epochs / (v.k if t.scale_epochs_by_k else 1.0)
-                                   * per_epoch))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda s, n=total_micro: train.lr_factor(s, n, t.lr_schedule, t.warmup_steps),
-        )
-        run_dir = Path(vcfg.train.out)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(vcfg.to_dict(), sort_keys=False))
-        (run_dir / "metrics.jsonl").write_text("")
-        learners.append(_Learner(v, vcfg, run_dir, loss_model, optimizer, scheduler, total_micro))
-
-    longest = max(learner.total_micro for learner in learners)
-    bar = tqdm(total=longest, desc=f"single pass x{len(learners)}", unit="batch",
-               disable=not progress, dynamic_ncols=True)
-    batches = stream.batches(start_batch=0, stop_batch=longest)
-    try:
-        for position, batch in enumerate(batches):
-            target = train._to(batch.target, device)
-            ref_loss = batch.ref_loss.to(device) if batch.ref_loss is not None else None
-            inputs = (batch.input_ids.to(device), batch.attention_mask.to(device),
-                      batch.index_b.to(device), batch.index_t.to(device))
-            for learner in learners:
-                if position >= learner.total_micro:
-                    continue
-                started = time.perf_counter()
-                lr = learner.scheduler.get_last_lr()[0]
-                per_token, _ = learner.loss_model(*inputs, target=target)  # (N,) float32
-                if learner.variant.k < 1.0:
-                    keep = selection.adaspec_select(per_token.detach(), ref_loss,
-                                                    learner.variant.k, "batch")
-                else:
-                    keep = torch.ones_like(per_token, dtype=torch.bool)
-                if t.normalize == "all":
-                    loss = selection.reduce_loss(per_token, keep, batch.n_labels, "all")
-                else:
-                    loss = selection.reduce_loss(per_token, keep, 1, "selected")
-                loss.backward()
-                if t.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(learner.loss_model.parameters(),
-                                                   t.max_grad_norm)
-                learner.optimizer.step()
-                learner.scheduler.step()
-                learner.optimizer.zero_grad(set_to_none=True)
-                learner.seconds += time.perf_counter() - started
-                record = {"step": position + 1, "epoch": (position + 1) / per_epoch,
-                          "loss": float(loss.detach()),
-                          "selected_fraction": float(keep.float().mean()) if len(keep) else 0.0,
-                          "lr": lr, "elapsed": learner.seconds}
-                with (learner.run_dir / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-            bar.update(1)
-    finally:
-        batches.close()
-        bar.close()
-    for learner in learners:
-        models.save_model(learner.loss_model.model, tokenizer, learner.run_dir / "model")
-    return {learner.variant.name: learner.seconds for learner in learners}
+        learner = train.make_learner(accelerator, model, vcfg, vocab_size, total_steps)
+        run_dir = Path(t.out)
+        runs.start_run_dir(run_dir, vcfg, 0)
+        learner_runs.append(train.Run(learner, run_dir, total_micro, t.grad_accum, t.log_every,
+                                      t.max_grad_norm))
+    started = time.perf_counter()
+    train.fit(accelerator, learner_runs, stream, teacher, 0,
+              max(r.total_steps for r in learner_runs), progress,
+              f"single pass x{len(learner_runs)}")
+    seconds = (time.perf_counter() - started) / len(learner_runs)
+    for r in learner_runs:
+        models.save_model(accelerator.unwrap_model(r.learner.loss_model).model, tokenizer,
+                          r.run_dir / "model")
+    return {v.name: seconds for v in variants}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,8 +116,8 @@ def train_single_pass(cfg: Config, variants: list[Variant], out: Path,
 
 
 def _final_loss(run_dir: Path) -> float | None:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return json.loads(lines[-1])["loss"] if lines else None
+    records = runs.read_metrics(run_dir)
+    return records[-1]["loss"] if records else None
 
 
 def _evaluate_variant(cfg: Config, variant: Variant, run_dir: Path, eval_reader: CacheReader,
@@ -208,18 +140,33 @@ def _evaluate_variant(cfg: Config, variant: Variant, run_dir: Path, eval_reader:
     return result
 
 
-def run_sweep(cfg: Config, variants: list[Variant], out: Path, eval_split: str = "test",
-              single_pass: bool = False, progress: bool = True) -> list[dict]:
-    """Train and evaluate every unfinished variant; write the table and plots; return all rows."""
-    out = Path(out)
+def run_sweep(cfg: Config, variants: list[Variant] | None = None, out: Path | str | None = None,
+              eval_split: str | None = None, single_pass: bool | None = None,
+              progress: bool = True) -> list[dict]:
+    """Train and evaluate every unfinished variant; write the table and plots; return all rows.
+
+    Defaults come from `cfg.sweep` (the grid, folder, evaluation split, single pass); the
+    settings the sweep ran with are saved beside its results as `sweep.yaml`.
+    """
+    s = cfg.sweep
+    variants = grid(s.k, s.epochs, s.loss, s.seeds) if variants is None else variants
+    out = Path(s.out if out is None else out)
+    eval_split = s.eval_split if eval_split is None else eval_split
+    single_pass = s.single_pass if single_pass is None else single_pass
     try:
         eval_reader = CacheReader(cfg.cache.cache, cfg.data.task, eval_split)
-    except Exception as err:  # CacheError: say how to make the evaluation cache
+    except CacheError as err:  # say how to make the evaluation cache
         raise UserError(
             f"{err}; the sweep evaluates offline on a cache of --eval-split {eval_split}: "
             f"`adaspec-cache build --model target --task {cfg.data.task} --split {eval_split} "
             "--sparse topk --topk 64 --value-encoding float16` (tight, exact offline bounds)"
         ) from None
+    out.mkdir(parents=True, exist_ok=True)
+    saved = cfg.to_dict()
+    saved["sweep"] = {**saved["sweep"], "out": str(out), "eval_split": eval_split,
+                      "single_pass": single_pass,
+                      "variants": [v.name for v in variants]}
+    (out / "sweep.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     todo = [v for v in variants if not (out / v.name / RESULT_FILE).exists()]
     seconds: dict[str, float] = {}
     if single_pass:
@@ -297,8 +244,7 @@ def plot_results(rows: list[dict], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
-        metrics = out / r["name"] / "metrics.jsonl"
-        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        records = runs.read_metrics(out / r["name"])
         if records:
             ax.plot([m["step"] for m in records], [m["loss"] for m in records], label=r["name"])
     ax.set_xlabel("optimizer step")

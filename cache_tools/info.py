@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from cache_tools import schema, store
+from cache_tools.manifest import Manifest
 
 
 def _stage_bytes(group, stage: str) -> tuple[int, int]:
@@ -24,18 +25,18 @@ def cache_summary(root: str) -> list[dict]:
     records = []
     for path in store.list_splits(root_group):
         group = root_group[path]
-        manifest = store.read_manifest(group)
-        stages = manifest.get("stages", {})
-        counts = stages.get(schema.SEQUENCES, {}).get("counts", {})
+        manifest = Manifest.read(group)
+        sequences = manifest.stage(schema.SEQUENCES)
+        counts = sequences.counts if sequences else {}
         n_label = max(int(counts.get("label_tokens", 0)), 1)
         record = {"split": path, "counts": counts, "stages": []}
-        for stage, entry in stages.items():
+        for stage, entry in manifest.stages.items():
             stored, raw = _stage_bytes(group, stage) if stage in group else (0, 0)
-            params = entry.get("params", {})
+            params = entry.params
             record["stages"].append(
                 {
                     "stage": stage,
-                    "status": entry.get("status"),
+                    "status": entry.status,
                     "mode": params.get("mode"),
                     "k": params.get("k"),
                     "model": (params.get("model") or {}).get("spec"),

@@ -30,6 +30,9 @@ chunks of `chunk_rows` rows; every chunk is Blosc-zstd compressed and crc32c che
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec
 
@@ -49,6 +52,10 @@ DIVERGENCES = ("fkl", "rkl", "tvd", "jsd")
 
 STATUS_BUILDING = "building"
 STATUS_COMPLETE = "complete"
+
+# Stage parameters a reader needs (the rest of a stage's params are its builder's business).
+TOKENIZER_FINGERPRINT = "tokenizer_fingerprint"  # sequences: which tokenizer made the ids
+MODE, K, VALUE_ENCODING, ID_ENCODING = "mode", "k", "value_encoding", "id_encoding"  # target
 
 DEFAULT_SHARD_ROWS = 16384
 DEFAULT_CHUNK_ROWS = 1024
@@ -124,6 +131,66 @@ def decode_ids(stored: np.ndarray, encoding: str) -> np.ndarray:
         ids[:, 1:] = np.cumsum(ids[:, 1:], axis=-1)
         return ids
     raise ValueError(f"unknown id encoding {encoding!r}; choose one of {ID_ENCODINGS}")
+
+
+def encode_target_rows(rows: dict[str, np.ndarray], value_encoding: str, id_encoding: str,
+                       vocab_size: int) -> dict[str, np.ndarray]:
+    """Computed target rows -> the stored arrays (inverse of `decode_target_rows`).
+
+    rows: ids (N, K) int64, logprobs (N, K) float32, and tail_logmass (N,) float32 (mode topk)
+    or counts (N, K) float32/int (mode sample).
+    """
+    out = dict(rows)
+    out["ids"], out["logprobs"], counts = encode_rows(
+        out["ids"], out["logprobs"], out.get("counts"), id_encoding
+    )
+    out["logprobs"] = encode_logprobs(out["logprobs"], value_encoding)
+    out["ids"] = out["ids"].astype(id_dtype(vocab_size))
+    if counts is not None:
+        out["counts"] = counts.astype(np.uint16)
+    if "tail_logmass" in out:
+        out["tail_logmass"] = out["tail_logmass"].astype(np.float32)
+    return out
+
+
+def decode_target_rows(stored: dict[str, np.ndarray], params: dict) -> dict[str, np.ndarray]:
+    """Stored target arrays -> ids (N, K) int64, logprobs (N, K) float32, and tail_logmass (N,)
+    float32 or counts (N, K) float32. `params` is the target stage's (see `target_arrays`)."""
+    rows = {
+        "ids": decode_ids(stored["ids"], params.get(ID_ENCODING, "plain")),
+        "logprobs": decode_logprobs(stored["logprobs"], params.get(VALUE_ENCODING, "float16")),
+    }
+    for name in ("tail_logmass", "counts"):
+        if name in stored:
+            rows[name] = stored[name].astype(np.float32)
+    return rows
+
+
+@dataclass(frozen=True)
+class RowArray:
+    """One per-row array of a stage: `width` None for (N,), else (N, width)."""
+
+    dtype: np.dtype
+    width: int | None = None
+    fill_value: Any = 0
+
+
+def target_arrays(mode: str, k: int, value_encoding: str, vocab_size: int) -> dict[str, RowArray]:
+    """The arrays of a target stage (see the layout above)."""
+    if mode not in SPARSE_MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {SPARSE_MODES}")
+    arrays = {"ids": RowArray(id_dtype(vocab_size), k),
+              "logprobs": RowArray(value_dtype(value_encoding), k)}
+    if mode == "topk":
+        arrays["tail_logmass"] = RowArray(np.dtype(np.float32), None, float("-inf"))
+    else:
+        arrays["counts"] = RowArray(np.dtype(np.uint16), k)
+    return arrays
+
+
+def ref_arrays() -> dict[str, RowArray]:
+    """The arrays of a `ref/<name>` stage: one per-token loss per divergence."""
+    return {f"loss_{d}": RowArray(np.dtype(np.float32)) for d in DIVERGENCES}
 
 
 def compressors(dtype: np.dtype) -> list:

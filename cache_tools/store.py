@@ -1,43 +1,40 @@
-"""Writing and reading one `<task>/<split>` group of a logit cache (see `schema` for the layout).
+"""The logit cache's writer/reader pair for one `<task>/<split>` group (layout: `schema`).
+
+`CacheWriter` is the only code that writes a manifest, and so the one that promises when a stage
+is complete: sequences are written whole, then each row stage shard by shard through a
+`StageWriter`, whose `finish()` marks the stage complete once every shard is.
+`CacheReader` reads a complete group back as decoded numpy.
 
 Crash safety: rows are written in whole shards, and a shard is marked in the stage's `_done`
 array only after all its arrays are written (Zarr's local store writes each file atomically).
-A stage's manifest status becomes "complete" only after every shard is marked, so a build that
-dies at any moment leaves a store that resumes (`pending_shards`) and never one that claims to be
-complete. Processes of a distributed build write disjoint shards and their own `_done` entries.
+A stage's status becomes "complete" only after every shard is marked, so a build that dies at any
+moment leaves a store that resumes (`pending_shards`) and never one that claims to be complete.
+Processes of a distributed build write disjoint shards and their own `_done` entries; one of them
+(the caller decides which) opens stages and finishes them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import fcntl
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import zarr
 
 from cache_tools import schema
 from cache_tools.errors import CacheError
+from cache_tools.manifest import Manifest, Stage
+from cache_tools.manifest import write as write_manifest
+from cache_tools.schema import RowArray
 
 # Lock and staging files sit beside the groups on purpose; Zarr warns about any such file.
 warnings.filterwarnings(
     "ignore", message=".*is not recognized as a component of a Zarr hierarchy", category=UserWarning
 )
-
-
-@dataclass(frozen=True)
-class RowArray:
-    """One per-row array of a stage: `width` None for (N,), else (N, width)."""
-
-    dtype: np.dtype
-    width: int | None = None
-    fill_value: Any = 0
 
 
 def is_local(root: str) -> bool:
@@ -90,19 +87,7 @@ def list_splits(root_group: zarr.Group) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Manifest
-
-
-def read_manifest(group: zarr.Group) -> dict:
-    return copy.deepcopy(dict(group.attrs.get("manifest", {})))
-
-
-def write_manifest(group: zarr.Group, manifest: dict) -> None:
-    group.attrs.update({"manifest": manifest})
-
-
-def stage_status(manifest: dict, stage: str) -> str | None:
-    return manifest.get("stages", {}).get(stage, {}).get("status")
+# Writing
 
 
 def check_params(where: str, stored: dict, asked: dict, fix: str) -> None:
@@ -115,11 +100,7 @@ def check_params(where: str, stored: dict, asked: dict, fix: str) -> None:
             )
 
 
-# ---------------------------------------------------------------------------------------------
-# Sequences
-
-
-def write_sequences(
+def _write_sequence_arrays(
     group: zarr.Group,
     input_ids: Sequence[np.ndarray],
     label_masks: Sequence[np.ndarray],
@@ -175,23 +156,119 @@ def write_sequences(
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# Row stages (target, ref/<name>)
+class CacheWriter:
+    """Writes one `<task>/<split>` group: its sequences, then row stages shard by shard.
+
+    Shaped like datasets' ArrowWriter: the writer owns the manifest, `write_sequences` and
+    `StageWriter.finish` return counts, and a stage is complete only when `finish` says so.
+    Under several processes, one process (the caller's main) calls `write_sequences`,
+    `open_stage(create=True)`, `finish` and `record_ref`; the others `open_stage(create=False)`
+    after it and write their own shards.
+    """
+
+    def __init__(self, root: str, task: str, split: str):
+        self.root = str(root)
+        self.task, self.split = task, split
+        open_root(self.root, mode="a").require_group(task).require_group(split)
+
+    @property
+    def group(self) -> zarr.Group:
+        """The split's group, opened afresh: a Group caches its metadata when opened, and
+        another process (or writer) may have changed the manifest since."""
+        return open_root(self.root, mode="a")[split_path(self.task, self.split)]
+
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest as stored now (other processes may have changed it)."""
+        return Manifest.read(self.group)
+
+    def check_sequences(self, params: dict, fix: str) -> bool:
+        """True when the sequences are complete and made with `params`; a CacheError naming
+        the first difference (and `fix`) when they are complete with other params."""
+        stage = self.manifest.stage(schema.SEQUENCES)
+        if stage is None or not stage.complete:
+            return False
+        check_params(f"cache {self.task}/{self.split} sequences", stage.params, params, fix)
+        return True
+
+    def write_sequences(self, input_ids: Sequence[np.ndarray], label_masks: Sequence[np.ndarray],
+                        source_index: Sequence[int], vocab_size: int, params: dict,
+                        package_version: str | None = None) -> dict:
+        """Write the ragged sequences (over any partial attempt) and mark them complete.
+
+        `params` must hold `schema.TOKENIZER_FINGERPRINT`. Returns the counts: sequences,
+        tokens, label_tokens.
+        """
+        if schema.TOKENIZER_FINGERPRINT not in params:
+            raise ValueError(f"sequence params need {schema.TOKENIZER_FINGERPRINT!r}")
+        group = self.group
+        counts = _write_sequence_arrays(group, input_ids, label_masks, source_index, vocab_size)
+        manifest = Manifest(task=self.task, split=self.split, vocab_size=int(vocab_size),
+                            package_version=package_version,
+                            stages={schema.SEQUENCES: Stage(schema.STATUS_COMPLETE, params,
+                                                            counts)})
+        write_manifest(group, manifest)
+        return counts
+
+    def open_stage(self, stage: str, params: dict, arrays: dict[str, RowArray],
+                   shard_rows: int = schema.DEFAULT_SHARD_ROWS,
+                   chunk_rows: int = schema.DEFAULT_CHUNK_ROWS, create: bool = True,
+                   rebuild: bool = False, fix: str = "use a new --cache directory") -> StageWriter:
+        """A writer of a row stage over the sequences' label rows, new or resumed.
+
+        create=True (one process): a stored stage must have the same `params` (else a
+        CacheError naming the difference and `fix`), or with `rebuild` it is discarded first.
+        The manifest says "building" before anything is deleted and the `_done` markers go
+        first, so a rebuild that dies midway writes every shard again when resumed.
+        create=False: reopen the stage another process created.
+        """
+        group = self.group
+        manifest = Manifest.read(group)
+        if not manifest.is_complete(schema.SEQUENCES):
+            raise CacheError(f"cache {self.task}/{self.split} has no complete sequences")
+        n_rows = int(manifest.stages[schema.SEQUENCES].counts["label_tokens"])
+        if create:
+            entry = manifest.stage(stage)
+            if entry is not None and rebuild:
+                manifest.stages[stage] = Stage(schema.STATUS_BUILDING, params)
+                write_manifest(group, manifest)
+                if stage in group:
+                    if schema.DONE in group[stage]:
+                        del group[stage][schema.DONE]
+                    del group[stage]
+            elif entry is not None:
+                check_params(f"cache stage '{stage}'", entry.params, params, fix)
+            if stage not in manifest.stages:
+                manifest.stages[stage] = Stage(schema.STATUS_BUILDING, params)
+                write_manifest(group, manifest)
+        return StageWriter(self, stage, n_rows, arrays, shard_rows, chunk_rows, create)
+
+    def record_ref(self, name: str, record: dict) -> None:
+        """Record a trained reference model under `refs[name]` (its path, weight hash, ...)."""
+        group = self.group
+        manifest = Manifest.read(group)
+        manifest.refs[name] = record
+        write_manifest(group, manifest)
 
 
 class StageWriter:
-    """Shard-by-shard writer of a row stage's arrays, resumable through its `_done` markers."""
+    """Shard-by-shard writer of a row stage's arrays, resumable through its `_done` markers.
+
+    Made by `CacheWriter.open_stage`.
+    """
 
     def __init__(
         self,
-        group: zarr.Group,
+        writer: CacheWriter,
         stage: str,
         n_rows: int,
         arrays: dict[str, RowArray],
-        shard_rows: int = schema.DEFAULT_SHARD_ROWS,
-        chunk_rows: int = schema.DEFAULT_CHUNK_ROWS,
-        create: bool = True,
+        shard_rows: int,
+        chunk_rows: int,
+        create: bool,
     ):
+        group = writer.group
+        self.writer = writer
         if shard_rows % chunk_rows:
             raise ValueError(
                 f"shard_rows={shard_rows} must be a multiple of chunk_rows={chunk_rows}"
@@ -250,6 +327,19 @@ class StageWriter:
 
     def all_done(self) -> bool:
         return bool(np.all(self.done[:] == 1))
+
+    def finish(self, counts: dict | None = None) -> dict | None:
+        """Mark the stage complete if every shard is written; returns its counts, or None
+        while shards are missing (another process's, or an interrupted build's)."""
+        if not self.all_done():
+            return None
+        counts = {"label_tokens": self.n_rows, "shards": self.n_shards, **(counts or {})}
+        group = self.writer.group
+        manifest = Manifest.read(group)
+        entry = manifest.stages[self.stage]
+        manifest.stages[self.stage] = Stage(schema.STATUS_COMPLETE, entry.params, counts)
+        write_manifest(group, manifest)
+        return counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +413,9 @@ def read_rows(array: zarr.Array, start: int, stop: int, root: str) -> np.ndarray
 class CacheReader:
     """Read-only access to one complete `<task>/<split>` group, decoded to plain numpy.
 
-    A chunk that cannot be read (corrupt, truncated) raises a one-line CacheError naming it.
+    It answers what a user of the cache asks: the vocabulary size, the tokenizer fingerprint,
+    the stages' parameters, the recorded references, and rows. A chunk that cannot be read
+    (corrupt, truncated) raises a one-line CacheError naming it.
     """
 
     def __init__(self, root: str, task: str, split: str, require: Sequence[str] = (schema.TARGET,)):
@@ -335,11 +427,12 @@ class CacheReader:
                 f"cache {root} has no {path} (it holds: {have}); build it with "
                 f"`adaspec-cache build --task {task} --split {split}`"
             )
-        self.root = root
+        self.root = str(root)
+        self.task, self.split = task, split
         self.group = root_group[path]
-        self.manifest = read_manifest(self.group)
+        self.manifest = Manifest.read(self.group)
         for stage in (schema.SEQUENCES, *require):
-            if stage_status(self.manifest, stage) != schema.STATUS_COMPLETE:
+            if not self.manifest.is_complete(stage):
                 raise CacheError(
                     f"cache {root}/{path} has no complete '{stage}' stage; run (or resume) "
                     f"`adaspec-cache build` for it"
@@ -347,23 +440,55 @@ class CacheReader:
         seq = {name: self.group[schema.SEQUENCES][name] for name in schema.SEQUENCE_ARRAYS}
 
         def whole(name: str) -> np.ndarray:
-            return read_rows(seq[name], 0, seq[name].shape[0], str(root))
+            return read_rows(seq[name], 0, seq[name].shape[0], self.root)
 
-        self.offsets = whole("offsets")
-        self.label_offsets = whole("label_offsets")
+        self.offsets = whole("offsets")  # (S+1,) int64
+        self.label_offsets = whole("label_offsets")  # (S+1,) int64
         # Tokens are small (2-4 B each, no logits): holding them saves a chunk decode per read.
         self._input_ids = whole("input_ids").astype(np.int64)
         self._label_mask = whole("label_mask").astype(bool)
         self.source_index = whole("source_index")
-        self._ref_arrays: dict[tuple[str, str], zarr.Array] = {}
-        target_stage = self.manifest.get("stages", {}).get(schema.TARGET, {})
-        self.target_params = target_stage.get("params", {})
-        # Arrays opened once: opening one reads its metadata from the store.
-        self._target = (
-            {name: array for name, array in self.group[schema.TARGET].arrays()}
-            if schema.TARGET in self.group
-            else {}
-        )
+        # Arrays are opened once: opening one reads its metadata from the store.
+        self._arrays: dict[str, dict[str, zarr.Array]] = {}
+
+    # What the cache holds ---------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the sequences' tokenizer can produce (the rows' vocabulary)."""
+        return int(self.manifest.vocab_size)
+
+    @property
+    def tokenizer_fingerprint(self) -> str | None:
+        return self.manifest.tokenizer_fingerprint
+
+    @property
+    def sequence_params(self) -> dict:
+        return self.manifest.sequence_params
+
+    @property
+    def target_params(self) -> dict:
+        return self.manifest.target_params
+
+    @property
+    def recorded_refs(self) -> dict[str, dict]:
+        """Trained reference models recorded by name (`CacheWriter.record_ref`)."""
+        return self.manifest.refs
+
+    def ref_names(self) -> list[str]:
+        """Names of the complete reference-loss stages."""
+        return self.manifest.ref_names()
+
+    def ref_stage(self, name: str) -> Stage:
+        """The complete `ref/<name>` stage (a CacheError saying how to make it otherwise)."""
+        stage = self.manifest.stage(schema.ref_group_name(name))
+        if stage is None or not stage.complete:
+            have = ", ".join(self.ref_names()) or "none"
+            raise CacheError(
+                f"cache has no complete reference '{name}' (complete: {have}); train one with "
+                f"`adaspec-train --stage ref` and build it with `adaspec-cache build --model ref`"
+            )
+        return stage
 
     @property
     def n_sequences(self) -> int:
@@ -372,6 +497,8 @@ class CacheReader:
     @property
     def n_label_rows(self) -> int:
         return int(self.label_offsets[-1])
+
+    # Rows ---------------------------------------------------------------------------------------
 
     def sequence(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids (T,) int64, label_mask (T,) bool) of one sequence."""
@@ -382,48 +509,28 @@ class CacheReader:
         """Every sequence's tokens and label mask, concatenated (small: no per-token logits)."""
         return self._input_ids, self._label_mask
 
+    def _stage_arrays(self, stage: str) -> dict[str, zarr.Array]:
+        if stage not in self._arrays:
+            self._arrays[stage] = {name: array for name, array in self.group[stage].arrays()
+                                   if name != schema.DONE}
+        return self._arrays[stage]
+
+    def stored_rows(self, stage: str, start: int, stop: int,
+                    names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of a row stage's arrays as stored (not decoded)."""
+        arrays = self._stage_arrays(stage)
+        return {name: read_rows(arrays[name], start, stop, self.root)
+                for name in (names if names is not None else arrays)}
+
     def target_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Decoded target rows [start, stop): ids (n, K) int64, logprobs (n, K) float32, and
         tail_logmass (n,) float32 (topk) or counts (n, K) float32 (sample)."""
-        target = self._target
-        encoding = self.target_params.get("value_encoding", "float16")
-        root = self.root
-        rows = {
-            "ids": schema.decode_ids(
-                read_rows(target["ids"], start, stop, root),
-                self.target_params.get("id_encoding", "plain"),
-            ),
-            "logprobs": schema.decode_logprobs(
-                read_rows(target["logprobs"], start, stop, root), encoding
-            ),
-        }
-        if "tail_logmass" in target:
-            rows["tail_logmass"] = read_rows(target["tail_logmass"], start, stop, root).astype(
-                np.float32
-            )
-        if "counts" in target:
-            rows["counts"] = read_rows(target["counts"], start, stop, root).astype(np.float32)
-        return rows
-
-    def ref_names(self) -> list[str]:
-        stages = self.manifest.get("stages", {})
-        prefix = schema.REF_PREFIX + "/"
-        return sorted(
-            name.removeprefix(prefix)
-            for name, stage in stages.items()
-            if name.startswith(prefix) and stage.get("status") == schema.STATUS_COMPLETE
-        )
+        return schema.decode_target_rows(self.stored_rows(schema.TARGET, start, stop),
+                                         self.target_params)
 
     def ref_losses(self, name: str, divergence: str, start: int, stop: int) -> np.ndarray:
         """(n,) float32 per-token losses of reference `name` for label rows [start, stop)."""
         stage = schema.ref_group_name(name)
-        if stage_status(self.manifest, stage) != schema.STATUS_COMPLETE:
-            have = ", ".join(self.ref_names()) or "none"
-            raise CacheError(
-                f"cache has no complete reference '{name}' (complete: {have}); train one with "
-                f"`adaspec-train --stage ref` and build it with `adaspec-cache build --model ref`"
-            )
-        array = self._ref_arrays.get((name, divergence))
-        if array is None:  # opened once: opening an array reads its metadata from the store
-            array = self._ref_arrays[(name, divergence)] = self.group[stage][f"loss_{divergence}"]
-        return read_rows(array, start, stop, self.root).astype(np.float32)
+        self.ref_stage(name)
+        rows = self.stored_rows(stage, start, stop, [f"loss_{divergence}"])
+        return rows[f"loss_{divergence}"].astype(np.float32)

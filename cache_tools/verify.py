@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cache_tools import schema, store
+from cache_tools.manifest import Manifest
 
 # |sum_k p_k + p_tail - 1| allowed per row, by how the values are stored.
 MASS_TOLERANCE = {"float16": 5e-3, "uint8q": 6e-2}
@@ -64,13 +65,13 @@ def _check_sequences(group, path: str, vocab_size: int) -> tuple[int, np.ndarray
 
 def _check_target(group, path: str, params: dict, n_rows: int, vocab_size: int) -> int:
     target = group[schema.TARGET]
-    encoding = params.get("value_encoding", "float16")
+    encoding = params.get(schema.VALUE_ENCODING, "float16")
     chunk_rows = target["ids"].chunks[0]
     checked = 0
     for i, start, stop in _blocks(n_rows, chunk_rows):
         where = f"{path}/target chunk {i} (rows {start}-{stop})"
         ids = _read(target["ids"], start, stop, where.replace("/target", "/target/ids"))
-        ids = schema.decode_ids(ids, params.get("id_encoding", "plain"))
+        ids = schema.decode_ids(ids, params.get(schema.ID_ENCODING, "plain"))
         raw = _read(target["logprobs"], start, stop, where.replace("/target", "/target/logprobs"))
         logprobs = schema.decode_logprobs(raw, encoding)
         checked += 2
@@ -100,8 +101,8 @@ def _check_target(group, path: str, params: dict, n_rows: int, vocab_size: int) 
                 target["counts"], start, stop, where.replace("/target", "/target/counts")
             )
             checked += 1
-            if np.any(counts.sum(-1) != params.get("k")):
-                raise _Bad(f"{where}: sample counts do not add up to {params.get('k')}")
+            if np.any(counts.sum(-1) != params.get(schema.K)):
+                raise _Bad(f"{where}: sample counts do not add up to {params.get(schema.K)}")
     return checked
 
 
@@ -131,19 +132,18 @@ def verify_cache(root: str) -> VerifyReport:
     try:
         for path in splits:
             group = root_group[path]
-            manifest = store.read_manifest(group)
-            vocab_size = int(manifest.get("vocab_size", 1 << 32))
-            stages = manifest.get("stages", {})
-            if stages.get(schema.SEQUENCES, {}).get("status") != schema.STATUS_COMPLETE:
+            manifest = Manifest.read(group)
+            vocab_size = int(manifest.vocab_size or 1 << 32)
+            if not manifest.is_complete(schema.SEQUENCES):
                 continue
             n, label_offsets = _check_sequences(group, path, vocab_size)
             checked += n
             n_rows = int(label_offsets[-1])
-            for stage, entry in stages.items():
-                if entry.get("status") != schema.STATUS_COMPLETE or stage == schema.SEQUENCES:
+            for stage, entry in manifest.stages.items():
+                if not entry.complete or stage == schema.SEQUENCES:
                     continue
                 if stage == schema.TARGET:
-                    checked += _check_target(group, path, entry["params"], n_rows, vocab_size)
+                    checked += _check_target(group, path, entry.params, n_rows, vocab_size)
                 else:
                     checked += _check_ref(group, path, stage, n_rows)
     except _Bad as bad:

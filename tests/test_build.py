@@ -15,11 +15,13 @@ import pytest
 import torch
 from conftest import REPO, make_tiny_model, make_tiny_tokenizer
 
-from adaspec.build import order_sequences, plan_batches, sample_rows, topk_rows
 from adaspec.config import build_config
 from adaspec.errors import UserError
+from adaspec.labels import order_sequences, plan_batches
+from adaspec.sparse import sample_rows, topk_rows
 from cache_tools import schema, store
 from cache_tools.errors import CacheError
+from cache_tools.manifest import Manifest
 from cache_tools.verify import verify_cache
 
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -63,7 +65,7 @@ def _stage_files(root: Path, stages=("sequences", "target")) -> dict[str, bytes]
 def test_cached_topk_equals_full_log_softmax(tmp_path, tiny_model_dir, tiny_tokenizer):
     cfg = _cfg(tmp_path / "c", tiny_model_dir)
     manifest = _build(cfg)
-    assert manifest["stages"]["target"]["status"] == schema.STATUS_COMPLETE
+    assert manifest.is_complete("target")
     reader = store.CacheReader(str(tmp_path / "c"), "gsm8k", "train")
     model = make_tiny_model(len(tiny_tokenizer), n_layers=2, seed=1)
     model.load_state_dict(
@@ -144,7 +146,7 @@ def test_ref_stage_with_k_equal_v_gives_dense_kl(tmp_path, tiny_model_dir, tiny_
     make_tiny_model(vocab, n_layers=1, seed=7).save_pretrained(ref_dir)
     tiny_tokenizer.save_pretrained(ref_dir)
     manifest = _build(cfg, "ref", str(ref_dir))
-    assert manifest["stages"]["ref/ref"]["status"] == schema.STATUS_COMPLETE
+    assert manifest.is_complete("ref/ref")
     from transformers import AutoModelForCausalLM
 
     target = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -167,7 +169,7 @@ def _build_args(cache: Path, model_dir: Path, extra=()) -> list[str]:
     """`adaspec-cache build` arguments of the crash and multi-process tests."""
     return ["build", "--model", "target", "--target", str(model_dir), "--task", "gsm8k",
             "--data-files", str(GSM8K), "--limit", "40", "--max-length", "512",
-            "--cache", str(cache), "--topk", "16", "--shard-rows", "1024",
+            "--cache", str(cache), "--draws", "16", "--shard-rows", "1024",
             "--chunk-rows", "256", "--batch-tokens", "2048", *extra]
 
 
@@ -229,7 +231,7 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path, slow_m
             break
     assert kills >= 4
     group = store.open_root(str(killed), "r")["gsm8k/train"]
-    assert store.stage_status(store.read_manifest(group), "target") != schema.STATUS_COMPLETE
+    assert not Manifest.read(group).is_complete("target")
     with pytest.raises(CacheError, match="no complete 'target'"):
         store.CacheReader(str(killed), "gsm8k", "train")
     proc = _cli_build(killed, slow_model_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -289,15 +291,15 @@ def test_two_process_build_equals_one_process_build(tmp_path, tiny_model_dir):
     assert a.keys() == b.keys() and len(a) > 5
     assert [k for k in a if a[k] != b[k]] == []
     group = store.open_root(str(tmp_path / "two"), "r")["gsm8k/train"]
-    assert store.stage_status(store.read_manifest(group), "target") == schema.STATUS_COMPLETE
+    assert Manifest.read(group).is_complete("target")
     assert "[rank 1]" in result.stderr  # two processes really ran, each with its own bar
 
 
 def test_generate_caches_the_targets_own_samples(tmp_path, tiny_model_dir, tiny_tokenizer):
     cfg = _cfg(tmp_path / "c", tiny_model_dir, generate=True, gen_max_new_tokens=12)
     manifest = _build(cfg)
-    assert manifest["stages"]["target"]["status"] == schema.STATUS_COMPLETE
-    assert manifest["stages"]["sequences"]["params"]["generate"]["max_new_tokens"] == 12
+    assert manifest.is_complete("target")
+    assert manifest.sequence_params["generate"]["max_new_tokens"] == 12
     reader = store.CacheReader(str(tmp_path / "c"), "gsm8k", "train")
     from transformers import AutoModelForCausalLM
 
@@ -320,4 +322,4 @@ def test_generate_caches_the_targets_own_samples(tmp_path, tiny_model_dir, tiny_
         )
     assert verify_cache(str(tmp_path / "c")).ok
     again = _build(cfg)  # everything is staged and stored: a no-op that changes nothing
-    assert again["stages"]["target"] == manifest["stages"]["target"]
+    assert again.stage("target") == manifest.stage("target")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -15,10 +16,11 @@ import torch
 from conftest import make_tiny_model
 from test_build import GSM8K, _build, _cfg, _stage_files
 
-from adaspec import build, models
+from adaspec import build, generate, labels, models
 from adaspec.errors import UserError
 from cache_tools import schema, store
 from cache_tools.errors import CacheError
+from cache_tools.manifest import Manifest
 from cache_tools.verify import verify_cache
 
 PADDING_ROWS = 20  # head rows past the tokenizer, as Pythia, Phi-2 and Qwen have
@@ -37,7 +39,8 @@ def _generations(cache) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
 
 def _status(cache, stage: str) -> str | None:
     group = store.open_root(str(cache), "r")["gsm8k/train"]
-    return store.stage_status(store.read_manifest(group), stage)
+    stage_entry = Manifest.read(group).stage(stage)
+    return None if stage_entry is None else stage_entry.status
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,8 +83,10 @@ def test_sequence_writer_refuses_ids_outside_the_vocabulary(tmp_path):
     group = store.open_root(str(tmp_path / "c")).require_group("gsm8k").require_group("train")
     ids = [np.array([5, 7, 9]), np.array([3, 300, 4])]
     masks = [np.array([False, True, True])] * 2
+    writer = store.CacheWriter(str(tmp_path / "c"), "gsm8k", "train")
     with pytest.raises(CacheError) as err:
-        store.write_sequences(group, ids, masks, [11, 42], vocab_size=300)
+        writer.write_sequences(ids, masks, [11, 42], vocab_size=300,
+                               params={schema.TOKENIZER_FINGERPRINT: "x"})
     message = str(err.value)
     assert "source index 42" in message and "300" in message and "\n" not in message
     assert schema.SEQUENCES not in group  # nothing half-written
@@ -160,14 +165,18 @@ def test_staging_from_an_interrupted_build_at_another_temperature_is_not_reused(
     hot = _cfg(cache, tiny_model_dir, generate=True, gen_max_new_tokens=12, gen_temperature=3.0)
     model, tokenizer = models.load_model(str(tiny_model_dir))
     # An interrupted T=3 build: every batch staged, nothing written to the store yet.
-    build.generate_batches(hot, model, tokenizer, PartialState(cpu=True), progress=False)
-    staging = build._staging_dir(hot)
+    identity = models.model_identity(str(tiny_model_dir))
+    fingerprint = models.tokenizer_fingerprint(tokenizer)
+    generate.generate_batches(hot, model, tokenizer, PartialState(cpu=True), progress=False,
+                              identity=identity,
+                              sequence_params=build.sequence_params(hot, fingerprint))
+    staging = generate.staging_dir(hot)
     assert len(list(staging.glob("batch-*.npz"))) > 0
 
     cold = _cfg(cache, tiny_model_dir, generate=True, gen_max_new_tokens=12, gen_temperature=0.0)
     manifest = _build(cold)
-    assert manifest["stages"]["sequences"]["params"]["generate"]["temperature"] == 0.0
-    assert manifest["stages"]["target"]["status"] == schema.STATUS_COMPLETE
+    assert manifest.sequence_params["generate"]["temperature"] == 0.0
+    assert manifest.is_complete("target")
     for generated, rows in _generations(cache):
         np.testing.assert_array_equal(generated, rows["ids"][:, 0])  # greedy, not T=3 samples
     assert verify_cache(str(cache)).ok
@@ -188,25 +197,28 @@ def clean_uint8q(tmp_path_factory, tiny_model_dir):
     return cache, ids.copy(), int(reader.source_index[last])
 
 
-def _poisoned_forward(model, poisoned_ids: np.ndarray, label_token: int, value: float):
-    """`label_hidden_and_head` with one logit of one label row of one sequence set to `value`."""
+def _poisoned_logits(poisoned_ids: np.ndarray, label_token: int, value: float):
+    """`labels.LabelLogits` with one logit of one label row of one sequence set to `value`
+    (what a build would see from a target that misbehaves on that token)."""
 
-    def forward(seqs, masks, pad_id):
-        n, logits_fn = build.label_hidden_and_head(model, seqs, masks, pad_id)
-        offsets = np.concatenate([[0], np.cumsum([int(m.sum()) for m in masks])])
-        bad = [int(offsets[i]) + label_token for i, s in enumerate(seqs)
-               if np.array_equal(s, poisoned_ids)]
+    class Poisoned(labels.LabelLogits):
+        def __init__(self, model, batch, vocab_size=None):
+            super().__init__(model, batch, vocab_size)
+            self.bad = []
+            for b in range(batch.input_ids.shape[0]):
+                n = int(batch.attention_mask[b].sum())
+                if np.array_equal(batch.input_ids[b, :n].numpy(), poisoned_ids):
+                    rows = torch.nonzero(batch.index_b == b)[:, 0]
+                    self.bad.append(int(rows[label_token]))
 
-        def poisoned(start: int, stop: int) -> torch.Tensor:
-            logits = logits_fn(start, stop).clone()
-            for row in bad:
-                if start <= row < stop:
+        def __call__(self, start=0, stop=None):
+            logits = super().__call__(start, stop).clone()
+            for row in self.bad:
+                if start <= row < (self.n_rows if stop is None else stop):
                     logits[row - start, 7] = value
             return logits
 
-        return n, poisoned
-
-    return forward
+    return Poisoned
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -218,10 +230,9 @@ def test_nonfinite_target_rows_are_refused_and_the_build_resumes(
     clean, poisoned_ids, source = clean_uint8q
     cache = tmp_path / "c"
     cfg = _cfg(cache, tiny_model_dir, value_encoding="uint8q", shard_rows=128, chunk_rows=128)
-    loaded = models.load_model(str(tiny_model_dir))
-    with pytest.raises(UserError) as err:
-        build_stage(cfg, "target", progress=False, loaded=loaded,
-                    label_forward=_poisoned_forward(loaded[0], poisoned_ids, 2, value))
+    with (mock.patch.object(labels, "LabelLogits", _poisoned_logits(poisoned_ids, 2, value)),
+          pytest.raises(UserError) as err):
+        build_stage(cfg, "target", progress=False)
     message = str(err.value)
     assert "\n" not in message and "non-finite" in message
     assert re.search(rf"\bexample {source}\b", message) and "label token 2" in message
@@ -231,7 +242,7 @@ def test_nonfinite_target_rows_are_refused_and_the_build_resumes(
     assert 0 < done.sum() < len(done)
     # A sound model resumes it to exactly the clean build.
     manifest = _build(cfg)
-    assert manifest["stages"]["target"]["status"] == schema.STATUS_COMPLETE
+    assert manifest.is_complete("target")
     a, b = _stage_files(clean), _stage_files(cache)
     assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
 
@@ -251,8 +262,9 @@ def test_generate_refuses_nonfinite_logits_naming_the_example(
         return output
 
     model.lm_head.register_forward_hook(first_row_nan)
-    with pytest.raises(UserError) as err:
-        build_stage(cfg, "target", progress=False, loaded=(model, tokenizer))
+    with (mock.patch.object(models, "load_model", lambda *a, **k: (model, tokenizer)),
+          pytest.raises(UserError) as err):
+        build_stage(cfg, "target", progress=False)
     message = str(err.value)
     assert "\n" not in message and "non-finite" in message
     assert re.search(r"\bexample \d+\b", message)
@@ -266,10 +278,10 @@ def test_rows_with_masked_ids_are_kept(tmp_path, tiny_model_dir, clean_uint8q, o
     clean, poisoned_ids, _ = clean_uint8q
     cache = tmp_path / "c"
     cfg = _cfg(cache, tiny_model_dir, value_encoding="uint8q", shard_rows=128, chunk_rows=128)
-    loaded = models.load_model(str(tiny_model_dir))
-    forward = _poisoned_forward(loaded[0], poisoned_ids, 2, float("-inf"))
-    manifest = build_stage(cfg, "target", progress=False, loaded=loaded, label_forward=forward)
-    assert manifest["stages"]["target"]["status"] == schema.STATUS_COMPLETE
+    with mock.patch.object(labels, "LabelLogits",
+                           _poisoned_logits(poisoned_ids, 2, float("-inf"))):
+        manifest = build_stage(cfg, "target", progress=False)
+    assert manifest.is_complete("target")
     assert verify_cache(str(cache)).ok
 
 
@@ -280,7 +292,7 @@ def test_rows_with_masked_ids_are_kept(tmp_path, tiny_model_dir, clean_uint8q, o
 def _cli_args(cache, role: str, model_path) -> list[str]:
     return ["build", "--model", role, "--model-path", str(model_path), "--task", "gsm8k",
             "--data-files", str(GSM8K), "--limit", "4", "--max-length", "512",
-            "--cache", str(cache), "--topk", "8", "--shard-rows", "256", "--chunk-rows", "128",
+            "--cache", str(cache), "--draws", "8", "--shard-rows", "256", "--chunk-rows", "128",
             "--batch-tokens", "512", "--no-progress"]
 
 
@@ -300,11 +312,10 @@ def test_build_accepts_a_training_run_folder(
     assert main(_cli_args(cache, "target", target_run)) == 0
     assert main(_cli_args(cache, "ref", ref_run)) == 0
     group = store.open_root(str(cache), "r")["gsm8k/train"]
-    stages = store.read_manifest(group)["stages"]
-    assert stages["target"]["status"] == schema.STATUS_COMPLETE
-    assert stages["ref/ref"]["status"] == schema.STATUS_COMPLETE
-    assert stages["target"]["params"]["model"]["path"] == str((target_run / "model").resolve())
-    assert stages["ref/ref"]["params"]["model"]["path"] == str((ref_run / "model").resolve())
+    manifest = Manifest.read(group)
+    assert manifest.is_complete("target") and manifest.is_complete("ref/ref")
+    assert manifest.target_params["model"]["path"] == str((target_run / "model").resolve())
+    assert manifest.stage("ref/ref").params["model"]["path"] == str((ref_run / "model").resolve())
     assert models.resolve_run_folder(str(ref_run)) == str(ref_run / "model")
     assert models.resolve_run_folder(str(tiny_model_dir)) == str(tiny_model_dir)
     assert models.resolve_run_folder("smollm2-135m") == "smollm2-135m"

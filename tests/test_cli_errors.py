@@ -22,6 +22,8 @@ from adaspec.build import build_stage
 from adaspec.cli import cache, eval, sweep, train
 from adaspec.cli.common import run
 from cache_tools import store
+from cache_tools.manifest import Manifest
+from cache_tools.manifest import write as write_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,9 +41,9 @@ def bad(env, tmp_path_factory):  # noqa: F811
     stale = root / "stale"
     shutil.copytree(env.cache, stale)
     group = store.open_root(str(stale), "a")["gsm8k/train"]
-    manifest = store.read_manifest(group)
-    manifest["stages"]["ref/ref"]["params"]["model"]["weight_hash"] = "0" * 64  # another ref
-    store.write_manifest(group, manifest)
+    manifest = Manifest.read(group)
+    manifest.stages["ref/ref"].params["model"]["weight_hash"] = "0" * 64  # another ref
+    write_manifest(group, manifest)
     corrupt = root / "corrupt"
     shutil.copytree(env.cache, corrupt)
     _corrupt_chunks(corrupt, "ids")
@@ -92,11 +94,19 @@ CASES = [
         "--cache", str(b.root / "c4"), "--target", str(b.env.target)], "malformed.jsonl"),
     ("build-topk-zero", "cache", lambda b: ["build", "--model", "target", "--topk", "0"],
      "--topk"),
+    ("build-draws-above-vocab", "cache", lambda b: [
+        "build", "--model", "target", *_common(b)[:4], "--cache", str(b.root / "c5"),
+        "--target", str(b.env.target), *_data(b), "--draws", "99999"], "99999"),
     ("build-topk-above-vocab", "cache", lambda b: [
         "build", "--model", "target", *_common(b)[:4], "--cache", str(b.root / "c5"),
-        "--target", str(b.env.target), *_data(b), "--topk", "99999"], "99999"),
-    ("build-topk-not-int", "cache", lambda b: ["build", "--model", "target", "--topk", "abc"],
+        "--target", str(b.env.target), *_data(b), "--sparse", "topk", "--topk", "99999"],
+     "99999"),
+    ("build-draws-not-int", "cache", lambda b: ["build", "--model", "target", "--draws", "abc"],
      "abc"),
+    ("build-topk-means-draws", "cache", lambda b: ["build", "--model", "target", "--topk", "8"],
+     "--draws"),
+    ("build-unknown-sparse-mode", "cache", lambda b: ["build", "--model", "target", "--sparse",
+                                                      "dense"], "dense"),
     ("build-missing-model", "cache", lambda b: [
         "build", "--model", "target", "--task", "gsm8k", *_data(b), "--cache",
         str(b.root / "c6"), "--target", str(b.root / "no-model")], "no-model"),

@@ -14,17 +14,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_defaults_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("data:\n  task: alpaca\n  limit: 10\ncache:\n  topk: 32\n")
-    cfg = load_config(path, {"cache.topk": "16", "data.limit": None})
+    path.write_text("data:\n  task: alpaca\n  limit: 10\ncache:\n  draws: 32\n")
+    cfg = load_config(path, {"cache.draws": "16", "data.limit": None})
     assert isinstance(cfg, Config)
     assert cfg.data.task == "alpaca" and cfg.data.limit == 10
-    assert cfg.cache.topk == 16  # the flag wins over the file; None flags are ignored
+    assert cfg.cache.draws == 16  # the flag wins over the file; None flags are ignored
+    assert cfg.cache.k == 16 and cfg.data.task == "alpaca"
 
 
 @pytest.mark.parametrize(
     "values, words",
     [
-        ({"cache": {"topk": 0}}, ["cache.topk", "--topk", "0"]),
+        ({"cache": {"draws": 0}}, ["cache.draws", "--draws", "0"]),
+        ({"cache": {"topk": 0, "sparse": "topk"}}, ["cache.topk", "--topk", "0"]),
+        ({"cache": {"topk": 8}}, ["cache.topk", "cache.draws", "--draws"]),  # renamed key
         ({"cache": {"sparse": "dense"}}, ["cache.sparse", "--sparse", "dense"]),
         ({"cache": {"shard_rows": 1000, "chunk_rows": 512}}, ["--shard-rows", "1000"]),
         ({"data": {"split": "dev"}}, ["data.split", "dev"]),

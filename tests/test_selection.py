@@ -208,8 +208,7 @@ def test_reduce_loss_normalisations_and_all_masked():
 
 def test_speckd_target_top1_skips_empty_slots_of_a_sampled_cache():
     """Sampled rows pad with empty slots (count 0, stored log-prob 0 > any real log-prob)."""
-    from adaspec.losses import SparseTarget
-    from adaspec.train import _target_top1
+    from adaspec.sparse import SparseTarget, top1
     from cache_tools import schema
 
     ids = np.array([[5, 9, 0, 0], [3, 0, 0, 0], [7, 2, 11, 4]])
@@ -221,4 +220,4 @@ def test_speckd_target_top1_skips_empty_slots_of_a_sampled_cache():
     target = SparseTarget(ids=torch.from_numpy(schema.decode_ids(stored_ids, "delta")),
                           logprobs=torch.from_numpy(values),
                           counts=torch.from_numpy(stored_counts))
-    assert _target_top1(target, None).tolist() == [9, 3, 2]
+    assert top1(target).tolist() == [9, 3, 2]

@@ -11,8 +11,12 @@ from cache_tools.verify import verify_cache
 
 
 def _write_split(root, n_seq=7, k=4, vocab=300, shard_rows=16, chunk_rows=8, encoding="float16"):
+    """Sequences and a target stage opened through CacheWriter, no shard written yet.
+
+    Returns (the split's group, the StageWriter, the encoded rows to write, the CacheWriter).
+    """
     rng = np.random.default_rng(0)
-    group = store.open_root(str(root)).require_group("toy").require_group("train")
+    cache_writer = store.CacheWriter(str(root), "toy", "train")
     lengths = rng.integers(5, 12, size=n_seq)
     ids = [rng.integers(0, vocab, size=n) for n in lengths]
     masks = []
@@ -20,13 +24,9 @@ def _write_split(root, n_seq=7, k=4, vocab=300, shard_rows=16, chunk_rows=8, enc
         m = np.zeros(n, bool)
         m[n // 2 :] = True
         masks.append(m)
-    counts = store.write_sequences(group, ids, masks, list(range(n_seq)), vocab)
+    counts = cache_writer.write_sequences(ids, masks, list(range(n_seq)), vocab,
+                                          {schema.TOKENIZER_FINGERPRINT: "toy"})
     n_rows = counts["label_tokens"]
-    arrays = {
-        "ids": store.RowArray(schema.id_dtype(vocab), k),
-        "logprobs": store.RowArray(schema.value_dtype(encoding), k),
-        "tail_logmass": store.RowArray(np.dtype(np.float32), None, float("-inf")),
-    }
     logits = rng.normal(size=(n_rows, vocab)) * 3
     logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     top = np.argsort(-logprobs, axis=-1)[:, :k]
@@ -37,27 +37,18 @@ def _write_split(root, n_seq=7, k=4, vocab=300, shard_rows=16, chunk_rows=8, enc
         "logprobs": schema.encode_logprobs(top_lp.astype(np.float32), encoding),
         "tail_logmass": tail.astype(np.float32),
     }
-    writer = store.StageWriter(group, schema.TARGET, n_rows, arrays, shard_rows, chunk_rows)
-    manifest = {
-        "vocab_size": vocab,
-        "stages": {
-            schema.SEQUENCES: {"status": schema.STATUS_COMPLETE, "params": {}, "counts": counts},
-            schema.TARGET: {
-                "status": schema.STATUS_BUILDING,
-                "params": {"mode": "topk", "k": k, "value_encoding": encoding},
-            },
-        },
-    }
-    store.write_manifest(group, manifest)
-    return group, writer, rows, manifest
+    params = {schema.MODE: "topk", schema.K: k, schema.VALUE_ENCODING: encoding}
+    writer = cache_writer.open_stage(schema.TARGET, params,
+                                     schema.target_arrays("topk", k, encoding, vocab),
+                                     shard_rows, chunk_rows)
+    return cache_writer.group, writer, rows, cache_writer
 
 
-def _finish(group, writer, rows, manifest):
+def _finish(group, writer, rows, cache_writer):
     for shard in writer.pending_shards():
         a, b = writer.shard_range(shard)
         writer.write_shard(shard, {name: v[a:b] for name, v in rows.items()})
-    manifest["stages"][schema.TARGET]["status"] = schema.STATUS_COMPLETE
-    store.write_manifest(group, manifest)
+    assert writer.finish() == {"label_tokens": writer.n_rows, "shards": writer.n_shards}
 
 
 def test_round_trip_and_plain_zarr(tmp_path):

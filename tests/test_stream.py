@@ -8,6 +8,7 @@ import torch
 from conftest import make_tiny_model
 from test_build import GSM8K
 
+from adaspec import labels
 from adaspec.build import build_stage
 from adaspec.config import build_config
 from adaspec.stream import BatchStream, online_sequences, prefetch
@@ -99,11 +100,11 @@ def test_batches_are_padded_and_indexed_like_the_cache(cache, tiny_tokenizer):
         np.testing.assert_array_equal(batch.target.logprobs.numpy(),
                                       np.concatenate([r["logprobs"] for r in rows]))
         np.testing.assert_array_equal(batch.ref_loss.numpy(), np.concatenate(ref))
-        seqs, masks = batch.seqs_and_masks()
-        for s, ids, mask in zip(batch.sequences, seqs, masks, strict=True):
-            want_ids, want_mask = reader.sequence(int(s))
-            np.testing.assert_array_equal(ids, want_ids)
-            np.testing.assert_array_equal(mask, want_mask)
+        # The stream pads exactly as every other phase does (labels.pad_batch).
+        pairs = [reader.sequence(int(s)) for s in batch.sequences]
+        padded = labels.pad_batch([p[0] for p in pairs], [p[1] for p in pairs], 99)
+        for name in ("input_ids", "attention_mask", "index_b", "index_t"):
+            assert torch.equal(getattr(batch, name), getattr(padded, name)), name
 
 
 def test_start_batch_skips_exactly_the_consumed_batches_across_epochs(cache):

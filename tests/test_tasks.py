@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import hashlib
 import json
 import operator
 import re
@@ -345,6 +346,38 @@ def test_hub_native_and_carved_splits(monkeypatch):
     assert len(tasks.load_examples("gsm8k", "train", limit=5)) == 5
 
 
+def test_hub_mbpp_splits_by_task_id_across_native_splits(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def rows(task_ids):
+        return datasets.Dataset.from_dict(
+            {
+                "task_id": task_ids,
+                "text": [f"t{task_id}" for task_id in task_ids],
+                "code": ["pass"] * len(task_ids),
+                "test_list": [["assert True"]] * len(task_ids),
+            }
+        )
+
+    # task ids deliberately in the "wrong" hub splits: the task_id ranges decide, not the hub
+    fake = datasets.DatasetDict(
+        test=rows([700, 12]), prompt=rows([3]), train=rows([520, 11, 650]), validation=rows([600])
+    )
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: fake)
+
+    def task_ids(split):
+        return [
+            int(ex.prompt.split("task: t")[1].split()[0])
+            for ex in tasks.load_examples("mbpp", split)
+        ]
+
+    # source order: train, validation, test, then the hub's other splits
+    assert task_ids("all") == [520, 11, 650, 600, 700, 12, 3]
+    assert task_ids("test") == [11, 12]
+    assert task_ids("validation") == [520, 600]
+    assert task_ids("train") == [650, 700]
+
+
 def test_hub_unreachable_names_the_fix(monkeypatch):
     datasets = pytest.importorskip("datasets")
 
@@ -368,6 +401,55 @@ def test_preview_shows_what_is_trained_on(shared_data, tiny_tokenizer):
     assert example.response + "<|endoftext|>" in text
     assert example.prompt in text
     assert text.count("=== source_index") == 2
+
+
+# (sha256 of the examples' text, sha256 of their token ids and labels), 16 hex digits each, of
+# the first 24 examples of each split (seed 3; the tiny tokenizer, max_length 256, so summaries
+# are cut), frozen when tasks.py became a package to prove it kept every example, split and
+# token. A deliberate template or truncation change bumps template_version and refreshes these.
+FROZEN_DIGESTS = {
+    "gsm8k-1 train": "461b6236396f31c4 7416e6e60bbb9e45",
+    "gsm8k-1 validation": "a169382b324223f0 bde59a894d8afdd4",
+    "gsm8k-1 test": "00d702ed7481b826 b4c4d6b365389812",
+    "gsm8k-1 all": "66696931f7f78139 8ac3d599b7a7d4a6",
+    "alpaca-1 train": "b683f8408d2e745b 5d4ed1a0ec755282",
+    "alpaca-1 validation": "ceed99d0105231bd 7353b4a04c944c40",
+    "alpaca-1 test": "84179f06d0525c26 b584e615758a4239",
+    "alpaca-1 all": "e6d3f4466b2380f5 5edff15f019ed989",
+    "mbpp-1 train": "44c1bd9f5643dee8 e86f7af33abc5498",
+    "mbpp-1 validation": "f4ca7d3a0383bce0 90a2d735fe9fdd10",
+    "mbpp-1 test": "03b18d5362bd8e2b f31f3f74d04fedea",
+    "mbpp-1 all": "56651938aa3932f6 cd5d432d2892d576",
+    "cnn_dailymail-1 train": "6c17874bd9badf76 a65fc6111e7d3cf8",
+    "cnn_dailymail-1 validation": "d0065f81415f8710 43de162fbb729657",
+    "cnn_dailymail-1 test": "c8a6b381ca631c45 f1d278afa32f5445",
+    "cnn_dailymail-1 all": "0d43c7583e04112a 483edb8f1ced447e",
+    "xsum-1 train": "4996c5fd0130867a 801f27cb0838e7d5",
+    "xsum-1 validation": "ba549fbde2179ce4 65432ac14ef04bf6",
+    "xsum-1 test": "8456fa92be27d9b7 73f9b21a2b8af8f1",
+    "xsum-1 all": "b8e822d8fbfa5fdf eaab06fadba2f13e",
+    "arith-1 train": "9047568b73f0cad2 67da08418f5a0d1b",
+    "arith-1 validation": "2597a0b0fc16a423 b034c36c916e5a48",
+    "arith-1 test": "5b094e0860e68e99 6c9f1c3690af0f1e",
+    "arith-1 all": "39f150399d3e3ac8 c2a03f2c30c4c345",
+}
+
+
+def short_sha256(value) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("task", tasks.TASK_NAMES)
+def test_examples_splits_and_tokens_match_frozen_digests(task, shared_data, tiny_tokenizer):
+    for split in tasks.SPLITS:
+        key = f"{tasks.template_version(task)} {split}"
+        examples = tasks.load_examples(task, split, data_files(shared_data, task), 24, seed=3)
+        tokenized = tasks.tokenize_examples(examples, tiny_tokenizer, max_length=256)
+        text = [[ex.prompt, ex.response, ex.source_index, ex.document_span] for ex in examples]
+        ids = [[item.input_ids, item.labels, item.source_index] for item in tokenized]
+        text_digest, ids_digest = FROZEN_DIGESTS[key].split()
+        assert short_sha256(text) == text_digest, f"{key}: other examples or splits"
+        assert short_sha256(ids) == ids_digest, f"{key}: other token ids or labels"
 
 
 # --- user errors -----------------------------------------------------------------------------

@@ -24,10 +24,12 @@ from test_build import GSM8K
 from adaspec.build import build_stage
 from adaspec.cli.common import run
 from adaspec.cli.train import main as cli_main
-from adaspec.config import build_config
+from adaspec.config import RUN_SECTIONS, build_config
 from adaspec.errors import UserError
-from adaspec.train import lr_factor, resolve_config, train
-from cache_tools import schema, store
+from adaspec.step import lr_factor
+from adaspec.train import resolve_config, train
+from cache_tools import store
+from cache_tools.manifest import Manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,11 +77,11 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_ref_stage_records_itself_and_the_ref_build_finds_it(env):
     group = store.open_root(str(env.cache), "r")["gsm8k/train"]
-    recorded = store.read_manifest(group)["refs"]["ref"]
+    recorded = Manifest.read(group).refs["ref"]
     assert recorded["path"] == str((env.ref_run / "model").resolve())
-    stage = env.manifest["stages"]["ref/ref"]
-    assert stage["status"] == schema.STATUS_COMPLETE
-    assert stage["params"]["model"]["path"] == recorded["path"]
+    stage = env.manifest.stage("ref/ref")
+    assert stage.complete
+    assert stage.params["model"]["path"] == recorded["path"]
     assert yaml.safe_load((env.ref_run / "config.yaml").read_text())["train"]["k"] == 1.0
     assert env.ref_run.name == "ref" and len(_metrics(env.ref_run)) == 8
 
@@ -129,7 +131,8 @@ def test_outputs_config_metrics_and_assistant_model(env):
                                "lr", "tokens_per_s", "elapsed"}
     assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["epoch"] == 0.5
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved == resolve_config(_cfg(env, k=1.0, epochs=0.5, out=run_dir)).to_dict()
+    assert saved == resolve_config(_cfg(env, k=1.0, epochs=0.5, out=run_dir)).to_dict(
+        RUN_SECTIONS)
     draft = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
     target = AutoModelForCausalLM.from_pretrained(env.target).eval()
     assert draft.config.num_hidden_layers == 1

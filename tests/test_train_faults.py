@@ -22,9 +22,11 @@ from adaspec import models
 from adaspec.cli.cache import main as cache_main
 from adaspec.cli.common import run
 from adaspec.errors import UserError
-from adaspec.train import mixed_precision, train
+from adaspec.step import mixed_precision
+from adaspec.train import train
 from cache_tools import store
 from cache_tools.errors import CacheError
+from cache_tools.manifest import Manifest
 from cache_tools.verify import verify_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,9 +103,9 @@ def test_stale_reference_losses_are_refused(env, tmp_path):  # noqa: F811
     command = re.search(r"`adaspec-cache build (.*?)`", message).group(1).split()
     assert command[:2] == ["--model", "ref"]
     cache_main(["build", *command, "--no-progress"])
-    built = store.read_manifest(store.open_root(str(cache), "r")["gsm8k/train"])
-    assert built["stages"]["ref/ref"]["params"]["model"]["path"] == str((ref2 / "model").resolve())
-    assert built["stages"]["ref/ref"]["status"] == "complete"
+    built = Manifest.read(store.open_root(str(cache), "r")["gsm8k/train"])
+    assert built.stage("ref/ref").params["model"]["path"] == str((ref2 / "model").resolve())
+    assert built.is_complete("ref/ref")
     train(_cfg(env, values, k=0.5, epochs=0.25, out=tmp_path / "d4"), progress=False)
 
 

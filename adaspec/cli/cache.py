@@ -5,18 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from adaspec.cli.common import ArgumentParser, add_config_flags, config_from_args, run
+from adaspec.cli.common import (
+    ArgumentParser,
+    add_config_flags,
+    config_from_args,
+    run,
+    section_keys,
+)
 from cache_tools.errors import CacheError
-
-DATA_FLAGS = [
-    "--task",
-    "--split",
-    "--data-files",
-    "--limit",
-    "--max-length",
-    "--chat-template",
-    "--data-seed",
-]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,31 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--rebuild", action="store_true",
                        help="discard the stored stage first (stale reference losses, a damaged "
                             "chunk) and build it again")
-    add_config_flags(
-        build,
-        DATA_FLAGS
-        + [
-            "--cache",
-            "--topk",
-            "--sparse",
-            "--value-encoding",
-            "--id-encoding",
-            "--batch-tokens",
-            "--shard-rows",
-            "--chunk-rows",
-            "--ref-name",
-            "--target",
-            "--dtype",
-            "--device-map",
-            "--generate",
-            "--gen-max-new-tokens",
-            "--gen-temperature",
-        ],
-    )
+    add_config_flags(build, section_keys("data") + section_keys("cache")
+                     + section_keys("models", only=["target", "dtype", "device_map"]))
 
     preview = sub.add_parser("preview", help="print formatted examples with token counts")
     preview.add_argument("--tokenizer", default=None, help="model spec whose tokenizer to use")
-    add_config_flags(preview, DATA_FLAGS + ["--target"])
+    add_config_flags(preview, section_keys("data") + ["models.target"])
 
     info = sub.add_parser("info", help="what a cache holds, and its size per label token")
     info.add_argument("--cache", default="./cache")
@@ -114,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
 
     build_stage(cfg, args.model, args.model_path, progress=not args.no_progress,
                 rebuild=args.rebuild)
-    print(format_summary(cfg.cache.cache, cache_summary(cfg.cache.cache)))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(format_summary(cfg.cache.cache, cache_summary(cfg.cache.cache)))
     return 0
 
 

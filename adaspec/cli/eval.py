@@ -6,30 +6,25 @@ import argparse
 import json
 from pathlib import Path
 
-from adaspec.cli.common import ArgumentParser, add_config_flags, config_from_args, run
-
-DATA_FLAGS = ["--task", "--split", "--data-files", "--limit", "--max-length", "--chat-template",
-              "--data-seed"]
+from adaspec.cli.common import (
+    ArgumentParser,
+    add_config_flags,
+    config_from_args,
+    run,
+    section_keys,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="adaspec-eval", description=__doc__)
     parser.add_argument("--draft", required=True, nargs="+",
                         help="run folder(s) (their model/) or model spec(s)")
-    parser.add_argument("--modes", default=None,
-                        help="comma list of offline, exact, speculative (default: all three, "
-                             "offline only when the cache holds the split)")
-    parser.add_argument("--gamma", type=int, default=5, help="draft tokens per step")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--prompts", type=int, default=10, help="prompts for speculative decoding")
-    parser.add_argument("--speed-rounds", type=int, default=3,
-                        help="interleaved timing rounds of speculative and target-only decoding "
-                             "(>= 3; speeds are medians over rounds)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument("--no-progress", action="store_true")
-    add_config_flags(parser, DATA_FLAGS + ["--cache", "--target", "--dtype", "--device-map",
-                                           "--batch-tokens"])
+    add_config_flags(parser, section_keys("data")
+                     + section_keys("cache", only=["cache", "batch_tokens"])
+                     + section_keys("models", only=["target", "dtype", "device_map"])
+                     + section_keys("eval"))
     return parser
 
 
@@ -40,11 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     from adaspec.evaluate import evaluate, format_result, format_table
 
-    modes = (None if args.modes is None  # None: every mode the cache allows
-             else tuple(m.strip() for m in args.modes.split(",") if m.strip()))
-    results = evaluate(cfg, args.draft, modes, args.gamma, args.temperature, args.max_new_tokens,
-                       args.prompts, progress=not args.no_progress,
-                       speed_rounds=args.speed_rounds)
+    results = evaluate(cfg, args.draft, progress=not args.no_progress)
     for result in results:
         print(format_result(result))
     if len(results) > 1:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from adaspec.cli.common import ArgumentParser, add_config_flags, config_from_args, run
-
-DATA_FLAGS = ["--task", "--split", "--data-files", "--limit", "--max-length", "--chat-template",
-              "--data-seed"]
-TRAIN_FLAGS = ["--stage", "--k", "--loss", "--beta", "--selection", "--threshold", "--normalize",
-               "--epochs", "--batch-size", "--grad-accum", "--lr", "--lr-schedule",
-               "--warmup-steps", "--weight-decay", "--max-grad-norm", "--mixed-precision",
-               "--chunk-tokens", "--checkpoint-every", "--seed", "--out", "--online",
-               "--scale-epochs-by-k"]
+from adaspec.cli.common import (
+    ArgumentParser,
+    add_config_flags,
+    config_from_args,
+    run,
+    section_keys,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,8 +18,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run folder from its latest checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    add_config_flags(parser, DATA_FLAGS + ["--cache", "--ref-name", "--target", "--draft", "--ref",
-                                           "--dtype", "--device-map"] + TRAIN_FLAGS)
+    add_config_flags(parser, section_keys("data")
+                     + section_keys("cache", only=["cache", "ref_name"])
+                     + section_keys("models") + section_keys("train"))
     return parser
 
 

@@ -1,0 +1,155 @@
+"""Is what the cache holds what this run means? Data, tokenizer and reference, checked.
+
+A cached run trains on whatever the cache stores; these checks make sure that is what the user
+asked for: the data flags agree with the stored sequences (`check_data`), the model shares the
+cache's tokenizer (`check_tokenizer`), and AdaSPEC's stored reference losses come from the
+reference the run names, trained from the draft's initialisation (`check_reference`). The ref
+training stage records itself for these checks (`record_ref`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adaspec import models, tasks
+from adaspec.config import Config
+from adaspec.errors import UserError
+from cache_tools import schema
+from cache_tools.errors import CacheError
+from cache_tools.store import CacheReader, CacheWriter
+
+# Data flags that change which sequences a split holds; a cached run must agree with the cache.
+DATA_KEYS = ("data_files", "limit", "max_length", "chat_template", "seed")
+
+
+def open_split(cfg: Config, require: tuple[str, ...] = ()) -> CacheReader | None:
+    """The cache's reader of the run's split, or None when the cache has no complete sequences
+    for it."""
+    try:
+        return CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split, require=require)
+    except CacheError:
+        return None
+
+
+def check_data(cfg: Config, reader: CacheReader) -> None:
+    """Refuse data flags that disagree with the cache's sequences (the cache defines the data).
+
+    Only values the config file or a flag set are compared: an unset flag means "as cached".
+    """
+    stored = reader.sequence_params
+    for key in DATA_KEYS:
+        if f"data.{key}" not in cfg.explicit:
+            continue
+        asked = getattr(cfg.data, key)
+        if key == "data_files":
+            have = stored.get("data_files_hash")
+            same = (asked is None and have is None) or (
+                asked is not None and have is not None and tasks.data_files_hash(asked) == have)
+            shown_have = "another file" if have else "the hub's data"
+        else:
+            have = stored.get(key)
+            same = asked == have
+            shown_have = repr(have)
+        if not same:
+            flag = "--data-seed" if key == "seed" else "--" + key.replace("_", "-")
+            raise UserError(
+                f"the cache's {cfg.data.task}/{cfg.data.split} sequences were built with "
+                f"{key}={shown_have} but this run asks {flag} {asked!r}; drop {flag} (the cache "
+                f"defines the data) or build a cache for it with another --cache"
+            )
+
+
+def check_tokenizer(reader: CacheReader, tokenizer, what: str = "the model to train") -> None:
+    """Refuse a model whose tokenizer is not the one the cache's sequences were made with."""
+    if models.tokenizer_fingerprint(tokenizer) != reader.tokenizer_fingerprint:
+        raise UserError(
+            f"{what} uses another tokenizer than the cache {reader.root}; the draft, reference "
+            "and target must share one tokenizer"
+        )
+
+
+def record_ref(cfg: Config, run_dir: Path, steps: int) -> None:
+    """Record a trained reference in the split's manifest under `refs[cfg.cache.ref_name]`:
+    where it is, its weight hash and the identity of the draft it was trained from."""
+    model_path = str((run_dir / "model").resolve())
+    CacheWriter(cfg.cache.cache, cfg.data.task, cfg.data.split).record_ref(cfg.cache.ref_name, {
+        "path": model_path,
+        "run": str(run_dir.resolve()),
+        "weight_hash": models.model_identity(model_path)["weight_hash"],
+        "init": cfg.models.draft,
+        "init_identity": models.model_identity(cfg.models.draft),
+        "loss": cfg.train.loss,
+        "epochs": cfg.train.epochs,
+        "steps": steps,
+    })
+
+
+def reference_spec(cfg: Config) -> str:
+    """The reference a run with k < 1 compares with: --ref, else the one the cache recorded."""
+    if cfg.models.ref:
+        return cfg.models.ref
+    reader = open_split(cfg)
+    if reader is not None and cfg.cache.ref_name in reader.recorded_refs:
+        return reader.recorded_refs[cfg.cache.ref_name]["path"]
+    raise UserError(
+        f"--stage draft with k={cfg.train.k:g} needs a reference model: run `adaspec-train "
+        "--stage ref` first (it records itself in the cache) or pass --ref PATH"
+    )
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    """Two `models.model_identity` records name the same weights (unknown hashes pass)."""
+    if a.get("weight_hash") is None or b.get("weight_hash") is None:
+        return True
+    return a["weight_hash"] == b["weight_hash"] and a.get("layers") == b.get("layers")
+
+
+def _short(identity: dict) -> str:
+    return f"{identity.get('path')} (weights {str(identity.get('weight_hash'))[:12]})"
+
+
+def check_reference(cfg: Config, reader: CacheReader) -> None:
+    """Refuse cached reference losses that are stale, or a draft that starts elsewhere.
+
+    AdaSPEC's delta = L_draft - L_ref is meaningful only if the stored L_ref come from the
+    reference this run names (`--ref`, else the one the ref stage recorded in the manifest),
+    against the target rows stored now, and that reference was trained from the draft's
+    initialisation. The ref stage stores the weight hash of the model it scored and the target
+    stage's params; the record of the ref training stores its init's identity. An explicit
+    `--ref` that no ref training of this cache recorded has no known init: only its losses are
+    checked, since there is nothing to compare the draft with.
+    """
+    stage = schema.ref_group_name(cfg.cache.ref_name)
+    params = reader.ref_stage(cfg.cache.ref_name).params
+    built = params["model"]
+    record = reader.recorded_refs.get(cfg.cache.ref_name)
+    where = f"{cfg.cache.cache}/{cfg.data.task}/{cfg.data.split}"
+    rebuild = (f"`adaspec-cache build --model ref --cache {cfg.cache.cache} --task "
+               f"{cfg.data.task} --split {cfg.data.split} --ref-name {cfg.cache.ref_name}")
+    if params.get("target") != reader.target_params:
+        raise UserError(
+            f"the cached reference losses '{stage}' in {where} were computed against another "
+            f"target stage than the one stored now; rebuild them with {rebuild} --rebuild`"
+        )
+    named_spec = cfg.models.ref or (record or {}).get("path")
+    if named_spec is not None:
+        try:
+            named = models.model_identity(named_spec)
+        except UserError as err:
+            raise UserError(f"the reference {named_spec} cannot be found ({err})") from None
+        if not _same_weights(built, named):
+            raise UserError(
+                f"the cached reference losses '{stage}' in {where} were built from "
+                f"{_short(built)} but the reference is now {_short(named)}; rebuild them with "
+                f"{rebuild} --model-path {named_spec} --rebuild`"
+            )
+    if record is None or "init_identity" not in record or not _same_weights(built, record):
+        return  # a reference trained elsewhere: its initialisation is not known here
+    draft = models.model_identity(cfg.models.draft)
+    if not _same_weights(record["init_identity"], draft):
+        raise UserError(
+            f"the reference '{cfg.cache.ref_name}' was trained from {record['init']} but this "
+            f"draft starts from {cfg.models.draft}; AdaSPEC compares a draft with a reference of "
+            "the same initialisation: pass --draft " + str(record["init"]) + " or train a "
+            "reference from this draft (`adaspec-train --stage ref`)"
+        )

@@ -1,0 +1,105 @@
+"""A training run's folder: its config, metrics log, checkpoints and final model.
+
+    <run>/config.yaml       the resolved config
+    <run>/metrics.jsonl     one line per logged optimizer step
+    <run>/checkpoints/      step-N/: accelerate state + window + progress.json (the latest kept)
+    <run>/model/            save_pretrained folder (loads in plain transformers)
+
+A checkpoint without its progress file is an unfinished save and is ignored, so a run killed at
+any moment resumes from the last whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from adaspec.config import RUN_SECTIONS, Config
+from adaspec.errors import UserError
+
+PROGRESS_FILE = "progress.json"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose progress file was written (an unfinished save is ignored)."""
+    done = sorted((run_dir / "checkpoints").glob(f"step-*/{PROGRESS_FILE}"))
+    return done[-1].parent if done else None
+
+
+def check_run_dir(run_dir: Path, cfg: Config, resume: bool) -> Path | None:
+    """Refuse to overwrite a run, or to resume one with other settings; returns the checkpoint."""
+    saved = run_dir / CONFIG_FILE
+    if not resume:
+        if saved.exists():
+            raise UserError(
+                f"run folder {run_dir} already holds a run; pass --resume to continue it or "
+                "--out for a new folder"
+            )
+        return None
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None or not saved.exists():
+        raise UserError(f"nothing to resume in {run_dir} (no checkpoint); drop --resume")
+    stored = yaml.safe_load(saved.read_text())
+    asked = cfg.to_dict(RUN_SECTIONS)
+    for section in asked:
+        for key in sorted(set(asked[section]) | set(stored.get(section, {}))):
+            if stored.get(section, {}).get(key) != asked[section].get(key):
+                raise UserError(
+                    f"{run_dir} was run with {section}.{key}={stored.get(section, {}).get(key)!r} "
+                    f"but this run has {asked[section].get(key)!r}; resume with the same settings"
+                )
+    return checkpoint
+
+
+def start_run_dir(run_dir: Path, cfg: Config, start_step: int) -> None:
+    """Write the config and keep only the metrics of steps up to `start_step` (main process):
+    an interrupted run may have logged steps past its last checkpoint; they are redone."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(RUN_SECTIONS),
+                                                      sort_keys=False))
+    metrics = run_dir / METRICS_FILE
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    kept = [line for line in lines if json.loads(line)["step"] <= start_step]
+    metrics.write_text("".join(line + "\n" for line in kept))
+
+
+def log_metrics(run_dir: Path, record: dict) -> None:
+    with (run_dir / METRICS_FILE).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, progress: dict, window) -> None:
+    """accelerate state (model, optimizer, scheduler, RNG) + data position; keep only the latest.
+
+    The progress file is written last, by the main process after every process has saved, so a
+    checkpoint without it is incomplete and ignored.
+    """
+    path = run_dir / "checkpoints" / f"step-{step:08d}"
+    # Not safetensors: tied embeddings share storage, which safetensors refuses.
+    accelerator.save_state(str(path), safe_serialization=False)
+    torch.save(list(window), path / f"window_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (path / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
+        for old in (run_dir / "checkpoints").glob("step-*"):
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, checkpoint: Path, window) -> dict:
+    """Restore a checkpoint's accelerate state and window; returns its progress record."""
+    accelerator.load_state(str(checkpoint))  # model, optimizer, scheduler and RNG states
+    window.extend(torch.load(checkpoint / f"window_{accelerator.process_index}.pt"))
+    return json.loads((checkpoint / PROGRESS_FILE).read_text())

@@ -1,0 +1,103 @@
+"""Local data files: read rows from .jsonl, .json (a list of objects) and .csv (with header).
+
+`data_files` (one path or a sequence) names files that are concatenated in the given order; each
+row comes with where it sits ('train.jsonl line 4', 'alpaca.json item 7', 'news.csv line 2', the
+line a CSV record starts on) so that errors about a row name the place to fix.
+`data_files_hash` fingerprints the files' bytes for cache manifests.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from adaspec.errors import UserError
+
+DataFiles = str | Path | Sequence[str | Path]
+Rows = list[tuple[Any, str]]  # (row, where it sits)
+
+
+def as_paths(data_files: DataFiles) -> list[Path]:
+    if isinstance(data_files, str | Path):
+        return [Path(data_files)]
+    return [Path(path) for path in data_files]
+
+
+def _check_exists(path: Path) -> None:
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}; check the --data-files path")
+
+
+def _jsonl_rows(path: Path) -> Rows:
+    rows = []
+    # utf-8-sig: a byte-order mark would otherwise hide the first line's (or column's) name
+    with path.open(encoding="utf-8-sig") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((json.loads(line), f"{path.name} line {line_number}"))
+            except json.JSONDecodeError as error:
+                raise UserError(
+                    f"{path.name} line {line_number}: invalid JSON ({error.msg}); fix that line"
+                ) from None
+    return rows
+
+
+def _json_rows(path: Path) -> Rows:
+    try:
+        items = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as error:
+        raise UserError(
+            f"{path.name} line {error.lineno}: invalid JSON ({error.msg}); fix the file"
+        ) from None
+    if not isinstance(items, list):
+        raise UserError(f"{path.name}: expected a JSON list of objects, got {type(items).__name__}")
+    return [(item, f"{path.name} item {index}") for index, item in enumerate(items)]
+
+
+def _csv_rows(path: Path) -> Rows:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # news articles overflow the default
+    rows = []
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle)
+        start_line = reader.line_num + 2  # the line after the header
+        for row in reader:
+            rows.append((row, f"{path.name} line {start_line}"))
+            start_line = reader.line_num + 1
+    return rows
+
+
+_READERS: dict[str, Callable[[Path], Rows]] = {
+    ".jsonl": _jsonl_rows,
+    ".json": _json_rows,
+    ".csv": _csv_rows,
+}
+
+
+def read_rows(path: Path) -> Rows:
+    """Rows of one local file with where each row sits ('name line N' / 'name item N')."""
+    _check_exists(path)
+    suffix = path.suffix.lower()
+    if suffix not in _READERS:
+        raise UserError(f"{path.name}: unsupported file type {suffix!r}; use .jsonl, .json or .csv")
+    return _READERS[suffix](path)
+
+
+def data_files_hash(data_files: DataFiles | None) -> str | None:
+    """sha256 hex digest over the bytes of the files in order (one file: its sha256sum); None
+    for the hub."""
+    if data_files is None:
+        return None
+    digest = hashlib.sha256()
+    for path in as_paths(data_files):
+        _check_exists(path)
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,119 @@
+"""The manifest of one `<task>/<split>` group: what it holds and how complete each stage is.
+
+It lives as JSON in the group's attributes under "manifest", so any Zarr reader sees it:
+
+    {"format": ..., "format_version": ..., "package_version": ...,
+     "task": ..., "split": ..., "vocab_size": V,
+     "stages": {"sequences" | "target" | "ref/<name>":
+                    {"status": "building" | "complete", "params": {...}, "counts": {...}}},
+     "refs": {"<name>": {"path": ..., "weight_hash": ..., ...}}}
+
+A stage's `params` are whatever its builder says made it; they are compared as a whole when a
+build resumes, and stored with the data so that a reader can tell what it reads. cache_tools
+interprets only the few fields it needs to decode rows (see `schema.TARGET_PARAMS`) and the
+sequences' tokenizer fingerprint. `refs` records trained reference models by name (where they
+are and their weight hash) for the tools that score them.
+
+Only `store.CacheWriter` writes a manifest; everyone else reads it through this class.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from cache_tools import schema
+
+KEY = "manifest"  # the group attribute holding the manifest
+
+
+@dataclass
+class Stage:
+    """One stage's entry: its status, the parameters it was built with, and its counts."""
+
+    status: str
+    params: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == schema.STATUS_COMPLETE
+
+
+@dataclass
+class Manifest:
+    """A typed view of the manifest; unknown top-level keys are kept as they are."""
+
+    task: str = ""
+    split: str = ""
+    vocab_size: int = 0
+    stages: dict[str, Stage] = field(default_factory=dict)
+    refs: dict[str, dict] = field(default_factory=dict)
+    format: str = schema.FORMAT_NAME
+    format_version: int = schema.FORMAT_VERSION
+    package_version: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Manifest:
+        data = copy.deepcopy(dict(data))
+        stages = {
+            name: Stage(entry.get("status", schema.STATUS_BUILDING), entry.get("params", {}),
+                        entry.get("counts") or {})
+            for name, entry in data.pop("stages", {}).items()
+        }
+        known = {"task", "split", "vocab_size", "refs", "format", "format_version",
+                 "package_version"}
+        values = {key: data.pop(key) for key in known if key in data}
+        return cls(stages=stages, extra=data, **values)
+
+    def to_json(self) -> dict:
+        out = {
+            "format": self.format, "format_version": self.format_version,
+            "package_version": self.package_version, "task": self.task, "split": self.split,
+            "vocab_size": self.vocab_size,
+            "stages": {name: {"status": s.status, "params": s.params,
+                              **({"counts": s.counts} if s.counts else {})}
+                       for name, s in self.stages.items()},
+            **({"refs": self.refs} if self.refs else {}),
+            **self.extra,
+        }
+        return copy.deepcopy(out)
+
+    @classmethod
+    def read(cls, group) -> Manifest:
+        return cls.from_json(group.attrs.get(KEY, {}))
+
+    def stage(self, name: str) -> Stage | None:
+        return self.stages.get(name)
+
+    def is_complete(self, name: str) -> bool:
+        stage = self.stages.get(name)
+        return stage is not None and stage.complete
+
+    @property
+    def sequence_params(self) -> dict:
+        """The parameters the sequences were made with ({} before they exist)."""
+        stage = self.stages.get(schema.SEQUENCES)
+        return stage.params if stage else {}
+
+    @property
+    def tokenizer_fingerprint(self) -> str | None:
+        return self.sequence_params.get(schema.TOKENIZER_FINGERPRINT)
+
+    @property
+    def target_params(self) -> dict:
+        stage = self.stages.get(schema.TARGET)
+        return stage.params if stage else {}
+
+    def ref_names(self, complete_only: bool = True) -> list[str]:
+        """Names of the stored reference stages (`ref/<name>`), complete ones by default."""
+        prefix = schema.REF_PREFIX + "/"
+        return sorted(name.removeprefix(prefix) for name, stage in self.stages.items()
+                      if name.startswith(prefix) and (stage.complete or not complete_only))
+
+
+def write(group, manifest: Manifest) -> None:
+    """Store the manifest (for `store.CacheWriter` only: it decides what a stage's status is)."""
+    group.attrs.update({KEY: manifest.to_json()})
