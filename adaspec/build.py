@@ -224,6 +224,13 @@ class _Model:
         return models.real_vocab_size(self.tokenizer)
 
     @property
+    def device(self) -> torch.device:
+        """Where the model's outputs come out (its last parameters' device)."""
+        return next(self.model.get_output_embeddings().parameters()).device \
+            if self.model.get_output_embeddings() is not None \
+            else next(self.model.parameters()).device
+
+    @property
     def pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else 0
@@ -378,7 +385,7 @@ def _target_batch_fn(cfg: Config, loaded: _Model, seqs, masks, layout: _Layout):
         logits = labels.LabelLogits(loaded.model, labels.pad_batch(seqs[a:b], masks[a:b],
                                                                    loaded.pad_id))
         n = logits.n_rows
-        generator = torch.Generator().manual_seed(cfg.cache.seed * 1_000_003 + batch)
+        generator = generate.row_generator(cfg, loaded.device, batch)
         parts: dict[str, list[np.ndarray]] = {}
         for start in range(0, n, LOGIT_ROWS):
             try:
@@ -424,11 +431,12 @@ def _ref_batch_fn(loaded: _Model, seqs, masks, layout: _Layout, reader: CacheRea
         parts: dict[str, list[np.ndarray]] = {f"loss_{d}": [] for d in schema.DIVERGENCES}
         for start in range(0, n, LOGIT_ROWS):
             stop = min(n, start + LOGIT_ROWS)
-            block = logits(start, stop).cpu()
+            block = logits(start, stop)  # (n, V) float32 on the model's device
             target = sparse.from_rows(reader.target_rows(row0 + start, row0 + stop))
+            target = target.to(block.device)
             for d in schema.DIVERGENCES:
                 loss = losses.sparse_divergence(block, target, divergence=d)
-                parts[f"loss_{d}"].append(loss.numpy().astype(np.float32))
+                parts[f"loss_{d}"].append(loss.cpu().numpy().astype(np.float32))
         return {k: np.concatenate(v) for k, v in parts.items()}, sum(len(s) for s in seqs[a:b])
 
     return compute

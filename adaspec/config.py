@@ -238,6 +238,11 @@ class TrainConfig(_Checked):
     """Save a resumable checkpoint every N optimizer steps (0: only at the end of each epoch)."""
     log_every: int = 1
     """Write metrics (and sync them from the device) every N optimizer steps."""
+    stream_memory_mb: float = 2048.0
+    """Memory the batch stream may hold for cached rows and tokens: the whole split when it
+    fits, else windows of blocks with a windowed shuffle (see adaspec/stream.py)."""
+    compile: bool = False
+    """torch.compile the trained model's trunk (opt-in; pays off on GPUs for long runs)."""
     seed: int = field(default=0, metadata=meta("--seed"))
     """Seed of data order and initialisation; CPU runs are deterministic given it."""
     out: str | None = field(default=None, metadata=meta("--out"))
@@ -252,6 +257,7 @@ class TrainConfig(_Checked):
         for name in ("batch_size", "grad_accum", "chunk_tokens", "log_every"):
             self._range(name, getattr(self, name) >= 1, "must be >= 1")
         self._range("lr", self.lr > 0, "must be > 0")
+        self._range("stream_memory_mb", self.stream_memory_mb > 0, "must be > 0")
         for name in ("warmup_steps", "weight_decay", "max_grad_norm", "checkpoint_every"):
             self._range(name, getattr(self, name) >= 0, "must be >= 0")
 

@@ -303,6 +303,23 @@ def _check_cache_tokenizer(reader: CacheReader, spec: str, tokenizer, cache: str
         )
 
 
+def _load_models(cfg: Config, specs: list[str], needs_target: bool, device):
+    """(the target or None, the drafts), loaded once, on the device, in eval mode."""
+    dtype = models.resolve_dtype(cfg.models.dtype, device)
+    target = None
+    if needs_target:
+        target, _ = models.load_model(cfg.models.target, dtype=dtype,
+                                      device_map=cfg.models.device_map)
+        if cfg.models.device_map is None:
+            target.to(device)
+        target.eval()
+    drafts = []
+    for spec in specs:
+        draft, _ = models.load_model(spec, dtype=dtype)
+        drafts.append(draft.to(device).eval())
+    return target, drafts
+
+
 def evaluate(
     cfg: Config, draft_specs: list[str], modes: tuple[str, ...] | None = None,
     progress: bool = True, note: Callable[[str], None] = _note_on_stderr, **overrides,
@@ -342,18 +359,7 @@ def evaluate(
             models.shared_vocab_size(target_tok, tokenizer)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = models.resolve_dtype(cfg.models.dtype, device)
-    target = None
-    if needs_target:
-        target, _ = models.load_model(cfg.models.target, dtype=dtype,
-                                      device_map=cfg.models.device_map)
-        if cfg.models.device_map is None:
-            target.to(device)
-        target.eval()
-    drafts = []
-    for spec in specs:
-        draft, _ = models.load_model(spec, dtype=dtype)
-        drafts.append(draft.to(device).eval())
+    target, drafts = _load_models(cfg, specs, needs_target, device)
 
     results = []
     for spec, draft, tokenizer in zip(specs, drafts, tokenizers, strict=True):

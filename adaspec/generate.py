@@ -129,11 +129,20 @@ def logits_to_rows(cfg: Config, vocab_size: int, logits: torch.Tensor,
                    generator: torch.Generator) -> dict[str, np.ndarray]:
     """Full logits (n, V') -> the cache's sparse rows as float32/int64 numpy (not encoded).
 
-    Raises sparse.NonFiniteRow (the row's index in the block) for a row with no distribution.
+    The rows are made where the logits are (a GPU's log-softmax, top-K and sampling take
+    milliseconds; a CPU's, most of a build) and only the K entries per row come to the host;
+    `generator` must be on the logits' device (`row_generator`). Raises sparse.NonFiniteRow
+    (the row's index in the block) for a row with no distribution.
     """
-    logits = models.cut_logits(logits, vocab_size).float().cpu()
+    logits = models.cut_logits(logits, vocab_size).float()
     rows = sparse.cache_rows(logits, cfg.cache.sparse, cfg.cache.k, generator)
-    return {name: values.numpy() for name, values in rows.items()}
+    return {name: values.cpu().numpy() for name, values in rows.items()}
+
+
+def row_generator(cfg: Config, device, index: int) -> torch.Generator:
+    """The seeded generator of batch `index`'s draws, on the device the rows are made on (a
+    build on CUDA draws other samples than one on CPU; each is deterministic)."""
+    return torch.Generator(device=device).manual_seed(cfg.cache.seed * 1_000_003 + index)
 
 
 def _generation_config(cfg: Config, eos: int | None, pad_id: int | None):
@@ -270,7 +279,7 @@ def _generate_batch(cfg: Config, model, tokenizer, batch: list[tuple[np.ndarray,
     step_logits = torch.stack(out.logits, dim=1)  # (B, G, V') raw, untempered
     arrays: dict[str, list] = {"input_ids": [], "n_prompt": [], "source_index": []}
     rows: dict[str, list] = {}
-    generator = torch.Generator().manual_seed(cfg.cache.seed * 1_000_003 + index)
+    generator = row_generator(cfg, step_logits.device, index)
     for b, (ids, source) in enumerate(batch):
         tokens = generated[b].tolist()
         n = tokens.index(eos) + 1 if eos in tokens else len(tokens)

@@ -113,12 +113,23 @@ def pad_batch(seqs: Sequence[np.ndarray], masks: Sequence[np.ndarray], pad_id: i
                       torch.from_numpy(index_b), torch.from_numpy(index_t))
 
 
+def forward_inputs(model, batch: LabelBatch) -> dict:
+    """The keyword inputs of a causal LM's forward over a right-padded batch.
+
+    No attention mask: with right padding and causal attention a real position only sees
+    positions before it, which are real too, so every label row's output is the same with or
+    without the mask. Leaving it out lets the model take its plain causal path; with a mask,
+    transformers checks on the host whether the mask is all ones (a device sync per forward).
+    """
+    device = next(model.parameters()).device
+    return {"input_ids": batch.input_ids.to(device), "use_cache": False}
+
+
 def label_hidden(model, batch: LabelBatch) -> torch.Tensor:
     """(N, H) the model's last hidden states at the batch's label rows (models with a plain
     head: `models.has_plain_head`). Runs with gradients if they are enabled."""
-    device = next(model.parameters()).device
-    out = model.base_model(input_ids=batch.input_ids.to(device),
-                           attention_mask=batch.attention_mask.to(device), use_cache=False)
+    out = model.base_model(**forward_inputs(model, batch))
+    device = out.last_hidden_state.device
     return out.last_hidden_state[batch.index_b.to(device), batch.index_t.to(device)]
 
 
@@ -139,9 +150,8 @@ class LabelLogits:
             self._head = model.get_output_embeddings()
             self._logits = None
         else:
-            device = next(model.parameters()).device
-            out = model(input_ids=batch.input_ids.to(device),
-                        attention_mask=batch.attention_mask.to(device), use_cache=False)
+            out = model(**forward_inputs(model, batch))
+            device = out.logits.device
             self._logits = out.logits[batch.index_b.to(device), batch.index_t.to(device)]
 
     @torch.no_grad()

@@ -185,7 +185,7 @@ def sample_rows(logits: torch.Tensor, n_samples: int, generator: torch.Generator
     is_new = torch.ones_like(draws, dtype=torch.bool)
     is_new[:, 1:] = draws[:, 1:] != draws[:, :-1]
     slot = torch.cumsum(is_new.long(), dim=-1) - 1  # (n, S) slot of each draw's unique id
-    counts = torch.zeros(draws.shape, dtype=torch.float32).scatter_add_(
+    counts = torch.zeros(draws.shape, dtype=torch.float32, device=draws.device).scatter_add_(
         1, slot, torch.ones_like(draws, dtype=torch.float32)
     )
     ids = torch.zeros_like(draws).scatter_(1, slot, draws)
@@ -203,7 +203,8 @@ class NonFiniteRow(Exception):
 
 def cache_rows(logits: torch.Tensor, mode: str, k: int, generator: torch.Generator
                ) -> dict[str, torch.Tensor]:
-    """(n, V) float32 CPU logits (cut to the vocabulary) -> the rows a cache of `mode` stores.
+    """(n, V) float32 logits (cut to the vocabulary) -> the rows a cache of `mode` stores, on
+    the logits' device (the generator must be on it too).
 
     Raises NonFiniteRow for the first row with no finite distribution: stored encodings would
     turn its NaN log-probs into p = 1.

@@ -172,6 +172,27 @@ def _verify(
 
 
 @torch.no_grad()
+def _draft_tokens(draft, cache, seq: torch.Tensor, budget: int, vocab: int, temperature: float,
+                  eos: set[int], generator) -> tuple[list[int], list[torch.Tensor]]:
+    """Up to `budget` draft tokens after `seq` (stopping after an EOS), and at temperature > 0
+    the (V,) draft distribution each was sampled from."""
+    drafts: list[int] = []
+    draft_rows: list[torch.Tensor] = []
+    pending = seq[cache.get_seq_length() :]
+    for _ in range(budget):
+        logits = _forward(draft, cache, pending, 1, vocab)[0]  # (V,)
+        if temperature == 0:
+            token = int(logits.argmax())
+        else:
+            draft_rows.append(_probs(logits, temperature))
+            token = _sample(draft_rows[-1], generator)
+        drafts.append(token)
+        pending = seq.new_tensor([token])
+        if token in eos:
+            break  # nothing after an EOS can be emitted, so do not draft past it
+    return drafts, draft_rows
+
+
 def speculative_generate(
     target,
     draft,
@@ -215,21 +236,8 @@ def speculative_generate(
         # the target pass always adds one token of its own, so draft at most remaining - 1
         budget = min(gamma, max_new_tokens - n_new - 1)
 
-        drafts: list[int] = []
-        draft_rows: list[torch.Tensor] = []
-        pending = seq[draft_cache.get_seq_length() :]
-        for _ in range(budget):
-            logits = _forward(draft, draft_cache, pending, 1, vocab)[0]  # (V,)
-            if temperature == 0:
-                token = int(logits.argmax())
-            else:
-                draft_rows.append(_probs(logits, temperature))
-                token = _sample(draft_rows[-1], generator)
-            drafts.append(token)
-            pending = seq.new_tensor([token])
-            if token in eos:
-                break  # nothing after an EOS can be emitted, so do not draft past it
-
+        drafts, draft_rows = _draft_tokens(draft, draft_cache, seq, budget, vocab, temperature,
+                                           eos, generator)
         draft_tokens = seq.new_tensor(drafts)  # (D,)
         d = len(drafts)
         verify_ids = torch.cat([seq[target_cache.get_seq_length() :], draft_tokens])

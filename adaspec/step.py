@@ -136,8 +136,7 @@ class LossModel(torch.nn.Module):
                 return loss, argmax
             logits = head(hidden)  # (N, V')
         else:
-            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             use_cache=False)
+            out = self.model(**labels.forward_inputs(self.model, batch))
             logits = out.logits[batch.index_b, batch.index_t]  # (N, V')
         logits = models.cut_logits(logits, self.vocab_size)  # (N, V)
         if target_logits is not None:

@@ -120,8 +120,8 @@ def _final_loss(run_dir: Path) -> float | None:
     return records[-1]["loss"] if records else None
 
 
-def _evaluate_variant(cfg: Config, variant: Variant, run_dir: Path, eval_reader: CacheReader,
-                      train_seconds: float, progress: bool) -> dict:
+def evaluate_variant(cfg: Config, variant: Variant, run_dir: Path, eval_reader: CacheReader,
+                     train_seconds: float, progress: bool) -> dict:
     draft, tokenizer = models.load_model(str(run_dir / "model"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     offline = evaluate.offline_acceptance(
@@ -181,7 +181,7 @@ def run_sweep(cfg: Config, variants: list[Variant] | None = None, out: Path | st
             train.train(variant_config(cfg, v, out / v.name), progress=progress)
             seconds[v.name] = time.perf_counter() - started
     for v in todo:
-        _evaluate_variant(cfg, v, out / v.name, eval_reader, seconds[v.name], progress)
+        evaluate_variant(cfg, v, out / v.name, eval_reader, seconds[v.name], progress)
     rows = [json.loads((out / v.name / RESULT_FILE).read_text()) for v in variants]
     write_tables(rows, out)
     plot_results(rows, out)

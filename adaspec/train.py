@@ -132,7 +132,8 @@ def open_data(cfg: Config, reader: CacheReader | None, ref_spec: str | None, tok
         provenance.check_tokenizer(reader, tokenizer)
     if t.online:
         sequences = reader if reader is not None else online_sequences(cfg, tokenizer)
-        stream = BatchStream(sequences, t.batch_size, t.seed, pad_id, rank=rank, world_size=world)
+        stream = BatchStream(sequences, t.batch_size, t.seed, pad_id, rank=rank, world_size=world,
+                             memory_budget_mb=t.stream_memory_mb)
         vocab_size = models.real_vocab_size(tokenizer)
         if t.stage == "sft":
             return stream, step.LabelTeacher(), vocab_size
@@ -143,7 +144,8 @@ def open_data(cfg: Config, reader: CacheReader | None, ref_spec: str | None, tok
     assert reader is not None
     ref = (cfg.cache.ref_name, t.loss) if needs_ref(cfg) else None
     stream = BatchStream(reader, t.batch_size, t.seed, pad_id, with_target=t.stage != "sft",
-                         ref=ref, rank=rank, world_size=world)
+                         ref=ref, rank=rank, world_size=world,
+                         memory_budget_mb=t.stream_memory_mb)
     teacher = step.LabelTeacher() if t.stage == "sft" else step.CachedTeacher()
     return stream, teacher, reader.vocab_size
 
@@ -197,9 +199,10 @@ def _label_norm(accelerator, group) -> float | torch.Tensor:
     divided by the process count since DDP averages the gradients of the processes. One process
     knows it on the host; several all-reduce it on the device (no host sync)."""
     count = sum(b.n_labels for b in group)
+    # torch.full launches a fill on the device; a tensor copied from the host would wait for it.
+    total = torch.full((), float(count), dtype=torch.float64, device=accelerator.device)
     if accelerator.num_processes == 1:
-        return float(count)
-    total = torch.tensor(float(count), dtype=torch.float64, device=accelerator.device)
+        return total
     return accelerator.reduce(total, "sum") / accelerator.num_processes
 
 
@@ -299,6 +302,8 @@ def train(
     # fp32 master weights whatever --dtype says (see `step.mixed_precision`).
     model, tokenizer = models.load_model(spec, dtype=torch.float32)
     model.to(device).train()
+    if t.compile:
+        model.base_model.compile()  # the trunk; the chunked head + loss stay eager
     stream, teacher, vocab_size = open_data(cfg, reader, ref_spec, tokenizer, device, rank, world)
     per_epoch = stream.batches_per_epoch
     if per_epoch == 0:

@@ -4,8 +4,9 @@ For each task (real rows from ../shared/data, a train split carved from the file
 held-out test split from the same file; never ../shared/holdout) and each cache setting
 (K x mode x value encoding; ids always delta-coded, which is lossless):
 
-1. Cache: a real target stage built with `build_stage` (the target's forward runs once per task
-   and is reused by every setting); bytes per label token of the stored target stage.
+1. Cache: a real target stage built with `build_stage` (the target's trunk runs once per batch
+   and task: `labels.LabelLogits` is patched with a memo (`TargetMemo`), the vocabulary head and
+   everything after it run per setting); bytes per label token of the stored target stage.
 2. Per-token losses on the training rows, cached vs dense (full vocabulary, float32): forward KL
    of the untrained draft and of the dense-trained reference; median / p95 relative error.
 3. Selection: AdaSPEC's official micro-batch rule at k = 0.4 (micro-batches of --batch-size
@@ -19,38 +20,37 @@ held-out test split from the same file; never ../shared/holdout) and each cache 
    with the paired standard error of that gap.
 
 Then the default is the setting with the smallest bytes per label token whose acceptance gap to
-dense stays under --max-gap (0.5 pt) for both k on every task.
-
-    .venv/bin/python bench/fidelity.py                       # the committed study
-    .venv/bin/python bench/fidelity.py --tasks gsm8k --topks 8 --modes topk --values float16 \
-        --train-rows 4 --eval-rows 2 --work /tmp/fid-smoke --out /tmp/fid-smoke/f.json  # smoke
+dense stays under --max-gap (0.5 pt) for both k on every task. The measures themselves live in
+`bench/fidelity_measures.py`.
 
 Work goes to --work (default /tmp/adaspec-fidelity); a re-run reuses what is finished there
 (complete caches, trained drafts with their evaluation), so an interrupted study continues.
+Commands: bench/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import shutil
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cache_build import RESULTS, format_table, machine_info, write_json  # noqa: E402
+from adaspec import acceptance, build, evaluate, labels, losses, models, train
+from adaspec.config import build_config
+from bench import fidelity_measures as measures
+from bench import harness
+from cache_tools.info import cache_summary
+from cache_tools.store import CacheReader
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-DOCS = ROOT / "docs" / "fidelity"
+DATA = harness.SHARED_DATA
+DOCS = harness.REPO / "docs" / "fidelity"
 TASK_FILES = {
     "gsm8k": "gsm8k/train.jsonl",
     "alpaca": "alpaca/alpaca_5000.json",
@@ -73,28 +73,51 @@ class Setting:
         return f"{self.mode}-K{self.k_cache}-{self.value_encoding}"
 
 
-class LabelForwardMemo:
-    """`label_hidden_and_head` of one model, remembered per batch of sequences.
+class TargetMemo:
+    """The target's `labels.LabelLogits` of each batch, built once and reused.
 
-    The hidden states at label positions are small (rows x hidden); the vocabulary head still
-    runs per call, so every cache setting gets the logits exactly as a build computes them.
+    The trunk runs once per batch; what is kept is small (the hidden states at label rows,
+    rows x hidden). The vocabulary head still runs per call, so every cache setting gets the
+    logits exactly as a build computes them.
     """
 
     def __init__(self, model):
         self.model = model
-        self.memo: dict[str, tuple] = {}
+        self.base = labels.LabelLogits
+        self.memo: dict[str, labels.LabelLogits] = {}
 
-    def __call__(self, seqs, masks, pad_id):
-        from adaspec.build import label_hidden_and_head
-
-        key = hashlib.sha1(b"".join(s.tobytes() for s in [*seqs, *masks])).hexdigest()
+    def get(self, batch: labels.LabelBatch) -> labels.LabelLogits:
+        key = hashlib.sha1(b"".join(t.numpy().tobytes() for t in (
+            batch.input_ids, batch.attention_mask, batch.index_b, batch.index_t))).hexdigest()
         if key not in self.memo:
-            self.memo[key] = label_hidden_and_head(self.model, seqs, masks, pad_id)
+            self.memo[key] = self.base(self.model, batch)
         return self.memo[key]
 
     def logits(self, seqs, masks, pad_id) -> torch.Tensor:
-        n, logits_fn = self(seqs, masks, pad_id)
-        return logits_fn(0, n)
+        """The target_logits callable of `measures.per_token_losses`."""
+        return self.get(labels.pad_batch(seqs, masks, pad_id))()
+
+    def label_logits(self) -> type:
+        """A `labels.LabelLogits` to patch in: the target's come from the memo, any other
+        model's are computed as usual."""
+        memo = self
+
+        class MemoLabelLogits(memo.base):
+            def __init__(self, model, batch, vocab_size=None):
+                self.inner = memo.get(batch) if model is memo.model else None
+                if self.inner is None:
+                    super().__init__(model, batch, vocab_size)
+                else:
+                    self.vocab_size, self.n_rows = vocab_size, self.inner.n_rows
+
+            def __call__(self, start=0, stop=None):
+                if self.inner is None:
+                    return super().__call__(start, stop)
+                logits = self.inner(start, stop)
+                return (logits if self.vocab_size is None
+                        else models.cut_logits(logits, self.vocab_size))
+
+        return MemoLabelLogits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,8 +126,6 @@ class LabelForwardMemo:
 
 def prepare_models(work: Path, target_spec: str, draft_spec: str) -> tuple[Path, Path]:
     """Save the target and the draft initialisation as folders (they then load in ~1 s)."""
-    from adaspec import models
-
     out = []
     for spec, name in ((target_spec, "target"), (draft_spec, "draft-init")):
         folder = work / "models" / name
@@ -136,8 +157,6 @@ def check_work_folder(work: Path, args) -> None:
 
 
 def base_config(args, task: str, target: Path, draft: Path, cache: Path):
-    from adaspec.config import build_config
-
     return build_config({
         "models": {"target": str(target), "draft": str(draft)},
         "data": {"task": task, "split": "train", "data_files": str(DATA / TASK_FILES[task]),
@@ -149,9 +168,10 @@ def base_config(args, task: str, target: Path, draft: Path, cache: Path):
 
 
 def setting_config(cfg, setting: Setting, cache: Path):
+    """K is the top-K of a topk setting and the draw count of a sample one."""
     return dataclasses.replace(cfg, cache=dataclasses.replace(
-        cfg.cache, cache=str(cache), topk=setting.k_cache, sparse=setting.mode,
-        value_encoding=setting.value_encoding))
+        cfg.cache, cache=str(cache), topk=setting.k_cache, draws=setting.k_cache,
+        sparse=setting.mode, value_encoding=setting.value_encoding))
 
 
 def train_config(cfg, stage: str, k: float, out: Path, online: bool = False,
@@ -166,8 +186,6 @@ def train_config(cfg, stage: str, k: float, out: Path, online: bool = False,
 
 def train_once(cfg, progress: bool) -> Path:
     """Train unless the run folder already holds a finished model; returns the model folder."""
-    from adaspec import train
-
     run = Path(cfg.train.out)
     model = run / "model"
     if (model / "config.json").exists():
@@ -179,8 +197,6 @@ def train_once(cfg, progress: bool) -> Path:
 
 
 def stage_bytes_per_token(cache: Path, task: str) -> dict:
-    from cache_tools.info import cache_summary
-
     (record,) = [r for r in cache_summary(str(cache)) if r["split"] == f"{task}/train"]
     (stage,) = [s for s in record["stages"] if s["stage"] == "target"]
     return {"bytes_per_token": stage["bytes_per_label_token"],
@@ -190,8 +206,6 @@ def stage_bytes_per_token(cache: Path, task: str) -> dict:
 
 def entries_per_token(cache: Path, task: str) -> float:
     """Mean non-empty entries per label token (K for topk; distinct sampled ids for sample)."""
-    from cache_tools.store import CacheReader
-
     reader = CacheReader(str(cache), task, "train")
     rows = reader.target_rows(0, reader.n_label_rows)
     if "counts" not in rows:
@@ -203,22 +217,14 @@ class HeldOut:
     """The held-out split's label tokens with the target's log-probs, computed once."""
 
     def __init__(self, cfg, target, tokenizer, batch_tokens: int, progress: bool):
-        from adaspec import build, models
-        from adaspec.evaluate import label_logprobs
-        from adaspec.stream import online_sequences
-
-        seqs = online_sequences(cfg, tokenizer)
-        pairs = sorted((seqs.sequence(i) for i in range(seqs.n_sequences)),
-                       key=lambda p: -len(p[0]))
-        self.ids = [p[0] for p in pairs]
-        self.masks = [p[1] for p in pairs]
-        for m in self.masks:
-            m[:1] = False
+        # The split's sequences as a cache would store them (longest first).
+        self.ids, self.masks, _ = labels.order_sequences(build.task_examples(cfg, tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.vocab_size = models.real_vocab_size(tokenizer)
-        self.plan = build.plan_batches(np.array([len(x) for x in self.ids]), batch_tokens)
+        self.plan = labels.plan_batches(np.array([len(x) for x in self.ids]), batch_tokens)
         self.target_lp = [
-            label_logprobs(target, self.ids[a:b], self.masks[a:b], self.pad_id, self.vocab_size)
+            evaluate.label_logprobs(target, self.ids[a:b], self.masks[a:b], self.pad_id,
+                                    self.vocab_size)
             for a, b in tqdm(self.plan, desc="held-out target", disable=not progress)
         ]
         self.n_sequences = len(self.ids)
@@ -227,13 +233,10 @@ class HeldOut:
 
     def acceptance(self, draft) -> dict[str, torch.Tensor]:
         """Per-token expected acceptance sum min(p, q), greedy agreement and forward KL."""
-        from adaspec import acceptance, losses
-        from adaspec.evaluate import label_logprobs
-
         alpha, greedy, kl = [], [], []
         for (a, b), target_lp in zip(self.plan, self.target_lp, strict=True):
-            draft_lp = label_logprobs(draft, self.ids[a:b], self.masks[a:b], self.pad_id,
-                                      self.vocab_size)
+            draft_lp = evaluate.label_logprobs(draft, self.ids[a:b], self.masks[a:b],
+                                               self.pad_id, self.vocab_size)
             alpha.append(acceptance.expected_acceptance(target_lp, draft_lp))
             greedy.append(acceptance.greedy_agreement(target_lp, draft_lp).float())
             kl.append(losses.dense_divergence(draft_lp, target_lp, "fkl"))
@@ -242,8 +245,6 @@ class HeldOut:
 
 def evaluate_model(held: HeldOut, model_dir: Path, key: str, cache_file: Path) -> dict:
     """Per-token acceptance of a saved draft, kept in `cache_file` (a re-run reuses it)."""
-    from adaspec import models
-
     if cache_file.exists():
         stored = torch.load(cache_file)
         if stored.get("key") == key:
@@ -258,149 +259,192 @@ def evaluate_model(held: HeldOut, model_dir: Path, key: str, cache_file: Path) -
 # One task
 
 
-def run_task(args, task: str, settings: list[Setting], target_dir: Path, draft_dir: Path,
-             bar) -> list[dict]:
-    from adaspec import fidelity, models
-    from adaspec.build import build_stage
-    from cache_tools.store import CacheReader
-
-    work = Path(args.work) / task
-    progress = args.progress
-    cfg = base_config(args, task, target_dir, draft_dir, work / "caches" / settings[0].name)
-    target, tokenizer = models.load_model(str(target_dir))
-    target.eval().requires_grad_(False)
-    memo = LabelForwardMemo(target)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    vocab_size = models.real_vocab_size(tokenizer)
-    timings: dict[str, float] = {}
-
-    def step(label: str):
-        bar.set_postfix_str(f"{task}: {label}")
-
-    # 1. caches
-    sizes = {}
-    for s in settings:
-        step(f"cache {s.name}")
-        scfg = setting_config(cfg, s, work / "caches" / s.name)
-        started = time.perf_counter()
-        build_stage(scfg, "target", str(target_dir), progress=progress,
-                    loaded=(target, tokenizer), label_forward=memo)
-        timings[f"cache {s.name}"] = time.perf_counter() - started
-        sizes[s.name] = stage_bytes_per_token(work / "caches" / s.name, task)
-        sizes[s.name]["entries_per_token"] = entries_per_token(work / "caches" / s.name, task)
-        bar.update(1)
-
-    # 2. dense drafts (online): the reference (k = 1) and AdaSPEC k = 0.4 with it
-    seq_cache = work / "caches" / settings[0].name  # defines the sequences and their order
-    online_cfg = setting_config(cfg, settings[0], seq_cache)
-    runs = work / "runs"
-    step("dense k=1 (online)")
-    started = time.perf_counter()
-    dense_ref = train_once(train_config(online_cfg, "ref", 1.0, runs / "dense" / "k1",
-                                        online=True, ref_name="dense"), progress)
-    timings["train dense k1"] = time.perf_counter() - started
-    bar.update(1)
-    step(f"dense k={args.k:g} (online)")
-    started = time.perf_counter()
-    dense_sel = train_once(train_config(online_cfg, "draft", args.k,
-                                        runs / "dense" / f"k{args.k:g}", online=True,
-                                        ref=str(dense_ref)), progress)
-    timings[f"train dense k{args.k:g}"] = time.perf_counter() - started
-    bar.update(1)
-
-    # 3. per-token losses and selection agreement, every cache against dense
-    step("losses cached vs dense")
-    draft0, _ = models.load_model(str(draft_dir))
-    ref_model, _ = models.load_model(str(dense_ref))
-    readers = {s.name: CacheReader(str(work / "caches" / s.name), task, "train")
-               for s in settings}
-    started = time.perf_counter()
-    per_token = fidelity.per_token_losses(
-        {"draft": draft0.eval(), "ref": ref_model.eval()}, readers, memo.logits, pad_id,
-        vocab_size, batch_tokens=cfg.cache.batch_tokens, progress=progress)
-    timings["losses"] = time.perf_counter() - started
-    del draft0, ref_model
-    batch_rows = fidelity.micro_batch_rows(readers[settings[0].name].label_offsets,
-                                           args.batch_size)
-    dense = per_token["dense"]
-    quality = {}
-    for s in settings:
-        sparse = per_token[s.name]
-        quality[s.name] = {
-            "kl_rel_err_median": fidelity.error_summary(sparse["draft"], dense["draft"])["median"],
-            "kl_rel_err_p95": fidelity.error_summary(sparse["draft"], dense["draft"])["p95"],
-            "kl_rel_err_median_ref": fidelity.error_summary(sparse["ref"], dense["ref"])["median"],
-            "kl_rel_err_p95_ref": fidelity.error_summary(sparse["ref"], dense["ref"])["p95"],
-            "selection_jaccard": fidelity.selection_jaccard(
-                sparse["draft"], sparse["ref"], dense["draft"], dense["ref"], args.k, batch_rows),
-        }
-    bar.update(1)
-
-    # 4. drafts from each cache: reference k = 1, its losses into the cache, AdaSPEC k
-    drafts = {}
-    for s in settings:
-        scfg = setting_config(cfg, s, work / "caches" / s.name)
-        step(f"train {s.name} k=1")
-        started = time.perf_counter()
-        ref_dir = train_once(train_config(scfg, "ref", 1.0, runs / s.name / "k1"), progress)
-        timings[f"train {s.name} k1"] = time.perf_counter() - started
-        bar.update(1)
-        step(f"ref stage + train {s.name} k={args.k:g}")
-        started = time.perf_counter()
-        build_stage(scfg, "ref", str(ref_dir), progress=progress)
-        sel_dir = train_once(train_config(scfg, "draft", args.k, runs / s.name / f"k{args.k:g}",
-                                          ref=None), progress)
-        timings[f"train {s.name} k{args.k:g}"] = time.perf_counter() - started
-        drafts[s.name] = {1.0: ref_dir, args.k: sel_dir}
-        bar.update(1)
-
-    # 5. acceptance on the held-out split
-    step("held-out acceptance")
-    eval_cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-        cfg.data, split="test", limit=args.eval_rows))
-    started = time.perf_counter()
-    held = HeldOut(eval_cfg, target, tokenizer, cfg.cache.batch_tokens, progress)
-    eval_key = f"{task}-test-{args.eval_rows}-{args.max_length}-alpha-greedy-kl"
-    init_acc = evaluate_model(held, draft_dir, eval_key, work / "eval-init.pt")
-    dense_acc = {1.0: evaluate_model(held, dense_ref, eval_key, runs / "dense" / "k1.eval.pt"),
-                 args.k: evaluate_model(held, dense_sel, eval_key,
-                                        runs / "dense" / f"k{args.k:g}.eval.pt")}
-    records = []
-    for s in settings:
-        for k_train, model_dir in drafts[s.name].items():
-            acc = evaluate_model(held, model_dir, eval_key,
-                                 runs / s.name / f"k{k_train:g}.eval.pt")
-            gap, gap_se = fidelity.paired_difference(dense_acc[k_train]["alpha"], acc["alpha"],
-                                                     held.group_sizes)
-            records.append({
-                "task": task, "setting": s.name, "k_cache": s.k_cache, "mode": s.mode,
-                "value_encoding": s.value_encoding, "id_encoding": "delta", "k_train": k_train,
-                **sizes[s.name], **quality[s.name],
-                "alpha": float(acc["alpha"].mean()),
-                "alpha_dense": float(dense_acc[k_train]["alpha"].mean()),
-                "alpha_gap_pt": 100 * gap, "alpha_gap_stderr_pt": 100 * gap_se,
-                "greedy_agreement": float(acc["greedy"].mean()),
-                "greedy_agreement_dense": float(dense_acc[k_train]["greedy"].mean()),
-                "alpha_untrained": float(init_acc["alpha"].mean()),
-                "heldout_kl": float(acc["kl"].mean()),
-                "heldout_kl_dense": float(dense_acc[k_train]["kl"].mean()),
-                "heldout_kl_untrained": float(init_acc["kl"].mean()),
-                "heldout_kl_gap": float(acc["kl"].mean() - dense_acc[k_train]["kl"].mean()),
-            })
-    timings["held-out acceptance"] = time.perf_counter() - started
-    bar.update(1)
-    sizes_info = {
-        "train_sequences": readers[settings[0].name].n_sequences,
-        "train_label_tokens": readers[settings[0].name].n_label_rows,
-        "eval_sequences": held.n_sequences, "eval_label_tokens": held.n_tokens,
+def record(task: str, s: Setting, k_train: float, acc: dict, dense: dict, init: dict,
+           held: HeldOut, size: dict, quality: dict) -> dict:
+    """One row of the study: a setting's draft of one k against the dense draft of that k."""
+    gap, gap_se = measures.paired_difference(dense["alpha"], acc["alpha"], held.group_sizes)
+    return {
+        "task": task, "setting": s.name, "k_cache": s.k_cache, "mode": s.mode,
+        "value_encoding": s.value_encoding, "id_encoding": "delta", "k_train": k_train,
+        **size, **quality,
+        "alpha": float(acc["alpha"].mean()),
+        "alpha_dense": float(dense["alpha"].mean()),
+        "alpha_gap_pt": 100 * gap, "alpha_gap_stderr_pt": 100 * gap_se,
+        "greedy_agreement": float(acc["greedy"].mean()),
+        "greedy_agreement_dense": float(dense["greedy"].mean()),
+        "alpha_untrained": float(init["alpha"].mean()),
+        "heldout_kl": float(acc["kl"].mean()),
+        "heldout_kl_dense": float(dense["kl"].mean()),
+        "heldout_kl_untrained": float(init["kl"].mean()),
+        "heldout_kl_gap": float(acc["kl"].mean() - dense["kl"].mean()),
     }
-    for r in records:
-        r.update(sizes_info)
-    # seconds of this invocation's steps (a re-run that reuses work reports only what it ran)
-    (work / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
-    for r in records:
-        r["task_seconds"] = sum(timings.values())
-    return records
+
+
+@dataclass
+class TaskRun:
+    """One task of the study: its caches, the dense and cached drafts, the per-token losses and
+    the held-out acceptance; `run()` gives its records."""
+
+    args: object
+    task: str
+    settings: list[Setting]
+    target_dir: Path
+    draft_dir: Path
+    bar: object
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds of this invocation's steps (a re-run that reuses work reports only what it ran)."""
+
+    def __post_init__(self):
+        self.work = Path(self.args.work) / self.task
+        self.runs = self.work / "runs"
+        self.progress = self.args.progress
+        self.cfg = base_config(self.args, self.task, self.target_dir, self.draft_dir,
+                               self.cache(self.settings[0]))
+        self.target, self.tokenizer = models.load_model(str(self.target_dir))
+        self.target.eval().requires_grad_(False)
+        self.memo = TargetMemo(self.target)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else 0
+
+    def cache(self, s: Setting) -> Path:
+        return self.work / "caches" / s.name
+
+    def config(self, s: Setting):
+        return setting_config(self.cfg, s, self.cache(s))
+
+    def step(self, label: str, timed: str | None = None):
+        """Show the step on the bar; time it into `timings[timed]` when named."""
+        self.bar.set_postfix_str(f"{self.task}: {label}")
+        return Timed(self.timings, timed)
+
+    def build_caches(self) -> dict[str, dict]:
+        """1. Every setting's target stage (the target served loaded, its trunk memoised)."""
+        sizes = {}
+        loaded = (self.target, self.tokenizer)
+        for s in self.settings:
+            with self.step(f"cache {s.name}", f"cache {s.name}"), harness.patched(
+                    harness.serving_models(
+                        lambda spec: loaded if spec == str(self.target_dir) else None),
+                    (labels, "LabelLogits", self.memo.label_logits())):
+                build.build_stage(self.config(s), "target", str(self.target_dir),
+                                  progress=self.progress)
+            sizes[s.name] = stage_bytes_per_token(self.cache(s), self.task)
+            sizes[s.name]["entries_per_token"] = entries_per_token(self.cache(s), self.task)
+            self.bar.update(1)
+        return sizes
+
+    def dense_drafts(self) -> dict[float, Path]:
+        """2. Dense drafts (online): the reference (k = 1) and AdaSPEC k with it."""
+        online_cfg = self.config(self.settings[0])  # defines the sequences and their order
+        with self.step("dense k=1 (online)", "train dense k1"):
+            ref = train_once(train_config(online_cfg, "ref", 1.0, self.runs / "dense" / "k1",
+                                          online=True, ref_name="dense"), self.progress)
+        self.bar.update(1)
+        k = self.args.k
+        with self.step(f"dense k={k:g} (online)", f"train dense k{k:g}"):
+            selective = train_once(train_config(online_cfg, "draft", k,
+                                                self.runs / "dense" / f"k{k:g}", online=True,
+                                                ref=str(ref)), self.progress)
+        self.bar.update(1)
+        return {1.0: ref, k: selective}
+
+    def loss_quality(self, dense_ref: Path) -> tuple[dict, dict]:
+        """3. Per-token losses and selection agreement, every cache against dense."""
+        draft0, _ = models.load_model(str(self.draft_dir))
+        ref_model, _ = models.load_model(str(dense_ref))
+        readers = {s.name: CacheReader(str(self.cache(s)), self.task, "train")
+                   for s in self.settings}
+        with self.step("losses cached vs dense", "losses"):
+            per_token = measures.per_token_losses(
+                {"draft": draft0.eval(), "ref": ref_model.eval()}, readers, self.memo.logits,
+                self.pad_id, models.real_vocab_size(self.tokenizer),
+                batch_tokens=self.cfg.cache.batch_tokens, progress=self.progress)
+        batch_rows = measures.micro_batch_rows(readers[self.settings[0].name].label_offsets,
+                                               self.args.batch_size)
+        dense = per_token["dense"]
+        quality = {}
+        for s in self.settings:
+            cached = per_token[s.name]
+            draft_err = measures.error_summary(cached["draft"], dense["draft"])
+            ref_err = measures.error_summary(cached["ref"], dense["ref"])
+            quality[s.name] = {
+                "kl_rel_err_median": draft_err["median"], "kl_rel_err_p95": draft_err["p95"],
+                "kl_rel_err_median_ref": ref_err["median"], "kl_rel_err_p95_ref": ref_err["p95"],
+                "selection_jaccard": measures.selection_jaccard(
+                    cached["draft"], cached["ref"], dense["draft"], dense["ref"], self.args.k,
+                    batch_rows),
+            }
+        self.bar.update(1)
+        return quality, readers
+
+    def cached_drafts(self) -> dict[str, dict[float, Path]]:
+        """4. Drafts from each cache: reference k = 1, its losses into the cache, AdaSPEC k."""
+        drafts, k = {}, self.args.k
+        for s in self.settings:
+            scfg = self.config(s)
+            with self.step(f"train {s.name} k=1", f"train {s.name} k1"):
+                ref_dir = train_once(train_config(scfg, "ref", 1.0, self.runs / s.name / "k1"),
+                                     self.progress)
+            self.bar.update(1)
+            with self.step(f"ref stage + train {s.name} k={k:g}", f"train {s.name} k{k:g}"):
+                build.build_stage(scfg, "ref", str(ref_dir), progress=self.progress)
+                sel_dir = train_once(train_config(scfg, "draft", k,
+                                                  self.runs / s.name / f"k{k:g}", ref=None),
+                                     self.progress)
+            drafts[s.name] = {1.0: ref_dir, k: sel_dir}
+            self.bar.update(1)
+        return drafts
+
+    def heldout_records(self, dense: dict, drafts: dict, sizes: dict, quality: dict
+                        ) -> tuple[list[dict], HeldOut]:
+        """5. Acceptance on the held-out split; one record per setting and trained k."""
+        eval_cfg = dataclasses.replace(self.cfg, data=dataclasses.replace(
+            self.cfg.data, split="test", limit=self.args.eval_rows))
+        with self.step("held-out acceptance", "held-out acceptance"):
+            held = HeldOut(eval_cfg, self.target, self.tokenizer, self.cfg.cache.batch_tokens,
+                           self.progress)
+            key = f"{self.task}-test-{self.args.eval_rows}-{self.args.max_length}-alpha-greedy-kl"
+            init = evaluate_model(held, self.draft_dir, key, self.work / "eval-init.pt")
+            dense_acc = {k: evaluate_model(held, d, key, self.runs / "dense" / f"k{k:g}.eval.pt")
+                         for k, d in dense.items()}
+            records = [
+                record(self.task, s, k_train, evaluate_model(
+                    held, model_dir, key, self.runs / s.name / f"k{k_train:g}.eval.pt"),
+                    dense_acc[k_train], init, held, sizes[s.name], quality[s.name])
+                for s in self.settings for k_train, model_dir in drafts[s.name].items()]
+        self.bar.update(1)
+        return records, held
+
+    def run(self) -> list[dict]:
+        sizes = self.build_caches()
+        dense = self.dense_drafts()
+        quality, readers = self.loss_quality(dense[1.0])
+        drafts = self.cached_drafts()
+        records, held = self.heldout_records(dense, drafts, sizes, quality)
+        first = readers[self.settings[0].name]
+        info = {"train_sequences": first.n_sequences, "train_label_tokens": first.n_label_rows,
+                "eval_sequences": held.n_sequences, "eval_label_tokens": held.n_tokens}
+        (self.work / "timings.json").write_text(json.dumps(self.timings, indent=2) + "\n")
+        for r in records:
+            r.update(info)
+            r["task_seconds"] = sum(self.timings.values())
+        return records
+
+
+class Timed:
+    """A block's seconds into `timings[name]` (nothing when name is None)."""
+
+    def __init__(self, timings: dict, name: str | None):
+        self.timings, self.name = timings, name
+
+    def __enter__(self):
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.name is not None:
+            self.timings[self.name] = time.perf_counter() - self.started
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,10 +484,10 @@ def print_tables(records: list[dict], choice: dict) -> None:
     rows = [[r["task"], r["setting"], r["bytes_per_token"], r["kl_rel_err_median"],
              r["kl_rel_err_p95"], r["selection_jaccard"], f"{r['k_train']:g}", r["alpha"],
              r["alpha_dense"], r["alpha_gap_pt"], r["alpha_gap_stderr_pt"]] for r in records]
-    print(format_table(header, rows))
+    print(harness.format_table(header, rows))
     print()
     header = ["setting", "mean B/tok", "worst gap pt", "+2se", "min jaccard", "passes"]
-    print(format_table(header, [[c["setting"], c["bytes_per_token"], c["worst_gap_pt"],
+    print(harness.format_table(header, [[c["setting"], c["bytes_per_token"], c["worst_gap_pt"],
                                  c["worst_gap_upper_pt"],
                                  c["min_selection_jaccard"], "yes" if c["passes"] else "no"]
                                 for c in choice["candidates"]]))
@@ -500,27 +544,47 @@ def markdown_table(records: list[dict], choice: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(records: list[dict], out_dir: Path, chosen: str | None) -> list[Path]:
-    import matplotlib
+STYLES = {("topk", "float16"): ("o", "-"), ("topk", "uint8q"): ("s", "--"),
+          ("sample", "float16"): ("^", "-"), ("sample", "uint8q"): ("v", "--")}
+COLORS = {"topk": "tab:blue", "sample": "tab:orange"}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def series(rs: list[dict], key: str) -> dict[tuple, list[dict]]:
+    """Records by (mode, value encoding), each sorted by `key`."""
+    out: dict[tuple, list[dict]] = {}
+    for r in rs:
+        out.setdefault((r["mode"], r["value_encoding"]), []).append(r)
+    return {k: sorted(v, key=lambda r: r[key]) for k, v in out.items()}
+
+
+def gap_axis(ax, rs: list[dict], key: str, err_key: str | None, band: float | None) -> None:
+    """One panel: `key` (a gap to dense) against bytes per label token, one line per family."""
     import matplotlib.ticker
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    for (mode, enc), pts in series(rs, "bytes_per_token").items():
+        marker, line = STYLES[(mode, enc)]
+        ax.errorbar([p["bytes_per_token"] for p in pts], [p[key] for p in pts],
+                    yerr=[p[err_key] for p in pts] if err_key else None,
+                    marker=marker, linestyle=line, color=COLORS[mode], capsize=2,
+                    label=f"{mode} {enc}")
+        for p in pts:
+            ax.annotate(f"K{p['k_cache']}", (p["bytes_per_token"], p[key]),
+                        fontsize=6, xytext=(2, 2), textcoords="offset points")
+    if band:
+        ax.axhspan(-band, band, color="green", alpha=0.08)
+    ax.axhline(0.0, color="gray", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xticks([10, 20, 50, 100, 200, 400], ["10", "20", "50", "100", "200", "400"])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("bytes per label token (target stage)")
+    ax.grid(alpha=0.3)
+
+
+def plot_gaps(records: list[dict], out_dir: Path, chosen: str | None) -> list[Path]:
+    """Acceptance gap and held-out KL gap vs bytes per label token (a task x k grid each)."""
+    import matplotlib.pyplot as plt
+
     tasks = sorted({r["task"] for r in records})
-    styles = {("topk", "float16"): ("o", "-"), ("topk", "uint8q"): ("s", "--"),
-              ("sample", "float16"): ("^", "-"), ("sample", "uint8q"): ("v", "--")}
-    colors = {"topk": "tab:blue", "sample": "tab:orange"}
-    paths = []
-
-    def series(rs, key):
-        out = {}
-        for r in rs:
-            out.setdefault((r["mode"], r["value_encoding"]), []).append(r)
-        return {k: sorted(v, key=lambda r: r[key]) for k, v in out.items()}
-
-    # acceptance gap and held-out KL gap vs bytes per label token
     ks = sorted({r["k_train"] for r in records})
     panels = [
         ("alpha_gap_pt", "alpha_gap_stderr_pt", "alpha gap to dense (pt, + = worse)",
@@ -530,6 +594,7 @@ def plot(records: list[dict], out_dir: Path, chosen: str | None) -> list[Path]:
          "dense KL", "heldout_kl_dense", None, "kl_gap_vs_bytes.png",
          "held-out forward KL of each draft minus the dense-loss draft's"),
     ]
+    paths = []
     for key, err_key, ylabel, dense_label, dense_key, band, name, title in panels:
         if any(key not in r for r in records):
             continue
@@ -537,51 +602,39 @@ def plot(records: list[dict], out_dir: Path, chosen: str | None) -> list[Path]:
                                  squeeze=False)
         for i, k in enumerate(ks):
             for j, task in enumerate(tasks):
-                ax = axes[i][j]
                 rs = [r for r in records if r["task"] == task and r["k_train"] == k]
-                for (mode, enc), pts in series(rs, "bytes_per_token").items():
-                    marker, line = styles[(mode, enc)]
-                    ax.errorbar([p["bytes_per_token"] for p in pts], [p[key] for p in pts],
-                                yerr=[p[err_key] for p in pts] if err_key else None,
-                                marker=marker, linestyle=line, color=colors[mode], capsize=2,
-                                label=f"{mode} {enc}")
-                    for p in pts:
-                        ax.annotate(f"K{p['k_cache']}", (p["bytes_per_token"], p[key]),
-                                    fontsize=6, xytext=(2, 2), textcoords="offset points")
-                if band:
-                    ax.axhspan(-band, band, color="green", alpha=0.08)
-                ax.axhline(0.0, color="gray", lw=0.8)
-                ax.set_xscale("log")
-                ax.set_xticks([10, 20, 50, 100, 200, 400],
-                              ["10", "20", "50", "100", "200", "400"])
-                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-                ax.set_title(f"{task}, k = {k:g}: {dense_label} {rs[0][dense_key]:.4f}",
-                             fontsize=9)
-                ax.set_xlabel("bytes per label token (target stage)")
-                ax.set_ylabel(ylabel)
-                ax.grid(alpha=0.3)
+                gap_axis(axes[i][j], rs, key, err_key, band)
+                axes[i][j].set_title(f"{task}, k = {k:g}: {dense_label} {rs[0][dense_key]:.4f}",
+                                     fontsize=9)
+                axes[i][j].set_ylabel(ylabel)
         axes[0][0].legend(fontsize=7)
         fig.suptitle(title, fontsize=10)
         fig.tight_layout()
         paths.append(out_dir / name)
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
+    return paths
 
-    # loss error and selection agreement vs K
-    base = [r for r in records if r["k_train"] == ks[-1]]
+
+def plot_error_and_selection(records: list[dict], out_dir: Path) -> Path:
+    """Loss error and selection agreement vs K (the records of the largest trained k)."""
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in records})
+    base = [r for r in records if r["k_train"] == max(r["k_train"] for r in records)]
     fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 7), squeeze=False)
     for j, task in enumerate(tasks):
         rs = [r for r in base if r["task"] == task]
         for (mode, enc), pts in series(rs, "k_cache").items():
-            marker, line = styles[(mode, enc)]
+            marker, line = STYLES[(mode, enc)]
             kc = [p["k_cache"] for p in pts]
             axes[0][j].plot(kc, [p["kl_rel_err_median"] for p in pts], marker=marker,
-                            linestyle=line, color=colors[mode], label=f"{mode} {enc} median")
+                            linestyle=line, color=COLORS[mode], label=f"{mode} {enc} median")
             axes[0][j].plot(kc, [p["kl_rel_err_p95"] for p in pts], marker=marker,
-                            linestyle=":", color=colors[mode], alpha=0.6,
+                            linestyle=":", color=COLORS[mode], alpha=0.6,
                             label=f"{mode} {enc} p95")
             axes[1][j].plot(kc, [p["selection_jaccard"] for p in pts], marker=marker,
-                            linestyle=line, color=colors[mode], label=f"{mode} {enc}")
+                            linestyle=line, color=COLORS[mode], label=f"{mode} {enc}")
         for ax in axes[:, j]:
             ax.set_xscale("log", base=2)
             ax.set_xlabel("K (entries per label token)")
@@ -594,55 +647,66 @@ def plot(records: list[dict], out_dir: Path, chosen: str | None) -> list[Path]:
     axes[0][0].legend(fontsize=6)
     axes[1][0].legend(fontsize=7)
     fig.tight_layout()
-    paths.append(out_dir / "error_and_selection_vs_k.png")
-    fig.savefig(paths[-1], dpi=110)
+    path = out_dir / "error_and_selection_vs_k.png"
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return paths
+    return path
+
+
+def plot(records: list[dict], out_dir: Path, chosen: str | None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [*plot_gaps(records, out_dir, chosen), plot_error_and_selection(records, out_dir)]
 
 
 # ---------------------------------------------------------------------------------------------
 
 
+def parse_args(argv: list[str] | None):
+    p = harness.parser("fidelity", __doc__, data=False, progress=True)
+    p.add_argument("--tasks", default="gsm8k,alpaca")
+    p.add_argument("--topks", default="8,16,32,64,128",
+                   help="K: top-K of topk settings, draws of sample settings")
+    p.add_argument("--modes", default="topk,sample")
+    p.add_argument("--values", default="float16,uint8q")
+    p.add_argument("--train-rows", type=int, default=40)
+    p.add_argument("--eval-rows", type=int, default=24)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--k", type=float, default=0.4, help="AdaSPEC k of the selective drafts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-gap", type=float, default=0.5, help="allowed alpha gap, points")
+    p.add_argument("--target", default="smollm2-135m")
+    p.add_argument("--draft", default="smollm2-135m@layers=2")
+    p.add_argument("--work", default="/tmp/adaspec-fidelity")
+    p.add_argument("--plots", default=str(DOCS), help="folder for the PNG plots")
+    p.add_argument("--report-only", action="store_true",
+                   help="re-make the tables and plots from --out (nothing is computed)")
+    return p.parse_args(argv)
+
+
+def report_only(args) -> int:
+    """Re-make the choice, tables and plots from the results file (nothing is computed)."""
+    payload = json.loads(Path(args.out).read_text())
+    for r in payload["records"]:  # older runs: count entries from the work folder's caches
+        cache = Path(args.work) / r["task"] / "caches" / r["setting"]
+        if "entries_per_token" not in r and cache.exists():
+            r["entries_per_token"] = entries_per_token(cache, r["task"])
+    payload["choice"] = choose_default(payload["records"], payload["settings"]["max_gap"])
+    report(payload, Path(args.plots))
+    harness.write_json(args.out, payload)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", default="gsm8k,alpaca")
-    parser.add_argument("--topks", default="8,16,32,64,128")
-    parser.add_argument("--modes", default="topk,sample")
-    parser.add_argument("--values", default="float16,uint8q")
-    parser.add_argument("--train-rows", type=int, default=40)
-    parser.add_argument("--eval-rows", type=int, default=24)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--k", type=float, default=0.4, help="AdaSPEC k of the selective drafts")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-gap", type=float, default=0.5, help="allowed alpha gap, points")
-    parser.add_argument("--target", default="smollm2-135m")
-    parser.add_argument("--draft", default="smollm2-135m@layers=2")
-    parser.add_argument("--work", default="/tmp/adaspec-fidelity")
-    parser.add_argument("--out", default=str(RESULTS / "fidelity.json"))
-    parser.add_argument("--plots", default=str(DOCS), help="folder for the PNG plots")
-    parser.add_argument("--progress", action="store_true", help="show every inner progress bar")
-    parser.add_argument("--report-only", action="store_true",
-                        help="re-make the tables and plots from --out (nothing is computed)")
-    args = parser.parse_args(argv)
-
+    args = parse_args(argv)
     if args.report_only:
-        payload = json.loads(Path(args.out).read_text())
-        for r in payload["records"]:  # older runs: count entries from the work folder's caches
-            cache = Path(args.work) / r["task"] / "caches" / r["setting"]
-            if "entries_per_token" not in r and cache.exists():
-                r["entries_per_token"] = entries_per_token(cache, r["task"])
-        payload["choice"] = choose_default(payload["records"], payload["settings"]["max_gap"])
-        report(payload, Path(args.plots))
-        write_json(Path(args.out), payload)
-        return 0
-
-    import transformers
-
-    if not args.progress:
-        transformers.utils.logging.disable_progress_bar()
+        return report_only(args)
+    info = harness.start(args)
     tasks = [t for t in args.tasks.split(",") if t]
     for t in tasks:
         if t not in TASK_FILES or not (DATA / TASK_FILES[t]).exists():
@@ -654,11 +718,11 @@ def main(argv: list[str] | None = None) -> int:
     check_work_folder(work, args)
     started = time.perf_counter()
     target_dir, draft_dir = prepare_models(work, args.target, args.draft)
-    jobs_per_task = len(settings) * 3 + 4
     records = []
-    with tqdm(total=jobs_per_task * len(tasks), desc="fidelity", dynamic_ncols=True) as bar:
+    with tqdm(total=(len(settings) * 3 + 4) * len(tasks), desc="fidelity",
+              dynamic_ncols=True) as bar:
         for task in tasks:
-            records += run_task(args, task, settings, target_dir, draft_dir, bar)
+            records += TaskRun(args, task, settings, target_dir, draft_dir, bar).run()
     choice = choose_default(records, args.max_gap)
     wall = time.perf_counter() - started
     payload = {
@@ -670,14 +734,14 @@ def main(argv: list[str] | None = None) -> int:
         "data": {t: str(Path("../shared/data") / TASK_FILES[t]) for t in tasks},
         "splits": "train: the file's carved train split (first --train-rows); held-out: its "
                   "carved test split (first --eval-rows); ../shared/holdout is never read",
-        "machine": machine_info(),
+        "machine": info,
         "wall_seconds": wall,
         "records": records,
         "choice": choice,
     }
     report(payload, Path(args.plots))
-    write_json(Path(args.out), payload)
-    print(f"wrote {args.out}, plots and table.md in {args.plots} ({wall / 60:.1f} min)")
+    harness.write_json(args.out, payload)
+    print(f"plots and table.md in {args.plots} ({wall / 60:.1f} min)")
     return 0
 
 
@@ -688,8 +752,8 @@ def report(payload: dict, out_dir: Path) -> None:
     paths = plot(records, out_dir, choice["chosen"]["setting"] if choice["chosen"] else None)
     paths.append(out_dir / "table.md")
     paths[-1].write_text(markdown_table(records, choice))
-    payload["plots"] = [str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
-                        for p in paths]
+    payload["plots"] = [str(p.relative_to(harness.REPO)) if p.is_relative_to(harness.REPO)
+                        else str(p) for p in paths]
 
 
 if __name__ == "__main__":

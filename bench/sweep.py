@@ -9,7 +9,8 @@ One process, one work folder, one run; every measure below runs in it:
   evaluate each draft offline on the test cache, write the tables and plots).
 - online: the same variants through `train.train` with `train.online=True` (the target and the
   reference run live, `models.ref` pointing at the trained reference), same hyperparameters,
-  same data order; then the same offline evaluation, tables and plots as `run_sweep`.
+  same data order; then the same offline evaluation (`sweep.evaluate_variant`), tables and plots
+  as `run_sweep`.
 - single pass: `run_sweep(..., single_pass=True)` into a fresh folder: every draft steps on each
   micro-batch read once. Its drafts are compared with the one-by-one drafts weight by weight
   (they should be equal); the online drafts are compared with the cached ones too (they differ
@@ -24,117 +25,90 @@ A sweep's wall time is the sum of its calls; process CPU time is given too.
 Ratios: online / cached; online / (cached + the setup only the cache needs: both target-cache
 and ref-stage builds of the train split), with the break-even number of variants; single pass /
 one by one. The reference training and the test cache serve both routes and are not charged to
-the cache. Where the time goes is measured by wrapping what the runs call (model loads, the
-online target and reference forwards, the draft's forward+loss, backward, waiting for batches,
-checkpoints, offline evaluation); "other" is the rest (mostly the optimizer step).
-
-    .venv/bin/python bench/sweep.py                             # 15-25 min here
-    .venv/bin/python bench/sweep.py --ks 0.4,1.0 --limit 16
-    .venv/bin/python bench/sweep.py --target /tmp/tiny --draft /tmp/tiny@layers=1 --topk 16 \\
-        --limit 8 --test-limit 4 --out /tmp/sweep-smoke.json       # smoke, ~1 min
+the cache. Where the time goes is measured by wrapping public names the runs call (model loads,
+the target and reference forwards (`labels.LabelLogits`), the draft's forward+loss, backward,
+waiting for batches, checkpoints, offline evaluation); "other" is the rest (mostly the optimizer
+step). Commands: bench/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
-from unittest import mock
 
 import torch
+from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cache_build import (  # noqa: E402
-    DEFAULT_DATA,
-    RESULTS,
-    OtherLoad,
-    format_table,
-    machine_info,
-    write_json,
-)
+from adaspec import build, evaluate, labels, models, runs, step, stream, sweep, train
+from adaspec.config import build_config
+from bench import harness
+from cache_tools import schema
+from cache_tools.store import CacheReader
 
 MODES = ("cached", "online", "single_pass")
+SETUP_TRAIN_TARGET = "setup: target cache, train split"
+SETUP_TEST_TARGET = "setup: target cache, test split"
+SETUP_REF_TRAIN = "setup: reference training"
+SETUP_REF_STAGE = "setup: ref stage, train split"
+EVALUATION_PIECES = ("offline evaluation", "load trained draft", "tables + plots")
 
 
 # ---------------------------------------------------------------------------------------------
 # Timing: phases of the run, and the pieces of each phase
 
 
-class PhaseTimers:
-    """Seconds and calls per (phase, piece); the phase is set by `phase()`."""
+class Phases:
+    """Wall, CPU time, other processes' load and the timed pieces of each phase of the run; a
+    phase may run in several segments (they add up), each also kept on its own."""
 
-    def __init__(self):
-        self.current = "none"
-        self.seconds: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self.calls: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    def __init__(self, timers: harness.Timers):
+        self.timers = timers
         self.phases: dict[str, dict] = {}
-
-    def add(self, piece: str, seconds: float) -> None:
-        self.seconds[self.current][piece] += seconds
-        self.calls[self.current][piece] += 1
-
-    def wrap(self, name, fn):
-        """`fn` timed under `name` (a string, or a function of fn's arguments giving one)."""
-
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.add(name if isinstance(name, str) else name(*args, **kwargs),
-                         time.perf_counter() - start)
-
-        return timed
 
     @contextlib.contextmanager
     def phase(self, name: str, label: str = ""):
-        """Wall, CPU time and other processes' load of one segment of a phase of the run; a
-        phase may be run in several segments (they add up), each also kept on its own."""
-        self.current = name
-        others = OtherLoad()
-        others.start()
-        loadavg = os.getloadavg()
-        cpu, start = time.process_time(), time.perf_counter()
-        try:
+        self.timers.take()  # pieces outside every phase are dropped
+        with harness.measure() as span:
             yield
-        finally:
-            segment = {"label": label, "seconds": time.perf_counter() - start,
-                       "cpu_seconds": time.process_time() - cpu,
-                       "others_cpu_seconds": others.stop(),
-                       "loadavg_before": loadavg, "loadavg_after": os.getloadavg()}
-            p = self.phases.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0,
-                                              "others_cpu_seconds": 0.0, "segments": []})
-            for key in ("seconds", "cpu_seconds", "others_cpu_seconds"):
-                p[key] += segment[key]
-            p["others_cores"] = p["others_cpu_seconds"] / max(p["seconds"], 1e-9)
-            p["segments"].append(segment)
-            p["pieces"], p["calls"] = dict(self.seconds[name]), dict(self.calls[name])
-            self.current = "none"
-            print(f"  {name}{' ' + label if label else ''}: {segment['seconds']:.1f} s "
-                  f"(other processes: {segment['others_cpu_seconds'] / segment['seconds']:.2f} "
-                  "cores)", flush=True)
+        seconds, calls = self.timers.take()
+        segment = {"label": label, **span.as_dict()}
+        p = self.phases.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0,
+                                          "others_cpu_seconds": 0.0, "segments": [],
+                                          "pieces": {}, "calls": {}})
+        for key in ("seconds", "cpu_seconds", "others_cpu_seconds"):
+            p[key] += segment[key]
+        p["others_cores"] = p["others_cpu_seconds"] / max(p["seconds"], 1e-9)
+        p["segments"].append(segment)
+        for piece, s in seconds.items():
+            p["pieces"][piece] = p["pieces"].get(piece, 0.0) + s
+            p["calls"][piece] = p["calls"].get(piece, 0) + calls[piece]
+        print(f"  {name}{' ' + label if label else ''}: {span.seconds:.1f} s (other processes: "
+              f"{span.others_cores:.2f} cores)", flush=True)
 
 
-@contextlib.contextmanager
-def instrumented(timers: PhaseTimers, role_of):
-    """Patch what the runs call with timed versions; `role_of(spec)` names a model load."""
-    from adaspec import evaluate, models, stream, sweep, train
+def instrumented(timers: harness.Timers, role_of):
+    """Patches of what the runs call, timed; `role_of(spec)` names a model load."""
+    roles: dict[int, str] = {}  # id(loaded model) -> its role, for the target/ref forwards
+    load = models.load_model
 
-    roles: dict[int, str] = {}  # id(frozen model) -> its role, for the online forwards
+    def load_model(spec, *args, **kwargs):
+        role = role_of(str(spec))
+        start = time.perf_counter()
+        loaded = load(spec, *args, **kwargs)
+        timers.add(f"load {role}", time.perf_counter() - start)
+        roles[id(loaded[0])] = role
+        return loaded
 
-    def frozen(spec, *args, **kwargs):
-        model = original_frozen(spec, *args, **kwargs)
-        roles[id(model)] = role_of(spec)
-        return model
+    def forward_piece(model) -> str | None:
+        role = roles.get(id(model))
+        return f"{role} forward" if role in ("target", "reference") else None
 
     def batches(self, *args, **kwargs):
         inner = original_batches(self, *args, **kwargs)
@@ -156,33 +130,21 @@ def instrumented(timers: PhaseTimers, role_of):
 
         return timed()
 
-    original_frozen, original_batches = train._frozen, stream.BatchStream.batches
-    patches = [
-        mock.patch.object(models, "load_model", timers.wrap(
-            lambda spec, *a, **k: f"load {role_of(spec)}", models.load_model)),
-        mock.patch.object(train, "_frozen", frozen),
-        mock.patch.object(train, "_label_logits", timers.wrap(
-            lambda model, *a, **k: f"online {roles.get(id(model), '?')} forward",
-            train._label_logits)),
-        mock.patch.object(train.LossModel, "forward", timers.wrap(
-            "draft forward + loss", train.LossModel.forward)),
-        mock.patch.object(torch.Tensor, "backward", timers.wrap(
-            "draft backward", torch.Tensor.backward)),
-        mock.patch.object(stream.BatchStream, "batches", batches),
-        mock.patch.object(train, "_save_checkpoint", timers.wrap(
-            "checkpoint (accelerate state)", train._save_checkpoint)),
-        mock.patch.object(models, "save_model", timers.wrap("save model", models.save_model)),
-        mock.patch.object(evaluate, "offline_acceptance", timers.wrap(
-            "offline evaluation", evaluate.offline_acceptance)),
-        mock.patch.object(sweep, "write_tables", timers.wrap(
-            "tables + plots", sweep.write_tables)),
-        mock.patch.object(sweep, "plot_results", timers.wrap(
-            "tables + plots", sweep.plot_results)),
-    ]
-    with contextlib.ExitStack() as stack:
-        for p in patches:
-            stack.enter_context(p)
-        yield
+    original_batches = stream.BatchStream.batches
+    return harness.patched(
+        (models, "load_model", load_model),
+        (labels, "LabelLogits", harness.timed_label_logits(timers, forward_piece)),
+        (step.LossModel, "forward", timers.wrap("draft forward + loss", step.LossModel.forward)),
+        (torch.Tensor, "backward", timers.wrap("draft backward", torch.Tensor.backward)),
+        (stream.BatchStream, "batches", batches),
+        (runs, "save_checkpoint", timers.wrap("checkpoint (accelerate state)",
+                                              runs.save_checkpoint)),
+        (models, "save_model", timers.wrap("save model", models.save_model)),
+        (evaluate, "offline_acceptance", timers.wrap("offline evaluation",
+                                                     evaluate.offline_acceptance)),
+        (sweep, "write_tables", timers.wrap("tables + plots", sweep.write_tables)),
+        (sweep, "plot_results", timers.wrap("tables + plots", sweep.plot_results)),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,9 +155,6 @@ def online_sweep(cfg, variants, out: Path, eval_split: str, ref_model: str,
                  progress: bool) -> list[dict]:
     """`run_sweep(cfg, variants, out, eval_split)` step for step (finished variants skipped),
     each variant trained with online=True and `models.ref` = the trained reference."""
-    from adaspec import sweep, train
-    from cache_tools.store import CacheReader
-
     eval_reader = CacheReader(cfg.cache.cache, cfg.data.task, eval_split)
     todo = [v for v in variants if not (out / v.name / sweep.RESULT_FILE).exists()]
     seconds = {}
@@ -208,22 +167,20 @@ def online_sweep(cfg, variants, out: Path, eval_split: str, ref_model: str,
         train.train(vcfg, progress=progress)
         seconds[v.name] = time.perf_counter() - started
     for v in todo:
-        sweep._evaluate_variant(cfg, v, out / v.name, eval_reader, seconds[v.name], progress)
+        sweep.evaluate_variant(cfg, v, out / v.name, eval_reader, seconds[v.name], progress)
     rows = [json.loads((out / v.name / sweep.RESULT_FILE).read_text()) for v in variants]
     sweep.write_tables(rows, out)
     sweep.plot_results(rows, out)
     return rows
 
 
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    weights: dict[str, torch.Tensor] = {}
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    found: dict[str, torch.Tensor] = {}
     for path in sorted((run_dir / "model").glob("*.safetensors")):
-        weights.update(load_file(path))
-    if not weights:
+        found.update(load_file(path))
+    if not found:
         raise SystemExit(f"no safetensors weights in {run_dir / 'model'}")
-    return weights
+    return found
 
 
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -232,56 +189,65 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
+def weight_checks(args, variants, work: Path) -> tuple[dict, dict, float]:
+    """(single pass and online vs cached per variant, how far training moved each cached draft
+    from its initialisation (the scale), the initialisation's load seconds)."""
+    diffs = {}
+    for v in variants:
+        cached = weights(work / "cached" / v.name)
+        diffs[v.name] = {
+            "single_pass_vs_cached": max_abs_diff(weights(work / "single_pass" / v.name), cached),
+            "online_vs_cached": max_abs_diff(weights(work / "online" / v.name), cached),
+        }
+    started = time.perf_counter()
+    init = models.load_model(args.draft)[0].state_dict()
+    init_load_seconds = time.perf_counter() - started
+    update_scale = {}
+    for v in variants:
+        trained = weights(work / "cached" / v.name)
+        update_scale[v.name] = max_abs_diff(trained, {k: init[k] for k in trained})
+    return diffs, update_scale, init_load_seconds
+
+
 # ---------------------------------------------------------------------------------------------
+# The steps of the run
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", default="smollm2-135m", help="target spec (alias, dir, gguf)")
-    parser.add_argument("--draft", default="smollm2-135m@layers=2",
-                        help="draft initialisation (the reference starts from it too)")
-    parser.add_argument("--task", default="gsm8k")
-    parser.add_argument("--data-files", default=str(DEFAULT_DATA))
-    parser.add_argument("--limit", type=int, default=24, help="train rows (default 24)")
-    parser.add_argument("--test-limit", type=int, default=12, help="test rows (default 12)")
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--topk", type=int, default=64)
-    parser.add_argument("--ks", default="0.4,0.7,1.0", help="comma list of k (default 0.4,0.7,1.0)")
-    parser.add_argument("--epochs", type=float, default=1.0, help="epochs of every variant")
-    parser.add_argument("--ref-epochs", type=float, default=1.0, help="epochs of the reference")
-    parser.add_argument("--loss", default="fkl", choices=["fkl", "rkl", "tvd", "jsd"])
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=None, help="default: the config's")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's)")
-    parser.add_argument("--workdir", default=None,
-                        help="folder for the caches and runs (default: a temp folder, removed)")
-    parser.add_argument("--keep", action="store_true", help="keep the temp work folder")
-    parser.add_argument("--progress", action="store_true", help="show the runs' progress bars")
-    parser.add_argument("--out", default=str(RESULTS / "sweep.json"))
-    args = parser.parse_args(argv)
+def parse_args(argv: list[str] | None):
+    p = harness.parser("sweep", __doc__, progress=True)
+    p.add_argument("--target", default="smollm2-135m", help="target spec (alias, dir, gguf)")
+    p.add_argument("--draft", default="smollm2-135m@layers=2",
+                   help="draft initialisation (the reference starts from it too)")
+    p.add_argument("--task", default="gsm8k")
+    p.add_argument("--limit", type=int, default=24, help="train rows (default 24)")
+    p.add_argument("--test-limit", type=int, default=12, help="test rows (default 12)")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--topk", type=int, default=64)
+    p.add_argument("--ks", default="0.4,0.7,1.0", help="comma list of k (default 0.4,0.7,1.0)")
+    p.add_argument("--epochs", type=float, default=1.0, help="epochs of every variant")
+    p.add_argument("--ref-epochs", type=float, default=1.0, help="epochs of the reference")
+    p.add_argument("--loss", default="fkl", choices=["fkl", "rkl", "tvd", "jsd"])
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=None, help="default: the config's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default=None,
+                   help="folder for the caches and runs (default: a temp folder, removed)")
+    p.add_argument("--keep", action="store_true", help="keep the temp work folder")
+    return p.parse_args(argv)
 
-    from adaspec import models, sweep, train
-    from adaspec.build import build_stage
-    from adaspec.config import build_config
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not args.progress:
-        import transformers
+def work_folder(args) -> Path:
+    if not args.workdir:
+        return Path(tempfile.mkdtemp(prefix="bench-sweep-"))
+    work = Path(args.workdir)
+    if work.exists() and any(work.iterdir()):
+        raise SystemExit(f"--workdir {work} is not empty; every measure needs fresh folders")
+    work.mkdir(parents=True, exist_ok=True)
+    return work
 
-        transformers.utils.logging.disable_progress_bar()
-    ks = [float(x) for x in args.ks.split(",") if x.strip()]
-    if args.workdir:
-        work = Path(args.workdir)
-        if work.exists() and any(work.iterdir()):
-            raise SystemExit(f"--workdir {work} is not empty; every measure needs fresh folders")
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
-    print(f"work folder {work}")
 
+def configs(args, work: Path) -> tuple:
+    """(train-split config, test-split config, reference training config, variants)."""
     train_values = {"batch_size": args.batch_size, "epochs": args.epochs, "loss": args.loss,
                     "seed": args.seed}
     if args.lr is not None:
@@ -298,102 +264,66 @@ def main(argv: list[str] | None = None) -> int:
         cfg, data=dataclasses.replace(cfg.data, split="test", limit=args.test_limit))
     ref_cfg = dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, stage="ref", k=1.0, epochs=args.ref_epochs, out=str(work / "ref")))
+    ks = [float(x) for x in args.ks.split(",") if x.strip()]
+    return cfg, test_cfg, ref_cfg, sweep.grid(ks, [args.epochs], [args.loss], [args.seed])
+
+
+def run_all(args, cfgs: tuple, work: Path, phases: Phases) -> tuple[dict, dict, dict]:
+    """Setup, then the cached and online sweeps interleaved with the single pass mid-way;
+    (result rows per mode, train-split counts, test-split counts)."""
+    cfg, test_cfg, ref_cfg, variants = cfgs
     ref_model = work / "ref" / "model"
-    variants = sweep.grid(ks, [args.epochs], [args.loss], [args.seed])
-    n = len(variants)
-    info = machine_info()
+    progress, n = args.progress, len(variants)
+    print("setup (paid once):")
+    with phases.phase(SETUP_TRAIN_TARGET):
+        build.build_stage(cfg, "target", progress=progress)
+    with phases.phase(SETUP_TEST_TARGET):
+        test_manifest = build.build_stage(test_cfg, "target", progress=progress)
+    with phases.phase(SETUP_REF_TRAIN):
+        train.train(ref_cfg, progress=progress)
+    with phases.phase(SETUP_REF_STAGE):
+        manifest = build.build_stage(cfg, "ref", progress=progress)
+    # The machine's load drifts over minutes: the cached and the online run of each variant go
+    # side by side (order alternated), and the single pass runs mid-way. A sweep finishes with a
+    # call over all variants that trains nothing (finished variants are skipped) and writes the
+    # sweep's tables and plots.
+    print(f"sweeps over k = {args.ks} ({n} variants), cached and online interleaved:")
 
-    def role_of(spec: str) -> str:
-        if spec == cfg.models.target:
-            return "target"
-        if spec == cfg.models.draft:
-            return "draft init"
-        if Path(spec).exists() and Path(spec).resolve() == ref_model.resolve():
-            return "reference"
-        return "trained draft"
+    def one(mode: str, chosen: list, label: str) -> list[dict]:
+        with phases.phase(mode, label):
+            if mode == "online":
+                return online_sweep(cfg, chosen, work / mode, "test", str(ref_model), progress)
+            return sweep.run_sweep(cfg, chosen, work / mode, "test",
+                                   single_pass=mode == "single_pass", progress=progress)
 
-    timers = PhaseTimers()
-    progress = args.progress
     rows: dict[str, list[dict]] = {}
-    started = time.perf_counter()
-    try:
-        with instrumented(timers, role_of):
-            print("setup (paid once):")
-            with timers.phase("setup: target cache, train split"):
-                manifest = build_stage(cfg, "target", progress=progress)
-            with timers.phase("setup: target cache, test split"):
-                test_manifest = build_stage(test_cfg, "target", progress=progress)
-            with timers.phase("setup: reference training"):
-                train.train(ref_cfg, progress=progress)
-            with timers.phase("setup: ref stage, train split"):
-                manifest = build_stage(cfg, "ref", progress=progress)
-            # The machine's load drifts over minutes: the cached and the online run of each
-            # variant go side by side (order alternated), and the single pass runs mid-way.
-            # A sweep finishes with a call over all variants that trains nothing (finished
-            # variants are skipped) and writes the sweep's tables and plots.
-            print(f"sweeps over k = {args.ks} ({n} variants), cached and online interleaved:")
+    for i, v in enumerate(variants):
+        for mode in harness.rotated(["cached", "online"], i):
+            one(mode, [v], v.name)
+        if i == (n - 1) // 2:
+            rows["single_pass"] = one("single_pass", variants, "all variants")
+    for mode in ("cached", "online"):
+        rows[mode] = one(mode, variants, "all variants (nothing to train: tables)")
+    return (rows, manifest.stages[schema.SEQUENCES].counts,
+            test_manifest.stages[schema.SEQUENCES].counts)
 
-            def one(mode: str, chosen: list, label: str) -> list[dict]:
-                with timers.phase(mode, label):
-                    if mode == "online":
-                        return online_sweep(cfg, chosen, work / mode, "test", str(ref_model),
-                                            progress)
-                    return sweep.run_sweep(cfg, chosen, work / mode, "test",
-                                           single_pass=mode == "single_pass", progress=progress)
 
-            for i, v in enumerate(variants):
-                for mode in ("cached", "online") if i % 2 == 0 else ("online", "cached"):
-                    one(mode, [v], v.name)
-                if i == (n - 1) // 2:
-                    rows["single_pass"] = one("single_pass", variants, "all variants")
-            rows["cached"] = one("cached", variants, "all variants (nothing to train: tables)")
-            rows["online"] = one("online", variants, "all variants (nothing to train: tables)")
-        total_seconds = time.perf_counter() - started
-
-        # The drafts: single pass vs one by one (should be equal), online vs cached (close).
-        diffs = {}
-        for v in variants:
-            cached = _weights(work / "cached" / v.name)
-            diffs[v.name] = {
-                "single_pass_vs_cached": max_abs_diff(
-                    _weights(work / "single_pass" / v.name), cached),
-                "online_vs_cached": max_abs_diff(_weights(work / "online" / v.name), cached),
-            }
-        # Their scale: how far training moved each draft from its initialisation.
-        load_started = time.perf_counter()
-        init_weights = models.load_model(args.draft)[0].state_dict()
-        init_load_seconds = time.perf_counter() - load_started
-        update_scale = {}
-        for v in variants:
-            trained = _weights(work / "cached" / v.name)
-            update_scale[v.name] = max_abs_diff(trained, {k: init_weights[k] for k in trained})
-    finally:
-        if not args.workdir and not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-
-    # ---- ratios -------------------------------------------------------------------------------
-    ph = timers.phases
+def summarize(ph: dict, variants: list, diffs: dict, total_seconds: float) -> dict:
+    """The ratios (see the module docstring)."""
+    n = len(variants)
     wall = {m: ph[m]["seconds"] for m in MODES}
-    cache_only_setup = (ph["setup: target cache, train split"]["seconds"]
-                        + ph["setup: ref stage, train split"]["seconds"])
-    shared_setup = (ph["setup: target cache, test split"]["seconds"]
-                    + ph["setup: reference training"]["seconds"])
-    per_variant = {m: wall[m] / n for m in MODES}
-    extra = per_variant["online"] - per_variant["cached"]
-
-    def evaluation(mode: str) -> float:
-        pieces = ph[mode]["pieces"]
-        return sum(pieces.get(p, 0.0) for p in (
-            "offline evaluation", "load trained draft", "tables + plots"))
-
-    train_part = {m: wall[m] - evaluation(m) for m in MODES}
+    cache_only_setup = ph[SETUP_TRAIN_TARGET]["seconds"] + ph[SETUP_REF_STAGE]["seconds"]
+    shared_setup = ph[SETUP_TEST_TARGET]["seconds"] + ph[SETUP_REF_TRAIN]["seconds"]
+    extra = (wall["online"] - wall["cached"]) / n
+    train_part = {m: wall[m] - sum(ph[m]["pieces"].get(p, 0.0) for p in EVALUATION_PIECES)
+                  for m in MODES}
     # Per variant, the cached and the online run went side by side: one ratio each.
     pair_ratios = {}
     for v in variants:
         got = {m: sum(seg["seconds"] for seg in ph[m]["segments"] if seg["label"] == v.name)
                for m in ("cached", "online")}
         pair_ratios[v.name] = got["online"] / got["cached"]
-    summary = {
+    return {
         "variants": n,
         "online_over_cached": wall["online"] / wall["cached"],
         "online_over_cached_with_cache_setup": wall["online"] / (wall["cached"]
@@ -417,24 +347,20 @@ def main(argv: list[str] | None = None) -> int:
         "total_seconds": total_seconds,
     }
 
-    # ---- tables -------------------------------------------------------------------------------
-    counts = manifest["stages"]["sequences"]["counts"]
-    test_counts = test_manifest["stages"]["sequences"]["counts"]
-    print(f"\n{cfg.data.task}: train {counts}, test {test_counts}; target {args.target}, draft "
-          f"{args.draft}, K={args.topk}, batch {args.batch_size}, {args.epochs:g} epoch(s), "
-          f"torch threads {torch.get_num_threads()}")
+
+def print_phases_and_ratios(ph: dict, summary: dict, n: int) -> None:
     phase_rows = []
     for name, p in ph.items():
         loads = sum(s for piece, s in p["pieces"].items() if piece.startswith("load "))
         per = p["seconds"] / n if name in MODES else ""
         phase_rows.append([name, p["seconds"], p["cpu_seconds"], per, loads, p["others_cores"]])
     print()
-    print(format_table(["phase", "wall s", "CPU s", "per variant s", "of which model loads s",
-                        "others' cores"], phase_rows))
-
+    print(harness.format_table(["phase", "wall s", "CPU s", "per variant s",
+                                "of which model loads s", "others' cores"], phase_rows))
     ratio_rows = [
         ["online / cached (sweep wall time)", summary["online_over_cached"]],
-        *[[f"  {name}: online / cached side by side", r] for name, r in pair_ratios.items()],
+        *[[f"  {name}: online / cached side by side", r]
+          for name, r in summary["online_over_cached_per_variant"].items()],
         ["online / (cached + cache-only setup)", summary["online_over_cached_with_cache_setup"]],
         ["  break-even: variants for the cache to pay off", summary["break_even_variants"]],
         ["online / cached, training only (evaluation excluded)",
@@ -449,9 +375,13 @@ def main(argv: list[str] | None = None) -> int:
         ["max |weight diff| online vs cached", summary["max_abs_weight_diff_online_vs_cached"]],
     ]
     print()
-    print(format_table(["ratio", "value"],
-                       [[a, f"{b:.3e}" if "diff" in a else b] for a, b in ratio_rows]))
+    print(harness.format_table(["ratio", "value"],
+                               [[a, f"{b:.3e}" if "diff" in a else b] for a, b in ratio_rows]))
 
+
+def print_pieces_and_variants(ph: dict, rows: dict, variants: list, diffs: dict,
+                              update_scale: dict) -> None:
+    wall = {m: ph[m]["seconds"] for m in MODES}
     pieces = sorted({piece for m in MODES for piece in ph[m]["pieces"]},
                     key=lambda piece: -max(ph[m]["pieces"].get(piece, 0.0) for m in MODES))
     piece_rows = [[piece] + [ph[m]["pieces"].get(piece, 0.0) for m in MODES] for piece in pieces]
@@ -459,8 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                       + [wall[m] - sum(ph[m]["pieces"].values()) for m in MODES])
     piece_rows.append(["sweep wall time"] + [wall[m] for m in MODES])
     print()
-    print(format_table(["where the time goes (s)", *MODES], piece_rows))
-
+    print(harness.format_table(["where the time goes (s)", *MODES], piece_rows))
     variant_rows = []
     for i, v in enumerate(variants):
         r = {m: rows[m][i] for m in MODES}
@@ -470,35 +399,78 @@ def main(argv: list[str] | None = None) -> int:
                                f"{diffs[v.name]['online_vs_cached']:.2e}",
                                f"{update_scale[v.name]:.2e}"])
     print()
-    print(format_table(["variant", "alpha cached", "alpha online", "alpha 1-pass",
-                        "loss cached", "loss online", "|dW| 1-pass", "|dW| online",
-                        "|W - W init|"], variant_rows))
-    print(f"\nonline/cached {summary['online_over_cached']:.2f}x; with the cache-only setup "
-          f"amortised over {n} variants {summary['online_over_cached_with_cache_setup']:.2f}x "
-          f"(break-even at {summary['break_even_variants']:.1f} variants); single pass / one by "
-          f"one {summary['single_pass_over_one_by_one']:.2f}x")
+    print(harness.format_table(["variant", "alpha cached", "alpha online", "alpha 1-pass",
+                                "loss cached", "loss online", "|dW| 1-pass", "|dW| online",
+                                "|W - W init|"], variant_rows))
 
-    payload = {
+
+WHAT = {
+    "setup": "build_stage target (train, test splits), train stage=ref k=1 from the cache, "
+             "build_stage ref (train split); each a phase",
+    "cached": "run_sweep(cfg, variants, out, 'test') one by one: train + offline evaluation + "
+              "tables/plots",
+    "online": "the same variants via train.train with train.online=True and models.ref = the "
+              "trained reference, then the same evaluation, tables and plots",
+    "single_pass": "run_sweep(..., single_pass=True) into a fresh folder",
+    "cache_only_setup": "target-cache and ref-stage builds of the train split (the reference "
+                        "training and the test cache serve both routes)",
+    "break_even_variants": "cache_only_setup / (online - cached seconds per variant)",
+    "training_only": "phase wall time minus offline evaluation, trained-draft loads and "
+                     "tables/plots",
+    "pieces": "seconds inside wrapped calls; 'waiting for batches' is the loop's wait on the "
+              "prefetch thread; 'draft backward' is every Tensor.backward; 'target forward' and "
+              "'reference forward' are labels.LabelLogits of those models (online teachers, "
+              "and the builds in setup)",
+    "weight_diffs": "max |w_a - w_b| over every tensor of model.safetensors; update_scale = "
+                    "max |w_cached - w_init| (the draft initialisation)",
+    "others_cores": "CPU seconds of other processes per wall second (/proc/stat)",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    info = harness.start(args)
+    work = work_folder(args)
+    print(f"work folder {work}")
+    cfgs = configs(args, work)
+    cfg, variants = cfgs[0], cfgs[3]
+    ref_model = work / "ref" / "model"
+
+    def role_of(spec: str) -> str:
+        if spec == cfg.models.target:
+            return "target"
+        if spec == cfg.models.draft:
+            return "draft init"
+        if Path(spec).exists() and Path(spec).resolve() == ref_model.resolve():
+            return "reference"
+        return "trained draft"
+
+    timers = harness.Timers()
+    phases = Phases(timers)
+    started = time.perf_counter()
+    try:
+        with instrumented(timers, role_of):
+            rows, counts, test_counts = run_all(args, cfgs, work, phases)
+        total_seconds = time.perf_counter() - started
+        diffs, update_scale, init_load_seconds = weight_checks(args, variants, work)
+    finally:
+        if not args.workdir and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    ph = phases.phases
+    summary = summarize(ph, variants, diffs, total_seconds)
+    print(f"\n{cfg.data.task}: train {counts}, test {test_counts}; target {args.target}, draft "
+          f"{args.draft}, K={args.topk}, batch {args.batch_size}, {args.epochs:g} epoch(s), "
+          f"torch threads {torch.get_num_threads()}")
+    print_phases_and_ratios(ph, summary, len(variants))
+    print_pieces_and_variants(ph, rows, variants, diffs, update_scale)
+    print(f"\nonline/cached {summary['online_over_cached']:.2f}x; with the cache-only setup "
+          f"amortised over {len(variants)} variants "
+          f"{summary['online_over_cached_with_cache_setup']:.2f}x (break-even at "
+          f"{summary['break_even_variants']:.1f} variants); single pass / one by one "
+          f"{summary['single_pass_over_one_by_one']:.2f}x")
+    harness.write_json(args.out, {
         "benchmark": "sweep",
-        "what": {
-            "setup": "build_stage target (train, test splits), train stage=ref k=1 from the "
-                     "cache, build_stage ref (train split); each a phase",
-            "cached": "run_sweep(cfg, variants, out, 'test') one by one: train + offline "
-                      "evaluation + tables/plots",
-            "online": "the same variants via train.train with train.online=True and models.ref "
-                      "= the trained reference, then the same evaluation, tables and plots",
-            "single_pass": "run_sweep(..., single_pass=True) into a fresh folder",
-            "cache_only_setup": "target-cache and ref-stage builds of the train split (the "
-                                "reference training and the test cache serve both routes)",
-            "break_even_variants": "cache_only_setup / (online - cached seconds per variant)",
-            "training_only": "phase wall time minus offline evaluation, trained-draft loads "
-                             "and tables/plots",
-            "pieces": "seconds inside wrapped calls; 'waiting for batches' is the loop's wait "
-                      "on the prefetch thread; 'draft backward' is every Tensor.backward",
-            "weight_diffs": "max |w_a - w_b| over every tensor of model.safetensors; "
-                            "update_scale = max |w_cached - w_init| (the draft initialisation)",
-            "others_cores": "CPU seconds of other processes per wall second (/proc/stat)",
-        },
+        "what": WHAT,
         "machine": info,
         "settings": {**vars(args), "config": cfg.to_dict(),
                      "variants": [v.name for v in variants]},
@@ -509,9 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         "weight_diffs": diffs,
         "update_scale": update_scale,
         "init_draft_load_seconds": init_load_seconds,
-    }
-    write_json(Path(args.out), payload)
-    print(f"wrote {args.out}")
+    })
     return 0
 
 

@@ -18,7 +18,9 @@ a fresh copy of the draft. Each configuration runs `--warmup` steps (not counted
 timed ones, per round; rounds rotate the order of (a), (b), (c) so a drift of the machine's load
 hits all three. Step time is the difference of consecutive `elapsed` values in the run's
 metrics.jsonl (the whole loop iteration); tokens/s counts real (unpadded) tokens. The timed steps
-stay within the first epoch, so no checkpoint is written inside them.
+stay within the first epoch, so no checkpoint is written inside them. The step's pieces are timed
+by wrapping public names: `BatchStream.batches` (the loop's wait) and `.load` (prefetch thread),
+`labels.LabelLogits` (the online target and reference forwards), `step.LossModel.forward`.
 
 Peak RSS: a cached run of `--rss-steps` steps (the plain `train`, models loaded from disk) in a
 fresh subprocess per data size, so peaks do not mix; and one online run at 1x for comparison.
@@ -28,43 +30,33 @@ fresh subprocess per data size, so peaks do not mix; and one online run at 1x fo
 Data: `--limit` task rows are built into a real cache (`build_stage`: the target stage with the
 target, the ref stage with the untrained draft as reference: only the timing matters here). The
 larger sizes (`--scales`) repeat that cache's sequences and stored rows S times, written through
-`store.write_sequences` and `StageWriter` (same encoding, chunks and shards), which costs no model
-time and makes the sizes differ in nothing but size. The timed runs use the largest cache.
-
-    .venv/bin/python bench/train_step.py                   # ~16 min with other jobs on 1 core
-    .venv/bin/python bench/train_step.py --steps 8 --rounds 3
-    .venv/bin/python bench/train_step.py --target /tmp/tiny --draft /tmp/tiny@layers=1 \\
-        --limit 16 --topk 16 --batch-size 2 --steps 2 --rounds 1 --scales 1,10   # smoke
+`CacheWriter` (`write_sequences`, `open_stage`, `write_shard`, `finish`; same encoding, chunks and
+shards), which costs no model time and makes the sizes differ in nothing but size. The timed runs
+use the largest cache. Commands: bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cache_build import (  # noqa: E402
-    DEFAULT_DATA,
-    RESULTS,
-    OtherLoad,
-    format_table,
-    machine_info,
-    write_json,
-)
+from adaspec import build, labels, models, step
+from adaspec.config import build_config
+from adaspec.stream import BatchStream
+from adaspec.train import train
+from bench import harness
+from cache_tools import manifest as cache_manifest
+from cache_tools import schema, store
 
 MODES = {
     "cached": "(a) cached: BatchStream -> draft step",
@@ -77,7 +69,7 @@ MODES = {
 # Memory of the current process (Linux /proc)
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -85,12 +77,12 @@ def _status_kib(field: str) -> int:
 
 
 def rss_mib() -> float:
-    return _status_kib("VmRSS") / 1024
+    return status_kib("VmRSS") / 1024
 
 
 def peak_rss_mib() -> float:
     """High-water RSS since the process started or since the last `reset_peak_rss`."""
-    return _status_kib("VmHWM") / 1024
+    return status_kib("VmHWM") / 1024
 
 
 def reset_peak_rss() -> bool:
@@ -106,54 +98,45 @@ def reset_peak_rss() -> bool:
 # Caches
 
 
-def replicate_cache(src: Path, dst: Path, task: str, split: str, times: int) -> dict:
+def replicate_cache(src: Path, dst: Path, task: str, split: str, times: int) -> None:
     """Write `src`'s split into `dst` with every sequence and stored row repeated `times` times.
 
-    The stored (encoded) arrays are copied as they are, through the same writer and with the same
-    shard and chunk shapes, so only the size differs. The manifest notes the replication.
+    The stored (encoded) arrays are copied as they are, through the cache's writer and with the
+    same shard and chunk shapes, so only the size differs. The manifest notes the replication.
     """
-    from cache_tools import schema, store
-
-    src_group = store.open_root(str(src), mode="r")[store.split_path(task, split)]
-    manifest = store.read_manifest(src_group)
-    seq = src_group[schema.SEQUENCES]
-    offsets = seq["offsets"][:]
-    ids, mask = seq["input_ids"][:].astype(np.int64), seq["label_mask"][:].astype(bool)
-    spans = list(zip(offsets[:-1], offsets[1:], strict=True))
-    group = store.open_root(str(dst), mode="a").require_group(task).require_group(split)
-    counts = store.write_sequences(
-        group, [ids[a:b] for a, b in spans] * times, [mask[a:b] for a, b in spans] * times,
-        np.tile(seq["source_index"][:], times), manifest["vocab_size"])
-    manifest["stages"][schema.SEQUENCES]["counts"] = counts
-    for stage, entry in manifest["stages"].items():
+    reader = store.CacheReader(str(src), task, split)
+    seqs, masks, _ = build.stored_sequences(reader)
+    writer = store.CacheWriter(str(dst), task, split)
+    writer.write_sequences(seqs * times, masks * times, np.tile(reader.source_index, times),
+                           reader.vocab_size, reader.sequence_params,
+                           reader.manifest.package_version)
+    for stage, entry in reader.manifest.stages.items():
         if stage == schema.SEQUENCES:
             continue
-        stage_group = src_group[stage]
-        names = sorted(n for n in stage_group.array_keys() if n != schema.DONE)
-        stored = {n: stage_group[n] for n in names}
-        arrays = {n: store.RowArray(a.dtype, a.shape[1] if a.ndim == 2 else None, a.fill_value)
+        stored = {n: a for n, a in reader.group[stage].arrays() if n != schema.DONE}
+        arrays = {n: schema.RowArray(a.dtype, a.shape[1] if a.ndim == 2 else None, a.fill_value)
                   for n, a in stored.items()}
-        values = {n: np.concatenate([a[:]] * times) for n, a in stored.items()}
-        first = stored[names[0]]
-        writer = store.StageWriter(group, stage, counts["label_tokens"], arrays,
-                                   first.shards[0], first.chunks[0])
-        for shard in writer.pending_shards():
-            a, b = writer.shard_range(shard)
-            writer.write_shard(shard, {n: v[a:b] for n, v in values.items()})
-        entry["counts"] = {"label_tokens": counts["label_tokens"], "shards": writer.n_shards}
-    manifest["replicated"] = {"from": str(src), "times": times}
-    store.write_manifest(group, manifest)
-    return manifest
+        rows = reader.stored_rows(stage, 0, reader.n_label_rows)
+        values = {n: np.concatenate([v] * times) for n, v in rows.items()}
+        first = stored[sorted(stored)[0]]
+        stage_writer = writer.open_stage(stage, entry.params, arrays, first.shards[0],
+                                         first.chunks[0])
+        for shard in stage_writer.pending_shards():
+            a, b = stage_writer.shard_range(shard)
+            stage_writer.write_shard(shard, {n: v[a:b] for n, v in values.items()})
+        stage_writer.finish()
+    for name, record in reader.recorded_refs.items():
+        writer.record_ref(name, record)
+    manifest = writer.manifest
+    manifest.extra["replicated"] = {"from": str(src), "times": times}
+    cache_manifest.write(writer.group, manifest)
 
 
 def cache_facts(root: Path, task: str, split: str) -> dict:
     """Sequences, tokens, label rows, bytes on disk and bytes of every row decoded in memory."""
-    from cache_tools import schema, store
-
-    group = store.open_root(str(root), mode="r")[store.split_path(task, split)]
-    manifest = store.read_manifest(group)
-    counts = manifest["stages"][schema.SEQUENCES]["counts"]
-    k = manifest["stages"][schema.TARGET]["params"]["k"]
+    reader = store.CacheReader(str(root), task, split)
+    counts = reader.manifest.stages[schema.SEQUENCES].counts
+    k = reader.target_params[schema.K]
     # CacheReader decodes ids to int64 and values to float32; tail and 4 ref losses float32.
     decoded = counts["label_tokens"] * (k * (8 + 4) + 4 + 4 * len(schema.DIVERGENCES))
     disk = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
@@ -164,104 +147,62 @@ def cache_facts(root: Path, task: str, split: str) -> dict:
 # One timed run of the real loop
 
 
-@contextlib.contextmanager
-def loaded_models(target_spec: str, target, draft_init, tokenizer):
-    """`models.load_model` hands back the loaded target, or a fresh copy of the draft."""
-    from adaspec import models
-
-    def load_model(spec, dtype=torch.float32, device_map=None):
-        if spec == target_spec:
-            return target, tokenizer
-        return copy.deepcopy(draft_init), tokenizer
-
-    with mock.patch.object(models, "load_model", load_model):
-        yield
+def waited(timers: harness.Timers, inner):
+    """The batches of `inner`, with the loop's wait for each one timed."""
+    try:
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(inner)
+            except StopIteration:
+                return
+            timers.add("wait for the next batch", time.perf_counter() - start)
+            yield batch
+    finally:
+        if hasattr(inner, "close"):
+            inner.close()
 
 
 def timed_run(mode: str, overrides: dict, run_dir: Path, max_steps: int, batches: list,
               target) -> dict:
     """`train(cfg, max_steps)` in `mode`; per-step seconds and losses from its metrics.jsonl,
     and the pieces of a step timed by wrapping what the loop calls."""
-    from adaspec import train as train_mod
-    from adaspec.config import build_config
-    from adaspec.stream import BatchStream
-
-    seconds: dict[str, float] = defaultdict(float)
-    calls: dict[str, int] = defaultdict(int)
-    original_batches, original_load = BatchStream.batches, BatchStream.load
-    original_label_logits, original_forward = train_mod._label_logits, train_mod.LossModel.forward
-
-    def add(name, start):
-        seconds[name] += time.perf_counter() - start
-        calls[name] += 1
+    timers = harness.Timers()
+    original_batches = BatchStream.batches
 
     def timed_batches(self, start_batch=0, stop_batch=None):
         # (b) serves the batches decoded beforehand; every mode times the loop's wait for one.
         inner = (iter(batches[start_batch:stop_batch]) if mode == "in_memory"
                  else original_batches(self, start_batch, stop_batch))
-
-        def waited():
-            try:
-                while True:
-                    start = time.perf_counter()
-                    try:
-                        batch = next(inner)
-                    except StopIteration:
-                        return
-                    add("wait for the next batch", start)
-                    yield batch
-            finally:
-                if hasattr(inner, "close"):
-                    inner.close()
-
-        return waited()
-
-    def timed_load(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original_load(self, *args, **kwargs)
-        finally:
-            add("stream load+decode (prefetch thread)", start)
-
-    def timed_label_logits(model, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original_label_logits(model, *args, **kwargs)
-        finally:
-            add("target forward" if model is target else "ref forward", start)
-
-    def timed_forward(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original_forward(self, *args, **kwargs)
-        finally:
-            add("draft forward + loss", start)
+        return waited(timers, inner)
 
     cfg = build_config(overrides={**overrides, "train.out": str(run_dir),
                                   "train.online": mode == "online"})
-    others = OtherLoad()
-    others.start()
-    started = time.perf_counter()
-    with mock.patch.object(BatchStream, "batches", timed_batches), \
-            mock.patch.object(BatchStream, "load", timed_load), \
-            mock.patch.object(train_mod, "_label_logits", timed_label_logits), \
-            mock.patch.object(train_mod.LossModel, "forward", timed_forward):
-        train_mod.train(cfg, progress=False, max_steps=max_steps)
-    wall = time.perf_counter() - started
+    with harness.patched(
+        (BatchStream, "batches", timed_batches),
+        (BatchStream, "load", timers.wrap("stream load+decode (prefetch thread)",
+                                          BatchStream.load)),
+        (labels, "LabelLogits", harness.timed_label_logits(
+            timers, lambda model: "target forward" if model is target else "ref forward")),
+        (step.LossModel, "forward", timers.wrap("draft forward + loss", step.LossModel.forward)),
+    ), harness.measure() as span:
+        train(cfg, progress=False, max_steps=max_steps)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     if (run_dir / "checkpoints").exists():
         raise SystemExit(f"{mode}: a checkpoint was written inside the timed steps; use a larger "
                          "--limit or fewer steps")
     elapsed = [0.0] + [r["elapsed"] for r in records]
+    seconds, calls = timers.take()
     return {
         "mode": mode,
         "step_seconds": [b - a for a, b in zip(elapsed[:-1], elapsed[1:], strict=True)],
         "losses": [r["loss"] for r in records],
         "selected_fraction": [r["selected_fraction"] for r in records],
-        "pieces_seconds": dict(seconds),
-        "pieces_calls": dict(calls),
-        "wall_seconds": wall,
-        "others_cores": others.stop() / wall,
+        "pieces_seconds": seconds,
+        "pieces_calls": calls,
+        "wall_seconds": span.seconds,
+        "others_cores": span.others_cores,
+        "loadavg": span.loadavg_after,
     }
 
 
@@ -271,10 +212,8 @@ def timed_run(mode: str, overrides: dict, run_dir: Path, max_steps: int, batches
 
 def rss_child(spec: dict) -> int:
     """Run `train` on a cache in this fresh process and print its memory as one JSON line."""
-    from adaspec import models
-    from adaspec.config import build_config
-    from adaspec.train import train
-
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     after_imports = rss_mib()
     state = {"peak_before_last_load": 0.0, "reset": False}
     original = models.load_model
@@ -288,7 +227,7 @@ def rss_child(spec: dict) -> int:
 
     cfg = build_config(overrides=spec["overrides"])
     started = time.perf_counter()
-    with mock.patch.object(models, "load_model", load_then_reset):
+    with harness.patched((models, "load_model", load_then_reset)):
         run_dir = train(cfg, progress=False, max_steps=spec["steps"])
     records = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     steps_peak = peak_rss_mib()
@@ -305,130 +244,120 @@ def rss_child(spec: dict) -> int:
     return 0
 
 
-def measure_rss(overrides: dict, steps: int) -> dict:
-    spec = {"overrides": overrides, "steps": steps}
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--rss-child",
-                           json.dumps(spec)], capture_output=True, text=True)
+def measure_rss(overrides: dict, steps: int, threads: int | None) -> dict:
+    spec = {"overrides": overrides, "steps": steps, "threads": threads}
+    done = subprocess.run([sys.executable, "-m", "bench.train_step", "--rss-child",
+                           json.dumps(spec)], capture_output=True, text=True, cwd=harness.REPO)
     if done.returncode != 0:
         raise SystemExit(f"RSS subprocess failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------------------------
+# The steps of the run
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", default="smollm2-135m", help="target spec (alias, dir, gguf)")
-    parser.add_argument("--draft", default="smollm2-135m@layers=2",
-                        help="draft spec, also the (untrained) reference")
-    parser.add_argument("--task", default="gsm8k")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--data-files", default=str(DEFAULT_DATA))
-    parser.add_argument("--limit", type=int, default=16, help="task rows in the 1x cache")
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--topk", type=int, default=64)
-    parser.add_argument("--k", type=float, default=0.4, help="AdaSPEC fraction of tokens kept")
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per step")
-    parser.add_argument("--scales", default="1,10,100",
-                        help="data sizes for peak RSS, multiples of --limit (1 first)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per run")
-    parser.add_argument("--rounds", type=int, default=3, help="runs of (a), (b), (c), rotated")
-    parser.add_argument("--rss-steps", type=int, default=3, help="steps of each RSS subprocess")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=str(RESULTS / "train_step.json"))
-    args = parser.parse_args(argv)
-    if args.rss_child is not None:
-        return rss_child(json.loads(args.rss_child))
+def parse_args(argv: list[str] | None):
+    p = harness.parser("train_step", __doc__, rounds=3)
+    p.add_argument("--target", default="smollm2-135m", help="target spec (alias, dir, gguf)")
+    p.add_argument("--draft", default="smollm2-135m@layers=2",
+                   help="draft spec, also the (untrained) reference")
+    p.add_argument("--task", default="gsm8k")
+    p.add_argument("--split", default="train")
+    p.add_argument("--limit", type=int, default=16, help="task rows in the 1x cache")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--topk", type=int, default=64)
+    p.add_argument("--k", type=float, default=0.4, help="AdaSPEC fraction of tokens kept")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per step")
+    p.add_argument("--scales", default="1,10,100",
+                   help="data sizes for peak RSS, multiples of --limit (1 first)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per run")
+    p.add_argument("--rss-steps", type=int, default=3, help="steps of each RSS subprocess")
+    p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
 
-    from adaspec import models
-    from adaspec.build import build_stage, resolve_dtype
-    from adaspec.config import build_config
-    from adaspec.stream import BatchStream
-    from cache_tools.store import CacheReader
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    scales = [int(s) for s in args.scales.split(",")]
-    if scales[0] != 1:
-        raise SystemExit(f"--scales must start with 1, got {args.scales}")
-    info = machine_info()
-    tmp = tempfile.TemporaryDirectory(prefix="bench-train-step-")
-    work = Path(tmp.name)
-    task, split = args.task, args.split
+class Loaded:
+    """The target and the draft initialisation, loaded once; the draft saved to `draft_dir`."""
 
-    # Models, loaded once: the draft is cut from the target when it is `<target>@layers=N`.
-    start = time.perf_counter()
-    dtype = resolve_dtype("auto", torch.device("cpu"))
-    target, tokenizer = models.load_model(args.target, dtype=dtype)
-    target_load = time.perf_counter() - start
-    draft_spec = models.parse_model_spec(args.draft)
-    if draft_spec.source == args.target and draft_spec.layers is not None:
-        draft_init = models.keep_first_layers(copy.deepcopy(target), draft_spec.layers)
-    else:
-        draft_init, _ = models.load_model(args.draft, dtype=dtype)
-    draft_dir = work / "draft"  # the draft and reference spec of every run; RSS runs load it
-    models.save_model(draft_init, tokenizer, draft_dir)
-    draft_params = sum(p.numel() for p in draft_init.parameters())
-    print(f"target {args.target} loaded in {target_load:.1f} s; draft {args.draft}: "
-          f"{draft_params / 1e6:.1f}M parameters")
+    def __init__(self, args, work: Path):
+        start = time.perf_counter()
+        dtype = models.resolve_dtype("auto", torch.device("cpu"))
+        self.target, self.tokenizer = models.load_model(args.target, dtype=dtype)
+        self.target_load = time.perf_counter() - start
+        draft_spec = models.parse_model_spec(args.draft)
+        if draft_spec.source == args.target and draft_spec.layers is not None:
+            self.draft = models.keep_first_layers(copy.deepcopy(self.target), draft_spec.layers)
+        else:
+            self.draft, _ = models.load_model(args.draft, dtype=dtype)
+        self.draft_dir = work / "draft"  # the draft and reference spec of every run
+        models.save_model(self.draft, self.tokenizer, self.draft_dir)
+        self.draft_params = sum(p.numel() for p in self.draft.parameters())
+        self.target_spec = args.target
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else 0
+        print(f"target {args.target} loaded in {self.target_load:.1f} s; draft {args.draft}: "
+              f"{self.draft_params / 1e6:.1f}M parameters")
 
-    base = {
-        "models.target": args.target, "models.draft": str(draft_dir),
-        "models.ref": str(draft_dir), "data.task": task, "data.split": split,
-        "data.data_files": args.data_files, "data.limit": args.limit,
-        "data.max_length": args.max_length, "cache.topk": args.topk, "train.k": args.k,
-        "cache.sparse": "topk", "cache.value_encoding": "float16",
-        "train.batch_size": args.batch_size,
-    }
+    def serve(self, spec: str) -> tuple:
+        """`models.load_model` hands back the loaded target, or a fresh copy of the draft."""
+        if spec == self.target_spec:
+            return self.target, self.tokenizer
+        return copy.deepcopy(self.draft), self.tokenizer
+
+
+def make_caches(args, base: dict, loaded: Loaded, work: Path, scales: list[int]) -> dict:
+    """The 1x cache built for real, the larger ones by replication; their facts and times."""
     caches = {1: work / "cache-1x"}
     start = time.perf_counter()
-    with loaded_models(args.target, target, draft_init, tokenizer):
+    with harness.patched(harness.serving_models(loaded.serve)):
         cfg = build_config(overrides={**base, "cache.cache": str(caches[1])})
-        build_stage(cfg, "target", progress=False)
+        build.build_stage(cfg, "target", progress=False)
         target_build = time.perf_counter() - start
-        build_stage(cfg, "ref", model_spec=str(draft_dir), progress=False)
+        build.build_stage(cfg, "ref", model_spec=str(loaded.draft_dir), progress=False)
     build_seconds = time.perf_counter() - start
     for scale in scales[1:]:
         caches[scale] = work / f"cache-{scale}x"
-        replicate_cache(caches[1], caches[scale], task, split, scale)
-    facts = {s: cache_facts(c, task, split) for s, c in caches.items()}
+        replicate_cache(caches[1], caches[scale], args.task, args.split, scale)
+    facts = {s: cache_facts(c, args.task, args.split) for s, c in caches.items()}
     print(f"1x cache built in {build_seconds:.1f} s (target stage {target_build:.1f} s): "
           f"{facts[1]['sequences']} sequences, {facts[1]['tokens']} tokens, "
           f"{facts[1]['label_tokens']} label rows; larger sizes by replication: {scales[1:]}")
+    return {"paths": caches, "facts": facts, "build_seconds": build_seconds,
+            "target_build_seconds": target_build}
 
-    # The timed runs read the largest cache, so that their steps stay inside its first epoch.
-    timing_scale = scales[-1]
-    timing = {**base, "cache.cache": str(caches[timing_scale])}
-    max_steps = args.warmup + args.steps
-    reader = CacheReader(str(caches[timing_scale]), task, split)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    stream = BatchStream(reader, args.batch_size, 0, pad_id, with_target=True, ref=("ref", "fkl"))
-    if max_steps >= stream.batches_per_epoch:
-        raise SystemExit(f"{max_steps} steps would reach the end of the epoch "
-                         f"({stream.batches_per_epoch} batches); use fewer --steps or more data")
-    batches = [stream.load(p, stream.batch_indices(p)) for p in range(max_steps)]
-    tokens = [b.n_tokens for b in batches]
-    label_rows = [b.n_labels for b in batches]
 
-    runs = []
-    order = list(MODES)
-    with loaded_models(args.target, target, draft_init, tokenizer):
-        for rnd in range(args.rounds):
-            for mode in order[rnd % 3:] + order[: rnd % 3]:
-                run = timed_run(mode, timing, work / f"run-{mode}-{rnd}", max_steps, batches,
-                                target)
-                run.update(round=rnd, loadavg=os.getloadavg())
-                runs.append(run)
-                timed = run["step_seconds"][args.warmup:]
-                print(f"round {rnd} {mode:9s}: {statistics.median(timed):.3f} s/step median, "
-                      f"first loss {run['losses'][0]:.4f}, other processes' cores "
-                      f"{run['others_cores']:.2f}")
+def stream_of(cache: Path, args, pad_id: int, **kwargs) -> BatchStream:
+    reader = store.CacheReader(str(cache), args.task, args.split)
+    return BatchStream(reader, args.batch_size, 0, pad_id, **kwargs)
 
-    # Summary: per mode, timed steps over all rounds; ratios per round on identical batches.
-    timed_tokens = sum(tokens[args.warmup:])
+
+def timed_rounds(args, timing: dict, loaded: Loaded, work: Path, max_steps: int,
+                 batches: list) -> list[dict]:
+    """(a), (b), (c) per round, the order rotated; one run record each."""
+
+    def run(mode):
+        def go(rnd):
+            got = timed_run(mode, timing, work / f"run-{mode}-{rnd}", max_steps, batches,
+                            loaded.target)
+            timed = got["step_seconds"][args.warmup:]
+            print(f"round {rnd} {mode:9s}: {statistics.median(timed):.3f} s/step median, "
+                  f"first loss {got['losses'][0]:.4f}, other processes' cores "
+                  f"{got['others_cores']:.2f}")
+            return got
+        return go
+
+    with harness.patched(harness.serving_models(loaded.serve)):
+        rounds = harness.alternate({mode: run(mode) for mode in MODES}, args.rounds)
+    return [{**entry[mode], "round": entry["round"]} for entry in rounds
+            for mode in entry["order"]]
+
+
+def summarize(args, runs: list[dict], batches: list) -> dict:
+    """Per mode, timed steps over all rounds; ratios per round on identical batches."""
+    tokens = [b.n_tokens for b in batches][args.warmup:]
+    label_rows = [b.n_labels for b in batches][args.warmup:]
     summary: dict = {"modes": {}, "ratios": {}}
     for mode in MODES:
         mine = [r for r in runs if r["mode"] == mode]
@@ -436,8 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         totals = [sum(r["step_seconds"][args.warmup:]) for r in mine]
         summary["modes"][mode] = {
             "median_step_seconds": statistics.median(steps),
-            "tokens_per_s": timed_tokens / statistics.median(totals),
-            "label_rows_per_s": sum(label_rows[args.warmup:]) / statistics.median(totals),
+            "tokens_per_s": sum(tokens) / statistics.median(totals),
+            "label_rows_per_s": sum(label_rows) / statistics.median(totals),
             # One call per batch each (grad_accum 1); the prefetch thread also reads a few
             # batches ahead that are never used, hence per call rather than per step.
             "pieces_ms_per_call": {
@@ -446,67 +375,62 @@ def main(argv: list[str] | None = None) -> int:
                 for name in sorted({n for r in mine for n in r["pieces_seconds"]})},
         }
 
-    def per_round(num: str, den: str) -> list[float]:
-        out = []
-        for rnd in range(args.rounds):
-            a, b = (next(r for r in runs if r["round"] == rnd and r["mode"] == m)
-                    for m in (num, den))
-            out.append(sum(a["step_seconds"][args.warmup:]) / sum(b["step_seconds"][args.warmup:]))
-        return out
+    def total(rnd: int, mode: str) -> float:
+        run = next(r for r in runs if r["round"] == rnd and r["mode"] == mode)
+        return sum(run["step_seconds"][args.warmup:])
 
     for name, (num, den) in {"cached/in_memory": ("cached", "in_memory"),
                              "online/cached": ("online", "cached")}.items():
-        values = per_round(num, den)
+        values = [total(rnd, num) / total(rnd, den) for rnd in range(args.rounds)]
         summary["ratios"][name] = {"median": statistics.median(values), "per_round": values}
     losses = {m: [r["losses"] for r in runs if r["mode"] == m] for m in MODES}
     summary["cached_equals_in_memory_losses"] = all(
         x == losses["cached"][0] for x in losses["cached"] + losses["in_memory"])
+    return summary
 
-    # Peak RSS: fresh processes, the same number of steps at every data size.
-    # The epoch's permutation differs with the data size, so each size's first batches differ:
-    # their largest label-row count (the loss's (N, V) tensors) is recorded beside each peak.
-    rss = {}
-    rss_steps = min(args.rss_steps, BatchStream(CacheReader(str(caches[1]), task, split),
-                                                args.batch_size, 0, pad_id).batches_per_epoch - 1)
+
+def peak_rss(args, base: dict, caches: dict, pad_id: int, work: Path) -> tuple[dict, int]:
+    """Fresh processes, the same number of steps at every data size, and one online run.
+
+    The epoch's permutation differs with the data size, so each size's first batches differ:
+    their largest label-row count (the loss's (N, V) tensors) is recorded beside each peak.
+    """
+    paths, facts = caches["paths"], caches["facts"]
+    rss_steps = min(args.rss_steps, stream_of(paths[1], args, pad_id).batches_per_epoch - 1)
     if rss_steps < 1:
         raise SystemExit(f"the 1x cache has {facts[1]['sequences']} sequences, too few for a step "
                          f"before its epoch ends at --batch-size {args.batch_size}; raise --limit")
-    largest_batch = {}
-    for scale in scales:
-        scaled = BatchStream(CacheReader(str(caches[scale]), task, split), args.batch_size, 0,
-                             pad_id)
-        largest_batch[scale] = max(
-            int(sum(scaled.label_offsets[i + 1] - scaled.label_offsets[i]
-                    for i in scaled.batch_indices(p)))
-            for p in range(rss_steps))
-    for scale in scales:
+    largest = {scale: max(b.n_labels for b in stream_of(path, args, pad_id).batches(0, rss_steps))
+               for scale, path in paths.items()}
+    rss = {}
+    for scale, path in paths.items():
         rss[f"cached {scale}x"] = measure_rss(
-            {**base, "cache.cache": str(caches[scale]), "train.out": str(work / f"rss-{scale}")},
-            rss_steps)
-        rss[f"cached {scale}x"]["largest_batch_label_rows"] = largest_batch[scale]
+            {**base, "cache.cache": str(path), "train.out": str(work / f"rss-{scale}")},
+            rss_steps, args.threads)
+        rss[f"cached {scale}x"]["largest_batch_label_rows"] = largest[scale]
         print(f"peak RSS cached {scale}x: {rss[f'cached {scale}x']['peak_rss_mib']:.0f} MiB")
     rss["online 1x"] = measure_rss(
-        {**base, "cache.cache": str(caches[1]), "train.online": True,
-         "train.out": str(work / "rss-online")}, rss_steps)
-    rss["online 1x"]["largest_batch_label_rows"] = largest_batch[1]
+        {**base, "cache.cache": str(paths[1]), "train.online": True,
+         "train.out": str(work / "rss-online")}, rss_steps, args.threads)
+    rss["online 1x"]["largest_batch_label_rows"] = largest[1]
+    one = rss["cached 1x"]
     for entry in rss.values():
         if entry["checkpoint_written"]:
             raise SystemExit("an RSS run wrote a checkpoint; its peak is not comparable")
-    one = rss["cached 1x"]
-    for entry in rss.values():
         entry["peak_vs_cached_1x"] = entry["peak_rss_mib"] / one["peak_rss_mib"]
         if entry["peak_rss_steps_mib"] is not None:
             entry["steps_peak_vs_cached_1x"] = (entry["peak_rss_steps_mib"]
                                                 / one["peak_rss_steps_mib"])
-    tmp.cleanup()
+    return rss, rss_steps
 
-    # Tables.
+
+def print_tables(summary: dict, rss: dict, facts: dict) -> None:
     sm = summary["modes"]
     rows = [[MODES[m], sm[m]["median_step_seconds"], sm[m]["tokens_per_s"],
              sm[m]["median_step_seconds"] / sm["cached"]["median_step_seconds"]] for m in MODES]
     print()
-    print(format_table(["configuration (median over rounds)", "s/step", "tokens/s", "vs (a)"],
-                       rows))
+    print(harness.format_table(["configuration (median over rounds)", "s/step", "tokens/s",
+                                "vs (a)"], rows))
     for name, ratio in summary["ratios"].items():
         spread = ", ".join(f"{v:.3f}" for v in ratio["per_round"])
         print(f"{name:17s} time ratio on identical batches: {ratio['median']:.3f} "
@@ -515,53 +439,90 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['cached_equals_in_memory_losses']}")
     pieces = sorted({n for m in MODES for n in sm[m]["pieces_ms_per_call"]})
     print()
-    print(format_table(["ms per batch (warm-up included)", "(a)", "(b)", "(c)"],
-                       [[n] + [sm[m]["pieces_ms_per_call"].get(n, "") for m in MODES]
-                        for n in pieces]))
+    print(harness.format_table(["ms per batch (warm-up included)", "(a)", "(b)", "(c)"],
+                               [[n] + [sm[m]["pieces_ms_per_call"].get(n, "") for m in MODES]
+                                for n in pieces]))
     print()
     rss_rows = []
     for name, entry in rss.items():
-        scale = int(name.split()[1].rstrip("x"))
-        f = facts[scale]
+        f = facts[int(name.split()[1].rstrip("x"))]
         rss_rows.append([name, f["sequences"], f["label_tokens"], f["disk_bytes"] / 2**20,
                          f["decoded_bytes"] / 2**20, entry["largest_batch_label_rows"],
                          entry["peak_rss_mib"], entry["peak_rss_steps_mib"] or "n/a",
                          entry["peak_vs_cached_1x"]])
-    print(format_table(["peak RSS (own process)", "sequences", "label rows", "cache MiB",
-                        "decoded MiB", "max rows/batch", "peak MiB", "peak, steps",
-                        "peak vs 1x"], rss_rows))
+    print(harness.format_table(["peak RSS (own process)", "sequences", "label rows", "cache MiB",
+                                "decoded MiB", "max rows/batch", "peak MiB", "peak, steps",
+                                "peak vs 1x"], rss_rows))
 
-    payload = {
+
+WHAT = {
+    "cached": "train() reading the cache through BatchStream (prefetch thread): draft forward, "
+              "sparse loss, AdaSPEC selection, backward, clip, AdamW",
+    "in_memory": "the same loop, BatchStream.batches replaced by the same batches read and "
+                 "decoded beforehand",
+    "online": "train(online=True): target and reference forwards, dense losses, then the same "
+              "draft step; sequences and batch order from the same cache",
+    "step_seconds": "differences of consecutive `elapsed` in metrics.jsonl",
+    "tokens": "real (unpadded) tokens of the timed steps' batches",
+    "ratios": "total time of the timed steps of one round / the other mode's, same batches; "
+              "median over rounds",
+    "peak_rss": "VmHWM of a fresh process running train() for rss_steps steps; 'steps' = after "
+                "the last model load (reset via /proc/self/clear_refs)",
+    "scales": "1x is a real build; Sx repeats its sequences and stored rows S times",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.rss_child is not None:
+        return rss_child(json.loads(args.rss_child))
+    info = harness.start(args)
+    scales = [int(s) for s in args.scales.split(",")]
+    if scales[0] != 1:
+        raise SystemExit(f"--scales must start with 1, got {args.scales}")
+    tmp = tempfile.TemporaryDirectory(prefix="bench-train-step-")
+    work = Path(tmp.name)
+    loaded = Loaded(args, work)
+    base = {
+        "models.target": args.target, "models.draft": str(loaded.draft_dir),
+        "models.ref": str(loaded.draft_dir), "data.task": args.task, "data.split": args.split,
+        "data.data_files": args.data_files, "data.limit": args.limit,
+        "data.max_length": args.max_length, "cache.topk": args.topk, "train.k": args.k,
+        "cache.sparse": "topk", "cache.value_encoding": "float16",
+        "train.batch_size": args.batch_size,
+    }
+    caches = make_caches(args, base, loaded, work, scales)
+
+    # The timed runs read the largest cache, so that their steps stay inside its first epoch.
+    timing_cache = caches["paths"][scales[-1]]
+    max_steps = args.warmup + args.steps
+    stream = stream_of(timing_cache, args, loaded.pad_id, with_target=True, ref=("ref", "fkl"))
+    if max_steps >= stream.batches_per_epoch:
+        raise SystemExit(f"{max_steps} steps would reach the end of the epoch "
+                         f"({stream.batches_per_epoch} batches); use fewer --steps or more data")
+    batches = list(stream.batches(0, max_steps))
+    runs = timed_rounds(args, {**base, "cache.cache": str(timing_cache)}, loaded, work,
+                        max_steps, batches)
+    summary = summarize(args, runs, batches)
+    rss, rss_steps = peak_rss(args, base, caches, loaded.pad_id, work)
+    tmp.cleanup()
+    print_tables(summary, rss, caches["facts"])
+    harness.write_json(args.out, {
         "benchmark": "train_step",
-        "what": {
-            "cached": "train() reading the cache through BatchStream (prefetch thread): draft "
-                      "forward, sparse loss, AdaSPEC selection, backward, clip, AdamW",
-            "in_memory": "the same loop, BatchStream.batches replaced by the same batches read "
-                         "and decoded beforehand",
-            "online": "train(online=True): target and reference forwards, dense losses, then the "
-                      "same draft step; sequences and batch order from the same cache",
-            "step_seconds": "differences of consecutive `elapsed` in metrics.jsonl",
-            "tokens": "real (unpadded) tokens of the timed steps' batches",
-            "ratios": "total time of the timed steps of one round / the other mode's, same "
-                      "batches; median over rounds",
-            "peak_rss": "VmHWM of a fresh process running train() for rss_steps steps; "
-                        "'steps' = after the last model load (reset via /proc/self/clear_refs)",
-            "scales": "1x is a real build; Sx repeats its sequences and stored rows S times",
-        },
+        "what": WHAT,
         "machine": info,
-        "settings": {**vars(args), "draft_parameters": draft_params, "timing_scale": timing_scale,
-                     "rss_steps": rss_steps, "config": base},
-        "target_load_seconds": target_load,
-        "build_seconds": build_seconds,
-        "target_build_seconds": target_build,
-        "caches": {f"{s}x": f for s, f in facts.items()},
-        "batches": {"tokens": tokens, "label_rows": label_rows},
+        "settings": {**vars(args), "draft_parameters": loaded.draft_params,
+                     "timing_scale": scales[-1], "rss_steps": rss_steps, "config": base},
+        "target_load_seconds": loaded.target_load,
+        "build_seconds": caches["build_seconds"],
+        "target_build_seconds": caches["target_build_seconds"],
+        "caches": {f"{s}x": f for s, f in caches["facts"].items()},
+        "batches": {"tokens": [b.n_tokens for b in batches],
+                    "label_rows": [b.n_labels for b in batches]},
         "summary": summary,
         "peak_rss": rss,
         "runs": runs,
-    }
-    write_json(Path(args.out), payload)
-    print(f"wrote {args.out}")
+    })
     return 0
 
 

@@ -437,19 +437,17 @@ class CacheReader:
                     f"cache {root}/{path} has no complete '{stage}' stage; run (or resume) "
                     f"`adaspec-cache build` for it"
                 )
-        seq = {name: self.group[schema.SEQUENCES][name] for name in schema.SEQUENCE_ARRAYS}
-
-        def whole(name: str) -> np.ndarray:
-            return read_rows(seq[name], 0, seq[name].shape[0], self.root)
-
-        self.offsets = whole("offsets")  # (S+1,) int64
-        self.label_offsets = whole("label_offsets")  # (S+1,) int64
-        # Tokens are small (2-4 B each, no logits): holding them saves a chunk decode per read.
-        self._input_ids = whole("input_ids").astype(np.int64)
-        self._label_mask = whole("label_mask").astype(bool)
-        self.source_index = whole("source_index")
+        self._seq = {name: self.group[schema.SEQUENCES][name]
+                     for name in schema.SEQUENCE_ARRAYS}
+        self.offsets = self._whole("offsets")  # (S+1,) int64
+        self.label_offsets = self._whole("label_offsets")  # (S+1,) int64
+        self.source_index = self._whole("source_index")  # (S,) int64
+        self._tokens: tuple[np.ndarray, np.ndarray] | None = None  # read on first use
         # Arrays are opened once: opening one reads its metadata from the store.
         self._arrays: dict[str, dict[str, zarr.Array]] = {}
+
+    def _whole(self, name: str) -> np.ndarray:
+        return read_rows(self._seq[name], 0, self._seq[name].shape[0], self.root)
 
     # What the cache holds ---------------------------------------------------------------------
 
@@ -500,14 +498,27 @@ class CacheReader:
 
     # Rows ---------------------------------------------------------------------------------------
 
+    def all_tokens(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every sequence's tokens (int64) and label mask (bool), concatenated; read once and
+        held (2-4 B per token stored, no logits). A bounded-memory reader uses `token_rows`."""
+        if self._tokens is None:
+            self._tokens = (self._whole("input_ids").astype(np.int64),
+                            self._whole("label_mask").astype(bool))
+        return self._tokens
+
     def sequence(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids (T,) int64, label_mask (T,) bool) of one sequence."""
         start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
-        return self._input_ids[start:stop], self._label_mask[start:stop]
+        ids, mask = self.all_tokens()
+        return ids[start:stop], mask[start:stop]
 
-    def all_tokens(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every sequence's tokens and label mask, concatenated (small: no per-token logits)."""
-        return self._input_ids, self._label_mask
+    def token_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens [start, stop) of the concatenated sequences, as stored (uint16/uint32) with
+        their label mask, read from the store (nothing held)."""
+        if self._tokens is not None:
+            return self._tokens[0][start:stop], self._tokens[1][start:stop]
+        return (read_rows(self._seq["input_ids"], start, stop, self.root),
+                read_rows(self._seq["label_mask"], start, stop, self.root).astype(bool))
 
     def _stage_arrays(self, stage: str) -> dict[str, zarr.Array]:
         if stage not in self._arrays:

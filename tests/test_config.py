@@ -100,3 +100,37 @@ def test_cli_preview_shows_label_spans(tiny_model_dir, shared_data):
                   "--data-files", str(shared_data / "gsm8k" / "train.jsonl"), "--limit", "2")
     assert result.returncode == 0, result.stderr
     assert "The final answer is:" in result.stdout and "label" in result.stdout
+
+
+def test_flags_and_help_come_from_the_config_classes():
+    """Every config field a command exposes has a flag named by the class, helped by the
+    field's docstring and listing its choices; the choices come from the implementing module."""
+    import dataclasses
+
+    from adaspec.cli import cache, eval, sweep, train
+    from adaspec.cli.common import config_from_args
+    from adaspec.config import SECTIONS, choices_of, field_docs, flag_of
+
+    for section, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name), f"{section}.{f.name} has no docstring"
+            choices_of(cls, f.name)  # resolves (or None)
+    parser = train._parser()
+    text = " ".join(parser.format_help().split())
+    for name in ("k", "loss", "stage", "stream_memory_mb", "log_every"):
+        flag = flag_of(SECTIONS["train"], name)
+        assert flag in text, flag
+    assert "Fraction of label tokens AdaSPEC keeps" in text
+    assert "{fkl,rkl,tvd,jsd}" in text  # from losses.DIVERGENCES
+    assert "--data-seed" in text and "--seed" in text  # one field name, two sections
+    cfg = config_from_args(parser.parse_args(["--k", "0.7", "--loss", "rkl", "--data-seed", "3"]))
+    assert (cfg.train.k, cfg.train.loss, cfg.data.seed) == (0.7, "rkl", 3)
+    assert cfg.explicit == {"train.k", "train.loss", "data.seed"}
+    sweep_cfg = config_from_args(sweep._parser().parse_args(["--k", "0.2,1", "--seeds", "0,1"]))
+    assert sweep_cfg.sweep.k == (0.2, 1.0) and sweep_cfg.sweep.seeds == (0, 1)
+    eval_cfg = config_from_args(eval._parser().parse_args(["--draft", "x", "--modes",
+                                                           "offline,exact"]))
+    assert eval_cfg.eval.modes == ("offline", "exact")
+    build = cache._parser().parse_args(["build", "--model", "target", "--draws", "16"])
+    assert config_from_args(build).cache.k == 16

@@ -10,16 +10,17 @@ import pytest
 import torch
 from conftest import REPO, make_tiny_model
 
-from adaspec import fidelity, models, selection
-from adaspec.build import build_stage, label_hidden_and_head
+from adaspec import labels, models, selection
+from adaspec.build import build_stage
 from adaspec.config import CacheConfig, build_config
+from bench import fidelity_measures as fidelity
 from cache_tools.store import CacheReader
 
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 # Selection agreement (Jaccard, k = 0.4) of the default cache (8 draws, uint8q) with dense
 # losses. Measured 0.886 on the fixed sample of test_default_cache_selects_like_dense_losses,
-# and by bench/fidelity.py 0.909 (gsm8k) and 0.860 (alpaca) on 40-row samples
+# and by `python -m bench.fidelity` 0.909 (gsm8k) and 0.860 (alpaca) on 40-row samples
 # (bench/results/fidelity.json); the floor sits just under the lowest. The former default (top-64
 # + tail, float16) measured 0.985 here, top-8 + tail 0.77 on alpaca.
 DEFAULT_SELECTION_FLOOR = 0.85
@@ -109,8 +110,7 @@ def _logits_of(model):
     """The target_logits callable of per_token_losses for a loaded model."""
 
     def logits(seqs, masks, pad_id):
-        n, logits_fn = label_hidden_and_head(model, seqs, masks, pad_id)
-        return logits_fn(0, n)
+        return labels.LabelLogits(model, labels.pad_batch(seqs, masks, pad_id))()
 
     return logits
 
@@ -168,8 +168,8 @@ def test_per_token_losses_refuse_caches_of_other_sequences(tiny_caches, tmp_path
         "models": {"target": str(tiny_model_dir)},
         "data": {"task": "gsm8k", "split": "train", "data_files": str(GSM8K), "limit": 3,
                  "max_length": 256},
-        "cache": {"cache": str(tmp_path / "other"), "topk": 8, "shard_rows": 512,
-                  "chunk_rows": 256},
+        "cache": {"cache": str(tmp_path / "other"), "sparse": "topk", "topk": 8,
+                  "shard_rows": 512, "chunk_rows": 256},
     })
     build_stage(cfg, "target", progress=False)
     other = {"full": readers["full"], "other": CacheReader(str(tmp_path / "other"), "gsm8k",
@@ -183,7 +183,7 @@ def test_per_token_losses_refuse_caches_of_other_sequences(tiny_caches, tmp_path
 
 
 @pytest.mark.slow
-def test_default_cache_selects_like_dense_losses(tmp_path, shared_data):
+def test_default_cache_selects_like_dense_losses(tmp_path, shared_data, monkeypatch):
     """AdaSPEC (k = 0.4) keeps nearly the same tokens with the default cache as with dense losses.
 
     Fixed sample: the first 6 gsm8k train rows; target SmolLM2-135M, draft = its first 2
@@ -199,7 +199,9 @@ def test_default_cache_selects_like_dense_losses(tmp_path, shared_data):
     })
     assert cfg.cache == dataclasses.replace(defaults, cache=cfg.cache.cache)
     target, tokenizer = models.load_model(models.DEFAULT_ALIAS)
-    build_stage(cfg, "target", progress=False, loaded=(target, tokenizer))
+    with monkeypatch.context() as patch:  # the build uses the target loaded here
+        patch.setattr(models, "load_model", lambda spec, *args, **kwargs: (target, tokenizer))
+        build_stage(cfg, "target", progress=False)
     draft = models.keep_first_layers(copy.deepcopy(target), 2).eval()
     ref = models.keep_first_layers(copy.deepcopy(target), 4).eval()
     reader = CacheReader(cfg.cache.cache, "gsm8k", "train")

@@ -1,6 +1,7 @@
-"""How faithful a sparse cache is to the dense target it was built from.
+"""How faithful a sparse cache is to the dense target it was built from: the fidelity study's
+measures (`python -m bench.fidelity`; tested in tests/test_fidelity.py).
 
-Two questions, asked of the same label tokens (bench/fidelity.py, tests/test_fidelity.py):
+Two questions, asked of the same label tokens:
 
 1. How far is the per-token loss computed from the cache (top-K + tail, or sampled) from the
    loss over the full vocabulary? `error_summary` gives the median and p95 relative error.
@@ -20,7 +21,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adaspec import build, losses, models, selection
+from adaspec import labels, losses, selection
+from adaspec.models import cut_logits
+from adaspec.sparse import from_rows
 from cache_tools.store import CacheReader
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +144,7 @@ def per_token_losses(
         if not same_tokens or not np.array_equal(reader.label_offsets, first.label_offsets):
             raise ValueError(f"cache {name} holds other sequences than the first one")
     pairs = [first.sequence(i) for i in range(first.n_sequences)]
-    plan = build.plan_batches(np.array([len(p[0]) for p in pairs]), batch_tokens)
+    plan = labels.plan_batches(np.array([len(p[0]) for p in pairs]), batch_tokens)
     out: dict[str, dict[str, list[torch.Tensor]]] = {
         key: {s: [] for s in scorers} for key in ("dense", *readers)
     }
@@ -149,18 +152,15 @@ def per_token_losses(
         seqs, masks = [p[0] for p in pairs[a:b]], [p[1] for p in pairs[a:b]]
         row0, row1 = int(first.label_offsets[a]), int(first.label_offsets[b])
         with torch.no_grad():
-            target = models.cut_logits(target_logits(seqs, masks, pad_id),
-                                       vocab_size).float().cpu()
-            sparse_targets = {
-                name: build.sparse_target_from_rows(reader.target_rows(row0, row1))
-                for name, reader in readers.items()
-            }
+            target = cut_logits(target_logits(seqs, masks, pad_id), vocab_size).float().cpu()
+            cached = {name: from_rows(reader.target_rows(row0, row1))
+                      for name, reader in readers.items()}
+            batch = labels.pad_batch(seqs, masks, pad_id)
             for scorer_name, model in scorers.items():
-                n, logits_fn = build.label_hidden_and_head(model, seqs, masks, pad_id)
-                logits = models.cut_logits(logits_fn(0, n), vocab_size).float().cpu()
+                logits = labels.LabelLogits(model, batch, vocab_size)().cpu()
                 out["dense"][scorer_name].append(
                     losses.dense_divergence(logits, target, divergence))
-                for name, sparse in sparse_targets.items():
+                for name, rows in cached.items():
                     out[name][scorer_name].append(
-                        losses.sparse_divergence(logits, sparse, divergence))
+                        losses.sparse_divergence(logits, rows, divergence))
     return {key: {s: torch.cat(v) for s, v in by.items()} for key, by in out.items()}

@@ -1,0 +1,1 @@
+"""Benchmarks and the fidelity study; run each as `python -m bench.NAME` (see bench/README.md)."""
