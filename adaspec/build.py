@@ -246,6 +246,14 @@ def _load(cfg: Config, spec: str, state: PartialState, device_map: str | None) -
     return _Model(spec, identity, model.eval(), tokenizer, dtype)
 
 
+def _check_same_tokenizer(loaded: _Model, fingerprint: str) -> None:
+    if models.tokenizer_fingerprint(loaded.tokenizer) != fingerprint:
+        raise UserError(
+            f"--generator model {loaded.spec} uses another tokenizer than the target; the "
+            "draft, reference and target must share one tokenizer"
+        )
+
+
 def _check_tokenizer(loaded: _Model, manifest: Manifest) -> None:
     if models.tokenizer_fingerprint(loaded.tokenizer) != manifest.tokenizer_fingerprint:
         raise UserError(
@@ -262,14 +270,22 @@ def _build_target(cfg: Config, model_spec: str | None, state: PartialState, prog
         raise UserError(f"{flag} {cfg.cache.k} exceeds the vocabulary size {loaded.vocab_size}")
     writer = CacheWriter(cfg.cache.cache, cfg.data.task, cfg.data.split)
     fingerprint = models.tokenizer_fingerprint(loaded.tokenizer)
-    generated = None
+    generated = gen_identity = None
     if cfg.cache.generate:
-        gen_params = generate.generation_params(cfg, loaded.identity)
+        writer_model = loaded
+        if cfg.cache.generator != "target":  # on-policy: another model writes the responses
+            spec = cfg.models.draft if cfg.cache.generator == "draft" else (
+                cfg.models.ref or _recorded_ref(cfg))
+            writer_model = _load(cfg, spec, state, None)
+            _check_same_tokenizer(writer_model, fingerprint)
+        gen_identity = writer_model.identity
+        gen_params = generate.generation_params(cfg, gen_identity)
         seq_params = sequence_params(cfg, fingerprint, gen_params)
         processes.together(state, lambda: generate.generate_batches(
-            cfg, loaded.model, loaded.tokenizer, state, progress, loaded.identity,
+            cfg, writer_model.model, writer_model.tokenizer, state, progress, gen_identity,
             sequence_params(cfg, fingerprint)))
         state.wait_for_everyone()
+        del writer_model
         generated = generate.load_generated(cfg)
         processes.on_main(state, lambda: ensure_sequences(
             writer, cfg, loaded.tokenizer, seq_params,
@@ -293,16 +309,16 @@ def _build_target(cfg: Config, model_spec: str | None, state: PartialState, prog
         schema.ID_ENCODING: c.id_encoding,
         "compute_dtype": str(loaded.dtype).removeprefix("torch."),
         "seed": c.seed if c.sparse == "sample" else None,
-        "generate": generate.generation_params(cfg, loaded.identity) if c.generate else None,
+        "generate": generate.generation_params(cfg, gen_identity) if c.generate else None,
     }
     arrays = schema.target_arrays(c.sparse, c.k, c.value_encoding, loaded.vocab_size)
     fix = ("use a new --cache directory or the stored settings, or replace the stage with "
            "--rebuild (then rebuild its reference losses too)")
     layout = _Layout.from_sequences(label_offsets, np.array([len(s) for s in seqs]),
                                     c.batch_tokens)
-    if generated is not None:
+    if generated is not None and cfg.cache.generator == "target":  # rows came with them
         compute = _staged_batch_fn(cfg, layout, reader.source_index, generated, loaded.vocab_size)
-    else:
+    else:  # the task's data, or another model's responses: the target scores them now
         compute = _target_batch_fn(cfg, loaded, seqs, masks, layout)
     return _write_stage(cfg, state, writer, schema.TARGET, params, arrays, fix, rebuild, layout,
                         compute, reader, progress)

@@ -170,6 +170,9 @@ class CacheConfig(_Checked):
     """Longest sampled response with --generate."""
     gen_temperature: float = 1.0
     """Sampling temperature of --generate (0 = greedy); the untempered distribution is cached."""
+    generator: str = field(default="target", metadata=meta(choices="adaspec.generate:GENERATORS"))
+    """Who writes the responses with --generate: the target, or the draft / the reference
+    (on-policy data, scored once by the target)."""
     ref_name: str = "ref"
     """Name under which a reference's per-token losses are stored."""
     seed: int = field(default=0, metadata=meta("--cache-seed"))
@@ -249,9 +252,19 @@ class TrainConfig(_Checked):
     """Run folder (default runs/<stage>-<task>-k<k>-<loss>-s<seed>)."""
     online: bool = False
     """Compute target (and reference) outputs live instead of reading the cache (baseline)."""
+    eval_split: str | None = field(default=None, metadata=meta(choices="adaspec.tasks:SPLITS"))
+    """A cached split of the task to measure the draft on, offline, at each epoch end (the
+    paper's model selection without the target)."""
+    eval_every: int = 0
+    """Also measure on --eval-split every N optimizer steps (0: at epoch ends only)."""
+    keep_best: bool = False
+    """Keep best/: the model of the evaluation with the highest validation acceptance."""
 
     def check(self) -> None:
         self._range("k", 0.0 < self.k <= 1.0, "must be in (0, 1]")
+        self._range("eval_every", self.eval_every >= 0, "must be >= 0")
+        _check(not self.keep_best or self.eval_split is not None, "train.keep_best",
+               TrainConfig, "needs --eval-split (the split the best model is chosen on)")
         self._range("beta", 0.0 <= self.beta <= 1.0, "must be in [0, 1]")
         self._range("epochs", self.epochs > 0, "must be > 0")
         for name in ("batch_size", "grad_accum", "chunk_tokens", "log_every"):
@@ -277,6 +290,10 @@ class EvalConfig(_Checked):
     """Prompts of the split decoded speculatively."""
     speed_rounds: int = 3
     """Interleaved timing rounds of speculative and target-only decoding (speeds are medians)."""
+    continuations_cache: str | None = None
+    """A cache whose split holds the target's own greedy continuations of the prompts (built
+    with --generate --gen-temperature 0): acceptance measured on what speculative decoding
+    sees, offline and exact."""
 
     def check(self) -> None:
         self._range("gamma", self.gamma >= 1, "must be >= 1")

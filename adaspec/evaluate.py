@@ -288,6 +288,26 @@ def _open_cache(
         return None, rest
 
 
+def _continuations_reader(cfg: Config, cache: str | None) -> CacheReader | None:
+    """The split of a cache of the target's own continuations, if one was named."""
+    if cache is None:
+        return None
+    try:
+        reader = CacheReader(cache, cfg.data.task, cfg.data.split)
+    except CacheError as err:
+        raise UserError(
+            f"{err}; --continuations-cache holds the target's own greedy continuations: "
+            f"`adaspec-cache build --model target --generate --gen-temperature 0 --cache {cache} "
+            f"--task {cfg.data.task} --split {cfg.data.split} --sparse topk --topk 64 "
+            "--value-encoding float16`"
+        ) from None
+    if not (reader.sequence_params.get("generate") or {}).get("model"):
+        raise UserError(f"--continuations-cache {cache}: its {cfg.data.task}/{cfg.data.split} "
+                        "holds dataset answers, not generated continuations (build it with "
+                        "--generate)")
+    return reader
+
+
 def _check_cache_tokenizer(reader: CacheReader, spec: str, tokenizer, cache: str) -> None:
     """Offline numbers compare the draft's ids with the cache's ids: one tokenizer or nonsense.
 
@@ -348,6 +368,7 @@ def evaluate(
     max_new_tokens, n_prompts, speed_rounds = (settings.max_new_tokens, settings.prompts,
                                                settings.speed_rounds)
     reader, modes = _open_cache(cfg, modes, asked, note)
+    continuations = _continuations_reader(cfg, settings.continuations_cache)
     needs_target = "exact" in modes or "speculative" in modes
     specs = [models.resolve_run_folder(spec) for spec in draft_specs]
     tokenizers = [models.load_tokenizer(spec) for spec in specs]
@@ -355,6 +376,8 @@ def evaluate(
     for spec, tokenizer in zip(specs, tokenizers, strict=True):
         if reader is not None:
             _check_cache_tokenizer(reader, spec, tokenizer, cfg.cache.cache)
+        if continuations is not None:
+            _check_cache_tokenizer(continuations, spec, tokenizer, settings.continuations_cache)
         if target_tok is not None:
             models.shared_vocab_size(target_tok, tokenizer)
 
@@ -382,6 +405,9 @@ def evaluate(
             result["exact"] = exact_acceptance(
                 draft, target, seqs, vocab_size, pad_id, cfg.cache.batch_tokens, progress
             )
+        if continuations is not None:
+            _measure_continuations(result, draft, target, continuations, vocab_size, pad_id,
+                                   cfg.cache.batch_tokens, progress)
         results.append(result)
     if "speculative" in modes and drafts:
         # every draft shares the target's tokenizer (checked above): one prompt set for all
@@ -394,13 +420,53 @@ def evaluate(
         for result, spec_result in zip(results, spec_results, strict=True):
             result["n_prompts"] = len(prompts)
             result["speculative"] = spec_result
+    for result in results:
+        result["predicted_mean_accepted_length"] = predicted_lengths(result)
     return results
+
+
+def iid_mean_accepted_length(alpha: float, gamma: int) -> float:
+    """Tokens per target call if each draft token is accepted independently with probability
+    alpha (Leviathan et al. 2023, Eq. 1): (1 - alpha^(gamma + 1)) / (1 - alpha)."""
+    if alpha >= 1.0:
+        return gamma + 1.0
+    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+def predicted_lengths(result: dict) -> dict:
+    """The mean accepted length each teacher-forced measure predicts for the result's gamma:
+    greedy agreement at temperature 0 (what greedy verification accepts), expected acceptance
+    sum min(p, q) otherwise; beside the measured one when speculative decoding ran."""
+    key = "greedy_agreement" if result["temperature"] == 0 else "expected_acceptance"
+    out = {"per_token_measure": key}
+    for name in ("exact", "exact_continuations"):
+        if name in result:
+            out[name] = iid_mean_accepted_length(result[name][key], result["gamma"])
+    if "offline_continuations" in result and key == "greedy_agreement":
+        out["offline_continuations"] = iid_mean_accepted_length(
+            result["offline_continuations"]["greedy_agreement"], result["gamma"])
+    if "speculative" in result:
+        out["measured"] = result["speculative"]["mean_accepted_length"]
+    return out
+
+
+def _measure_continuations(result: dict, draft, target, reader: CacheReader, vocab_size: int,
+                           pad_id: int, batch_tokens: int, progress: bool) -> None:
+    """Acceptance on the target's own continuations of the prompts (a cache built with
+    --generate): offline from its rows, and exact with the target when it is loaded. These are
+    the contexts speculative decoding sees; dataset answers can rank drafts otherwise."""
+    result["offline_continuations"] = offline_acceptance(draft, reader, vocab_size, pad_id,
+                                                         batch_tokens, progress)
+    if target is not None:
+        result["exact_continuations"] = exact_acceptance(
+            draft, target, _cache_sequences(reader), vocab_size, pad_id, batch_tokens, progress)
 
 
 def format_table(results: list[dict]) -> str:
     """A markdown table of several drafts' results, one row each."""
     header = ["draft", "offline acceptance [bounds]", "offline greedy", "exact acceptance",
-              "exact greedy", "alpha (paper)", "accepted/drafted", "mean accepted length",
+              "exact greedy", "exact on target continuations", "alpha (paper)",
+              "accepted/drafted", "mean accepted length", "predicted (answers / cont.)",
               "speedup"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
@@ -415,11 +481,15 @@ def format_table(results: list[dict]) -> str:
         speedup = f"{s['speedup']:.2f} ± {s['speedup_spread']:.2f}" if s else "-"
         if s and s.get("speed_within_noise"):
             noisy.append(r["draft"])
+        c = r.get("exact_continuations")
+        measure = "greedy_agreement" if r.get("temperature", 0) == 0 else "expected_acceptance"
+        p = r.get("predicted_mean_accepted_length", {})
+        predicted = " / ".join(cell(p, k, ".3f") for k in ("exact", "exact_continuations"))
         lines.append("| " + " | ".join([
             r["draft"], bounds, cell(o, "greedy_agreement"), cell(e, "expected_acceptance"),
-            cell(e, "greedy_agreement"), cell(s, "alpha_paper"),
+            cell(e, "greedy_agreement"), cell(c, measure), cell(s, "alpha_paper"),
             cell(s, "draft_acceptance_rate_vllm"), cell(s, "mean_accepted_length", ".3f"),
-            speedup,
+            predicted, speedup,
         ]) + " |")
     if noisy:
         lines.append("")
@@ -447,6 +517,20 @@ def format_result(result: dict) -> str:
             f"  exact (teacher-forced, {e['label_tokens']} tokens): expected acceptance "
             f"{e['expected_acceptance']:.4f}, greedy agreement {e['greedy_agreement']:.4f}"
         )
+    for name, what in (("offline_continuations", "offline"), ("exact_continuations", "exact")):
+        if name in result:
+            c = result[name]
+            value = (c["expected_acceptance"] if "expected_acceptance" in c else
+                     (c["expected_acceptance_lower"] + c["expected_acceptance_upper"]) / 2)
+            lines.append(
+                f"  {what} on the target's own continuations ({c['label_tokens']} tokens): "
+                f"expected acceptance {value:.4f}, greedy agreement {c['greedy_agreement']:.4f}"
+            )
+    p = result.get("predicted_mean_accepted_length", {})
+    if len(p) > 1:
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in p.items() if k != "per_token_measure")
+        lines.append(f"  mean accepted length at gamma={result['gamma']} (i.i.d. prediction "
+                     f"from {p['per_token_measure']}): {shown}")
     if "speculative" in result:
         s = result["speculative"]
         lines.append(

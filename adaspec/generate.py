@@ -1,7 +1,10 @@
 """Target-generated training data (`adaspec-cache build --generate`), staged for the cache.
 
 The target samples a response per prompt; the per-step distributions of that generation are the
-teacher-forced ones, so their sparse rows are kept as they come (no second forward pass). Each
+teacher-forced ones, so their sparse rows are kept as they come (no second forward pass). With
+`--generator draft` (or `ref`) that model writes the responses instead (on-policy data, as
+DistillSpec recommends) and the target scores them once, teacher-forced, in the target stage:
+on-policy distillation then runs from the cache like everything else. Each
 generation batch is staged as one .npz file (written atomically) in a folder beside the cache,
 which makes the pass resumable and splittable across processes; the build then writes the staged
 prompts + responses as the split's sequences and the staged rows as its target stage.
@@ -36,6 +39,7 @@ from cache_tools import schema, store
 from cache_tools.errors import CacheError
 from cache_tools.store import CacheWriter
 
+GENERATORS = ("target", "draft", "ref")  # who writes the responses of --generate
 STAGING_PARAMS = "params.json"
 STAGING_VERSION = 1  # bump when what a staged batch holds changes
 
@@ -53,8 +57,10 @@ def staging_dir(cfg: Config) -> Path:
 
 
 def generation_params(cfg: Config, identity: dict) -> dict:
-    """How the responses were generated, as the manifest records it."""
+    """How the responses were generated, as the manifest records it (`identity`: the model that
+    wrote them)."""
     return {
+        "generator": cfg.cache.generator,
         "model": identity,
         "temperature": cfg.cache.gen_temperature,
         "max_new_tokens": cfg.cache.gen_max_new_tokens,
@@ -252,7 +258,8 @@ def _prompt_batches(cfg: Config, tokenizer) -> list[list[tuple[np.ndarray, int]]
 
 def _generate_batch(cfg: Config, model, tokenizer, batch: list[tuple[np.ndarray, int]],
                     index: int) -> dict[str, np.ndarray]:
-    """Generate one batch's responses and their sparse rows: the payload of a staged file."""
+    """Generate one batch's responses (and, when the target generates, their sparse rows):
+    the payload of a staged file."""
     vocab_size = models.real_vocab_size(tokenizer)
     eos = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -286,6 +293,8 @@ def _generate_batch(cfg: Config, model, tokenizer, batch: list[tuple[np.ndarray,
         arrays["input_ids"].append(np.concatenate([ids, np.asarray(tokens[:n])]))
         arrays["n_prompt"].append(len(ids))
         arrays["source_index"].append(source)
+        if cfg.cache.generator != "target":
+            continue  # another model's responses: the target scores them in the target stage
         try:
             made = logits_to_rows(cfg, vocab_size, step_logits[b, :n], generator)
         except sparse.NonFiniteRow as err:
@@ -304,10 +313,12 @@ def _generate_batch(cfg: Config, model, tokenizer, batch: list[tuple[np.ndarray,
 @torch.no_grad()
 def generate_batches(cfg: Config, model, tokenizer, state: PartialState, progress: bool,
                      identity: dict, sequence_params: dict) -> None:
-    """Sample the target's responses for the split's prompts and stage them (resumable).
+    """Sample `model`'s responses for the split's prompts and stage them (resumable).
 
-    `identity` is the model's `models.model_identity`; with the settings and the split's
-    `sequence_params` it keys the staging folder (see `_prepare_staging`).
+    `model` is the target, or with `--generator draft|ref` that model (on-policy data: the
+    target then scores its responses once, in the target stage). `identity` is the model's
+    `models.model_identity`; with the settings and the split's `sequence_params` it keys the
+    staging folder (see `_prepare_staging`).
     """
     staging = staging_dir(cfg)
     dtype = next(model.parameters()).dtype

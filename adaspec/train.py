@@ -32,6 +32,7 @@ from adaspec.config import Config
 from adaspec.errors import UserError
 from adaspec.step import Learner, LossModel
 from adaspec.stream import BatchStream, online_sequences
+from adaspec.validation import Validator
 from cache_tools import schema
 from cache_tools.store import CacheReader
 
@@ -222,6 +223,8 @@ def _log(accelerator, run: Run, step_index: int, per_epoch: int, lr: float, star
         "tokens_per_s": m["tokens"] / max(now - run.last_log, 1e-9),
         "elapsed": run.elapsed_before + now - started,
     }
+    if torch.cuda.is_available():  # the allocator's own count: no device sync
+        record["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     run.steps_logged, run.last_log = 0, now
     if accelerator.is_main_process:
         runs.log_metrics(run.run_dir, record)
@@ -318,6 +321,9 @@ def train(
     run = Run(learner, run_dir, total_micro, t.grad_accum, t.log_every, t.max_grad_norm)
     stop_step = run.total_steps if max_steps is None else min(run.total_steps, max_steps)
 
+    validator = None
+    if t.eval_split is not None and accelerator.is_main_process:
+        validator = Validator(cfg, run_dir, tokenizer)
     start_step = 0
     if checkpoint is not None:
         saved = runs.load_checkpoint(accelerator, checkpoint, run.learner.window)
@@ -326,9 +332,22 @@ def train(
     if accelerator.is_main_process:
         runs.start_run_dir(run_dir, cfg, start_step)
 
-    def maybe_checkpoint(step_done: int, micro_done: int) -> bool:
+    def after_step(step_done: int, micro_done: int) -> bool:
+        """Validation (at epoch ends, every --eval-every steps, at the end) and checkpoints;
+        True when a checkpoint was saved."""
         epoch_ended = micro_done // per_epoch > (micro_done - run.group_size(step_done - 1)) \
             // per_epoch
+        if t.eval_split is not None and (
+                epoch_ended or step_done == run.total_steps
+                or (t.eval_every and step_done % t.eval_every == 0)):
+            if validator is not None:
+                v = validator(accelerator.unwrap_model(run.learner.loss_model).model, step_done,
+                              micro_done / per_epoch)
+                if progress:
+                    tqdm.write(f"step {step_done} (epoch {micro_done / per_epoch:.2f}): "
+                               f"{t.eval_split} acceptance {v['expected_acceptance']:.4f}, "
+                               f"greedy agreement {v['greedy_agreement']:.4f}")
+            accelerator.wait_for_everyone()
         if not ((t.checkpoint_every and step_done % t.checkpoint_every == 0) or epoch_ended):
             return False
         position = {"step": step_done, "micro_batches": micro_done,
@@ -339,7 +358,7 @@ def train(
 
     started = time.perf_counter()
     fit(accelerator, [run], stream, teacher, start_step, stop_step, progress,
-        f"{t.stage} {cfg.data.task}", maybe_checkpoint)
+        f"{t.stage} {cfg.data.task}", after_step)
     if stop_step < run.total_steps:
         return run_dir
     accelerator.wait_for_everyone()

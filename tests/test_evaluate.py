@@ -53,7 +53,7 @@ def test_offline_bounds_contain_exact_on_the_same_tokens(setup):
 def test_offline_bounds_from_a_sampled_cache_contain_exact(setup, tmp_path):
     cfg, draft_dir = setup
     sampled = dataclasses.replace(cfg, cache=dataclasses.replace(
-        cfg.cache, cache=str(tmp_path / "sampled"), sparse="sample", topk=16))
+        cfg.cache, cache=str(tmp_path / "sampled"), sparse="sample", draws=16))
     build_stage(sampled, "target", progress=False)
     [result] = evaluate(sampled, [str(draft_dir)], ("offline", "exact"), progress=False)
     off, exact = result["offline"], result["exact"]
@@ -298,3 +298,40 @@ def test_speed_rounds_below_three_are_refused(setup):
     cfg, draft_dir = setup
     with pytest.raises(UserError, match="--speed-rounds"):
         evaluate(cfg, [str(draft_dir)], ("speculative",), speed_rounds=2, progress=False)
+
+
+def test_acceptance_on_the_targets_own_continuations_and_the_iid_prediction(setup, tmp_path):
+    """A cache of the target's greedy continuations: offline and exact acceptance on them,
+    and the mean accepted length each teacher-forced measure predicts for gamma."""
+    cfg, draft_dir = setup
+    continuations = dataclasses.replace(cfg, cache=dataclasses.replace(
+        cfg.cache, cache=str(tmp_path / "cont"), generate=True, gen_temperature=0.0,
+        gen_max_new_tokens=12, topk=300))
+    build_stage(continuations, "target", progress=False)
+    [result] = evaluate(cfg, [str(draft_dir)], ("offline", "exact", "speculative"),
+                        progress=False, continuations_cache=str(tmp_path / "cont"), gamma=3,
+                        max_new_tokens=12, n_prompts=3)
+    off, exact = result["offline_continuations"], result["exact_continuations"]
+    assert off["label_tokens"] == exact["label_tokens"] > 0
+    # K = V: the offline bounds close on the exact value.
+    assert off["expected_acceptance_lower"] == pytest.approx(exact["expected_acceptance"],
+                                                             abs=2e-3)
+    assert off["greedy_agreement"] == pytest.approx(exact["greedy_agreement"], abs=0.02)
+    predicted = result["predicted_mean_accepted_length"]
+    assert predicted["per_token_measure"] == "greedy_agreement"
+    alpha = exact["greedy_agreement"]
+    assert predicted["exact_continuations"] == pytest.approx(sum(alpha ** i for i in range(4)))
+    assert predicted["measured"] == result["speculative"]["mean_accepted_length"]
+    assert "exact on target continuations" in evaluate_module.format_table([result, result])
+    # A cache of dataset answers is not a cache of continuations.
+    with pytest.raises(UserError, match="not generated continuations"):
+        evaluate(cfg, [str(draft_dir)], ("offline",), progress=False,
+                 continuations_cache=cfg.cache.cache)
+
+
+def test_iid_mean_accepted_length():
+    from adaspec.evaluate import iid_mean_accepted_length
+
+    assert iid_mean_accepted_length(0.0, 5) == 1.0
+    assert iid_mean_accepted_length(1.0, 5) == 6.0
+    assert iid_mean_accepted_length(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)

@@ -1,0 +1,71 @@
+"""Validation acceptance while a draft trains, from a cached split, without the target.
+
+The paper picks each draft's epoch by its acceptance on a validation set. With the target's rows
+of a validation split in the cache, that costs one draft forward over the split: `Validator`
+measures the offline expected acceptance (sum_x min(p, q), with the bounds the cached entries
+leave) and the greedy agreement at each epoch end (and every `--eval-every` steps), logs them
+as a `validation` line in metrics.jsonl, and with `--keep-best` keeps the best model in `best/`
+(`best/best.json` says which step it is and what it scored).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from adaspec import evaluate, models, provenance, runs
+from adaspec.config import Config
+from cache_tools import schema
+from cache_tools.store import CacheReader
+
+BEST_DIR = "best"
+BEST_FILE = "best.json"
+
+
+class Validator:
+    """Offline acceptance of the trained model on `cfg.train.eval_split` (main process)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, tokenizer):
+        t = cfg.train
+        self.reader = CacheReader(cfg.cache.cache, cfg.data.task, t.eval_split,
+                                  require=(schema.TARGET,))
+        provenance.check_tokenizer(self.reader, tokenizer)
+        self.cfg, self.run_dir, self.tokenizer = cfg, run_dir, tokenizer
+        self.keep_best = t.keep_best
+        self.every = t.eval_every
+        best = run_dir / BEST_DIR / BEST_FILE
+        self.best = json.loads(best.read_text()) if best.is_file() else None  # resumed runs
+
+    def due(self, step_done: int, epoch_ended: bool, last: bool) -> bool:
+        return epoch_ended or last or bool(self.every and step_done % self.every == 0)
+
+    def __call__(self, model, step_done: int, epoch: float) -> dict:
+        """Measure `model` (switched to eval mode and back), log it, keep it if best."""
+        was_training = model.training
+        model.eval()
+        try:
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            result = evaluate.offline_acceptance(model, self.reader, self.reader.vocab_size, pad,
+                                                 self.cfg.cache.batch_tokens, progress=False)
+        finally:
+            model.train(was_training)
+        lower, upper = result["expected_acceptance_lower"], result["expected_acceptance_upper"]
+        validation = {"split": self.cfg.train.eval_split,
+                      "expected_acceptance_lower": lower, "expected_acceptance_upper": upper,
+                      "expected_acceptance": (lower + upper) / 2,
+                      "greedy_agreement": result["greedy_agreement"],
+                      "label_tokens": result["label_tokens"]}
+        runs.log_metrics(self.run_dir, {"step": step_done, "epoch": epoch,
+                                        "validation": validation})
+        score = validation["expected_acceptance"]
+        if self.keep_best and (self.best is None or score > self.best["expected_acceptance"]):
+            self.best = {"step": step_done, "epoch": epoch, **validation}
+            models.save_model(model, self.tokenizer, self.run_dir / BEST_DIR)
+            (self.run_dir / BEST_DIR / BEST_FILE).write_text(json.dumps(self.best, indent=2))
+        return validation
+
+
+def validation_records(run_dir: Path) -> list[dict]:
+    """The `validation` lines of a run's metrics, with their step and epoch."""
+    return [{"step": r["step"], "epoch": r["epoch"], **r["validation"]}
+            for r in runs.read_metrics(run_dir) if "validation" in r]
