@@ -290,6 +290,8 @@ class EvalConfig(_Checked):
     """Prompts of the split decoded speculatively."""
     speed_rounds: int = 3
     """Interleaved timing rounds of speculative and target-only decoding (speeds are medians)."""
+    speed: bool = True
+    """Time speculative against target-only decoding (off: acceptance counts only, one pass)."""
     continuations_cache: str | None = None
     """A cache whose split holds the target's own greedy continuations of the prompts (built
     with --generate --gen-temperature 0): acceptance measured on what speculative decoding

@@ -90,24 +90,51 @@ def offline_acceptance(
     }
 
 
+def exact_acceptance_many(
+    drafts: list, target, seqs: _Sequences, vocab_size: int, pad_id: int,
+    batch_tokens: int = 4096, progress: bool = True, per_token: bool = False,
+) -> list[dict]:
+    """Teacher-forced acceptance over the full vocabulary, with the target loaded, for several
+    drafts at once: the target's log-probs of each batch are computed once for all of them.
+
+    `per_token` also returns each label token's values (`per_token`: expected_acceptance and
+    greedy_agreement lists in sequence order, with `sequence_lengths`), for paired statistics.
+    """
+    totals = [[0.0, 0.0] for _ in drafts]
+    tokens: list[dict[str, list]] = [{"expected_acceptance": [], "greedy_agreement": []}
+                                     for _ in drafts]
+    n_tokens = 0
+    plan = _batches(len(seqs.input_ids), [len(x) for x in seqs.input_ids], batch_tokens)
+    for a, b in tqdm(plan, desc="exact", disable=not progress, dynamic_ncols=True):
+        ids, masks = seqs.input_ids[a:b], seqs.label_masks[a:b]
+        target_lp = label_logprobs(target, ids, masks, pad_id, vocab_size)
+        for d, draft in enumerate(drafts):
+            draft_lp = label_logprobs(draft, ids, masks, pad_id, vocab_size)
+            accept = acceptance.expected_acceptance(target_lp, draft_lp).double()  # (N,)
+            agree = acceptance.greedy_agreement(target_lp, draft_lp).double()  # (N,)
+            totals[d][0] += float(accept.sum())
+            totals[d][1] += float(agree.sum())
+            if per_token:
+                tokens[d]["expected_acceptance"] += accept.tolist()
+                tokens[d]["greedy_agreement"] += agree.tolist()
+        n_tokens += len(target_lp)
+    n = max(n_tokens, 1)
+    out = [{"expected_acceptance": t[0] / n, "greedy_agreement": t[1] / n,
+            "label_tokens": n_tokens} for t in totals]
+    if per_token:
+        lengths = [int(np.count_nonzero(m)) for m in seqs.label_masks]
+        for result, values in zip(out, tokens, strict=True):
+            result["per_token"] = {**values, "sequence_lengths": lengths}
+    return out
+
+
 def exact_acceptance(
     draft, target, seqs: _Sequences, vocab_size: int, pad_id: int, batch_tokens: int = 4096,
     progress: bool = True,
 ) -> dict:
     """Teacher-forced acceptance over the full vocabulary, with the target loaded."""
-    total = agree = 0.0
-    n_tokens = 0
-    plan = _batches(len(seqs.input_ids), [len(x) for x in seqs.input_ids], batch_tokens)
-    for a, b in tqdm(plan, desc="exact", disable=not progress, dynamic_ncols=True):
-        ids, masks = seqs.input_ids[a:b], seqs.label_masks[a:b]
-        draft_lp = label_logprobs(draft, ids, masks, pad_id, vocab_size)
-        target_lp = label_logprobs(target, ids, masks, pad_id, vocab_size)
-        total += float(acceptance.expected_acceptance(target_lp, draft_lp).double().sum())
-        agree += float(acceptance.greedy_agreement(target_lp, draft_lp).double().sum())
-        n_tokens += len(draft_lp)
-    n = max(n_tokens, 1)
-    return {"expected_acceptance": total / n, "greedy_agreement": agree / n,
-            "label_tokens": n_tokens}
+    return exact_acceptance_many([draft], target, seqs, vocab_size, pad_id, batch_tokens,
+                                 progress)[0]
 
 
 def _synchronize() -> None:
@@ -176,6 +203,45 @@ def speed_within_noise(speedups: list[tuple[float, float]]) -> list[bool]:
     return flags
 
 
+def speculative_counts(
+    drafts: list, target, prompts: list[torch.Tensor], vocab_size: int, eos_token_id,
+    gamma: int, temperature: float, max_new_tokens: int, seed: int = 0, progress: bool = True,
+) -> list[dict]:
+    """Real speculative decoding of each draft over prompts, once: acceptance counts only, no
+    timing (what a study of acceptance needs; `speculative_acceptance` also times it)."""
+    results = []
+    bar = tqdm(total=len(drafts) * len(prompts), desc="speculative", disable=not progress,
+               dynamic_ncols=True)
+    for draft in drafts:
+        stats = speculative.SpecStats()
+        per_prompt = []
+        for i, prompt in enumerate(prompts):
+            gen = torch.Generator(device=prompt.device).manual_seed(seed * 1_000_003 + i)
+            _, one = speculative.speculative_generate(target, draft, prompt, max_new_tokens,
+                                                      gamma, temperature, eos_token_id,
+                                                      vocab_size, gen)
+            stats = stats.merge(one)
+            per_prompt.append({"steps": one.steps, "accepted": one.accepted,
+                               "rejected": one.rejected, "new_tokens": one.new_tokens})
+            bar.update()
+        results.append({**_counts(stats), "per_prompt": per_prompt})
+    bar.close()
+    return results
+
+
+def _counts(st: speculative.SpecStats) -> dict:
+    return {
+        "alpha_paper": st.alpha(),
+        "draft_acceptance_rate_vllm": st.draft_acceptance_rate(),
+        "mean_accepted_length": st.mean_accepted_length(),
+        "steps": st.steps,
+        "drafted": st.drafted,
+        "accepted": st.accepted,
+        "rejected": st.rejected,
+        "new_tokens": st.new_tokens,
+    }
+
+
 def speculative_acceptance(
     drafts: list, target, prompts: list[torch.Tensor], vocab_size: int, eos_token_id,
     gamma: int, temperature: float, max_new_tokens: int, seed: int = 0, rounds: int = 3,
@@ -228,16 +294,7 @@ def speculative_acceptance(
     bar.close()
     results = []
     for d, st in enumerate(stats):
-        result = {
-            "alpha_paper": st.alpha(),
-            "draft_acceptance_rate_vllm": st.draft_acceptance_rate(),
-            "mean_accepted_length": st.mean_accepted_length(),
-            "steps": st.steps,
-            "drafted": st.drafted,
-            "accepted": st.accepted,
-            "rejected": st.rejected,
-            "new_tokens": st.new_tokens,
-        }
+        result = _counts(st)
         result.update(summarize_speed(tokens[d], seconds[d], tokens[-1], seconds[-1]))
         results.append(result)
     flags = speed_within_noise([(r["speedup"], r["speedup_spread"]) for r in results])
@@ -340,20 +397,19 @@ def _load_models(cfg: Config, specs: list[str], needs_target: bool, device):
     return target, drafts
 
 
-def evaluate(
-    cfg: Config, draft_specs: list[str], modes: tuple[str, ...] | None = None,
-    progress: bool = True, note: Callable[[str], None] = _note_on_stderr, **overrides,
-) -> list[dict]:
-    """Every requested measure of each draft on one task split (the target loads once).
+@dataclass
+class _Plan:
+    """What an evaluation measures, checked before any model loads."""
 
-    Settings come from `cfg.eval` (`EvalConfig`: gamma, temperature, max_new_tokens, prompts,
-    speed_rounds), which keyword `overrides` replace (`n_prompts` is `prompts`); each result
-    records the settings it was measured with. `modes=None` (or cfg.eval.modes None) runs every
-    mode it can: offline only when the cache holds the split (`note` gets a one-line message
-    otherwise). Every draft's tokenizer is checked before any number is computed, and all drafts
-    stay loaded, so speculative decoding can time them against one shared target-only baseline
-    (`speculative_acceptance`).
-    """
+    settings: object  # EvalConfig
+    modes: tuple[str, ...]
+    reader: CacheReader | None
+    continuations: CacheReader | None
+    specs: list[str]
+    tokenizers: list
+
+
+def _plan(cfg: Config, draft_specs: list[str], modes, note, overrides: dict) -> _Plan:
     if "n_prompts" in overrides:
         overrides["prompts"] = overrides.pop("n_prompts")
     if modes is not None:
@@ -363,15 +419,11 @@ def evaluate(
     except TypeError as err:
         raise ValueError(f"unknown evaluate setting: {err}") from None
     asked = settings.modes is not None
-    modes = settings.modes if asked else MODES
-    gamma, temperature = settings.gamma, settings.temperature
-    max_new_tokens, n_prompts, speed_rounds = (settings.max_new_tokens, settings.prompts,
-                                               settings.speed_rounds)
-    reader, modes = _open_cache(cfg, modes, asked, note)
+    reader, modes = _open_cache(cfg, settings.modes if asked else MODES, asked, note)
     continuations = _continuations_reader(cfg, settings.continuations_cache)
-    needs_target = "exact" in modes or "speculative" in modes
     specs = [models.resolve_run_folder(spec) for spec in draft_specs]
     tokenizers = [models.load_tokenizer(spec) for spec in specs]
+    needs_target = "exact" in modes or "speculative" in modes
     target_tok = models.load_tokenizer(cfg.models.target) if needs_target else None
     for spec, tokenizer in zip(specs, tokenizers, strict=True):
         if reader is not None:
@@ -380,43 +432,73 @@ def evaluate(
             _check_cache_tokenizer(continuations, spec, tokenizer, settings.continuations_cache)
         if target_tok is not None:
             models.shared_vocab_size(target_tok, tokenizer)
+    return _Plan(settings, modes, reader, continuations, specs, tokenizers)
 
+
+def evaluate(
+    cfg: Config, draft_specs: list[str], modes: tuple[str, ...] | None = None,
+    progress: bool = True, note: Callable[[str], None] = _note_on_stderr,
+    per_token: bool = False, **overrides,
+) -> list[dict]:
+    """Every requested measure of each draft on one task split (the target loads once).
+
+    `per_token` keeps each label token's exact values (for paired statistics across drafts).
+
+    Settings come from `cfg.eval` (`EvalConfig`: gamma, temperature, max_new_tokens, prompts,
+    speed_rounds, speed, continuations_cache), which keyword `overrides` replace (`n_prompts`
+    is `prompts`); each result records the settings it was measured with. `modes=None` (or
+    cfg.eval.modes None) runs every mode it can: offline only when the cache holds the split
+    (`note` gets a one-line message otherwise). Every draft's tokenizer is checked before any
+    number is computed; all drafts stay loaded, the target's teacher-forced log-probs are
+    computed once for all of them, and speculative decoding times them against one shared
+    target-only baseline (`speculative_acceptance`).
+    """
+    plan = _plan(cfg, draft_specs, modes, note, dict(overrides))
+    s, modes, reader, continuations = plan.settings, plan.modes, plan.reader, plan.continuations
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    target, drafts = _load_models(cfg, specs, needs_target, device)
-
+    target, drafts = _load_models(cfg, plan.specs, "exact" in modes or "speculative" in modes,
+                                  device)
+    if not drafts:
+        return []
+    # Every draft shares the target's tokenizer (checked above): one vocabulary and pad id.
+    tokenizer = plan.tokenizers[0]
+    vocab_size = models.real_vocab_size(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bt = cfg.cache.batch_tokens
+    exact = cont_exact = None
+    if "exact" in modes:
+        # On the cache's tokens when there is one, so offline and exact compare like with like.
+        seqs = _cache_sequences(reader) if reader is not None else _task_sequences(cfg, tokenizer)
+        exact = exact_acceptance_many(drafts, target, seqs, vocab_size, pad_id, bt, progress,
+                                      per_token)
+    if continuations is not None and target is not None:
+        cont_exact = exact_acceptance_many(drafts, target, _cache_sequences(continuations),
+                                           vocab_size, pad_id, bt, progress, per_token)
     results = []
-    for spec, draft, tokenizer in zip(specs, drafts, tokenizers, strict=True):
-        vocab_size = models.real_vocab_size(tokenizer)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for d, (spec, draft) in enumerate(zip(plan.specs, drafts, strict=True)):
         result: dict = {
             "task": cfg.data.task, "split": cfg.data.split, "draft": spec,
-            "target": cfg.models.target, "gamma": gamma, "temperature": temperature,
-            "max_new_tokens": max_new_tokens, "modes": list(modes),
-            "eval_config": {**as_plain(dataclasses.asdict(settings)), "modes": list(modes)},
+            "target": cfg.models.target, "gamma": s.gamma, "temperature": s.temperature,
+            "max_new_tokens": s.max_new_tokens, "modes": list(modes),
+            "eval_config": {**as_plain(dataclasses.asdict(s)), "modes": list(modes)},
         }
         if reader is not None:
-            result["offline"] = offline_acceptance(
-                draft, reader, vocab_size, pad_id, cfg.cache.batch_tokens, progress
-            )
-        if "exact" in modes:
-            # On the cache's tokens when there is one, so offline and exact compare like with like.
-            seqs = (_cache_sequences(reader) if reader is not None
-                    else _task_sequences(cfg, tokenizer))
-            result["exact"] = exact_acceptance(
-                draft, target, seqs, vocab_size, pad_id, cfg.cache.batch_tokens, progress
-            )
-        if continuations is not None:
-            _measure_continuations(result, draft, target, continuations, vocab_size, pad_id,
-                                   cfg.cache.batch_tokens, progress)
+            result["offline"] = offline_acceptance(draft, reader, vocab_size, pad_id, bt,
+                                                   progress)
+        if exact is not None:
+            result["exact"] = exact[d]
+        if continuations is not None:  # the target's own continuations: what decoding sees
+            result["offline_continuations"] = offline_acceptance(
+                draft, continuations, vocab_size, pad_id, bt, progress)
+            if cont_exact is not None:
+                result["exact_continuations"] = cont_exact[d]
         results.append(result)
-    if "speculative" in modes and drafts:
-        # every draft shares the target's tokenizer (checked above): one prompt set for all
-        tokenizer = tokenizers[0]
-        prompts = [p.to(device) for p in _prompts(cfg, tokenizer, n_prompts)]
-        spec_results = speculative_acceptance(
-            drafts, target, prompts, models.real_vocab_size(tokenizer), tokenizer.eos_token_id,
-            gamma, temperature, max_new_tokens, cfg.data.seed, speed_rounds, progress,
-        )
+    if "speculative" in modes:
+        prompts = [p.to(device) for p in _prompts(cfg, tokenizer, s.prompts)]
+        args = (drafts, target, prompts, vocab_size, tokenizer.eos_token_id, s.gamma,
+                s.temperature, s.max_new_tokens, cfg.data.seed)
+        spec_results = (speculative_acceptance(*args, s.speed_rounds, progress) if s.speed
+                        else speculative_counts(*args, progress=progress))
         for result, spec_result in zip(results, spec_results, strict=True):
             result["n_prompts"] = len(prompts)
             result["speculative"] = spec_result
@@ -450,16 +532,6 @@ def predicted_lengths(result: dict) -> dict:
     return out
 
 
-def _measure_continuations(result: dict, draft, target, reader: CacheReader, vocab_size: int,
-                           pad_id: int, batch_tokens: int, progress: bool) -> None:
-    """Acceptance on the target's own continuations of the prompts (a cache built with
-    --generate): offline from its rows, and exact with the target when it is loaded. These are
-    the contexts speculative decoding sees; dataset answers can rank drafts otherwise."""
-    result["offline_continuations"] = offline_acceptance(draft, reader, vocab_size, pad_id,
-                                                         batch_tokens, progress)
-    if target is not None:
-        result["exact_continuations"] = exact_acceptance(
-            draft, target, _cache_sequences(reader), vocab_size, pad_id, batch_tokens, progress)
 
 
 def format_table(results: list[dict]) -> str:

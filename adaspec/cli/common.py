@@ -48,7 +48,11 @@ def add_config_flags(parser: argparse.ArgumentParser, keys: list[str]) -> None:
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
             text += f" (default: {shown})"
         text = text.replace("%", "%%")
-        if hint is bool:  # a bare switch; absent means "as the config says"
+        if hint is bool and default is True:  # on by default: the flag turns it off
+            parser.add_argument("--no-" + flag_of(cls, name)[2:], dest=key,
+                                action="store_const", const=False, default=None,
+                                help=text + " (on by default)")
+        elif hint is bool:  # a bare switch; absent means "as the config says"
             parser.add_argument(flag_of(cls, name), dest=key, action="store_const", const=True,
                                 default=None, help=text)
         else:  # converted (and checked) by the config, which names the key in its errors

@@ -1,0 +1,414 @@
+"""Does selective distillation pay off? The AdaSPEC paper's Table 1 protocol, from the cache.
+
+Per task (rows from ../shared/data; train, validation and test rows carved from the file by the
+task's split rule, never ../shared/holdout) and per seed, on the embedded pair (SmolLM2-135M
+target, its first 2 layers as the draft, the target prompted with its chat template: an
+instruct model speaks the task that way, see the quality table):
+
+- DistillSpec baseline: the reference itself, plain forward-KL KD (k = 1) for E epochs;
+- AdaSPEC k = 0.4 for E / k epochs (the official scripts: equal selected-token updates) and for
+  E epochs (equal passes), against the baseline's stored per-token losses;
+- a compute-matched control: plain KD (k = 1) for E / k epochs.
+
+Every run measures its draft on the validation split after each epoch (offline, from the
+cache) and keeps its best epoch: "E-epoch" columns are the final models, "best-epoch" ones the
+kept models. On the test split each draft is measured teacher-forced over the full vocabulary
+with the target (on the dataset's answers and on the target's own greedy continuations, which
+is what speculative decoding sees), and by real greedy speculative decoding (gamma 4) on the
+test prompts: the paper's alpha and the mean accepted length. Differences between arms come
+with paired standard errors clustered by sequence (tokens) or prompt (decoding), seeds pooled.
+
+    python -m bench.paper_table --tasks gsm8k,alpaca,xsum     # the committed study (hours)
+    python -m bench.paper_table --tasks arith --seeds 0 --train-rows 8 --val-rows 4 \\
+        --test-rows 4 --prompts 2 --epochs 1 --work /tmp/pt-smoke --out /tmp/pt-smoke/p.json \\
+        --doc /tmp/pt-smoke/p.md                               # smoke
+
+Work goes to --work; a re-run reuses finished caches, runs and evaluations, so an interrupted
+study continues. `--report-only` re-makes the table from the JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from adaspec import models, quality
+from adaspec.build import build_stage
+from adaspec.config import Config, build_config
+from adaspec.evaluate import evaluate
+from adaspec.train import train
+from adaspec.validation import validation_records
+from bench import harness
+from cache_tools.store import CacheReader
+
+DATA = {
+    "gsm8k": "gsm8k/train.jsonl",
+    "alpaca": "alpaca/alpaca_5000.json",
+    "mbpp": "mbpp/mbpp.jsonl",
+    "cnn_dailymail": "cnn_dailymail/cnn_dailymail_validation_subset.csv",
+    "xsum": "xsum/xsum-1000.jsonl",
+    "arith": None,
+}
+ARMS = ("distillspec", "adaspec_official", "adaspec_equal", "kd_control")
+ARM_NAMES = {
+    "distillspec": "DistillSpec (ref, k=1, E epochs)",
+    "adaspec_official": "AdaSPEC k=0.4, E/k epochs (official)",
+    "adaspec_equal": "AdaSPEC k=0.4, E epochs",
+    "kd_control": "plain KD k=1, E/k epochs (compute-matched)",
+}
+# The paper's Table 1 (Pythia-31M -> 1.4B, acceptance rate in %, DistillSpec vs AdaSPEC, best
+# epoch), for reference beside ours: a different pair, data size and protocol scale.
+PAPER = {"gsm8k": (57.58, 62.63), "alpaca": (48.86, 50.75), "mbpp": (51.79, 65.12),
+         "cnn_dailymail": (69.31, 76.29), "xsum": (52.87, 59.24)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+def base_config(args, task: str, work: Path) -> Config:
+    data_file = DATA[task]
+    return build_config({
+        "models": {"target": args.target, "draft": args.draft},
+        "data": {"task": task, "data_files": str(harness.SHARED_DATA / data_file)
+                 if data_file else None, "max_length": args.max_length,
+                 "chat_template": not args.raw_prompts, "limit": args.train_rows},
+        "cache": {"cache": str(work / "cache")},
+        "train": {"lr": args.lr, "batch_size": args.batch_size, "weight_decay": 0.1,
+                  "lr_schedule": "constant", "eval_split": "validation", "keep_best": True},
+        "eval": {"gamma": args.gamma, "max_new_tokens": args.max_new_tokens,
+                 "prompts": args.prompts, "speed": False},
+    })
+
+
+def split_config(cfg: Config, split: str, limit: int, cache: str | None = None,
+                 **cache_values) -> Config:
+    data = dataclasses.replace(cfg.data, split=split, limit=limit)
+    c = dataclasses.replace(cfg.cache, cache=cache or cfg.cache.cache, **cache_values)
+    return dataclasses.replace(cfg, data=data, cache=c)
+
+
+def arm_config(cfg: Config, arm: str, seed: int, epochs: float, k: float, run: Path) -> Config:
+    official = arm in ("adaspec_official", "kd_control")
+    t = dataclasses.replace(
+        cfg.train, stage="ref" if arm == "distillspec" else "draft",
+        k=1.0 if arm in ("distillspec", "kd_control") else k, seed=seed,
+        epochs=epochs / k if official else epochs, out=str(run))
+    c = dataclasses.replace(cfg.cache, ref_name=f"ref-s{seed}")
+    return dataclasses.replace(cfg, train=t, cache=c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps (each skipped when its output exists)
+
+
+def ensure_caches(args, cfg: Config, work: Path) -> None:
+    evaluation = {"sparse": "topk", "topk": 64, "value_encoding": "float16"}
+    build_stage(cfg, "target", progress=args.progress)  # train: the default cache
+    build_stage(split_config(cfg, "validation", args.val_rows, **evaluation), "target",
+                progress=args.progress)
+    build_stage(split_config(cfg, "test", args.test_rows, **evaluation), "target",
+                progress=args.progress)
+    # The target's own greedy continuations of the test prompts (what decoding sees).
+    build_stage(split_config(cfg, "test", args.test_rows, str(work / "continuations"),
+                             generate=True, gen_temperature=0.0,
+                             gen_max_new_tokens=args.max_new_tokens, **evaluation),
+                "target", progress=args.progress)
+
+
+def ensure_run(cfg: Config, progress: bool) -> Path:
+    run = Path(cfg.train.out)
+    if not (run / "model" / "config.json").is_file():
+        train(cfg, resume=(run / "config.yaml").exists(), progress=progress)
+    return run
+
+
+def target_quality(args, cfg: Config, work: Path) -> dict:
+    path = work / "quality.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    model, tokenizer = models.load_model(args.target)
+    model.eval()
+    out = {}
+    for name, chat in (("raw prompts", False), ("chat template", True)):
+        if chat and not getattr(tokenizer, "chat_template", None):
+            continue  # a tokenizer without one (the smoke test's tiny model)
+        qcfg = split_config(cfg, "test", args.test_rows)
+        qcfg = dataclasses.replace(qcfg, data=dataclasses.replace(qcfg.data, chat_template=chat))
+        out[name] = quality.target_quality(qcfg, model, tokenizer, args.quality_prompts,
+                                           args.quality_tokens, progress=args.progress)
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def run_seed(args, cfg: Config, work: Path, seed: int) -> dict:
+    """The four arms of one seed, trained and measured (cached in work/seed-N/eval.json)."""
+    folder = work / f"seed-{seed}"
+    done = folder / "eval.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    runs = {arm: folder / arm for arm in ARMS}
+    ref = ensure_run(arm_config(cfg, "distillspec", seed, args.epochs, args.k, runs["distillspec"]),
+                     args.progress)
+    ref_cfg = arm_config(cfg, "distillspec", seed, args.epochs, args.k, ref)
+    build_stage(dataclasses.replace(ref_cfg, models=dataclasses.replace(
+        cfg.models, ref=str(ref / "model"))), "ref", progress=args.progress)
+    for arm in ARMS[1:]:
+        ensure_run(arm_config(cfg, arm, seed, args.epochs, args.k, runs[arm]), args.progress)
+    test = split_config(cfg, "test", args.test_rows,
+                        **{"sparse": "topk", "topk": 64, "value_encoding": "float16"})
+    drafts = [args.draft] + [str(runs[a] / name) for a in ARMS for name in ("model", "best")]
+    teacher_forced = evaluate(test, drafts, ("offline", "exact"), progress=args.progress,
+                              continuations_cache=str(work / "continuations"), per_token=True)
+    decoding = evaluate(test, [args.draft] + [str(runs[a] / "best") for a in ARMS],
+                        ("speculative",), progress=args.progress)
+    out = {"seed": seed, "drafts": drafts, "teacher_forced": teacher_forced,
+           "decoding": decoding,
+           "validation": {arm: validation_records(runs[arm]) for arm in ARMS},
+           "best": {arm: json.loads((runs[arm] / "best" / "best.json").read_text())
+                    for arm in ARMS}}
+    done.write_text(json.dumps(out))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def clustered_difference(a: list[list[float]], b: list[list[float]],
+                         groups: list[int]) -> tuple[float, float]:
+    """Mean of a - b over tokens of all seeds and its standard error clustered by sequence.
+
+    a, b: per seed, per-token values in sequence order; groups: tokens per sequence (the same
+    test sequences in every seed). A sequence's tokens over all seeds form one cluster:
+    se = sqrt(G / (G - 1) * sum_g (S_g - n_g * mean)^2) / N.
+    """
+    diffs = [torch.tensor(x, dtype=torch.float64) - torch.tensor(y, dtype=torch.float64)
+             for x, y in zip(a, b, strict=True)]
+    total = torch.cat(diffs)
+    mean = total.mean()
+    sums = sum(torch.stack([p.sum() for p in d.split(groups)]) for d in diffs)
+    sizes = torch.tensor(groups, dtype=torch.float64) * len(diffs)
+    g = len(groups)
+    if g < 2:
+        return float(mean), math.nan
+    se = torch.sqrt(g / (g - 1) * ((sums - sizes * mean) ** 2).sum()) / len(total)
+    return float(mean), float(se)
+
+
+def prompt_difference(a: list[list[dict]], b: list[list[dict]]) -> tuple[float, float]:
+    """Difference in mean accepted length, prompts as clusters, seeds pooled per prompt."""
+    def per_prompt(runs: list[list[dict]]) -> torch.Tensor:  # (P,) over seeds
+        accepted = torch.tensor([[p["accepted"] for p in run] for run in runs], dtype=torch.float64)
+        steps = torch.tensor([[p["steps"] for p in run] for run in runs], dtype=torch.float64)
+        return 1.0 + accepted.sum(0) / steps.sum(0).clamp(min=1)
+
+    diff = per_prompt(a) - per_prompt(b)
+    if len(diff) < 2:
+        return float(diff.mean()), math.nan
+    return float(diff.mean()), float(diff.std(unbiased=True) / math.sqrt(len(diff)))
+
+
+def summarize_task(seeds: list[dict]) -> dict:
+    """Per arm and column: means over seeds; AdaSPEC minus baseline and minus control."""
+    def tf(seed: dict, arm: str, col: str, source: str) -> dict:
+        index = 1 + 2 * ARMS.index(arm) + (0 if col == "model" else 1)  # see run_seed
+        return seed["teacher_forced"][index][source]
+
+    def dec(seed: dict, arm: str) -> dict:
+        return seed["decoding"][1 + ARMS.index(arm)]["speculative"]
+
+    table: dict = {"arms": {}, "differences": {}}
+    for arm in ARMS:
+        for col in ("model", "best"):
+            key = f"{arm}/{'E-epoch' if col == 'model' else 'best-epoch'}"
+            row = {
+                "exact_acceptance_answers": _mean(tf(s, arm, col, "exact")["expected_acceptance"]
+                                                  for s in seeds),
+                "greedy_agreement_answers": _mean(tf(s, arm, col, "exact")["greedy_agreement"]
+                                                  for s in seeds),
+                "greedy_agreement_continuations": _mean(
+                    tf(s, arm, col, "exact_continuations")["greedy_agreement"] for s in seeds),
+                "exact_acceptance_continuations": _mean(
+                    tf(s, arm, col, "exact_continuations")["expected_acceptance"]
+                    for s in seeds),
+            }
+            if col == "best":
+                row["alpha_paper"] = _mean(dec(s, arm)["alpha_paper"] for s in seeds)
+                row["mean_accepted_length"] = _mean(dec(s, arm)["mean_accepted_length"]
+                                                    for s in seeds)
+                row["best_epoch"] = [s["best"][arm]["epoch"] for s in seeds]
+            table["arms"][key] = row
+    untrained = seeds[0]["teacher_forced"][0]
+    table["untrained"] = {"exact_acceptance_answers": untrained["exact"]["expected_acceptance"],
+                          "greedy_agreement_continuations":
+                          untrained["exact_continuations"]["greedy_agreement"],
+                          "mean_accepted_length": _mean(s["decoding"][0]["speculative"]
+                                                        ["mean_accepted_length"] for s in seeds)}
+    for versus in ("distillspec", "kd_control"):
+        for arm in ("adaspec_official", "adaspec_equal"):
+            table["differences"][f"{arm} - {versus}"] = _differences(seeds, arm, versus, tf, dec)
+    return table
+
+
+def _differences(seeds, arm, versus, tf, dec) -> dict:
+    out = {}
+    for col, name in (("model", "E-epoch"), ("best", "best-epoch")):
+        for source, measure, label in (
+                ("exact", "expected_acceptance", "exact_acceptance_answers"),
+                ("exact_continuations", "greedy_agreement", "greedy_agreement_continuations"),
+                ("exact_continuations", "expected_acceptance", "exact_acceptance_continuations")):
+            a = [tf(s, arm, col, source)["per_token"][measure] for s in seeds]
+            b = [tf(s, versus, col, source)["per_token"][measure] for s in seeds]
+            groups = tf(seeds[0], arm, col, source)["per_token"]["sequence_lengths"]
+            out[f"{name}/{label}"] = clustered_difference(a, b, groups)
+    out["best-epoch/mean_accepted_length"] = prompt_difference(
+        [dec(s, arm)["per_prompt"] for s in seeds], [dec(s, versus)["per_prompt"] for s in seeds])
+    return out
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def markdown(payload: dict) -> str:
+    args = payload["settings"]
+    lines = [
+        "# AdaSPEC vs plain KD from the cache: the paper's protocol on the embedded pair",
+        "",
+        f"Target {args['target']} (chat template: {not args['raw_prompts']}), draft "
+        f"{args['draft']}; per task {args['train_rows']} training, {args['val_rows']} "
+        f"validation and {args['test_rows']} test rows carved from ../shared/data; E = "
+        f"{args['epochs']} epochs, k = {args['k']}, lr {args['lr']}, batch {args['batch_size']}, "
+        f"seeds {args['seeds']}; greedy speculative decoding with gamma {args['gamma']} on "
+        f"{args['prompts']} test prompts, {args['max_new_tokens']} new tokens. Teacher-forced "
+        "numbers use the full vocabulary with the target loaded: on the dataset's answers, and on "
+        "the target's own greedy continuations of the test prompts (what speculative decoding "
+        "sees). `best-epoch` models were chosen on the validation split, offline, from the cache.",
+        "",
+    ]
+    for task, t in payload["tasks"].items():
+        lines += _task_lines(task, t)
+    lines += ["## Verdict", "", payload.get("verdict", "(see the differences above)"), ""]
+    return "\n".join(lines)
+
+
+def _task_lines(task: str, t: dict) -> list[str]:
+    lines = [f"## {task}", ""]
+    q = t.get("quality", {})
+    if q:
+        lines += ["Target task quality on test prompts (greedy):", "",
+                  "| prompts | " + q[next(iter(q))]["metric"] + " | mean output tokens |",
+                  "|---|---|---|"]
+        lines += [f"| {name} | {v['quality']:.3f} | {v['mean_output_tokens']:.1f} |"
+                  for name, v in q.items()]
+        lines.append("")
+    s = t["summary"]
+    lines += ["| arm | column | exact acc. (answers) | exact acc. (target cont.) | "
+              "greedy agr. (target cont.) | alpha (real) | mean accepted length (real) |",
+              "|---|---|---|---|---|---|---|"]
+    u = s["untrained"]
+    lines.append(f"| untrained draft | - | {u['exact_acceptance_answers']:.4f} | - | "
+                 f"{u['greedy_agreement_continuations']:.4f} | - | "
+                 f"{u['mean_accepted_length']:.3f} |")
+    for key, row in s["arms"].items():
+        arm, col = key.split("/")
+        lines.append(
+            f"| {ARM_NAMES[arm]} | {col} | {row['exact_acceptance_answers']:.4f} | "
+            f"{row['exact_acceptance_continuations']:.4f} | "
+            f"{row['greedy_agreement_continuations']:.4f} | "
+            f"{row.get('alpha_paper', math.nan):.4f} | "
+            f"{row.get('mean_accepted_length', math.nan):.3f} |")
+    paper = PAPER.get(task)
+    if paper:
+        lines += ["", f"Paper (Pythia-31M -> 1.4B, best epoch, acceptance %): DistillSpec "
+                      f"{paper[0]}, AdaSPEC {paper[1]} (+{paper[1] - paper[0]:.2f} pt)."]
+    lines += ["", "Differences in points (x100), mean ± standard error:", "",
+              "| comparison | measure | difference |", "|---|---|---|"]
+    for name, diffs in s["differences"].items():
+        for measure, (mean, se) in diffs.items():
+            scale = 1 if "length" in measure else 100
+            lines.append(f"| {name} | {measure} | {mean * scale:+.2f} ± {se * scale:.2f} |")
+    lines.append("")
+    return lines
+
+
+def verdict(tasks: dict) -> str:
+    """One line per task: does AdaSPEC (official, best epoch) beat both, on continuations?"""
+    out = []
+    for task, t in tasks.items():
+        d = t["summary"]["differences"]
+        key = "best-epoch/greedy_agreement_continuations"
+        base = d["adaspec_official - distillspec"][key]
+        ctrl = d["adaspec_official - kd_control"][key]
+        beats = base[0] - 2 * base[1] > 0 and ctrl[0] - 2 * ctrl[1] > 0
+        out.append(f"- {task}: AdaSPEC (official, best epoch) minus DistillSpec "
+                   f"{base[0] * 100:+.2f} ± {base[1] * 100:.2f} pt, minus the compute-matched "
+                   f"control {ctrl[0] * 100:+.2f} ± {ctrl[1] * 100:.2f} pt in greedy agreement on "
+                   f"the target's continuations: {'beats both' if beats else 'does not beat both'}"
+                   " (2 SE).")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = harness.parser("paper_table", __doc__, data=False, progress=True)
+    p.add_argument("--tasks", default="gsm8k,alpaca,xsum")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--train-rows", type=int, default=48)
+    p.add_argument("--val-rows", type=int, default=16)
+    p.add_argument("--test-rows", type=int, default=16)
+    p.add_argument("--prompts", type=int, default=16, help="test prompts decoded speculatively")
+    p.add_argument("--epochs", type=float, default=2.0, help="E: the baseline's epochs")
+    p.add_argument("--k", type=float, default=0.4)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=320)
+    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--quality-prompts", type=int, default=8)
+    p.add_argument("--quality-tokens", type=int, default=128)
+    p.add_argument("--target", default="smollm2-135m")
+    p.add_argument("--draft", default="smollm2-135m@layers=2")
+    p.add_argument("--raw-prompts", action="store_true", help="no chat template")
+    p.add_argument("--work", default="/tmp/adaspec-paper-table")
+    p.add_argument("--doc", default=str(harness.REPO / "docs" / "paper_table.md"))
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    if args.report_only:
+        payload = json.loads(Path(args.out).read_text())
+    else:
+        machine = harness.start(args)
+        payload = {"machine": machine, "settings": vars(args), "tasks": {}}
+        for task in args.tasks.split(","):
+            work = Path(args.work) / task
+            cfg = base_config(args, task, work)
+            ensure_caches(args, cfg, work)
+            target_said = target_quality(args, cfg, work)
+            seeds = [run_seed(args, cfg, work, int(s)) for s in args.seeds.split(",")]
+            rows = CacheReader(cfg.cache.cache, task, "train").n_label_rows
+            payload["tasks"][task] = {"quality": target_said, "train_label_tokens": rows,
+                                      "summary": summarize_task(seeds)}
+            payload["verdict"] = verdict(payload["tasks"])
+            harness.write_json(args.out, payload)  # after each task: a partial table
+    payload["verdict"] = verdict(payload["tasks"])
+    Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.doc).write_text(markdown(payload))
+    harness.write_json(args.out, payload)
+    print(payload["verdict"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
