@@ -222,7 +222,8 @@ class TrainConfig(_Checked):
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     lr: float = 1e-5
-    """Peak learning rate."""
+    """Peak learning rate (the official code: 3e-4 for the reference and draft stages, 1e-5
+    for the target fine-tune)."""
     lr_schedule: str = field(default="constant", metadata=meta(choices="adaspec.step:SCHEDULES"))
     """constant or cosine (with warmup)."""
     warmup_steps: int = 0
@@ -252,6 +253,10 @@ class TrainConfig(_Checked):
     """Run folder (default runs/<stage>-<task>-k<k>-<loss>-s<seed>)."""
     online: bool = False
     """Compute target (and reference) outputs live instead of reading the cache (baseline)."""
+    report_to: str | None = field(default=None, metadata=meta(choices="adaspec.step:TRACKERS"))
+    """Also log to experiment trackers through accelerate (tensorboard writes <run>/logs/):
+    loss, selected fraction, lr, tokens/s, validation acceptance; the config as
+    hyperparameters. metrics.jsonl is written either way."""
     eval_split: str | None = field(default=None, metadata=meta(choices="adaspec.tasks:SPLITS"))
     """A cached split of the task to measure the draft on, offline, at each epoch end (the
     paper's model selection without the target)."""
@@ -321,6 +326,10 @@ class SweepConfig(_Checked):
     """Split whose target cache the drafts are evaluated on."""
     single_pass: bool = False
     """Train the variants sharing seed and loss in one pass over the data."""
+    select_split: str | None = field(default=None,
+                                     metadata=meta(choices="adaspec.tasks:SPLITS"))
+    """A cached split each variant is measured on after every epoch to keep its best epoch
+    (best/), reported on --eval-split beside the final model (the paper's model selection)."""
     out: str = field(default="sweep", metadata=meta("--out"))
     """Sweep folder (one run folder a variant)."""
 

@@ -75,8 +75,14 @@ def log_metrics(run_dir: Path, record: dict) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """Every line of metrics.jsonl: training steps, and `validation` lines (validation.py)."""
     path = run_dir / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def training_metrics(run_dir: Path) -> list[dict]:
+    """The training-step lines of metrics.jsonl (loss, selected fraction, lr, ...)."""
+    return [r for r in read_metrics(run_dir) if "loss" in r]
 
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, progress: dict, window) -> None:

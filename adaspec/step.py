@@ -28,6 +28,9 @@ from adaspec.sparse import SparseTarget
 STAGES = ("draft", "ref", "sft")
 SCHEDULES = ("constant", "cosine")
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+# accelerate's trackers (each needs its own package installed: tensorboard, wandb, ...)
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "clearml", "dvclive",
+            "swanlab", "trackio", "all")
 GLOBAL_WINDOW = 50  # micro-batches of deltas behind the running "global" AdaSPEC threshold
 
 

@@ -28,6 +28,7 @@ import yaml
 from adaspec import evaluate, models, runs, train
 from adaspec.config import Config
 from adaspec.errors import UserError
+from adaspec.validation import Validator
 from cache_tools.errors import CacheError
 from cache_tools.store import CacheReader
 
@@ -55,9 +56,12 @@ def grid(ks: Iterable[float], epochs: Iterable[float], divergences: Iterable[str
 
 def variant_config(cfg: Config, variant: Variant, run_dir: Path) -> Config:
     """The draft-stage config of one variant, written into its own run folder."""
+    select = cfg.sweep.select_split
     train_cfg = dataclasses.replace(
         cfg.train, stage="draft", k=variant.k, epochs=variant.epochs, loss=variant.loss,
         seed=variant.seed, out=str(run_dir), online=False,
+        eval_split=select if select else cfg.train.eval_split,
+        keep_best=bool(select) or cfg.train.keep_best,
     )
     return train.resolve_config(dataclasses.replace(cfg, train=train_cfg))
 
@@ -88,7 +92,7 @@ def train_single_pass(cfg: Config, variants: list[Variant], out: Path,
     draft, tokenizer = models.load_model(cfg.models.draft, dtype=torch.float32)
     stream, teacher, vocab_size = train.open_data(base, reader, None, tokenizer, device, 0, 1)
     per_epoch = stream.batches_per_epoch
-    learner_runs = []
+    learner_runs, validators = [], {}
     for vcfg in configs:
         t = vcfg.train
         epochs = t.epochs / t.k if t.scale_epochs_by_k else t.epochs
@@ -98,12 +102,25 @@ def train_single_pass(cfg: Config, variants: list[Variant], out: Path,
         learner = train.make_learner(accelerator, model, vcfg, vocab_size, total_steps)
         run_dir = Path(t.out)
         runs.start_run_dir(run_dir, vcfg, 0)
-        learner_runs.append(train.Run(learner, run_dir, total_micro, t.grad_accum, t.log_every,
-                                      t.max_grad_norm))
+        run = train.Run(learner, run_dir, total_micro, t.grad_accum, t.log_every, t.max_grad_norm)
+        learner_runs.append(run)
+        if t.eval_split is not None:
+            validators[id(run)] = Validator(vcfg, run_dir, tokenizer)
+
+    def validate(run: train.Run, step_done: int, micro_done: int) -> bool:
+        """Each variant measured on the selection split at its epoch ends and its last step."""
+        validator = validators.get(id(run))
+        epoch_ended = micro_done // per_epoch > (micro_done - run.group_size(step_done - 1)) \
+            // per_epoch
+        if validator is not None and (epoch_ended or step_done == run.total_steps):
+            validator(accelerator.unwrap_model(run.learner.loss_model).model, step_done,
+                      micro_done / per_epoch)
+        return False
+
     started = time.perf_counter()
     train.fit(accelerator, learner_runs, stream, teacher, 0,
               max(r.total_steps for r in learner_runs), progress,
-              f"single pass x{len(learner_runs)}")
+              f"single pass x{len(learner_runs)}", validate)
     seconds = (time.perf_counter() - started) / len(learner_runs)
     for r in learner_runs:
         models.save_model(accelerator.unwrap_model(r.learner.loss_model).model, tokenizer,
@@ -116,26 +133,37 @@ def train_single_pass(cfg: Config, variants: list[Variant], out: Path,
 
 
 def _final_loss(run_dir: Path) -> float | None:
-    records = runs.read_metrics(run_dir)
+    records = runs.training_metrics(run_dir)
     return records[-1]["loss"] if records else None
 
 
 def evaluate_variant(cfg: Config, variant: Variant, run_dir: Path, eval_reader: CacheReader,
                      train_seconds: float, progress: bool) -> dict:
-    draft, tokenizer = models.load_model(str(run_dir / "model"))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    offline = evaluate.offline_acceptance(
-        draft.eval(), eval_reader, models.real_vocab_size(tokenizer), pad_id,
-        cfg.cache.batch_tokens, progress,
-    )
-    lower, upper = offline["expected_acceptance_lower"], offline["expected_acceptance_upper"]
+    def offline(folder: Path) -> dict:
+        draft, tokenizer = models.load_model(str(folder))
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return evaluate.offline_acceptance(draft.eval(), eval_reader,
+                                           models.real_vocab_size(tokenizer), pad_id,
+                                           cfg.cache.batch_tokens, progress)
+
+    final = offline(run_dir / "model")
+    lower, upper = final["expected_acceptance_lower"], final["expected_acceptance_upper"]
     result = {
         "name": variant.name, "k": variant.k, "epochs": variant.epochs, "loss": variant.loss,
         "seed": variant.seed, "alpha_lower": lower, "alpha_upper": upper,
-        "alpha_mid": (lower + upper) / 2, "greedy_agreement": offline["greedy_agreement"],
-        "eval_tokens": offline["label_tokens"], "final_train_loss": _final_loss(run_dir),
+        "alpha_mid": (lower + upper) / 2, "greedy_agreement": final["greedy_agreement"],
+        "eval_tokens": final["label_tokens"], "final_train_loss": _final_loss(run_dir),
         "train_seconds": train_seconds,
     }
+    best_file = run_dir / "best" / "best.json"
+    if best_file.is_file():  # the epoch the selection split chose, measured on the eval split
+        best = offline(run_dir / "best")
+        result.update({
+            "best_epoch": json.loads(best_file.read_text())["epoch"],
+            "best_alpha_mid": (best["expected_acceptance_lower"]
+                               + best["expected_acceptance_upper"]) / 2,
+            "best_greedy_agreement": best["greedy_agreement"],
+        })
     (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -185,11 +213,33 @@ def run_sweep(cfg: Config, variants: list[Variant] | None = None, out: Path | st
     rows = [json.loads((out / v.name / RESULT_FILE).read_text()) for v in variants]
     write_tables(rows, out)
     plot_results(rows, out)
+    write_report(rows, out, cfg, eval_split)
     return rows
 
 
 COLUMNS = ["name", "k", "epochs", "loss", "seed", "alpha_lower", "alpha_upper", "alpha_mid",
-           "greedy_agreement", "final_train_loss", "train_seconds"]
+           "greedy_agreement", "best_epoch", "best_alpha_mid", "best_greedy_agreement",
+           "final_train_loss", "train_seconds"]
+
+
+def _table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The results table's header and cells (markdown and HTML share them)."""
+    best = any("best_epoch" in r for r in rows)
+    header = ["variant", "k", "epochs", "loss", "seed", "expected acceptance (offline bounds)",
+              "greedy agreement"]
+    if best:
+        header += ["best epoch", "best-epoch acceptance", "best-epoch greedy"]
+    header.append("final train loss")
+    cells = []
+    for r in rows:
+        row = [r["name"], f"{r['k']:g}", f"{r['epochs']:g}", r["loss"], str(r["seed"]),
+               f"{r['alpha_lower']:.4f} - {r['alpha_upper']:.4f}", f"{r['greedy_agreement']:.4f}"]
+        if best:
+            row += ([f"{r['best_epoch']:g}", f"{r['best_alpha_mid']:.4f}",
+                     f"{r['best_greedy_agreement']:.4f}"] if "best_epoch" in r else ["-"] * 3)
+        row.append("" if r["final_train_loss"] is None else f"{r['final_train_loss']:.4f}")
+        cells.append(row)
+    return header, cells
 
 
 def write_tables(rows: list[dict], out: Path) -> None:
@@ -197,19 +247,63 @@ def write_tables(rows: list[dict], out: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = [
-        "| variant | k | epochs | loss | seed | expected acceptance (offline bounds) | "
-        "greedy agreement | final train loss |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        final = "" if r["final_train_loss"] is None else f"{r['final_train_loss']:.4f}"
-        lines.append(
-            f"| {r['name']} | {r['k']:g} | {r['epochs']:g} | {r['loss']} | {r['seed']} | "
-            f"{r['alpha_lower']:.4f} - {r['alpha_upper']:.4f} | {r['greedy_agreement']:.4f} | "
-            f"{final} |"
-        )
+    header, cells = _table_rows(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
     (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def write_report(rows: list[dict], out: Path, cfg: Config, eval_split: str) -> Path:
+    """report.html: one self-contained page (the plots inlined) a person would rather read than
+    the CSV: the results table, the plots, the cache's settings and links to every variant."""
+    import base64
+    import html
+
+    header, cells = _table_rows(rows)
+
+    def table(head: list[str], body: list[list[str]]) -> str:
+        th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                      for row in body)
+        return f"<table><tr>{th}</tr>{trs}</table>"
+
+    link_cells = "".join(
+        f"<li><b>{html.escape(r['name'])}</b>: "
+        + " · ".join(f'<a href="{html.escape(r["name"])}/{f}">{f}</a>'
+                     for f in ("config.yaml", "metrics.jsonl", "result.json", "model/")
+                     if (out / r["name"] / f.rstrip("/")).exists())
+        + "</li>" for r in rows)
+    images = "".join(
+        f'<figure><img alt="{name}" src="data:image/png;base64,'
+        f'{base64.b64encode((out / name).read_bytes()).decode()}"><figcaption>{name}'
+        f"</figcaption></figure>" for name in ("alpha_vs_k.png", "loss_curves.png")
+        if (out / name).is_file())
+    try:
+        params = CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split).target_params
+    except CacheError:
+        params = {}
+    cache_rows = [[k, json.dumps(v) if isinstance(v, dict) else str(v)]
+                  for k, v in params.items() if k != "model"]
+    cache_rows.insert(0, ["target", str((params.get("model") or {}).get("spec"))])
+    page = f"""<!doctype html><html><head><meta charset="utf-8">
+<title>adaspec sweep: {html.escape(cfg.data.task)}</title><style>
+body{{font-family:sans-serif;margin:2em;max-width:70em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}} th{{background:#f3f3f3}}
+td:first-child{{text-align:left}} img{{max-width:48em}}</style></head><body>
+<h1>Sweep over {html.escape(cfg.data.task)}/{html.escape(cfg.data.split)}</h1>
+<p>{len(rows)} variants trained from one cache ({html.escape(cfg.cache.cache)}), each measured
+offline on the cached <b>{html.escape(eval_split)}</b> split: expected acceptance
+sum<sub>x</sub> min(p, q) between the bounds the cached entries leave, and greedy agreement with
+the target's top-1. Draft initialisation: {html.escape(cfg.models.draft)}.</p>
+<h2>Results</h2>{table(header, cells)}
+<h2>Plots</h2>{images}
+<h2>The cache</h2>{table(["setting", "value"], cache_rows)}
+<h2>Variants</h2><ul>{link_cells}</ul>
+</body></html>
+"""
+    path = out / "report.html"
+    path.write_text(page)
+    return path
 
 
 def plot_results(rows: list[dict], out: Path) -> None:
@@ -244,7 +338,7 @@ def plot_results(rows: list[dict], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
-        records = runs.read_metrics(out / r["name"])
+        records = runs.training_metrics(out / r["name"])
         if records:
             ax.plot([m["step"] for m in records], [m["loss"] for m in records], label=r["name"])
     ax.set_xlabel("optimizer step")

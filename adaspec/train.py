@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from adaspec import models, provenance, runs, step
-from adaspec.config import Config
+from adaspec.config import RUN_SECTIONS, Config
 from adaspec.errors import UserError
 from adaspec.step import Learner, LossModel
 from adaspec.stream import BatchStream, online_sequences
@@ -58,10 +58,12 @@ def needs_ref(cfg: Config) -> bool:
     return t.stage == "draft" and t.k < 1.0 and t.selection == "adaspec"
 
 
-def accelerator_for(cfg: Config):
-    """An accelerate Accelerator for the config's mixed precision (fp32 weights, autocast)."""
+def accelerator_for(cfg: Config, run_dir: Path | None = None):
+    """An accelerate Accelerator for the config's mixed precision (fp32 weights, autocast) and,
+    with `--report-to`, its trackers logging under `run_dir/logs`."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
 
     precision = step.mixed_precision(cfg.train.mixed_precision, cfg.models.dtype)
     # accelerate's state is a process-wide singleton that refuses a second mixed-precision
@@ -73,8 +75,22 @@ def accelerator_for(cfg: Config):
     # the label-token count of the whole accumulated batch, and the last step of a fractional
     # epoch may have fewer micro-batches; accelerate's own accumulation divides by a fixed count.
     # cpu=True without CUDA: accelerate only sets up multi-process CPU (gloo) runs when told so.
+    trackers = {}
+    if cfg.train.report_to is not None and run_dir is not None:
+        trackers = {"log_with": cfg.train.report_to, "project_config": ProjectConfiguration(
+            project_dir=str(run_dir), logging_dir=str(run_dir / "logs"))}
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
-                       gradient_accumulation_steps=1)
+                       gradient_accumulation_steps=1, **trackers)
+
+
+def tracker_config(cfg: Config) -> dict:
+    """The run's config as flat hyperparameters (trackers take scalars and strings)."""
+    flat = {}
+    for section, values in cfg.to_dict(RUN_SECTIONS).items():
+        for key, value in values.items():
+            flat[f"{section}/{key}"] = value if isinstance(value, (int, float, str, bool)) \
+                else str(value)
+    return flat
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,18 +244,21 @@ def _log(accelerator, run: Run, step_index: int, per_epoch: int, lr: float, star
     run.steps_logged, run.last_log = 0, now
     if accelerator.is_main_process:
         runs.log_metrics(run.run_dir, record)
+    if accelerator.log_with:
+        accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"},
+                        step=record["step"])
     return record
 
 
 def fit(accelerator, learner_runs: list[Run], stream: BatchStream, teacher, start_step: int,
         stop_step: int, progress: bool = True, desc: str = "train",
-        checkpoint: Callable[[int, int], bool] | None = None) -> None:
+        checkpoint: Callable[[Run, int, int], bool] | None = None) -> None:
     """Train every run on the same micro-batches from `start_step` to `stop_step` (exclusive).
 
     Each micro-batch is read once and taught once; every run that is still going takes it. A
-    run stops after its own last micro-batch. `checkpoint(step, micro_done)` is asked after each
-    optimizer step whether to save (it saves and returns True); a checkpoint step also logs, so
-    resumed and uninterrupted runs log the same lines.
+    run stops after its own last micro-batch. `checkpoint(run, step, micro_done)` is called after
+    each run's optimizer step (validation, saving) and says whether it saved a checkpoint; a
+    checkpoint step also logs, so resumed and uninterrupted runs log the same lines.
     """
     device = accelerator.device
     per_epoch = stream.batches_per_epoch
@@ -270,7 +289,7 @@ def fit(accelerator, learner_runs: list[Run], stream: BatchStream, teacher, star
                 run.learner.optimizer_step(accelerator, run.max_grad_norm)
                 run.steps_logged += 1
                 micro_done = step_index * run.grad_accum + run.group_size(step_index)
-                saved = checkpoint is not None and checkpoint(step_index + 1, micro_done)
+                saved = checkpoint is not None and checkpoint(run, step_index + 1, micro_done)
                 last = step_index + 1 == run.total_steps
                 if saved or last or (step_index + 1) % run.log_every == 0:
                     record = _log(accelerator, run, step_index, per_epoch, lr, started)
@@ -295,7 +314,7 @@ def train(
     cfg = resolve_config(cfg)
     t = cfg.train
     run_dir = Path(t.out)
-    accelerator = accelerator_for(cfg)
+    accelerator = accelerator_for(cfg, run_dir)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     checkpoint = runs.check_run_dir(run_dir, cfg, resume)
     torch.manual_seed(t.seed)
@@ -331,8 +350,10 @@ def train(
     accelerator.wait_for_everyone()  # every process has checked the run folder before it is written
     if accelerator.is_main_process:
         runs.start_run_dir(run_dir, cfg, start_step)
+    if t.report_to is not None:
+        accelerator.init_trackers(run_dir.name, config=tracker_config(cfg))
 
-    def after_step(step_done: int, micro_done: int) -> bool:
+    def after_step(_run: Run, step_done: int, micro_done: int) -> bool:
         """Validation (at epoch ends, every --eval-every steps, at the end) and checkpoints;
         True when a checkpoint was saved."""
         epoch_ended = micro_done // per_epoch > (micro_done - run.group_size(step_done - 1)) \
@@ -343,6 +364,10 @@ def train(
             if validator is not None:
                 v = validator(accelerator.unwrap_model(run.learner.loss_model).model, step_done,
                               micro_done / per_epoch)
+                if accelerator.log_with:
+                    accelerator.log({f"validation/{k}": v[k] for k in (
+                        "expected_acceptance", "expected_acceptance_lower",
+                        "expected_acceptance_upper", "greedy_agreement")}, step=step_done)
                 if progress:
                     tqdm.write(f"step {step_done} (epoch {micro_done / per_epoch:.2f}): "
                                f"{t.eval_split} acceptance {v['expected_acceptance']:.4f}, "
@@ -359,6 +384,8 @@ def train(
     started = time.perf_counter()
     fit(accelerator, [run], stream, teacher, start_step, stop_step, progress,
         f"{t.stage} {cfg.data.task}", after_step)
+    if t.report_to is not None:
+        accelerator.end_training()
     if stop_step < run.total_steps:
         return run_dir
     accelerator.wait_for_everyone()

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from adaspec import runs
 from bench import harness
 
 REPO = harness.REPO
@@ -94,8 +95,7 @@ def pipeline(work: Path, m: dict, rows: int, test_rows: int, batch_size: int) ->
     steps["offline_eval"] = cli("eval", *common, "--split", "test", "--limit", str(test_rows),
                                 "--modes", "offline", "--draft", str(work / "draft"),
                                 "--json", str(work / "eval.json"))
-    metrics = [json.loads(line) for line in (work / "draft" / "metrics.jsonl").read_text()
-               .splitlines()]
+    metrics = runs.training_metrics(work / "draft")
     tail = metrics[len(metrics) // 2:] or metrics  # past the warm-up
     steps["draft_training"] = {
         "steps": len(metrics),
@@ -103,8 +103,8 @@ def pipeline(work: Path, m: dict, rows: int, test_rows: int, batch_size: int) ->
                                       zip(tail, tail[1:], strict=False))[len(tail) // 2 - 1]
         if len(tail) > 2 else None,
         "tokens_per_s_median": sorted(r["tokens_per_s"] for r in tail)[len(tail) // 2],
-        "peak_gpu_memory_gb": max((r.get("peak_gpu_memory_gb", 0.0) for r in metrics),
-                                  default=None),
+        "peak_gpu_memory_gb": max((r["peak_gpu_memory_gb"] for r in metrics
+                                   if "peak_gpu_memory_gb" in r), default=None),
         "final_loss": metrics[-1]["loss"],
     }
     steps["offline_eval"]["result"] = json.loads((work / "eval.json").read_text())["offline"]

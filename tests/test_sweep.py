@@ -52,3 +52,30 @@ def test_single_pass_equals_one_by_one(env, tmp_path):
         for key in wa:
             torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6)
         assert a["alpha_lower"] == pytest.approx(b["alpha_lower"], abs=1e-5)
+
+
+def test_best_epoch_column_single_pass_and_the_html_report(env, tmp_path):
+    """Variants keep their best epoch on a selection split (one by one and in a single pass,
+    alike); report.html holds the table, the plots inline, the cache's settings and links."""
+    cfg = _cfg(env, epochs=1.0, lr=3e-3)
+    val = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split="validation",
+                                                            limit=4))
+    build_stage(val, "target", progress=False)
+    cfg = dataclasses.replace(cfg, sweep=dataclasses.replace(cfg.sweep,
+                                                             select_split="validation"))
+    variants = grid([0.5, 1.0], [2.0], ["fkl"], [0])
+    one = run_sweep(cfg, variants, tmp_path / "one", "test", progress=False)
+    many = run_sweep(cfg, variants, tmp_path / "many", "test", single_pass=True,
+                     progress=False)
+    for a, b in zip(one, many, strict=True):
+        assert a["best_epoch"] in (1.0, 2.0) and a["best_epoch"] == b["best_epoch"]
+        assert a["best_alpha_mid"] == pytest.approx(b["best_alpha_mid"], abs=1e-5)
+    assert "best epoch" in (tmp_path / "one" / "results.md").read_text()
+    page = (tmp_path / "one" / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and page.count("data:image/png;base64,") == 2
+    for a in one:
+        assert a["name"] in page and f'href="{a["name"]}/metrics.jsonl"' in page
+    assert "value_encoding" in page and "best-epoch acceptance" in page
+    from html.parser import HTMLParser
+
+    HTMLParser().feed(page)  # parses

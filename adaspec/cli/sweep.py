@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_sweep(cfg, progress=not args.no_progress)
     out = Path(cfg.sweep.out)
     print((out / "results.md").read_text(), end="")
-    print(f"wrote {out}/results.csv, results.md, alpha_vs_k.png, loss_curves.png, "
+    print(f"wrote {out}/report.html, results.csv, results.md, alpha_vs_k.png, loss_curves.png, "
           f"sweep.yaml ({len(rows)} variants)")
     return 0
 
