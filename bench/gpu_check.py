@@ -148,19 +148,22 @@ def run_bench(module: str, args: list[str], out: Path) -> dict:
             "results": json.loads(out.read_text())}
 
 
-def attempt(report: dict, name: str, fn) -> object:
-    """Run one step of the check; a failure is recorded and the check goes on."""
+def attempt(report: dict, name: str, fn, out: str) -> object:
+    """Run one step of the check; a failure is recorded and the check goes on. The report so
+    far is written after every step (a run cut short still leaves what it measured)."""
     start = time.perf_counter()
     try:
         value = fn()
         report[name] = value
         print(f"[ok] {name} ({time.perf_counter() - start:.0f} s)", flush=True)
-        return value
     except Exception as err:  # every step reports, whatever broke
+        value = None
         report[name] = {"error": f"{type(err).__name__}: {err}",
                         "traceback": traceback.format_exc()[-2000:]}
         print(f"[FAILED] {name}: {str(err)[:300]}", flush=True)
-        return None
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2, default=float) + "\n")
+    return value
 
 
 def summary(report: dict) -> list[list]:
@@ -199,23 +202,25 @@ def main(argv: list[str] | None = None) -> int:
         machine["gpu"] = torch.cuda.get_device_name(0)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    report: dict = {"machine": machine, "settings": vars(args)}
+    report: dict = {"benchmark": "gpu_check", "machine": machine, "settings": vars(args)}
     started = time.perf_counter()
-    m = attempt(report, "models", lambda: make_models(work, args.tokenizer, args.tiny, device))
+    m = attempt(report, "models", lambda: make_models(work, args.tokenizer, args.tiny, device),
+                args.out)
     if m:
         attempt(report, "pipeline", lambda: pipeline(work, m, args.rows, args.test_rows,
-                                                      args.batch_size))
-        attempt(report, "bf16_vs_fp32", lambda: bf16_check(work, m))
+                                                      args.batch_size), args.out)
+        attempt(report, "bf16_vs_fp32", lambda: bf16_check(work, m), args.out)
         quick = ["--batches", "200", "--steps", "3"] if args.tiny else ["--steps", "20"]
         attempt(report, "stream", lambda: run_bench(
             "stream", ["--cache", str(work / "cache"), "--task", "arith", "--draft",
                        m["draft"]["path"], "--device", device.type, "--step-batch-size",
-                       str(args.batch_size), *quick], work / "stream.json"))
+                       str(args.batch_size), *quick], work / "stream.json"), args.out)
         attempt(report, "train_step", lambda: run_bench(
             "train_step", ["--target", m["target"]["path"], "--draft", m["draft"]["path"],
-                           "--task", "arith", "--limit", "64", "--steps", "3",
-                           "--rounds", "1", "--scales", "1", *(["--smoke"] if args.tiny else [])],
-            work / "train_step.json"))
+                           "--task", "arith", "--data-files", "", "--limit", "64",
+                           "--batch-size", "4", "--steps", "3", "--rounds", "1", "--scales",
+                           "1" if args.tiny else "1,10", "--rss-steps", "2"],
+            work / "train_step.json"), args.out)
     report["seconds"] = time.perf_counter() - started
     print(harness.format_table(["GPU check", "value"],
                                [[k, "-" if v is None else v] for k, v in summary(report)]))

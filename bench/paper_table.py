@@ -396,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         payload = json.loads(Path(args.out).read_text())
     else:
         machine = harness.start(args)
-        payload = {"machine": machine, "settings": vars(args), "tasks": {}}
+        payload = {"benchmark": "paper_table", "machine": machine, "settings": vars(args),
+                   "tasks": {}}
         for task in args.tasks.split(","):
             work = Path(args.work) / task
             cfg = base_config(args, task, work)

@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
          "total", "tokens/s", "wait share"],
         [[args.draft, s["wait"], s["h2d"], s["forward"], s["backward"], s["optimizer"],
           split["step_seconds"], split["label_tokens_per_s"], split["share_waiting_on_data"]]]))
-    harness.write_json(args.out, {"machine": machine, "settings": vars(args), "caches": caches,
+    harness.write_json(args.out, {"benchmark": "stream", "machine": machine,
+                                  "settings": vars(args), "caches": caches,
                                   "step_split": split})
     return 0
 

@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     base = {
         "models.target": args.target, "models.draft": str(loaded.draft_dir),
         "models.ref": str(loaded.draft_dir), "data.task": args.task, "data.split": args.split,
-        "data.data_files": args.data_files, "data.limit": args.limit,
+        "data.data_files": args.data_files or None, "data.limit": args.limit,
         "data.max_length": args.max_length, "cache.topk": args.topk, "train.k": args.k,
         "cache.sparse": "topk", "cache.value_encoding": "float16",
         "train.batch_size": args.batch_size,

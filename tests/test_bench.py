@@ -52,16 +52,20 @@ def smoke_commands() -> dict[str, str]:
 
 def test_every_bench_has_one_documented_smoke_command():
     commands = smoke_commands()
-    assert BENCHES and sorted(commands) == BENCHES
+    assert BENCHES
+    missing, unknown = set(BENCHES) - set(commands), set(commands) - set(BENCHES)
+    assert not missing, f"benches without a `# smoke` command in bench/README.md: {missing}"
+    assert not unknown, f"smoke commands of no bench module: {unknown}"
     for name, command in commands.items():
         assert command.startswith(f".venv/bin/python -m bench.{name} "), command
         assert f"--out $OUT/{name}.json" in command, "a smoke run must not write bench/results"
         assert "/tmp/" not in command, "smoke commands take their folders from $TINY and $OUT"
+    for name in BENCHES:
         assert (RESULTS / f"{name}.json").is_file(), f"bench/results/{name}.json is missing"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", BENCHES)
+@pytest.mark.parametrize("name", sorted(smoke_commands()))
 def test_documented_smoke_command_runs(name, tiny_model_dir, tmp_path):
     command = smoke_commands()[name]
     # The README's interpreter is the repository's .venv; run the one running the tests.
@@ -71,6 +75,8 @@ def test_documented_smoke_command_runs(name, tiny_model_dir, tmp_path):
                           text=True, timeout=600)
     assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     got = json.loads((tmp_path / f"{name}.json").read_text())
-    committed = json.loads((RESULTS / f"{name}.json").read_text())
-    assert got["benchmark"] == name
-    assert set(got) == set(committed), (sorted(set(got) ^ set(committed)))
+    assert got.get("benchmark") == name, "a bench's JSON names it under 'benchmark'"
+    committed = RESULTS / f"{name}.json"  # its absence fails the test above
+    if committed.is_file():
+        expected = set(json.loads(committed.read_text()))
+        assert set(got) == expected, f"top-level keys differ: {sorted(set(got) ^ expected)}"
