@@ -297,6 +297,9 @@ class EvalConfig(_Checked):
     """Interleaved timing rounds of speculative and target-only decoding (speeds are medians)."""
     speed: bool = True
     """Time speculative against target-only decoding (off: acceptance counts only, one pass)."""
+    compare: bool = False
+    """Print the first draft minus each other draft, with standard errors (paired: the same
+    tokens, clustered by sequence; the same prompts for decoding)."""
     continuations_cache: str | None = None
     """A cache whose split holds the target's own greedy continuations of the prompts (built
     with --generate --gen-temperature 0): acceptance measured on what speculative decoding

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -279,6 +280,7 @@ def speculative_acceptance(
     tokens = {p: [0] * rounds for p in paths}
     seconds = {p: [0.0] * rounds for p in paths}
     stats = [speculative.SpecStats() for _ in drafts]
+    per_prompt: list[list[dict]] = [[] for _ in drafts]
     bar = tqdm(total=rounds * len(prompts), desc="speculative", disable=not progress,
                dynamic_ncols=True)
     for r in range(rounds):
@@ -290,11 +292,14 @@ def speculative_acceptance(
                 seconds[path][r] += took
                 if one is not None and r == 0:
                     stats[path] = stats[path].merge(one)
+                    per_prompt[path].append({"steps": one.steps, "accepted": one.accepted,
+                                             "rejected": one.rejected,
+                                             "new_tokens": one.new_tokens})
             bar.update()
     bar.close()
     results = []
     for d, st in enumerate(stats):
-        result = _counts(st)
+        result = {**_counts(st), "per_prompt": per_prompt[d]}
         result.update(summarize_speed(tokens[d], seconds[d], tokens[-1], seconds[-1]))
         results.append(result)
     flags = speed_within_noise([(r["speedup"], r["speedup_spread"]) for r in results])
@@ -505,6 +510,72 @@ def evaluate(
     for result in results:
         result["predicted_mean_accepted_length"] = predicted_lengths(result)
     return results
+
+
+def clustered_difference(a: list[float], b: list[float], lengths: list[int]
+                         ) -> tuple[float, float]:
+    """Mean of a - b over the same tokens and its standard error, clustered by sequence
+    (`lengths`: tokens per sequence, in order): tokens of one sequence are not independent,
+    se = sqrt(G / (G - 1) * sum_g (S_g - n_g * mean)^2) / N."""
+    diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    mean = diff.mean()
+    if len(lengths) < 2:
+        return float(mean), math.nan
+    sums = torch.stack([part.sum() for part in diff.split(lengths)])
+    sizes = torch.tensor(lengths, dtype=torch.float64)
+    g = len(lengths)
+    return float(mean), float(torch.sqrt(g / (g - 1) * ((sums - sizes * mean) ** 2).sum())
+                              / len(diff))
+
+
+def prompt_difference(a: list[dict], b: list[dict]) -> tuple[float, float]:
+    """Difference of mean accepted length (1 + accepted / steps) per prompt, and its standard
+    error over prompts."""
+    def lengths(runs: list[dict]) -> torch.Tensor:
+        return torch.tensor([1 + r["accepted"] / max(r["steps"], 1) for r in runs],
+                            dtype=torch.float64)
+
+    diff = lengths(a) - lengths(b)
+    if len(diff) < 2:
+        return float(diff.mean()), math.nan
+    return float(diff.mean()), float(diff.std() / math.sqrt(len(diff)))
+
+
+COMPARED = (("exact", "expected_acceptance", "exact acceptance on answers"),
+            ("exact_continuations", "greedy_agreement",
+             "greedy agreement on the target's continuations"))
+
+
+def compare(results: list[dict]) -> list[dict]:
+    """The first draft minus each other draft, on the same tokens and prompts: teacher-forced
+    measures (points, clustered by sequence) and the real mean accepted length (by prompt)."""
+    out = []
+    first = results[0]
+    for other in results[1:]:
+        row = {"draft": first["draft"], "versus": other["draft"]}
+        for source, measure, label in COMPARED:
+            if source in first and "per_token" in first[source]:
+                a, b = first[source]["per_token"], other[source]["per_token"]
+                row[label] = clustered_difference(a[measure], b[measure],
+                                                  a["sequence_lengths"])
+        if "per_prompt" in first.get("speculative", {}):
+            row["mean accepted length"] = prompt_difference(
+                first["speculative"]["per_prompt"], other["speculative"]["per_prompt"])
+        out.append(row)
+    return out
+
+
+def format_comparison(rows: list[dict]) -> str:
+    """One line per pair: the first draft minus another, points ± standard error."""
+    lines = []
+    for row in rows:
+        parts = []
+        for label, (mean, se) in ((k, v) for k, v in row.items()
+                                  if k not in ("draft", "versus")):
+            scale, unit = (1, "") if label == "mean accepted length" else (100, " pt")
+            parts.append(f"{label} {mean * scale:+.2f} ± {se * scale:.2f}{unit}")
+        lines.append(f"{row['draft']} minus {row['versus']}: " + "; ".join(parts))
+    return "\n".join(lines)
 
 
 def iid_mean_accepted_length(alpha: float, gamma: int) -> float:

@@ -110,9 +110,8 @@ def train_single_pass(cfg: Config, variants: list[Variant], out: Path,
     def validate(run: train.Run, step_done: int, micro_done: int) -> bool:
         """Each variant measured on the selection split at its epoch ends and its last step."""
         validator = validators.get(id(run))
-        epoch_ended = micro_done // per_epoch > (micro_done - run.group_size(step_done - 1)) \
-            // per_epoch
-        if validator is not None and (epoch_ended or step_done == run.total_steps):
+        ended = train.epoch_ended(run, step_done, micro_done, per_epoch)
+        if validator is not None and (ended or step_done == run.total_steps):
             validator(accelerator.unwrap_model(run.learner.loss_model).model, step_done,
                       micro_done / per_epoch)
         return False

@@ -301,6 +301,54 @@ def fit(accelerator, learner_runs: list[Run], stream: BatchStream, teacher, star
         bar.close()
 
 
+def epoch_ended(run: Run, step_done: int, micro_done: int, per_epoch: int) -> bool:
+    """Whether optimizer step `step_done` finished an epoch (its micro-batches crossed one)."""
+    return micro_done // per_epoch > (micro_done - run.group_size(step_done - 1)) // per_epoch
+
+
+class EpochHooks:
+    """What a training run does after an optimizer step: validation (epoch ends, every
+    --eval-every steps, the last step) and checkpoints (epoch ends, every --checkpoint-every
+    steps). Called by `fit`; returns whether it saved a checkpoint."""
+
+    def __init__(self, accelerator, cfg: Config, run: Run, per_epoch: int,
+                 validator: Validator | None, progress: bool):
+        self.accelerator, self.t, self.run = accelerator, cfg.train, run
+        self.per_epoch, self.validator, self.progress = per_epoch, validator, progress
+        self.started = time.perf_counter()
+
+    def __call__(self, _run: Run, step_done: int, micro_done: int) -> bool:
+        t, run = self.t, self.run
+        ended = epoch_ended(run, step_done, micro_done, self.per_epoch)
+        if t.eval_split is not None and (ended or step_done == run.total_steps or (
+                t.eval_every and step_done % t.eval_every == 0)):
+            self.validate(step_done, micro_done / self.per_epoch)
+        if not ((t.checkpoint_every and step_done % t.checkpoint_every == 0) or ended):
+            return False
+        position = {"step": step_done, "micro_batches": micro_done,
+                    "epoch": micro_done // self.per_epoch,
+                    "batch_in_epoch": micro_done % self.per_epoch,
+                    "elapsed": run.elapsed_before + time.perf_counter() - self.started}
+        runs.save_checkpoint(self.accelerator, run.run_dir, step_done, position,
+                             run.learner.window)
+        return True
+
+    def validate(self, step_done: int, epoch: float) -> None:
+        accelerator = self.accelerator
+        if self.validator is not None:  # the main process measures; the others wait
+            v = self.validator(accelerator.unwrap_model(self.run.learner.loss_model).model,
+                               step_done, epoch)
+            if accelerator.log_with:
+                accelerator.log({f"validation/{k}": v[k] for k in (
+                    "expected_acceptance", "expected_acceptance_lower",
+                    "expected_acceptance_upper", "greedy_agreement")}, step=step_done)
+            if self.progress:
+                tqdm.write(f"step {step_done} (epoch {epoch:.2f}): {self.t.eval_split} "
+                           f"acceptance {v['expected_acceptance']:.4f}, greedy agreement "
+                           f"{v['greedy_agreement']:.4f}")
+        accelerator.wait_for_everyone()
+
+
 def train(
     cfg: Config, resume: bool = False, progress: bool = True, max_steps: int | None = None
 ) -> Path:
@@ -353,37 +401,9 @@ def train(
     if t.report_to is not None:
         accelerator.init_trackers(run_dir.name, config=tracker_config(cfg))
 
-    def after_step(_run: Run, step_done: int, micro_done: int) -> bool:
-        """Validation (at epoch ends, every --eval-every steps, at the end) and checkpoints;
-        True when a checkpoint was saved."""
-        epoch_ended = micro_done // per_epoch > (micro_done - run.group_size(step_done - 1)) \
-            // per_epoch
-        if t.eval_split is not None and (
-                epoch_ended or step_done == run.total_steps
-                or (t.eval_every and step_done % t.eval_every == 0)):
-            if validator is not None:
-                v = validator(accelerator.unwrap_model(run.learner.loss_model).model, step_done,
-                              micro_done / per_epoch)
-                if accelerator.log_with:
-                    accelerator.log({f"validation/{k}": v[k] for k in (
-                        "expected_acceptance", "expected_acceptance_lower",
-                        "expected_acceptance_upper", "greedy_agreement")}, step=step_done)
-                if progress:
-                    tqdm.write(f"step {step_done} (epoch {micro_done / per_epoch:.2f}): "
-                               f"{t.eval_split} acceptance {v['expected_acceptance']:.4f}, "
-                               f"greedy agreement {v['greedy_agreement']:.4f}")
-            accelerator.wait_for_everyone()
-        if not ((t.checkpoint_every and step_done % t.checkpoint_every == 0) or epoch_ended):
-            return False
-        position = {"step": step_done, "micro_batches": micro_done,
-                    "epoch": micro_done // per_epoch, "batch_in_epoch": micro_done % per_epoch,
-                    "elapsed": run.elapsed_before + time.perf_counter() - started}
-        runs.save_checkpoint(accelerator, run_dir, step_done, position, run.learner.window)
-        return True
-
-    started = time.perf_counter()
+    hooks = EpochHooks(accelerator, cfg, run, per_epoch, validator, progress)
     fit(accelerator, [run], stream, teacher, start_step, stop_step, progress,
-        f"{t.stage} {cfg.data.task}", after_step)
+        f"{t.stage} {cfg.data.task}", hooks)
     if t.report_to is not None:
         accelerator.end_training()
     if stop_step < run.total_steps:

@@ -335,3 +335,33 @@ def test_iid_mean_accepted_length():
     assert iid_mean_accepted_length(0.0, 5) == 1.0
     assert iid_mean_accepted_length(1.0, 5) == 6.0
     assert iid_mean_accepted_length(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+
+
+def test_compare_gives_paired_differences_with_clustered_errors(setup, tmp_path):
+    import torch
+
+    from adaspec.evaluate import clustered_difference, compare, format_comparison
+
+    cfg, draft_dir = setup
+    second = tmp_path / "second"
+    make_tiny_model(300, n_layers=1, seed=13).save_pretrained(second)
+    models.load_tokenizer(str(draft_dir)).save_pretrained(second)
+    results = evaluate(cfg, [str(draft_dir), str(second), str(draft_dir)], ("exact",),
+                       progress=False, per_token=True)
+    rows = compare(results)
+    label = "exact acceptance on answers"
+    assert rows[1][label] == (0.0, 0.0)  # a draft against itself
+    a = results[0]["exact"]["per_token"]
+    b = results[1]["exact"]["per_token"]
+    mean, se = rows[0][label]
+    assert mean == pytest.approx(results[0]["exact"]["expected_acceptance"]
+                                 - results[1]["exact"]["expected_acceptance"])
+    # against a direct computation of the clustered standard error
+    diff = torch.tensor(a["expected_acceptance"]) - torch.tensor(b["expected_acceptance"])
+    sums = torch.stack([p.sum() for p in diff.double().split(a["sequence_lengths"])])
+    g, n = len(a["sequence_lengths"]), len(diff)
+    want = (g / (g - 1) * ((sums - torch.tensor(a["sequence_lengths"]) * diff.double().mean())
+                           ** 2).sum()).sqrt() / n
+    assert se == pytest.approx(float(want))
+    assert clustered_difference([1.0, 2.0, 3.0, 4.0], [0.0] * 4, [2, 2])[0] == 2.5
+    assert "minus" in format_comparison(rows) and " pt" in format_comparison(rows)

@@ -33,13 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "data.split") is None:
         setattr(args, "data.split", "test")  # evaluation reads held-out data by default
     cfg = config_from_args(args)
-    from adaspec.evaluate import evaluate, format_result, format_table
+    from adaspec.evaluate import compare, evaluate, format_comparison, format_result, format_table
 
-    results = evaluate(cfg, args.draft, progress=not args.no_progress)
+    results = evaluate(cfg, args.draft, progress=not args.no_progress,
+                       per_token=cfg.eval.compare)
     for result in results:
         print(format_result(result))
     if len(results) > 1:
         print(format_table(results))
+    if cfg.eval.compare and len(results) > 1:
+        print(format_comparison(compare(results)))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         payload = results[0] if len(results) == 1 else results
