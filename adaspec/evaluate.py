@@ -578,6 +578,19 @@ def format_comparison(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def verdict(rows: list[dict]) -> str:
+    """One line: the first draft minus each other, in the measure closest to decoding (greedy
+    agreement on the target's continuations, else exact acceptance on answers), in points."""
+    if not rows:
+        return ""
+    label = next((lab for _, _, lab in reversed(COMPARED) if lab in rows[0]), None)
+    if label is None:
+        return ""
+    parts = [f"minus {r['versus']} {r[label][0] * 100:+.2f} ± {r[label][1] * 100:.2f} pt"
+             for r in rows]
+    return f"verdict ({label}): {rows[0]['draft']} " + ", ".join(parts)
+
+
 def iid_mean_accepted_length(alpha: float, gamma: int) -> float:
     """Tokens per target call if each draft token is accepted independently with probability
     alpha (Leviathan et al. 2023, Eq. 1): (1 - alpha^(gamma + 1)) / (1 - alpha)."""

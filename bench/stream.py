@@ -172,8 +172,9 @@ def measure_cache(root: str, task: str, split: str, args) -> dict:
     n = min(args.batches, per_epoch * 20)
     warm = [stream_rate(root, task, split, args.batch_size, n) for _ in range(args.rounds)]
     cold = stream_rate(root, task, split, args.batch_size, n, cold=True)
-    shares = [stream_rate(root, task, split, args.batch_size, n // 2, rank=r, world=2)
-              for r in range(2)]
+    two = reader.n_sequences >= 2 * args.batch_size  # each process needs a batch an epoch
+    shares = [stream_rate(root, task, split, args.batch_size, max(1, n // 2), rank=r, world=2)
+              for r in range(2)] if two else []
     best = statistics.median([w["rows_per_s"] for w in warm])
     return {
         "label_rows": reader.n_label_rows, "sequences": reader.n_sequences,
@@ -217,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         split = step_split(first, args.task, args.split, args.draft, torch.device(args.device),
                            args.step_batch_size, args.steps, args.warmup)
     rows = [[name, c["label_rows"], c["bulk"]["rows_per_s"], c["warm_rows_per_s"],
-             c["cold"]["rows_per_s"], min(s["rows_per_s"] for s in c["two_process_shares"]),
+             c["cold"]["rows_per_s"],
+             min((s["rows_per_s"] for s in c["two_process_shares"]), default=float("nan")),
              c["stream_over_bulk"], c["stream_over_gpu_rate"], c["gpu_wait_fraction"]]
             for name, c in caches.items()]
     print(harness.format_table(

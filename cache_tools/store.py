@@ -167,15 +167,16 @@ class CacheWriter:
     """
 
     def __init__(self, root: str, task: str, split: str):
+        # Nothing is touched yet: under several processes only one may create the groups
+        # (two creating one group's metadata at once can drop the other's manifest).
         self.root = str(root)
         self.task, self.split = task, split
-        open_root(self.root, mode="a").require_group(task).require_group(split)
 
     @property
     def group(self) -> zarr.Group:
-        """The split's group, opened afresh: a Group caches its metadata when opened, and
-        another process (or writer) may have changed the manifest since."""
-        return open_root(self.root, mode="a")[split_path(self.task, self.split)]
+        """The split's group (created on first use), opened afresh: a Group caches its metadata
+        when opened, and another process (or writer) may have changed the manifest since."""
+        return open_root(self.root, mode="a").require_group(self.task).require_group(self.split)
 
     @property
     def manifest(self) -> Manifest:

@@ -33,7 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "data.split") is None:
         setattr(args, "data.split", "test")  # evaluation reads held-out data by default
     cfg = config_from_args(args)
-    from adaspec.evaluate import compare, evaluate, format_comparison, format_result, format_table
+    from adaspec.evaluate import (
+        compare,
+        evaluate,
+        format_comparison,
+        format_result,
+        format_table,
+        verdict,
+    )
 
     results = evaluate(cfg, args.draft, progress=not args.no_progress,
                        per_token=cfg.eval.compare)
@@ -42,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(results) > 1:
         print(format_table(results))
     if cfg.eval.compare and len(results) > 1:
-        print(format_comparison(compare(results)))
+        rows = compare(results)
+        print(format_comparison(rows))
+        print(verdict(rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         payload = results[0] if len(results) == 1 else results
