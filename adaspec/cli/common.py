@@ -56,7 +56,9 @@ def add_config_flags(parser: argparse.ArgumentParser, keys: list[str]) -> None:
             parser.add_argument(flag_of(cls, name), dest=key, action="store_const", const=True,
                                 default=None, help=text)
         else:  # converted (and checked) by the config, which names the key in its errors
-            parser.add_argument(flag_of(cls, name), dest=key, default=None, help=text)
+            flag = flag_of(cls, name)
+            parser.add_argument(flag, dest=key, default=None, help=text,
+                                metavar=flag.lstrip("-").replace("-", "_").upper())
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
