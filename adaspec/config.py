@@ -197,6 +197,10 @@ class CacheConfig(_Checked):
                CacheConfig, f"must be letters, digits, - or _, got {self.ref_name!r}")
 
 
+# The official code's learning rates: reference and draft 3e-4, target fine-tune 1e-5.
+STAGE_LR = {"ref": 3e-4, "draft": 3e-4, "sft": 1e-5}
+
+
 @dataclass
 class TrainConfig(_Checked):
     stage: str = field(default="draft", metadata=meta(choices="adaspec.step:STAGES"))
@@ -221,9 +225,9 @@ class TrainConfig(_Checked):
     """Sequences per micro-batch (per process)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
-    lr: float = 1e-5
-    """Peak learning rate (the official code: 3e-4 for the reference and draft stages, 1e-5
-    for the target fine-tune)."""
+    lr: float | None = None
+    """Peak learning rate (default: the official code's per stage, 3e-4 for the reference and
+    the draft, 1e-5 for the target fine-tune)."""
     lr_schedule: str = field(default="constant", metadata=meta(choices="adaspec.step:SCHEDULES"))
     """constant or cosine (with warmup)."""
     warmup_steps: int = 0
@@ -265,6 +269,11 @@ class TrainConfig(_Checked):
     keep_best: bool = False
     """Keep best/: the model of the evaluation with the highest validation acceptance."""
 
+    @property
+    def learning_rate(self) -> float:
+        """--lr, or the official per-stage default when it is not given."""
+        return self.lr if self.lr is not None else STAGE_LR[self.stage]
+
     def check(self) -> None:
         self._range("k", 0.0 < self.k <= 1.0, "must be in (0, 1]")
         self._range("eval_every", self.eval_every >= 0, "must be >= 0")
@@ -274,7 +283,7 @@ class TrainConfig(_Checked):
         self._range("epochs", self.epochs > 0, "must be > 0")
         for name in ("batch_size", "grad_accum", "chunk_tokens", "log_every"):
             self._range(name, getattr(self, name) >= 1, "must be >= 1")
-        self._range("lr", self.lr > 0, "must be > 0")
+        self._range("lr", self.lr is None or self.lr > 0, "must be > 0")
         self._range("stream_memory_mb", self.stream_memory_mb > 0, "must be > 0")
         for name in ("warmup_steps", "weight_decay", "max_grad_norm", "checkpoint_every"):
             self._range(name, getattr(self, name) >= 0, "must be >= 0")

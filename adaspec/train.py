@@ -41,8 +41,9 @@ from cache_tools.store import CacheReader
 
 
 def resolve_config(cfg: Config) -> Config:
-    """The config a run really uses: k = 1 for the ref and sft stages, the run folder filled in."""
-    train_cfg = cfg.train
+    """The config a run really uses: k = 1 for the ref and sft stages, the stage's learning
+    rate when none is given, the run folder filled in."""
+    train_cfg = dataclasses.replace(cfg.train, lr=cfg.train.learning_rate)
     if train_cfg.stage in ("ref", "sft") and train_cfg.k != 1.0:
         train_cfg = dataclasses.replace(train_cfg, k=1.0)
     if train_cfg.out is None:

@@ -285,6 +285,16 @@ def _mean(values) -> float:
 # The report
 
 
+def wall_minutes(work: Path) -> float | None:
+    """Wall time of a task's study from its work folder's file times: the first cache file to
+    the last seed's evaluation (includes pauses and whatever else shared the machine)."""
+    files = [f for f in work.rglob("*") if f.is_file()]
+    evals = [f.stat().st_mtime for f in work.glob("seed-*/eval.json")]
+    if not files or not evals:
+        return None
+    return (max(evals) - min(f.stat().st_mtime for f in files)) / 60
+
+
 def markdown(payload: dict) -> str:
     args = payload["settings"]
     lines = [
@@ -303,6 +313,14 @@ def markdown(payload: dict) -> str:
     ]
     for task, t in payload["tasks"].items():
         lines += _task_lines(task, t)
+    timed = {task: t["wall_minutes"] for task, t in payload["tasks"].items()
+             if t.get("wall_minutes") is not None}
+    if timed:
+        lines += ["## Run time", "", "Wall time per task, from the work folder's file times "
+                  "(caches, target quality, every seed's runs and evaluations; on "
+                  f"{payload['machine'].get('cores', '?')} CPU cores, shared with other jobs "
+                  "where noted in the closing notes): " + ", ".join(
+                      f"{task} {m:.0f} min" for task, m in timed.items()) + ".", ""]
     lines += ["## Verdict", "", payload.get("verdict", "(see the differences above)"), ""]
     return "\n".join(lines)
 
@@ -331,8 +349,7 @@ def _task_lines(task: str, t: dict) -> list[str]:
             f"| {ARM_NAMES[arm]} | {col} | {row['exact_acceptance_answers']:.4f} | "
             f"{row['exact_acceptance_continuations']:.4f} | "
             f"{row['greedy_agreement_continuations']:.4f} | "
-            f"{row.get('alpha_paper', math.nan):.4f} | "
-            f"{row.get('mean_accepted_length', math.nan):.3f} |")
+            f"{_cell(row.get('alpha_paper'), 4)} | {_cell(row.get('mean_accepted_length'), 3)} |")
     paper = PAPER.get(task)
     if paper:
         shown = "; ".join(f"{col}: DistillSpec {d:.2f}, AdaSPEC {a:.2f} ({a - d:+.2f} pt)"
@@ -346,6 +363,11 @@ def _task_lines(task: str, t: dict) -> list[str]:
             lines.append(f"| {name} | {measure} | {mean * scale:+.2f} ± {se * scale:.2f} |")
     lines.append("")
     return lines
+
+
+def _cell(value: float | None, digits: int) -> str:
+    """A table cell: "-" where an arm has no such measurement (decoding runs best/ only)."""
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
 def verdict(tasks: dict) -> str:
@@ -394,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.report_only:
         payload = json.loads(Path(args.out).read_text())
+        for task, t in payload["tasks"].items():  # a study run before the times were recorded
+            if t.get("wall_minutes") is None and (Path(args.work) / task).is_dir():
+                t["wall_minutes"] = wall_minutes(Path(args.work) / task)
     else:
         machine = harness.start(args)
         payload = {"benchmark": "paper_table", "machine": machine, "settings": vars(args),
@@ -406,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
             seeds = [run_seed(args, cfg, work, int(s)) for s in args.seeds.split(",")]
             rows = CacheReader(cfg.cache.cache, task, "train").n_label_rows
             payload["tasks"][task] = {"quality": target_said, "train_label_tokens": rows,
-                                      "summary": summarize_task(seeds)}
+                                      "summary": summarize_task(seeds),
+                                      "wall_minutes": wall_minutes(work)}
             payload["verdict"] = verdict(payload["tasks"])
             harness.write_json(args.out, payload)  # after each task: a partial table
     payload["verdict"] = verdict(payload["tasks"])

@@ -22,6 +22,17 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.cache.k == 16 and cfg.data.task == "alpaca"
 
 
+@pytest.mark.parametrize("stage, lr", [("draft", 3e-4), ("ref", 3e-4), ("sft", 1e-5)])
+def test_learning_rate_defaults_per_stage_and_the_run_records_it(stage, lr):
+    from adaspec.train import resolve_config
+
+    cfg = build_config({"train": {"stage": stage}})
+    assert cfg.train.lr is None and cfg.train.learning_rate == lr
+    assert resolve_config(cfg).train.lr == lr  # what config.yaml of the run holds
+    given = build_config({"train": {"stage": stage, "lr": 5e-5}})
+    assert resolve_config(given).train.lr == 5e-5
+
+
 @pytest.mark.parametrize(
     "values, words",
     [
