@@ -257,6 +257,10 @@ def summarize_task(seeds: list[dict]) -> dict:
     for versus in ("distillspec", "kd_control"):
         for arm in ("adaspec_official", "adaspec_equal"):
             table["differences"][f"{arm} - {versus}"] = _differences(seeds, arm, versus, tf, dec)
+            table.setdefault("per_seed", {})[f"{arm} - {versus}"] = [  # the headline measure
+                _mean(tf(s, arm, "best", "exact_continuations")["per_token"]["greedy_agreement"])
+                - _mean(tf(s, versus, "best", "exact_continuations")["per_token"]
+                        ["greedy_agreement"]) for s in seeds]
     return table
 
 
@@ -379,9 +383,14 @@ def verdict(tasks: dict) -> str:
         base = d["adaspec_official - distillspec"][key]
         ctrl = d["adaspec_official - kd_control"][key]
         beats = base[0] - 2 * base[1] > 0 and ctrl[0] - 2 * ctrl[1] > 0
+        per_seed = t["summary"].get("per_seed", {})
+        by_seed = {name: " (seeds: " + ", ".join(f"{v * 100:+.2f}" for v in values) + ")"
+                   for name, values in per_seed.items()}
         out.append(f"- {task}: AdaSPEC (official, best epoch) minus DistillSpec "
-                   f"{base[0] * 100:+.2f} ± {base[1] * 100:.2f} pt, minus the compute-matched "
-                   f"control {ctrl[0] * 100:+.2f} ± {ctrl[1] * 100:.2f} pt in greedy agreement on "
+                   f"{base[0] * 100:+.2f} ± {base[1] * 100:.2f} pt"
+                   f"{by_seed.get('adaspec_official - distillspec', '')}, minus the "
+                   f"compute-matched control {ctrl[0] * 100:+.2f} ± {ctrl[1] * 100:.2f} pt"
+                   f"{by_seed.get('adaspec_official - kd_control', '')} in greedy agreement on "
                    f"the target's continuations: {'beats both' if beats else 'does not beat both'}"
                    " (2 SE).")
     return "\n".join(out)
@@ -416,9 +425,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.report_only:
         payload = json.loads(Path(args.out).read_text())
-        for task, t in payload["tasks"].items():  # a study run before the times were recorded
-            if t.get("wall_minutes") is None and (Path(args.work) / task).is_dir():
-                t["wall_minutes"] = wall_minutes(Path(args.work) / task)
+        for task, t in payload["tasks"].items():  # summaries as this version makes them
+            work = Path(args.work) / task
+            seeds = [work / f"seed-{s}" / "eval.json" for s in payload["settings"]["seeds"]
+                     .split(",")]
+            if all(f.is_file() for f in seeds):
+                t["summary"] = summarize_task([json.loads(f.read_text()) for f in seeds])
+                t["wall_minutes"] = wall_minutes(work)
     else:
         machine = harness.start(args)
         payload = {"benchmark": "paper_table", "machine": machine, "settings": vars(args),
