@@ -111,6 +111,18 @@ def run_variant(args, cfg: Config, work: Path, name: str, seed: int) -> dict:
     return out
 
 
+def study_result(seed_eval: dict, k: float) -> dict:
+    """The study's own AdaSPEC (k = 0.4, E / k epochs) against its control, as a variant row."""
+    tf = seed_eval["teacher_forced"]
+    index = {arm: 1 + 2 * paper_table.ARMS.index(arm) for arm in ("adaspec_official",
+                                                                   "kd_control")}
+    return {"variant": f"the study's AdaSPEC (k={k:g})",
+            "teacher_forced": [tf[index["adaspec_official"]], tf[index["adaspec_official"] + 1],
+                               tf[index["kd_control"]], tf[index["kd_control"] + 1]],
+            "best_epoch": seed_eval["best"]["adaspec_official"]["epoch"],
+            "control_best_epoch": seed_eval["best"]["kd_control"]["epoch"]}
+
+
 def summarize(result: dict) -> dict:
     """AdaSPEC variant minus its control, E-epoch and best-epoch, in each measure."""
     tf = result["teacher_forced"]
@@ -137,12 +149,16 @@ def markdown(payload: dict) -> str:
              "and depth rows), on the test split, teacher-forced with the target; points (x100), "
              "± standard error clustered by sequence.", "",
              "| variant | column | acc. on answers | greedy agr. on target cont. | "
-             "acc. on target cont. | best epoch (variant / control) |", "|---|---|---|---|---|---|"]
+             "acc. on target cont. | greedy agr. on target cont. (variant / control) | "
+             "best epoch (variant / control) |", "|---|---|---|---|---|---|---|"]
     for s in payload["variants"]:
         for col in ("E-epoch", "best-epoch"):
             cells = [f"{s[f'{col}/{m}'][0] * 100:+.2f} ± {s[f'{col}/{m}'][1] * 100:.2f}"
                      for m in ("expected_acceptance_answers", "greedy_agreement_continuations",
                                "expected_acceptance_continuations")]
+            key = f"{col}/greedy_agreement_continuations"
+            variant = s[key + "/variant"]  # the control's: the variant's minus the difference
+            cells.append(f"{variant:.4f} / {variant - s[key][0]:.4f}")
             lines.append(f"| {s['variant']} | {col} | " + " | ".join(cells)
                          + f" | {s['best_epoch']:g} / {s['control_best_epoch']:g} |")
     return "\n".join(lines) + "\n"
@@ -172,9 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work) / args.task
     cfg = base_config(args, args.task, work)
     paper_table.ensure_caches(args, cfg, work)
-    paper_table.run_seed(args, cfg, work, args.seed)  # the seed's runs: reference, control
-    variants = [summarize(run_variant(args, cfg, work, name, args.seed))
-                for name in args.variants.split(",")]
+    seed_eval = paper_table.run_seed(args, cfg, work, args.seed)  # reference, control
+    variants = [summarize(study_result(seed_eval, args.k))] + [
+        summarize(run_variant(args, cfg, work, name, args.seed))
+        for name in args.variants.split(",")]
     payload = {"benchmark": "ablation", "machine": machine, "settings": vars(args),
                "variants": variants}
     Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
