@@ -512,30 +512,38 @@ def evaluate(
     return results
 
 
-def clustered_difference(a: list[float], b: list[float], lengths: list[int]
+def clustered_difference(a: list[list[float]], b: list[list[float]], lengths: list[int]
                          ) -> tuple[float, float]:
-    """Mean of a - b over the same tokens and its standard error, clustered by sequence
-    (`lengths`: tokens per sequence, in order): tokens of one sequence are not independent,
-    se = sqrt(G / (G - 1) * sum_g (S_g - n_g * mean)^2) / N."""
-    diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-    mean = diff.mean()
-    if len(lengths) < 2:
-        return float(mean), math.nan
-    sums = torch.stack([part.sum() for part in diff.split(lengths)])
-    sizes = torch.tensor(lengths, dtype=torch.float64)
+    """Mean of a - b over the same tokens and its standard error clustered by sequence.
+
+    a, b: per run (seeds, or a single run), per-token values in sequence order; `lengths`:
+    tokens per sequence, the same sequences in every run. Tokens of one sequence are not
+    independent, so a sequence's tokens over all runs form one cluster:
+    se = sqrt(G / (G - 1) * sum_g (S_g - n_g * mean)^2) / N.
+    """
+    diffs = [torch.tensor(x, dtype=torch.float64) - torch.tensor(y, dtype=torch.float64)
+             for x, y in zip(a, b, strict=True)]
+    total = torch.cat(diffs)
+    mean = total.mean()
     g = len(lengths)
+    if g < 2:
+        return float(mean), math.nan
+    sums = sum(torch.stack([part.sum() for part in d.split(lengths)]) for d in diffs)
+    sizes = torch.tensor(lengths, dtype=torch.float64) * len(diffs)
     return float(mean), float(torch.sqrt(g / (g - 1) * ((sums - sizes * mean) ** 2).sum())
-                              / len(diff))
+                              / len(total))
 
 
-def prompt_difference(a: list[dict], b: list[dict]) -> tuple[float, float]:
-    """Difference of mean accepted length (1 + accepted / steps) per prompt, and its standard
-    error over prompts."""
-    def lengths(runs: list[dict]) -> torch.Tensor:
-        return torch.tensor([1 + r["accepted"] / max(r["steps"], 1) for r in runs],
-                            dtype=torch.float64)
+def prompt_difference(a: list[list[dict]], b: list[list[dict]]) -> tuple[float, float]:
+    """Difference of mean accepted length (1 + accepted / steps) per prompt, runs (seeds)
+    pooled per prompt, and its standard error over prompts."""
+    def per_prompt(runs: list[list[dict]]) -> torch.Tensor:  # (prompts,)
+        accepted = torch.tensor([[p["accepted"] for p in run] for run in runs],
+                                dtype=torch.float64)
+        steps = torch.tensor([[p["steps"] for p in run] for run in runs], dtype=torch.float64)
+        return 1.0 + accepted.sum(0) / steps.sum(0).clamp(min=1)
 
-    diff = lengths(a) - lengths(b)
+    diff = per_prompt(a) - per_prompt(b)
     if len(diff) < 2:
         return float(diff.mean()), math.nan
     return float(diff.mean()), float(diff.std() / math.sqrt(len(diff)))
@@ -556,11 +564,11 @@ def compare(results: list[dict]) -> list[dict]:
         for source, measure, label in COMPARED:
             if source in first and "per_token" in first[source]:
                 a, b = first[source]["per_token"], other[source]["per_token"]
-                row[label] = clustered_difference(a[measure], b[measure],
+                row[label] = clustered_difference([a[measure]], [b[measure]],
                                                   a["sequence_lengths"])
         if "per_prompt" in first.get("speculative", {}):
             row["mean accepted length"] = prompt_difference(
-                first["speculative"]["per_prompt"], other["speculative"]["per_prompt"])
+                [first["speculative"]["per_prompt"]], [other["speculative"]["per_prompt"]])
         out.append(row)
     return out
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from adaspec.build import build_stage
 from adaspec.config import Config
-from adaspec.evaluate import evaluate
+from adaspec.evaluate import clustered_difference, evaluate
 from bench import harness, paper_table
 from bench.paper_table import base_config, ensure_run, split_config
 
@@ -134,7 +134,7 @@ def summarize(result: dict) -> dict:
                                 ("exact_continuations", "expected_acceptance")):
             label = f"{col}/{measure}_{'answers' if source == 'exact' else 'continuations'}"
             pa, pb = tf[a][source]["per_token"], tf[b][source]["per_token"]
-            out[label] = paper_table.clustered_difference([pa[measure]], [pb[measure]],
+            out[label] = clustered_difference([pa[measure]], [pb[measure]],
                                                           pa["sequence_lengths"])
             out[label + "/variant"] = tf[a][source][measure]
     return out

@@ -34,12 +34,10 @@ import json
 import math
 from pathlib import Path
 
-import torch
-
 from adaspec import models, quality
 from adaspec.build import build_stage
 from adaspec.config import Config, build_config
-from adaspec.evaluate import evaluate
+from adaspec.evaluate import clustered_difference, evaluate, prompt_difference
 from adaspec.train import train
 from adaspec.validation import validation_records
 from bench import harness
@@ -182,40 +180,6 @@ def run_seed(args, cfg: Config, work: Path, seed: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Statistics
-
-
-def clustered_difference(a: list[list[float]], b: list[list[float]],
-                         groups: list[int]) -> tuple[float, float]:
-    """Mean of a - b over tokens of all seeds and its standard error clustered by sequence.
-
-    a, b: per seed, per-token values in sequence order; groups: tokens per sequence (the same
-    test sequences in every seed). A sequence's tokens over all seeds form one cluster:
-    se = sqrt(G / (G - 1) * sum_g (S_g - n_g * mean)^2) / N.
-    """
-    diffs = [torch.tensor(x, dtype=torch.float64) - torch.tensor(y, dtype=torch.float64)
-             for x, y in zip(a, b, strict=True)]
-    total = torch.cat(diffs)
-    mean = total.mean()
-    sums = sum(torch.stack([p.sum() for p in d.split(groups)]) for d in diffs)
-    sizes = torch.tensor(groups, dtype=torch.float64) * len(diffs)
-    g = len(groups)
-    if g < 2:
-        return float(mean), math.nan
-    se = torch.sqrt(g / (g - 1) * ((sums - sizes * mean) ** 2).sum()) / len(total)
-    return float(mean), float(se)
-
-
-def prompt_difference(a: list[list[dict]], b: list[list[dict]]) -> tuple[float, float]:
-    """Difference in mean accepted length, prompts as clusters, seeds pooled per prompt."""
-    def per_prompt(runs: list[list[dict]]) -> torch.Tensor:  # (P,) over seeds
-        accepted = torch.tensor([[p["accepted"] for p in run] for run in runs], dtype=torch.float64)
-        steps = torch.tensor([[p["steps"] for p in run] for run in runs], dtype=torch.float64)
-        return 1.0 + accepted.sum(0) / steps.sum(0).clamp(min=1)
-
-    diff = per_prompt(a) - per_prompt(b)
-    if len(diff) < 2:
-        return float(diff.mean()), math.nan
-    return float(diff.mean()), float(diff.std(unbiased=True) / math.sqrt(len(diff)))
 
 
 def summarize_task(seeds: list[dict]) -> dict:

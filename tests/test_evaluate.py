@@ -363,5 +363,14 @@ def test_compare_gives_paired_differences_with_clustered_errors(setup, tmp_path)
     want = (g / (g - 1) * ((sums - torch.tensor(a["sequence_lengths"]) * diff.double().mean())
                            ** 2).sum()).sqrt() / n
     assert se == pytest.approx(float(want))
-    assert clustered_difference([1.0, 2.0, 3.0, 4.0], [0.0] * 4, [2, 2])[0] == 2.5
+    assert clustered_difference([[1.0, 2.0, 3.0, 4.0]], [[0.0] * 4], [2, 2])[0] == 2.5
+    # two runs (seeds) of the same sequences: one cluster per sequence over both runs
+    runs_a = [[1.0, 2.0, 3.0, 4.0, 0.5], [2.0, 0.0, 1.0, 3.0, 1.5]]
+    runs_b = [[0.0, 1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 2.0, 0.0]]
+    pooled = torch.tensor(runs_a, dtype=torch.float64) - torch.tensor(runs_b, dtype=torch.float64)
+    cluster = torch.stack([pooled[:, :2].sum(), pooled[:, 2:4].sum(), pooled[:, 4:].sum()])
+    sizes = torch.tensor([4.0, 4.0, 2.0], dtype=torch.float64)
+    want = (3 / 2 * ((cluster - sizes * pooled.mean()) ** 2).sum()).sqrt() / pooled.numel()
+    got = clustered_difference(runs_a, runs_b, [2, 2, 1])
+    assert got == pytest.approx((float(pooled.mean()), float(want)))
     assert "minus" in format_comparison(rows) and " pt" in format_comparison(rows)
