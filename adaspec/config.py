@@ -220,9 +220,13 @@ class TrainConfig(_Checked):
     epochs: float = 1.0
     """Passes over the data."""
     scale_epochs_by_k: bool = False
-    """Multiply epochs by 1/k as the official scripts do (3 -> 7.5 at k = 0.4)."""
+    """E/k epochs at the same batch (3 -> 7.5 at k = 0.4): 1/k times the optimizer steps of
+    k = 1, not the official schedule (see --official-schedule)."""
+    official_schedule: bool = False
+    """The official scripts' schedule: E/k epochs at a micro-batch of round(b/k) sequences, so
+    a k < 1 draft takes the optimizer steps of k = 1 and keeps as many tokens per step."""
     batch_size: int = 4
-    """Sequences per micro-batch (per process)."""
+    """Sequences per micro-batch (per process); b/k with --official-schedule."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     lr: float | None = None
@@ -266,17 +270,42 @@ class TrainConfig(_Checked):
     paper's model selection without the target)."""
     eval_every: int = 0
     """Also measure on --eval-split every N optimizer steps (0: at epoch ends only)."""
+    eval_cache: str | None = None
+    """Cache holding --eval-split (default: --cache), e.g. one of the target's own greedy
+    continuations of the validation prompts (built with --generate --gen-temperature 0): what
+    speculative decoding sees."""
     keep_best: bool = False
-    """Keep best/: the model of the evaluation with the highest validation acceptance."""
+    """Keep best/: the model of the evaluation with the highest --best-metric."""
+    best_metric: str = field(default="expected_acceptance",
+                             metadata=meta(choices="adaspec.validation:BEST_METRICS"))
+    """What --keep-best maximises: expected_acceptance (sum min(p, q), offline bounds' middle)
+    or greedy_agreement (draft argmax == target argmax: what greedy decoding accepts)."""
 
     @property
     def learning_rate(self) -> float:
         """--lr, or the official per-stage default when it is not given."""
         return self.lr if self.lr is not None else STAGE_LR[self.stage]
 
+    @property
+    def run_epochs(self) -> float:
+        """Passes over the data the run makes: E, or E/k under either k schedule."""
+        scaled = self.scale_epochs_by_k or self.official_schedule
+        return self.epochs / self.k if scaled else self.epochs
+
+    @property
+    def run_batch_size(self) -> int:
+        """Sequences per micro-batch the run uses: b, or round(b/k) on the official schedule."""
+        return max(1, round(self.batch_size / self.k)) if self.official_schedule \
+            else self.batch_size
+
     def check(self) -> None:
         self._range("k", 0.0 < self.k <= 1.0, "must be in (0, 1]")
         self._range("eval_every", self.eval_every >= 0, "must be >= 0")
+        _check(not (self.official_schedule and self.scale_epochs_by_k),
+               "train.official_schedule", TrainConfig,
+               "and --scale-epochs-by-k are two schedules; give one")
+        _check(self.eval_cache is None or self.eval_split is not None, "train.eval_cache",
+               TrainConfig, "needs --eval-split (the split to read from it)")
         _check(not self.keep_best or self.eval_split is not None, "train.keep_best",
                TrainConfig, "needs --eval-split (the split the best model is chosen on)")
         self._range("beta", 0.0 <= self.beta <= 1.0, "must be in [0, 1]")

@@ -153,3 +153,18 @@ def check_reference(cfg: Config, reader: CacheReader) -> None:
             "the same initialisation: pass --draft " + str(record["init"]) + " or train a "
             "reference from this draft (`adaspec-train --stage ref`)"
         )
+
+
+def check_same_target(cfg: Config, reader: CacheReader, where: str) -> None:
+    """Refuse a second cache (validation continuations) made by another target than the
+    run's own cache: its acceptances would measure agreement with a different model."""
+    own = open_split(cfg)
+    if own is None or schema.TARGET not in own.manifest.stages or \
+            schema.TARGET not in reader.manifest.stages:
+        return
+    a, b = own.target_params.get("model", {}), reader.target_params.get("model", {})
+    if not _same_weights(a, b):
+        raise UserError(
+            f"{where} was built with the target {_short(b)}, but {cfg.cache.cache} with "
+            f"{_short(a)}; build both caches from the same target"
+        )

@@ -1,6 +1,6 @@
 """A training run's folder: its config, metrics log, checkpoints and final model.
 
-    <run>/config.yaml       the resolved config
+    <run>/config.yaml       the resolved config, and the schedule it makes (`schedule:`)
     <run>/metrics.jsonl     one line per logged optimizer step
     <run>/checkpoints/      step-N/: accelerate state + window + progress.json (the latest kept)
     <run>/model/            save_pretrained folder (loads in plain transformers)
@@ -57,16 +57,31 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool) -> Path | None:
     return checkpoint
 
 
-def start_run_dir(run_dir: Path, cfg: Config, start_step: int) -> None:
-    """Write the config and keep only the metrics of steps up to `start_step` (main process):
-    an interrupted run may have logged steps past its last checkpoint; they are redone."""
+def start_run_dir(run_dir: Path, cfg: Config, start_step: int,
+                  schedule: dict | None = None) -> None:
+    """Write the config (with the `schedule` the run follows: epochs, batch, optimizer steps)
+    and keep only the metrics of steps up to `start_step` (main process): an interrupted run
+    may have logged steps past its last checkpoint; they are redone."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(RUN_SECTIONS),
-                                                      sort_keys=False))
+    saved = cfg.to_dict(RUN_SECTIONS)
+    if schedule is not None:
+        saved["schedule"] = schedule
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
     metrics = run_dir / METRICS_FILE
     lines = metrics.read_text().splitlines() if metrics.exists() else []
     kept = [line for line in lines if json.loads(line)["step"] <= start_step]
     metrics.write_text("".join(line + "\n" for line in kept))
+
+
+def read_schedule(run_dir: Path) -> dict:
+    """The schedule a run followed (epochs, batch_size, optimizer_steps, ...), from its config."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no {CONFIG_FILE}: not a run folder")
+    schedule = (yaml.safe_load(path.read_text()) or {}).get("schedule")
+    if schedule is None:
+        raise UserError(f"{path} records no schedule (a run from before schedules were kept)")
+    return schedule
 
 
 def log_metrics(run_dir: Path, record: dict) -> None:

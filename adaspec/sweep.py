@@ -95,8 +95,7 @@ def train_single_pass(cfg: Config, variants: list[Variant], out: Path,
     learner_runs, validators = [], {}
     for vcfg in configs:
         t = vcfg.train
-        epochs = t.epochs / t.k if t.scale_epochs_by_k else t.epochs
-        total_micro = max(1, round(epochs * per_epoch))
+        total_micro = max(1, round(t.run_epochs * per_epoch))
         total_steps = -(-total_micro // t.grad_accum)
         model = copy.deepcopy(draft).to(device).train()
         learner = train.make_learner(accelerator, model, vcfg, vocab_size, total_steps)
@@ -180,6 +179,9 @@ def run_sweep(cfg: Config, variants: list[Variant] | None = None, out: Path | st
     out = Path(s.out if out is None else out)
     eval_split = s.eval_split if eval_split is None else eval_split
     single_pass = s.single_pass if single_pass is None else single_pass
+    if single_pass and cfg.train.official_schedule and len({v.k for v in variants}) > 1:
+        raise UserError("--official-schedule gives each k its own batch size, so variants of "
+                        "several k cannot share one pass; drop --single-pass")
     try:
         eval_reader = CacheReader(cfg.cache.cache, cfg.data.task, eval_split)
     except CacheError as err:  # say how to make the evaluation cache

@@ -32,7 +32,7 @@ from adaspec.config import RUN_SECTIONS, Config
 from adaspec.errors import UserError
 from adaspec.step import Learner, LossModel
 from adaspec.stream import BatchStream, online_sequences
-from adaspec.validation import Validator
+from adaspec.validation import Validator, plateau, validation_records
 from cache_tools import schema
 from cache_tools.store import CacheReader
 
@@ -150,7 +150,8 @@ def open_data(cfg: Config, reader: CacheReader | None, ref_spec: str | None, tok
         provenance.check_tokenizer(reader, tokenizer)
     if t.online:
         sequences = reader if reader is not None else online_sequences(cfg, tokenizer)
-        stream = BatchStream(sequences, t.batch_size, t.seed, pad_id, rank=rank, world_size=world,
+        stream = BatchStream(sequences, t.run_batch_size, t.seed, pad_id, rank=rank,
+                             world_size=world,
                              memory_budget_mb=t.stream_memory_mb)
         vocab_size = models.real_vocab_size(tokenizer)
         if t.stage == "sft":
@@ -161,7 +162,7 @@ def open_data(cfg: Config, reader: CacheReader | None, ref_spec: str | None, tok
         return stream, step.OnlineTeacher(target, ref, vocab_size, t.loss, t.beta), vocab_size
     assert reader is not None
     ref = (cfg.cache.ref_name, t.loss) if needs_ref(cfg) else None
-    stream = BatchStream(reader, t.batch_size, t.seed, pad_id, with_target=t.stage != "sft",
+    stream = BatchStream(reader, t.run_batch_size, t.seed, pad_id, with_target=t.stage != "sft",
                          ref=ref, rank=rank, world_size=world,
                          memory_budget_mb=t.stream_memory_mb)
     teacher = step.LabelTeacher() if t.stage == "sft" else step.CachedTeacher()
@@ -350,6 +351,27 @@ class EpochHooks:
         accelerator.wait_for_everyone()
 
 
+def schedule_of(t, per_epoch: int, total_steps: int, world: int) -> dict:
+    """What the run's settings make of the data: recorded in its config.yaml."""
+    return {"epochs": t.run_epochs, "batch_size": t.run_batch_size, "grad_accum": t.grad_accum,
+            "processes": world, "micro_batches_per_epoch": per_epoch,
+            "sequences_per_step": t.run_batch_size * t.grad_accum * world,
+            "optimizer_steps": total_steps,
+            "rule": "official" if t.official_schedule else
+            "epochs-by-k" if t.scale_epochs_by_k else "fixed"}
+
+
+def report_plateau(run_dir: Path, total_steps: int, metric: str, progress: bool) -> dict:
+    """Log (and print) whether validation had stopped improving by the run's end."""
+    p = plateau(validation_records(run_dir), metric)
+    runs.log_metrics(run_dir, {"step": total_steps, "plateau": p})
+    if progress:
+        change = "n/a" if p["change"] is None else f"{p['change'] * 100:+.2f} pt"
+        tqdm.write(f"plateau ({metric}, last quarter of steps vs before): {change} -> "
+                   f"{'reached' if p['reached'] else 'NOT reached (still improving)'}")
+    return p
+
+
 def train(
     cfg: Config, resume: bool = False, progress: bool = True, max_steps: int | None = None
 ) -> Path:
@@ -380,10 +402,9 @@ def train(
     if per_epoch == 0:
         raise UserError(
             f"{stream.sequences.n_sequences} sequences make fewer than {world} batches of "
-            f"--batch-size {t.batch_size}; lower --batch-size or use fewer processes"
+            f"--batch-size {t.run_batch_size}; lower --batch-size or use fewer processes"
         )
-    epochs = t.epochs / t.k if t.scale_epochs_by_k else t.epochs
-    total_micro = max(1, round(epochs * per_epoch))  # micro-batches per process
+    total_micro = max(1, round(t.run_epochs * per_epoch))  # micro-batches per process
     total_steps = -(-total_micro // t.grad_accum)
     learner = make_learner(accelerator, model, cfg, vocab_size, total_steps)
     run = Run(learner, run_dir, total_micro, t.grad_accum, t.log_every, t.max_grad_norm)
@@ -398,7 +419,7 @@ def train(
         start_step, run.elapsed_before = saved["step"], saved["elapsed"]
     accelerator.wait_for_everyone()  # every process has checked the run folder before it is written
     if accelerator.is_main_process:
-        runs.start_run_dir(run_dir, cfg, start_step)
+        runs.start_run_dir(run_dir, cfg, start_step, schedule_of(t, per_epoch, total_steps, world))
     if t.report_to is not None:
         accelerator.init_trackers(run_dir.name, config=tracker_config(cfg))
 
@@ -410,6 +431,8 @@ def train(
     if stop_step < run.total_steps:
         return run_dir
     accelerator.wait_for_everyone()
+    if validator is not None:
+        report_plateau(run_dir, run.total_steps, t.best_metric, progress)
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(run.learner.loss_model).model
         models.save_model(trained, tokenizer, run_dir / "model")

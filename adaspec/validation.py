@@ -5,7 +5,11 @@ of a validation split in the cache, that costs one draft forward over the split:
 measures the offline expected acceptance (sum_x min(p, q), with the bounds the cached entries
 leave) and the greedy agreement at each epoch end (and every `--eval-every` steps), logs them
 as a `validation` line in metrics.jsonl, and with `--keep-best` keeps the best model in `best/`
-(`best/best.json` says which step it is and what it scored).
+(`best/best.json` says which step it is and what it scored), by `--best-metric`.
+
+`--eval-cache` reads the split from another cache: one of the target's own greedy continuations
+of the validation prompts, so that the model kept is the best at what speculative decoding sees.
+`plateau` says whether a run had stopped improving on validation by its end.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from cache_tools.store import CacheReader
 
 BEST_DIR = "best"
 BEST_FILE = "best.json"
+BEST_METRICS = ("expected_acceptance", "greedy_agreement")
+PLATEAU_TOLERANCE = 0.005  # 0.5 pt
 
 
 class Validator:
@@ -27,11 +33,13 @@ class Validator:
 
     def __init__(self, cfg: Config, run_dir: Path, tokenizer):
         t = cfg.train
-        self.reader = CacheReader(cfg.cache.cache, cfg.data.task, t.eval_split,
+        self.reader = CacheReader(t.eval_cache or cfg.cache.cache, cfg.data.task, t.eval_split,
                                   require=(schema.TARGET,))
         provenance.check_tokenizer(self.reader, tokenizer)
+        if t.eval_cache is not None:
+            provenance.check_same_target(cfg, self.reader, t.eval_cache)
         self.cfg, self.run_dir, self.tokenizer = cfg, run_dir, tokenizer
-        self.keep_best = t.keep_best
+        self.keep_best, self.metric = t.keep_best, t.best_metric
         self.every = t.eval_every
         best = run_dir / BEST_DIR / BEST_FILE
         self.best = json.loads(best.read_text()) if best.is_file() else None  # resumed runs
@@ -57,9 +65,9 @@ class Validator:
                       "label_tokens": result["label_tokens"]}
         runs.log_metrics(self.run_dir, {"step": step_done, "epoch": epoch,
                                         "validation": validation})
-        score = validation["expected_acceptance"]
-        if self.keep_best and (self.best is None or score > self.best["expected_acceptance"]):
-            self.best = {"step": step_done, "epoch": epoch, **validation}
+        score = validation[self.metric]
+        if self.keep_best and (self.best is None or score > self.best[self.metric]):
+            self.best = {"step": step_done, "epoch": epoch, "metric": self.metric, **validation}
             models.save_model(model, self.tokenizer, self.run_dir / BEST_DIR)
             (self.run_dir / BEST_DIR / BEST_FILE).write_text(json.dumps(self.best, indent=2))
         return validation
@@ -69,3 +77,27 @@ def validation_records(run_dir: Path) -> list[dict]:
     """The `validation` lines of a run's metrics, with their step and epoch."""
     return [{"step": r["step"], "epoch": r["epoch"], **r["validation"]}
             for r in runs.read_metrics(run_dir) if "validation" in r]
+
+
+def plateau(records: list[dict], metric: str = "expected_acceptance",
+            tolerance: float = PLATEAU_TOLERANCE) -> dict:
+    """Whether a run had stopped improving: its best `metric` over the last quarter of its
+    steps beats its best before that by less than `tolerance` (0.5 pt).
+
+    `records` are `validation_records` (step, metric). Returns {"reached", "change" (best of
+    the last quarter minus best before it; None without evaluations on both sides), "since_step"
+    (where the last quarter starts), "metric", "tolerance"}.
+    """
+    out = {"metric": metric, "tolerance": tolerance, "reached": False, "change": None,
+           "since_step": None}
+    if not records:
+        return out
+    last = max(r["step"] for r in records)
+    since = 0.75 * last
+    before = [r[metric] for r in records if r["step"] <= since]
+    window = [r[metric] for r in records if r["step"] > since]
+    out["since_step"] = since
+    if before and window:
+        out["change"] = max(window) - max(before)
+        out["reached"] = out["change"] < tolerance
+    return out

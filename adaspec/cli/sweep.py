@@ -15,6 +15,7 @@ from adaspec.cli.common import (
 
 TRAIN_KEYS = ["batch_size", "grad_accum", "lr", "lr_schedule", "warmup_steps", "weight_decay",
               "max_grad_norm", "chunk_tokens", "normalize", "beta", "scale_epochs_by_k",
+              "official_schedule",
               "selection", "threshold", "mixed_precision", "log_every"]
 
 

@@ -1,0 +1,468 @@
+"""The decisive study: AdaSPEC against plain KD on the official schedule, trained to a plateau,
+on a target fine-tuned to the task.
+
+Protocol (issue 17), on the embedded pair (SmolLM2-135M-Instruct with its chat template as the
+target, its first 2 layers as the draft):
+
+1. The paper's first step: the target fine-tuned on the training rows of seed 0's carve
+   (`--stage sft`, lr 1e-5); its task quality before and after.
+2. Per seed S (the seed varies the data carve, the cache's draws and the batch order): caches
+   from the tuned target of S's training rows (default sampled cache), validation and test rows
+   (top-64 float16), and of the target's own greedy continuations of the validation and test
+   prompts (what speculative decoding sees).
+3. Arms, all from the same draft initialisation, each validated every `--eval-every` steps on
+   the validation continuations and keeping its best model by greedy agreement there:
+   - R: plain KD (k = 1) at batch b for E epochs: the reference and the DistillSpec baseline;
+   - A: AdaSPEC k = 0.4 with R as reference on the official schedule (`--official-schedule`:
+     E/k epochs at batch b/k, the same optimizer steps as R);
+   - C: plain KD (k = 1) at batch b/k for E/k epochs: the same sequences and steps as A.
+   For seed 0 also A and C with `--online` (dense target and reference): the sparse cache must
+   not be what decides the sign.
+4. Endpoints on the test split's target continuations (teacher-forced, exact with the target):
+   greedy agreement and expected acceptance; and real greedy speculative decoding (gamma 4)
+   on the test prompts: mean accepted length. Per seed values, the seed-level mean with a
+   t-interval, and the per-seed clustered standard errors beside it.
+
+Decision rule, fixed before running: A beats C only if A - C > 0 in every seed and the seed-level
+95% t-interval of A - C (greedy agreement on the test continuations) excludes 0, with C's
+validation curve flat at its end (plateau: < 0.5 pt gain over its last quarter of steps).
+
+    python -m bench.converged_study --progress                     # the study (hours, resumable)
+    python -m bench.converged_study --train-rows 8 --val-rows 4 --test-rows 4 --prompts 2 \\
+        --epochs 1 --batch-size 2 --eval-every 2 --sft-epochs 0.5 --seeds 0 --dense-seed 0 \\
+        --work /tmp/cs-smoke --out /tmp/cs-smoke/s.json --doc /tmp/cs-smoke/s.md   # smoke
+
+Work goes to --work; every step is skipped when its output exists and a killed run resumes
+from its last checkpoint, so a re-run continues where the study stopped (across sessions if
+the work folder survives). Results are written after every seed; `--report-only` re-makes the
+table and plots from the work folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+from adaspec import models, quality, runs
+from adaspec.build import build_stage
+from adaspec.config import Config, build_config
+from adaspec.evaluate import clustered_difference, evaluate
+from adaspec.statistics import t_interval
+from adaspec.train import train
+from adaspec.validation import plateau, validation_records
+from bench import harness
+
+ARMS = ("R", "A", "C")
+DENSE = ("A-dense", "C-dense")
+ARM_NAMES = {
+    "R": "R: plain KD k=1, batch b, E epochs (reference, DistillSpec)",
+    "A": "A: AdaSPEC k, batch b/k, E/k epochs (official schedule)",
+    "C": "C: plain KD k=1, batch b/k, E/k epochs (control: A's sequences and steps)",
+    "A-dense": "A with --online (dense target and reference)",
+    "C-dense": "C with --online (dense target)",
+}
+EVAL_CACHE = {"sparse": "topk", "topk": 64, "value_encoding": "float16"}
+HEADLINE = "greedy_agreement"  # on the test continuations: what greedy decoding accepts
+ENDPOINTS = ("greedy_agreement", "expected_acceptance", "mean_accepted_length")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+def base_config(args, seed: int, target: str, work: Path) -> Config:
+    """The seed's settings: its carve (data seed), draws (cache seed) and batch order (seed)."""
+    return build_config({
+        "models": {"target": target, "draft": args.draft},
+        "data": {"task": args.task, "max_length": args.max_length,
+                 "chat_template": not args.raw_prompts,
+                 "limit": args.train_rows, "seed": seed},
+        "cache": {"cache": str(work / "cache"), "seed": seed, "batch_tokens": 4096},
+        "train": {"lr": args.lr, "batch_size": args.batch_size, "weight_decay": 0.1,
+                  "lr_schedule": "constant", "seed": seed, "eval_split": "validation",
+                  "eval_cache": str(work / "continuations"), "eval_every": args.eval_every,
+                  "keep_best": True, "best_metric": HEADLINE,
+                  "checkpoint_every": args.eval_every * 2},
+        "eval": {"gamma": args.gamma, "max_new_tokens": args.max_new_tokens,
+                 "prompts": args.prompts, "speed": False},
+    })
+
+
+def split_config(cfg: Config, split: str, limit: int, cache: str | None = None,
+                 **cache_values) -> Config:
+    data = dataclasses.replace(cfg.data, split=split, limit=limit)
+    c = dataclasses.replace(cfg.cache, cache=cache or cfg.cache.cache, **cache_values)
+    return dataclasses.replace(cfg, data=data, cache=c)
+
+
+def arm_config(args, cfg: Config, arm: str, run: Path, ref: Path | None) -> Config:
+    """R, A, C (and the dense A, C) as train settings; see the module docstring."""
+    k, b, e = args.k, args.batch_size, args.epochs
+    base = arm.split("-")[0]
+    t = {"R": {"stage": "ref", "k": 1.0, "batch_size": b, "epochs": e},
+         "A": {"stage": "draft", "k": k, "batch_size": b, "epochs": e, "official_schedule": True},
+         "C": {"stage": "draft", "k": 1.0, "batch_size": max(1, round(b / k)), "epochs": e / k},
+         }[base]
+    train_cfg = dataclasses.replace(cfg.train, out=str(run), online=arm.endswith("dense"), **t)
+    models_cfg = cfg.models
+    if base == "A" and train_cfg.online:
+        models_cfg = dataclasses.replace(cfg.models, ref=str(ref / "model"))
+    return dataclasses.replace(cfg, train=train_cfg, models=models_cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps (each skipped when its output exists)
+
+
+def ensure_run(cfg: Config, progress: bool) -> Path:
+    """Train the run unless its model exists; resume a killed one, restart one killed before
+    its first checkpoint."""
+    run = Path(cfg.train.out)
+    if (run / "model" / "config.json").is_file():
+        return run
+    started = (run / runs.CONFIG_FILE).exists()
+    if started and runs.latest_checkpoint(run) is None:
+        shutil.rmtree(run)  # killed before its first checkpoint: nothing to resume
+        started = False
+    train(cfg, resume=started, progress=progress)
+    return run
+
+
+def ensure_target(args, work: Path) -> str:
+    """The target fine-tuned on seed 0's training rows (stage sft, online: no cache needed)."""
+    if args.sft_epochs == 0:
+        return args.target
+    cfg = base_config(args, 0, args.target, work / "sft")
+    t = dataclasses.replace(cfg.train, stage="sft", lr=args.sft_lr, epochs=args.sft_epochs,
+                            online=True, out=str(work / "target"), eval_split=None,
+                            eval_cache=None, keep_best=False, checkpoint_every=25)
+    ensure_run(dataclasses.replace(cfg, train=t), args.progress)
+    return str(work / "target" / "model")
+
+
+def target_quality(args, work: Path, tuned: str) -> dict:
+    """Task quality of the target before and after fine-tuning (seed 0's test prompts)."""
+    path = work / "quality.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    out = {}
+    for name, spec in (("before fine-tuning", args.target), ("after fine-tuning", tuned)):
+        model, tokenizer = models.load_model(spec)
+        cfg = split_config(base_config(args, 0, spec, work), "test", args.test_rows)
+        out[name] = quality.target_quality(cfg, model.eval(), tokenizer, args.quality_prompts,
+                                           args.max_new_tokens, progress=args.progress)
+        out[name]["target"] = spec
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def ensure_caches(args, cfg: Config, folder: Path) -> None:
+    p = args.progress
+    build_stage(cfg, "target", progress=p)
+    for split, rows in (("validation", args.val_rows), ("test", args.test_rows)):
+        build_stage(split_config(cfg, split, rows, **EVAL_CACHE), "target", progress=p)
+        build_stage(split_config(cfg, split, rows, str(folder / "continuations"),
+                                 generate=True, gen_temperature=0.0,
+                                 gen_max_new_tokens=args.max_new_tokens, **EVAL_CACHE),
+                    "target", progress=p)
+
+
+def run_seed(args, work: Path, tuned: str, seed: int) -> dict:
+    """Caches, arms and test endpoints of one seed (cached in seed-S/eval.json)."""
+    folder = work / f"seed-{seed}"
+    done = folder / "eval.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cfg = base_config(args, seed, tuned, folder)
+    ensure_caches(args, cfg, folder)
+    arms = list(ARMS) + (list(DENSE) if seed == args.dense_seed else [])
+    ref = ensure_run(arm_config(args, cfg, "R", folder / "R", None), args.progress)
+    build_stage(dataclasses.replace(cfg, models=dataclasses.replace(
+        cfg.models, ref=str(ref / "model"))), "ref", progress=args.progress)
+    for arm in arms[1:]:
+        ensure_run(arm_config(args, cfg, arm, folder / arm, ref), args.progress)
+    test = split_config(cfg, "test", args.test_rows, **EVAL_CACHE)
+    drafts = [args.draft] + [str(folder / arm / "best") for arm in arms]
+    teacher_forced = evaluate(test, drafts, ("exact",), progress=args.progress,
+                              continuations_cache=str(folder / "continuations"), per_token=True)
+    decoding = evaluate(test, drafts, ("speculative",), progress=args.progress)
+    out = {"seed": seed, "arms": arms, "drafts": drafts, "teacher_forced": teacher_forced,
+           "decoding": decoding, "runs": {arm: run_record(folder / arm) for arm in arms}}
+    done.write_text(json.dumps(out))
+    return out
+
+
+def run_record(run: Path) -> dict:
+    """Schedule, validation curve, best step and plateau of one arm's run."""
+    curve = validation_records(run)
+    return {"schedule": runs.read_schedule(run), "validation": curve,
+            "best": json.loads((run / "best" / "best.json").read_text()),
+            "plateau": plateau(curve, HEADLINE),
+            "seconds": max((r.get("elapsed", 0.0) for r in runs.training_metrics(run)),
+                           default=None)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def endpoints(seed: dict, index: int) -> dict:
+    """Test endpoints of draft `index` of a seed (0: untrained, then the arms)."""
+    tf = seed["teacher_forced"][index]["exact_continuations"]
+    spec = seed["decoding"][index]["speculative"]
+    return {"greedy_agreement": tf["greedy_agreement"],
+            "expected_acceptance": tf["expected_acceptance"],
+            "mean_accepted_length": spec["mean_accepted_length"],
+            "exact_acceptance_answers": seed["teacher_forced"][index]["exact"][
+                "expected_acceptance"]}
+
+
+def seed_difference(seed: dict, a: str, b: str, measure: str) -> tuple[float, float]:
+    """a - b on one seed's test continuations, with its standard error clustered by sequence
+    (holds the two trained models fixed)."""
+    ia, ib = 1 + seed["arms"].index(a), 1 + seed["arms"].index(b)
+    ta = seed["teacher_forced"][ia]["exact_continuations"]["per_token"]
+    tb = seed["teacher_forced"][ib]["exact_continuations"]["per_token"]
+    return clustered_difference([ta[measure]], [tb[measure]], ta["sequence_lengths"])
+
+
+def summarize(seeds: list[dict]) -> dict:
+    """Per-seed endpoints, seed-level t-intervals of A - C and A - R, the decision rule."""
+    per_arm: dict = {"untrained": [endpoints(s, 0) for s in seeds]}
+    for arm in ARMS + DENSE:
+        rows = [endpoints(s, 1 + s["arms"].index(arm)) for s in seeds if arm in s["arms"]]
+        if rows:
+            per_arm[arm] = rows
+    comparisons = {}
+    for a, b in (("A", "C"), ("A", "R"), ("C", "R"), ("A-dense", "C-dense")):
+        both = [s for s in seeds if a in s["arms"] and b in s["arms"]]
+        if not both:
+            continue
+        row = {}
+        for measure in ("greedy_agreement", "expected_acceptance"):
+            diffs = [seed_difference(s, a, b, measure) for s in both]
+            values = [d for d, _ in diffs]
+            row[measure] = {"per_seed": values, "per_seed_clustered_se": [se for _, se in diffs],
+                            "pooled_clustered_se": math.sqrt(sum(se ** 2 for _, se in diffs))
+                            / len(diffs), **t_interval(values)}
+        values = [endpoints(s, 1 + s["arms"].index(a))["mean_accepted_length"]
+                  - endpoints(s, 1 + s["arms"].index(b))["mean_accepted_length"] for s in both]
+        row["mean_accepted_length"] = {"per_seed": values, **t_interval(values)}
+        comparisons[f"{a} - {b}"] = row
+    plateaus = {arm: [s["runs"][arm]["plateau"]["reached"] for s in seeds if arm in s["runs"]]
+                for arm in ARMS + DENSE}
+    return {"per_arm": per_arm, "comparisons": comparisons, "plateau": plateaus,
+            "decision": decision(comparisons, plateaus, len(seeds))}
+
+
+def decision(comparisons: dict, plateaus: dict, n_seeds: int) -> dict:
+    """The rule stated before running (module docstring), on the headline measure."""
+    ac = comparisons.get("A - C", {}).get(HEADLINE)
+    if ac is None:
+        return {"outcome": "no result yet", "seeds": 0}
+    every_seed = all(v > 0 for v in ac["per_seed"])
+    excludes_zero = n_seeds >= 2 and ac["low"] > 0
+    c_flat = bool(plateaus["C"]) and all(plateaus["C"])
+    if every_seed and excludes_zero and c_flat:
+        outcome = "A beats C"
+    elif n_seeds >= 2 and ac["high"] < 0 and all(v < 0 for v in ac["per_seed"]):
+        outcome = "C beats A"
+    else:
+        outcome = "no difference shown"
+    return {"outcome": outcome, "seeds": n_seeds, "A-C positive in every seed": every_seed,
+            "interval excludes 0": excludes_zero, "C plateaued in every seed": c_flat,
+            "complete": n_seeds >= 3}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report: table, learning curves
+
+
+def plot_curves(seeds: list[dict], path: Path) -> None:
+    """Validation greedy agreement (target continuations) against optimizer steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"R": "tab:blue", "A": "tab:red", "C": "tab:green", "A-dense": "tab:orange",
+              "C-dense": "tab:olive"}
+    styles = ["-", "--", ":", "-."]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, s in enumerate(seeds):
+        for arm, run in s["runs"].items():
+            curve = run["validation"]
+            ax.plot([r["step"] for r in curve], [r[HEADLINE] for r in curve],
+                    color=colors.get(arm, "k"), linestyle=styles[i % len(styles)],
+                    label=f"{arm} seed {s['seed']}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation greedy agreement (target continuations)")
+    ax.set_title("Learning curves per arm and seed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(payload: dict, plot_name: str) -> str:
+    a = payload["settings"]
+    s = payload["summary"]
+    lines = [
+        "# AdaSPEC vs plain KD on the official schedule, trained to a plateau",
+        "",
+        f"Target {a['target']} fine-tuned on {a['train_rows']} {a['task']} training rows "
+        f"(stage sft, lr {a['sft_lr']}, {a['sft_epochs']:g} epochs), "
+        f"{'raw prompts' if a['raw_prompts'] else 'chat template'}; draft "
+        f"{a['draft']}. Per seed {a['train_rows']} training, {a['val_rows']} validation and "
+        f"{a['test_rows']} test rows (the seed varies the carve, the cache's draws and the "
+        f"batch order). b = {a['batch_size']}, E = {a['epochs']}, k = {a['k']}, lr {a['lr']} "
+        f"constant; validation every {a['eval_every']} steps on the target's greedy "
+        "continuations of the validation prompts, best model kept by greedy agreement there. "
+        "Test endpoints: teacher-forced on the target's greedy continuations of the test "
+        f"prompts (exact, target loaded), and real greedy speculative decoding (gamma "
+        f"{a['gamma']}) of {a['prompts']} test prompts, {a['max_new_tokens']} new tokens.",
+        "",
+        "Decision rule (fixed before running): A beats C only if A - C > 0 in every seed and "
+        "the seed-level 95% t-interval of A - C in greedy agreement on the test continuations "
+        "excludes 0, with C's validation curve flat at its end (< 0.5 pt gain over the last "
+        "quarter of its steps).",
+        "",
+    ]
+    q = payload.get("quality", {})
+    if q:
+        lines += ["## The target, before and after fine-tuning", "",
+                  "| target | task quality | mean output tokens |", "|---|---|---|"]
+        lines += [f"| {name} | {v['quality']:.3f} | {v['mean_output_tokens']:.1f} |"
+                  for name, v in q.items()]
+        lines.append("")
+    lines += ["## Schedules", "", "| arm | seed | epochs | batch | optimizer steps | best step | "
+              "plateau (gain over last quarter) |", "|---|---|---|---|---|---|---|"]
+    for seed in payload["seeds"]:
+        for arm, run in seed["runs"].items():
+            sch, p = run["schedule"], run["plateau"]
+            gain = "-" if p["change"] is None else f"{p['change'] * 100:+.2f} pt"
+            lines.append(f"| {arm} | {seed['seed']} | {sch['epochs']:g} | {sch['batch_size']} | "
+                         f"{sch['optimizer_steps']} | {run['best']['step']} | "
+                         f"{'yes' if p['reached'] else 'no'} ({gain}) |")
+    lines += ["", "## Test endpoints per seed", "",
+              "| arm | seed | greedy agreement (cont.) | expected acceptance (cont.) | "
+              "mean accepted length (real, g=4) | exact acceptance (answers) |",
+              "|---|---|---|---|---|---|"]
+    for arm, rows in s["per_arm"].items():
+        seeds = [x["seed"] for x in payload["seeds"] if arm == "untrained" or arm in x["arms"]]
+        for seed, r in zip(seeds, rows, strict=True):
+            lines.append(f"| {ARM_NAMES.get(arm, arm)} | {seed} | {r['greedy_agreement']:.4f} | "
+                         f"{r['expected_acceptance']:.4f} | {r['mean_accepted_length']:.3f} | "
+                         f"{r['exact_acceptance_answers']:.4f} |")
+    lines += ["", "## Differences", "",
+              "Points (x100) for agreement and acceptance, tokens for accepted length. Per seed "
+              "± the clustered standard error (holds the trained models fixed); seed-level mean "
+              "with its 95% t-interval (the spread of training).", "",
+              "| comparison | measure | per seed | seed mean [95% t-interval] | pooled clustered "
+              "SE |", "|---|---|---|---|---|"]
+    for name, row in s["comparisons"].items():
+        for measure, v in row.items():
+            scale = 1 if measure == "mean_accepted_length" else 100
+            ses = v.get("per_seed_clustered_se", [None] * len(v["per_seed"]))
+            per_seed = ", ".join(f"{x * scale:+.2f}" + (f" ± {e * scale:.2f}" if e else "")
+                                 for x, e in zip(v["per_seed"], ses, strict=True))
+            interval = (f"{v['mean'] * scale:+.2f} [{v['low'] * scale:+.2f}, "
+                        f"{v['high'] * scale:+.2f}]" if v["n"] >= 2
+                        else f"{v['mean'] * scale:+.2f}")
+            pooled = v.get("pooled_clustered_se")
+            lines.append(f"| {name} | {measure} | {per_seed} | {interval} | "
+                         f"{'-' if pooled is None else f'{pooled * scale:.2f}'} |")
+    d = s["decision"]
+    lines += ["", "## Decision", "", f"**{d['outcome']}** ({d.get('seeds', 0)} seed(s)"
+              f"{'' if d.get('complete') else ', study incomplete'}): "
+              + ", ".join(f"{k}: {v}" for k, v in d.items()
+                          if k not in ("outcome", "seeds", "complete")) + ".", "",
+              f"![learning curves]({plot_name})", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = harness.parser("converged_study", __doc__, data=False, progress=True)
+    p.add_argument("--task", default="arith")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--dense-seed", type=int, default=0, help="seed of the --online pair (-1: none)")
+    p.add_argument("--train-rows", type=int, default=400)
+    p.add_argument("--val-rows", type=int, default=48)
+    p.add_argument("--test-rows", type=int, default=64)
+    p.add_argument("--prompts", type=int, default=24, help="test prompts decoded speculatively")
+    p.add_argument("--epochs", type=float, default=3.0, help="E: R's epochs")
+    p.add_argument("--k", type=float, default=0.4)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--batch-size", type=int, default=4, help="b: R's batch")
+    p.add_argument("--eval-every", type=int, default=15)
+    p.add_argument("--sft-epochs", type=float, default=1.0, help="target fine-tune (0: none)")
+    p.add_argument("--sft-lr", type=float, default=1e-5)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--quality-prompts", type=int, default=16)
+    p.add_argument("--raw-prompts", action="store_true", help="no chat template")
+    p.add_argument("--target", default="smollm2-135m")
+    p.add_argument("--draft", default="smollm2-135m@layers=2")
+    p.add_argument("--work", default=str(harness.REPO.parent / "converged-study"))
+    p.add_argument("--doc", default=str(harness.REPO / "docs" / "converged_study.md"))
+    p.add_argument("--report-only", action="store_true",
+                   help="re-make JSON, table and plot from the seeds finished in --work")
+    args = p.parse_args(argv)
+    work = Path(args.work)
+    machine = harness.start(args)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    payload = {"benchmark": "converged_study", "machine": machine, "settings": vars(args)}
+    if args.report_only:
+        done = [work / f"seed-{s}" / "eval.json" for s in seeds]
+        finished = [json.loads(f.read_text()) for f in done if f.is_file()]
+        quality_path = work / "quality.json"
+        payload["quality"] = json.loads(quality_path.read_text()) if quality_path.is_file() \
+            else {}
+        report(args, payload, finished)
+        return 0
+    tuned = ensure_target(args, work)
+    payload["quality"] = target_quality(args, work, tuned) if args.sft_epochs else {}
+    finished = []
+    for seed in seeds:
+        finished.append(run_seed(args, work, tuned, seed))
+        report(args, payload, finished)  # partial results after every seed
+    return 0
+
+
+def without_tokens(seed: dict) -> dict:
+    """A seed's record without per-token values (they stay in the work folder's eval.json)."""
+    light = json.loads(json.dumps(seed))
+    for result in light["teacher_forced"]:
+        for section in result.values():
+            if isinstance(section, dict):
+                section.pop("per_token", None)
+    return light
+
+
+def report(args, payload: dict, seeds: list[dict]) -> None:
+    payload["summary"] = summarize(seeds) if seeds else {}
+    payload["seeds"] = [without_tokens(s) for s in seeds]
+    if not seeds:
+        print("no finished seed yet")
+        return
+    doc = Path(args.doc)
+    plot = doc.with_suffix(".png")
+    plot_curves(seeds, plot)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(markdown(payload, plot.name))
+    harness.write_json(args.out, payload)
+    d = payload["summary"]["decision"]
+    print(f"decision after {d['seeds']} seed(s): {d['outcome']}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
