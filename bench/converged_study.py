@@ -29,8 +29,9 @@ validation curve flat at its end (plateau: < 0.5 pt gain over its last quarter o
 
     python -m bench.converged_study --progress                     # the study (hours, resumable)
     python -m bench.converged_study --train-rows 8 --val-rows 4 --test-rows 4 --prompts 2 \\
-        --epochs 1 --batch-size 2 --eval-every 2 --sft-epochs 0.5 --seeds 0 --dense-seed 0 \\
-        --work /tmp/cs-smoke --out /tmp/cs-smoke/s.json --doc /tmp/cs-smoke/s.md   # smoke
+        --epochs 1 --batch-size 2 --k 0.5 --eval-every 2 --sft-epochs 0.5 --seeds 0 \\
+        --dense-seed 0 --max-new-tokens 6 --target TINY --draft TINY@layers=1 --raw-prompts \\
+        --work /tmp/cs --out /tmp/cs/s.json --doc /tmp/cs/s.md          # smoke (tiny model)
 
 Work goes to --work; every step is skipped when its output exists and a killed run resumes
 from its last checkpoint, so a re-run continues where the study stopped (across sessions if

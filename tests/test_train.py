@@ -285,3 +285,33 @@ def test_sigkill_mid_run_then_resume_gives_identical_weights(env):
     assert resumed.returncode == 0, err.decode()[-2000:]
     a, b = _weights(env.root / "sig-whole"), _weights(cut)
     assert [name for name in a if not torch.equal(a[name], b[name])] == []
+
+
+def test_official_schedule_gives_k_the_optimizer_steps_of_plain_kd(env, tmp_path):
+    """8 rows, b = 2, E = 2: k = 1 takes 8 steps of 2 sequences; k = 0.5 on the official
+    schedule takes 4 epochs at batch 4, also 8 steps, and keeps half the tokens of each step;
+    --scale-epochs-by-k keeps the batch and takes twice the steps."""
+    plain = train(_cfg(env, k=1.0, epochs=2, out=tmp_path / "r"), progress=False)
+    official = train(_cfg(env, k=0.5, epochs=2, official_schedule=True, out=tmp_path / "a"),
+                     progress=False)
+    scaled = train(_cfg(env, k=0.5, epochs=2, scale_epochs_by_k=True, out=tmp_path / "s"),
+                   progress=False)
+    sched = {name: yaml.safe_load((run / "config.yaml").read_text())["schedule"]
+             for name, run in (("plain", plain), ("official", official), ("scaled", scaled))}
+    assert sched["plain"]["optimizer_steps"] == sched["official"]["optimizer_steps"] == 8
+    assert sched["scaled"]["optimizer_steps"] == 16
+    assert (sched["official"]["epochs"], sched["official"]["batch_size"]) == (4.0, 4)
+    assert (sched["scaled"]["epochs"], sched["scaled"]["batch_size"]) == (4.0, 2)
+    assert sched["official"]["rule"] == "official" and sched["plain"]["rule"] == "fixed"
+    steps = [r for r in _metrics(official) if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert steps[-1]["epoch"] == pytest.approx(4.0)
+    assert all(0.4 <= r["selected_fraction"] <= 0.6 for r in steps)
+    # resuming with the same flags is accepted (the schedule is re-derived, not re-scaled)
+    saved = yaml.safe_load((official / "config.yaml").read_text())["train"]
+    assert saved["epochs"] == 2 and saved["batch_size"] == 2 and saved["official_schedule"]
+
+
+def test_official_schedule_and_scaled_epochs_are_exclusive(env, tmp_path):
+    with pytest.raises(UserError, match="two schedules"):
+        _cfg(env, k=0.5, official_schedule=True, scale_epochs_by_k=True, out=tmp_path / "x")

@@ -1,0 +1,53 @@
+"""bench/converged_study.py: a killed study continues, reusing every finished run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from bench import converged_study
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _args(tiny: str, work, seeds: str = "0") -> list[str]:
+    return ["--train-rows", "8", "--val-rows", "4", "--test-rows", "4", "--prompts", "2",
+            "--epochs", "1", "--batch-size", "2", "--k", "0.5", "--eval-every", "2", "--sft-epochs", "0.5",
+            "--seeds", seeds, "--dense-seed", "-1", "--max-new-tokens", "6",
+            "--quality-prompts", "1", "--target", tiny, "--draft", f"{tiny}@layers=1",
+            "--raw-prompts", "--work", str(work), "--doc", str(work / "s.md"),
+            "--out", str(work / "s.json")]
+
+
+def test_killed_study_resumes_and_reuses_finished_runs(tiny_model_dir, tmp_path):
+    work = tmp_path / "study"
+    assert converged_study.main(_args(str(tiny_model_dir), work)) == 0
+    seed = work / "seed-0"
+    first = json.loads((work / "s.json").read_text())
+    schedules = {arm: r["schedule"] for arm, r in first["seeds"][0]["runs"].items()}
+    # R and A: the same optimizer steps (official schedule); C: A's batch and epochs
+    assert schedules["R"]["optimizer_steps"] == schedules["A"]["optimizer_steps"] == 4
+    assert (schedules["C"]["batch_size"], schedules["C"]["epochs"]) == \
+        (schedules["A"]["batch_size"], schedules["A"]["epochs"]) == (4, 2.0)
+    assert first["summary"]["decision"]["seeds"] == 1
+    assert (work / "s.png").is_file() and "## Decision" in (work / "s.md").read_text()
+
+    kept = {p: p.stat().st_mtime_ns for p in (
+        work / "target" / "model" / "model.safetensors", seed / "R" / "model" / "model.safetensors",
+        seed / "A" / "model" / "model.safetensors")}
+    # Kill: C lost its model (as if killed after a checkpoint), the seed its evaluation, and a
+    # second seed's R was killed before its first checkpoint (config.yaml only).
+    shutil.rmtree(seed / "C" / "model")
+    (seed / "eval.json").unlink()
+    r1 = work / "seed-1" / "R"
+    r1.mkdir(parents=True)
+    shutil.copy(seed / "R" / "config.yaml", r1 / "config.yaml")
+    assert converged_study.main(_args(str(tiny_model_dir), work, "0,1")) == 0
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished runs reused
+    assert (seed / "C" / "model" / "config.json").is_file()
+    again = json.loads((work / "s.json").read_text())
+    assert [s["seed"] for s in again["seeds"]] == [0, 1]
+    assert again["summary"]["decision"]["seeds"] == 2
+    assert len(again["summary"]["comparisons"]["A - C"]["greedy_agreement"]["per_seed"]) == 2
