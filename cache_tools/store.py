@@ -51,6 +51,8 @@ def open_root(root: str, mode: str = "a") -> zarr.Group:
         raise CacheError(f"no cache at {root}; build one with `adaspec-cache build`")
     if is_local(root) and _local_path(root).exists() and not _local_path(root).is_dir():
         raise CacheError(f"{root} is a file, not a cache folder; pass a folder to --cache")
+    if is_local(root):  # zarr's size queries resolve a relative store path against nothing
+        root = str(_local_path(root).resolve())
     try:
         group = zarr.open_group(root, mode=mode, zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:

@@ -149,6 +149,15 @@ def test_info_reports_bytes_per_token(tmp_path):
     assert "B/label token" in format_summary(str(root), records)
 
 
+def test_info_of_a_relative_cache_path(tmp_path, monkeypatch):
+    """zarr's nbytes_stored failed on a store opened by a relative path (FileNotFoundError)."""
+    root = tmp_path / "c"
+    group, writer, rows, manifest = _write_split(root)
+    _finish(group, writer, rows, manifest)
+    monkeypatch.chdir(tmp_path)
+    assert cache_summary("c") == cache_summary(str(root))
+
+
 def test_delta_id_encoding_round_trips_with_values_following():
     rng = np.random.default_rng(3)
     ids = np.stack([rng.choice(5000, 16, replace=False) for _ in range(20)]).astype(np.uint16)
