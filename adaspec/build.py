@@ -447,11 +447,14 @@ def _ref_batch_fn(loaded: _Model, seqs, masks, layout: _Layout, reader: CacheRea
         parts: dict[str, list[np.ndarray]] = {f"loss_{d}": [] for d in schema.DIVERGENCES}
         for start in range(0, n, LOGIT_ROWS):
             stop = min(n, start + LOGIT_ROWS)
-            block = logits(start, stop)  # (n, V) float32 on the model's device
+            reduced = logits.reduced_head  # a reduced-vocabulary reference: its own loss
+            block = logits.restricted(start, stop) if reduced is not None \
+                else logits(start, stop)  # (n, V) or (n, N + 1) float32 on the model's device
             target = sparse.from_rows(reader.target_rows(row0 + start, row0 + stop))
             target = target.to(block.device)
             for d in schema.DIVERGENCES:
-                loss = losses.sparse_divergence(block, target, divergence=d)
+                loss = losses.sparse_divergence(block, target, divergence=d) if reduced is None \
+                    else losses.restricted_divergence(block, target, reduced.to_draft, d)
                 parts[f"loss_{d}"].append(loss.cpu().numpy().astype(np.float32))
         return {k: np.concatenate(v) for k, v in parts.items()}, sum(len(s) for s in seqs[a:b])
 

@@ -244,6 +244,10 @@ class TrainConfig(_Checked):
                                  metadata=meta(choices="adaspec.step:MIXED_PRECISIONS"))
     """Autocast of the trained model: auto (bf16 on CUDA; on CPU bf16 if --dtype is bfloat16),
     no, bf16, fp16. Its weights and optimizer state stay float32 whatever this says."""
+    draft_vocab: int | None = None
+    """Reduced-vocabulary head: the draft predicts over the N ids with the most target mass in
+    the training split's cache (plus EOS and special tokens) and one rest outcome; decoding
+    stays lossless (the target verifies over the full vocabulary)."""
     chunk_tokens: int = 1024
     """Label tokens per loss chunk: bounds the (tokens, vocab) memory of the draft's log-softmax."""
     checkpoint_every: int = 0
@@ -301,6 +305,11 @@ class TrainConfig(_Checked):
     def check(self) -> None:
         self._range("k", 0.0 < self.k <= 1.0, "must be in (0, 1]")
         self._range("eval_every", self.eval_every >= 0, "must be >= 0")
+        self._range("draft_vocab", self.draft_vocab is None or self.draft_vocab >= 1,
+                    "must be >= 1")
+        _check(self.draft_vocab is None or not (self.online or self.stage == "sft"),
+               "train.draft_vocab", TrainConfig,
+               "works on cached draft and ref runs (not --online, not --stage sft)")
         _check(not (self.official_schedule and self.scale_epochs_by_k),
                "train.official_schedule", TrainConfig,
                "and --scale-epochs-by-k are two schedules; give one")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from adaspec import models
+from adaspec import draft_vocab, models
 
 
 def order_sequences(tokenized: Sequence) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
@@ -153,6 +153,7 @@ class LabelLogits:
             out = model(**forward_inputs(model, batch))
             device = out.logits.device
             self._logits = out.logits[batch.index_b.to(device), batch.index_t.to(device)]
+            self._head = None
 
     @torch.no_grad()
     def __call__(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -164,6 +165,17 @@ class LabelLogits:
             logits = self._head(self._hidden[start:stop])
         logits = logits.float()
         return logits if self.vocab_size is None else models.cut_logits(logits, self.vocab_size)
+
+    @property
+    def reduced_head(self):
+        """The model's `draft_vocab.ReducedHead`, or None for a full-vocabulary head."""
+        return self._head if isinstance(self._head, draft_vocab.ReducedHead) else None
+
+    @torch.no_grad()
+    def restricted(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """(stop - start, N + 1) float32 logits over a reduced head's map and its rest."""
+        stop = self.n_rows if stop is None else stop
+        return self.reduced_head.restricted_logits(self._hidden[start:stop]).float()
 
     def log_softmax(self) -> torch.Tensor:
         """(N, V) float32 log-probs of every label row."""

@@ -26,6 +26,15 @@ The divergences (r = q / p):
   f(r) = -beta log a + (1 - beta) r log(r / a). Like TRL, beta = 0 gives KL(p || q) ("fkl") and
   beta = 1 gives KL(q || p) ("rkl") rather than the formula's degenerate limit 0.
 
+Reduced-vocabulary drafts (`restricted_divergence`): a draft whose head covers only a token map
+of N ids plus one "rest" outcome (every other id) is trained on the target coarse-grained the
+same way, over N + 1 outcomes. From the cache: in topk mode the atoms are the cached ids inside
+the map, and everything else (cached ids outside the map, and the tail) is one bucket, on both
+sides: exact when K = V, else a lower bound, as above. In sample mode the draws inside the map
+are atoms as before and the draws outside it are the rest atom, whose target mass is estimated
+by their share of the draws (the cache does not know the mass of ids it did not draw); its
+forward-KL gradient stays unbiased.
+
 Numerics: computed from log-probs in float32 (float64 inputs stay float64); zero-weight atoms
 (w = 0, including a -inf tail when K = V and padding in sample mode) contribute exactly 0 with
 zero gradient, through `torch.where` on sanitised inputs, never 0 * inf. Where the target has no
@@ -232,6 +241,69 @@ def sparse_divergence(
     return terms.sum(-1)
 
 
+def restricted_divergence(
+    draft_logits: torch.Tensor,
+    target: SparseTarget,
+    to_draft: torch.Tensor,
+    divergence: str = "fkl",
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """Per-token divergence of a reduced-vocabulary draft against a sparse cached target.
+
+    The draft's N + 1 outcomes are the N ids of its token map and a "rest" outcome (index N)
+    for every other id; the target is coarse-grained onto them (module docstring).
+
+    Args:
+        draft_logits: (N_tok, N + 1) float: the mapped ids' logits, then the rest logit.
+        target: the cached entries (full-vocabulary ids) of the same N_tok label tokens.
+        to_draft: (V,) int64: each vocabulary id's draft outcome (N for ids outside the map).
+        divergence: one of DIVERGENCES.
+        beta: the "jsd" mixing weight of the target (TRL convention), in [0, 1].
+
+    Returns:
+        (N_tok,) float32 (float64 for float64 inputs) divergence per token.
+    """
+    _check_divergence(divergence, beta)
+    if draft_logits.dim() != 2 or draft_logits.shape[0] != len(target):
+        raise ValueError(
+            f"draft_logits {tuple(draft_logits.shape)} must be (N, N_map + 1) with N = "
+            f"{len(target)} cached label tokens"
+        )
+    logits = _upcast(draft_logits)  # (n, N+1)
+    rest = logits.shape[-1] - 1
+    outcome = to_draft[target.ids.long()]  # (n, K) draft outcome of each cached id
+    mapped = outcome != rest  # (n, K)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+    draft_lp = logits.gather(-1, outcome) - lse  # (n, K); the rest's value where unmapped
+    target_lp = _upcast(target.logprobs)  # (n, K)
+    if target.tail_logmass is not None:
+        # Bucket = everything but the cached mapped ids, on both sides.
+        target_rest = torch.logsumexp(torch.cat([
+            _upcast(target.tail_logmass).unsqueeze(-1),
+            torch.where(mapped, -math.inf, target_lp)], -1), -1)  # (n,)
+        listed = torch.zeros_like(logits).scatter_add_(
+            -1, outcome, mapped.to(logits.dtype)) > 0  # (n, N+1); the rest column never
+        draft_rest = torch.logsumexp(logits.masked_fill(listed, -math.inf), -1) - \
+            lse.squeeze(-1)  # (n,)
+        target_atoms = torch.cat([torch.where(mapped, target_lp, -math.inf),
+                                  target_rest.unsqueeze(-1)], -1)  # (n, K+1)
+        draft_atoms = torch.cat([torch.where(mapped, draft_lp, -math.inf),
+                                 draft_rest.unsqueeze(-1)], -1)  # (n, K+1)
+        terms = _mass_terms(target_atoms, draft_atoms, divergence, beta)
+    else:
+        counts = target.counts.to(logits.dtype)  # (n, K)
+        log_draws = counts.sum(-1, keepdim=True).clamp_min(1.0).log()  # (n, 1)
+        rest_count = torch.where(mapped, 0.0, counts).sum(-1, keepdim=True)  # (n, 1)
+        log_weight = torch.cat([
+            torch.where(mapped & (counts > 0), counts.log() - log_draws, -math.inf),
+            torch.where(rest_count > 0, rest_count.log() - log_draws, -math.inf)], -1)
+        # the rest atom's target mass: its share of the draws (the cache has no better)
+        rest_ratio = (logits[:, rest:] - lse) - (rest_count.clamp_min(1.0).log() - log_draws)
+        log_ratio = torch.cat([draft_lp - target_lp, rest_ratio], -1)  # (n, K+1)
+        terms = _weighted_terms(log_weight, log_ratio, divergence, beta)
+    return terms.sum(-1)
+
+
 def _chunk_divergence(
     draft_hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -239,9 +311,12 @@ def _chunk_divergence(
     target: SparseTarget,
     divergence: str,
     beta: float,
+    to_draft: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One checkpointed chunk: (n, H) hidden -> (n, V) logits -> (n,) divergences."""
-    logits = F.linear(draft_hidden, lm_head_weight, lm_head_bias)  # (n, V)
+    logits = F.linear(draft_hidden, lm_head_weight, lm_head_bias)  # (n, V) or (n, N+1)
+    if to_draft is not None:
+        return restricted_divergence(logits, target, to_draft, divergence, beta)
     return sparse_divergence(logits, target, divergence, beta)
 
 
@@ -254,6 +329,7 @@ def sparse_divergence_chunked(
     chunk_tokens: int = 1024,
     lm_head_bias: torch.Tensor | None = None,
     vocab_size: int | None = None,
+    to_draft: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`sparse_divergence(draft_hidden @ lm_head_weight.T, target)` with bounded memory.
 
@@ -271,6 +347,8 @@ def sparse_divergence_chunked(
         chunk_tokens: label tokens per chunk, >= 1.
         lm_head_bias: (V',) float or None.
         vocab_size: keep only the first vocab_size logits (drop the lm_head's padding rows).
+        to_draft: (V,) int64 for a reduced-vocabulary head (N + 1 rows: the token map's ids,
+            then the rest): `restricted_divergence` instead of `sparse_divergence`.
 
     Returns:
         (N,) float32 (float64 for float64 inputs) divergence per token. The matmul runs in the
@@ -284,13 +362,13 @@ def sparse_divergence_chunked(
             f"draft_hidden {tuple(draft_hidden.shape)} must be (N, H) with N = {len(target)} "
             "cached label tokens"
         )
-    if vocab_size is not None:
+    if vocab_size is not None and to_draft is None:
         lm_head_weight = lm_head_weight[:vocab_size]  # (V, H)
         lm_head_bias = None if lm_head_bias is None else lm_head_bias[:vocab_size]  # (V,)
     n_tokens = draft_hidden.shape[0]
     if n_tokens == 0:
         return _chunk_divergence(
-            draft_hidden, lm_head_weight, lm_head_bias, target, divergence, beta
+            draft_hidden, lm_head_weight, lm_head_bias, target, divergence, beta, to_draft
         )
     chunks = []
     for start in range(0, n_tokens, chunk_tokens):
@@ -304,6 +382,7 @@ def sparse_divergence_chunked(
                 target.rows(start, stop),
                 divergence,
                 beta,
+                to_draft,
                 use_reentrant=False,
             )
         )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from adaspec import draft_vocab
 from adaspec.errors import UserError
 
 DEFAULT_ALIAS = "smollm2-135m"
@@ -28,7 +29,7 @@ _LAYERS_SUFFIX = re.compile(r"layers=(\d+)")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 # Where the decoder blocks live, per architecture family: (attribute path to the ModuleList).
 _LAYER_PATHS = (("model", "layers"), ("gpt_neox", "layers"), ("transformer", "h"))
-_WEIGHT_GLOBS = ("*.safetensors", "*.bin")
+_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "draft_vocab.json")
 _HASH_BLOCK = 1 << 20
 _file_hashes: dict[tuple[str, int, int], str] = {}  # (path, mtime_ns, size) -> sha256 hex
 
@@ -161,6 +162,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device_map: str | 
                 f"use @layers=1..{total}"
             )
         keep_first_layers(model, parsed.layers)
+    if parsed.kind == "dir":
+        draft_vocab.restore(model, Path(location))  # a reduced-vocabulary draft's head
     return model.eval(), tokenizer
 
 
@@ -359,5 +362,9 @@ def save_model(model, tokenizer, out_dir: str | Path) -> None:
         )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    if draft_vocab.reduced_head_of(model) is not None:  # plain full-vocabulary folder + map
+        draft_vocab.save(model, lambda m: m.save_pretrained(out_dir), out_dir)
+    else:
+        (out_dir / draft_vocab.MAP_FILE).unlink(missing_ok=True)
+        model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

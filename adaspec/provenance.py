@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adaspec import models, tasks
+from adaspec import draft_vocab, models, tasks
 from adaspec.config import Config
 from adaspec.errors import UserError
 from cache_tools import schema
@@ -167,4 +167,27 @@ def check_same_target(cfg: Config, reader: CacheReader, where: str) -> None:
         raise UserError(
             f"{where} was built with the target {_short(b)}, but {cfg.cache.cache} with "
             f"{_short(a)}; build both caches from the same target"
+        )
+
+
+def check_reference_vocab(cfg: Config, reader: CacheReader, ids) -> None:
+    """Refuse an AdaSPEC draft whose token map (`--draft-vocab`; None: the full vocabulary)
+    is not its reference's: delta = L_draft - L_ref compares losses over the same outcomes."""
+    record = reader.recorded_refs.get(cfg.cache.ref_name) or {}
+    spec = cfg.models.ref or record.get("path")
+    if spec is None:
+        return
+    folder = Path(models.resolve_run_folder(spec))
+    saved = draft_vocab.read_map(folder) if folder.is_dir() else None
+    ref_hash = None if saved is None else draft_vocab.map_hash(saved["ids"])
+    draft_hash = None if ids is None else draft_vocab.map_hash(ids)
+    if ref_hash != draft_hash:
+        def name(value, n):
+            return "the full vocabulary" if value is None else f"a {n}-id token map ({value})"
+
+        ref_n = len(saved["ids"]) if saved else 0
+        raise UserError(
+            f"the reference {spec} predicts over {name(ref_hash, ref_n)} but this draft over "
+            f"{name(draft_hash, 0 if ids is None else len(ids))}; train both with the same "
+            "--draft-vocab from the same cache"
         )

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adaspec import labels, losses, models, selection, sparse
+from adaspec import draft_vocab, labels, losses, models, selection, sparse
 from adaspec.errors import UserError
 from adaspec.sparse import SparseTarget
 
@@ -97,6 +97,8 @@ class LossModel(torch.nn.Module):
         self.plain_head = models.has_plain_head(model)
         head = model.get_output_embeddings()
         rows = head.weight.shape[0] if head is not None else vocab_size
+        if isinstance(head, draft_vocab.ReducedHead):
+            rows = head.vocab_rows
         if rows < vocab_size:
             raise UserError(
                 f"the model's head has {rows} rows but the tokenizer has {vocab_size} ids; "
@@ -122,6 +124,18 @@ class LossModel(torch.nn.Module):
             ((N,) float32 loss, (N,) int64 argmax or None).
         """
         head = self.model.get_output_embeddings()
+        reduced = draft_vocab.reduced_head_of(self.model)
+        if reduced is not None and target_logits is None:
+            hidden = labels.label_hidden(self.model, batch)  # (N, H)
+            loss = losses.sparse_divergence_chunked(
+                hidden, reduced.weight, target, self.divergence, self.beta, self.chunk_tokens,
+                to_draft=reduced.to_draft)
+            argmax = None
+            if want_argmax:  # over the mapped ids, as the draft proposes
+                with torch.no_grad():
+                    argmax = reduced.ids[reduced.restricted_logits(hidden)[:, :-1].argmax(-1)] \
+                        if len(hidden) else hidden.new_zeros(0, dtype=torch.long)
+            return loss, argmax
         if self.plain_head:
             hidden = labels.label_hidden(self.model, batch)  # (N, H)
             if target_logits is None:

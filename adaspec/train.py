@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from adaspec import models, provenance, runs, step
+from adaspec import draft_vocab, models, provenance, runs, step
 from adaspec.config import RUN_SECTIONS, Config
 from adaspec.errors import UserError
 from adaspec.step import Learner, LossModel
@@ -351,6 +351,19 @@ class EpochHooks:
         accelerator.wait_for_everyone()
 
 
+def reduce_vocabulary(cfg: Config, reader: CacheReader | None, model, tokenizer) -> None:
+    """--draft-vocab: give the model a reduced head over the training split's token map; an
+    AdaSPEC draft's map must be its reference's (their losses are compared token by token)."""
+    t = cfg.train
+    ids = None
+    if t.draft_vocab is not None:
+        ids = draft_vocab.token_map(reader, t.draft_vocab, draft_vocab.special_ids(tokenizer))
+    if needs_ref(cfg):
+        provenance.check_reference_vocab(cfg, reader, ids)
+    if ids is not None:
+        draft_vocab.reduce_head(model, ids)
+
+
 def schedule_of(t, per_epoch: int, total_steps: int, world: int) -> dict:
     """What the run's settings make of the data: recorded in its config.yaml."""
     return {"epochs": t.run_epochs, "batch_size": t.run_batch_size, "grad_accum": t.grad_accum,
@@ -394,6 +407,7 @@ def train(
     spec = cfg.models.target if t.stage == "sft" else cfg.models.draft
     # fp32 master weights whatever --dtype says (see `step.mixed_precision`).
     model, tokenizer = models.load_model(spec, dtype=torch.float32)
+    reduce_vocabulary(cfg, reader, model, tokenizer)
     model.to(device).train()
     if t.compile:
         model.base_model.compile()  # the trunk; the chunked head + loss stay eager

@@ -11,6 +11,7 @@ from adaspec.losses import (
     SparseTarget,
     dense_divergence,
     masked_mean,
+    restricted_divergence,
     sparse_divergence,
     sparse_divergence_chunked,
 )
@@ -290,3 +291,104 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="N = 4"):
         sparse_divergence(logits[:3], target)
     assert target.mode == "topk" and len(target) == 4
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Reduced-vocabulary drafts: N mapped ids + a rest outcome, against the target coarse-grained
+
+
+def _token_map(gen, v, n):
+    """(ids (n,), to_draft (v,)): n random ids of v; every other id goes to the rest (n)."""
+    ids = torch.randperm(v, generator=gen)[:n].sort().values
+    to_draft = torch.full((v,), n, dtype=torch.long)
+    to_draft[ids] = torch.arange(n)
+    return ids, to_draft
+
+
+def _restricted_reference(draft_logits, target_logits, ids, divergence, beta):
+    """Dense float64: the target's probabilities on the map's ids and their summed rest, against
+    the draft's N + 1 softmax (the plain formula of `_reference`)."""
+    p = target_logits.softmax(-1)
+    rest = torch.ones_like(p, dtype=torch.bool)
+    rest[:, ids] = False
+    p_coarse = torch.cat([p[:, ids], (p * rest).sum(-1, keepdim=True)], -1)
+    return _reference(p_coarse, draft_logits.softmax(-1), divergence, beta)
+
+
+@pytest.mark.parametrize("divergence,beta", CASES, ids=CASE_IDS)
+def test_restricted_full_topk_equals_dense_restricted_in_value_and_gradient(divergence, beta):
+    gen = _gen(11)
+    v, n_map = 90, 25
+    ids, to_draft = _token_map(gen, v, n_map)
+    draft_logits = _logits(gen, 30, n_map + 1).requires_grad_()
+    target_logits = _logits(gen, 30, v, scale=5.0)
+    got = restricted_divergence(draft_logits, _topk_target(target_logits, v), to_draft,
+                                divergence, beta)
+    # the same computation as a dense divergence over the N + 1 coarse-grained outcomes
+    p = target_logits.softmax(-1)
+    rest = torch.ones_like(p, dtype=torch.bool)
+    rest[:, ids] = False
+    coarse_logits = torch.cat([p[:, ids], (p * rest).sum(-1, keepdim=True)], -1).log()
+    dense = dense_divergence(draft_logits, coarse_logits, divergence, beta)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, dense, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        got, _restricted_reference(draft_logits, target_logits, ids, divergence, beta),
+        rtol=1e-9, atol=1e-12)
+    weights = torch.rand(30, generator=gen, dtype=torch.float64)
+    (g_got,) = torch.autograd.grad((got * weights).sum(), draft_logits)
+    (g_dense,) = torch.autograd.grad((dense * weights).sum(), draft_logits)
+    assert torch.isfinite(g_got).all()
+    torch.testing.assert_close(g_got, g_dense, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("divergence,beta", CASES[:5], ids=CASE_IDS[:5])
+def test_restricted_topk_is_a_lower_bound_of_the_restricted_dense(divergence, beta):
+    gen = _gen(12)
+    v, n_map = 200, 40
+    ids, to_draft = _token_map(gen, v, n_map)
+    draft_logits, target_logits = _logits(gen, 50, n_map + 1), _logits(gen, 50, v, scale=3.0)
+    dense = _restricted_reference(draft_logits, target_logits, ids, divergence, beta)
+    for k in (1, 8, 60):
+        got = restricted_divergence(draft_logits, _topk_target(target_logits, k), to_draft,
+                                    divergence, beta)
+        assert (got <= dense + 1e-12).all()  # data processing inequality
+        assert (got < dense - 1e-9).any()
+
+
+def test_restricted_sample_mode_converges_and_its_fkl_gradient_is_unbiased():
+    gen = _gen(13)
+    v, n_map, n, draws, repeats = 60, 20, 4, 64, 3000
+    ids, to_draft = _token_map(gen, v, n_map)
+    target_logits = _logits(gen, n, v, scale=2.0)
+    draft_logits = (torch.randn(n, n_map + 1, generator=gen, dtype=torch.float64)
+                    ).requires_grad_()
+    target = _sample_target(target_logits.repeat(repeats, 1), draws, gen)
+    estimates = restricted_divergence(draft_logits.repeat(repeats, 1), target, to_draft, "fkl")
+    dense = _restricted_reference(draft_logits, target_logits, ids, "fkl", 0.5)
+    # the value: consistent (the rest's mass is estimated by its share of the draws)
+    assert ((estimates.view(repeats, n).mean(0) - dense).abs() < 0.05 * dense).all()
+    # the gradient: exactly unbiased for forward KL
+    (g_est,) = torch.autograd.grad(estimates.view(repeats, n).mean(0).sum(), draft_logits)
+    (g_dense,) = torch.autograd.grad(dense.sum(), draft_logits)
+    torch.testing.assert_close(g_est, g_dense, rtol=0, atol=0.03)
+
+
+@pytest.mark.parametrize("mode", ["topk", "sample"])
+def test_restricted_chunked_equals_unchunked(mode):
+    gen = _gen(14)
+    v, n_map, hidden = 80, 30, 16
+    ids, to_draft = _token_map(gen, v, n_map)
+    h = torch.randn(37, hidden, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(n_map + 1, hidden, generator=gen, dtype=torch.float64, requires_grad=True)
+    target_logits = _logits(gen, 37, v)
+    target = (_topk_target(target_logits, 8) if mode == "topk"
+              else _sample_target(target_logits, 8, gen))
+    whole = restricted_divergence(h @ w.T, target, to_draft, "fkl")
+    chunked = sparse_divergence_chunked(h, w, target, "fkl", chunk_tokens=10, to_draft=to_draft)
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+    g1 = torch.autograd.grad(whole.sum(), (h, w))
+    g2 = torch.autograd.grad(chunked.sum(), (h, w))
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
