@@ -35,6 +35,8 @@ from adaspec.errors import UserError
 from cache_tools.store import CacheReader
 
 MAP_FILE = "draft_vocab.json"
+SGLANG_MAP_FILE = "speculative_token_map.pt"  # SGLang: --speculative-token-map <folder>/this
+D2T_FILE = "d2t.json"  # EAGLE-3's draft-to-target offsets
 MAP_ROWS = 65536  # label rows read per block when summing the target's mass
 
 
@@ -171,10 +173,27 @@ def save(model, save_plain, out_dir: Path) -> None:
         save_plain(model)
     finally:
         model.set_output_embeddings(head)
-    (Path(out_dir) / MAP_FILE).write_text(json.dumps({
+    write_map(out_dir, head)
+
+
+def write_map(folder: Path, head: ReducedHead) -> None:
+    """draft_vocab.json: the ids (draft row i predicts id ids[i]) and the rest row."""
+    (Path(folder) / MAP_FILE).write_text(json.dumps({
         "format": "adaspec-draft-vocab", "version": 1, "n": head.n_mapped,
         "vocab_rows": head.vocab_rows, "hash": map_hash(head.ids.cpu().numpy()),
         "ids": head.ids.tolist(), "rest_row": head.weight.detach()[-1].float().tolist()}) + "\n")
+
+
+def write_serving_maps(folder: Path, head: ReducedHead) -> list[str]:
+    """The map in the engines' formats beside draft_vocab.json: SGLang's
+    `--speculative-token-map` file (a torch.load-able 1-D int64 tensor of the hot ids, draft row
+    order) and EAGLE-3's `d2t` offsets (target id = i + d2t[i]). Returns the file names."""
+    write_map(folder, head)
+    ids = head.ids.detach().cpu().long()
+    torch.save(ids.clone(), Path(folder) / SGLANG_MAP_FILE)
+    (Path(folder) / D2T_FILE).write_text(json.dumps(
+        (ids - torch.arange(len(ids))).tolist()) + "\n")
+    return [MAP_FILE, SGLANG_MAP_FILE, D2T_FILE]
 
 
 def read_map(folder: Path) -> dict | None:
@@ -197,7 +216,8 @@ def restore(model, folder: Path):
         return model
     head = model.get_output_embeddings()
     rest = torch.tensor(saved["rest_row"], dtype=head.weight.dtype, device=head.weight.device)
-    if head.weight.shape[0] != saved["vocab_rows"] or rest.shape[0] != head.weight.shape[1]:
+    if max(saved["ids"], default=0) >= head.weight.shape[0] or \
+            rest.shape[0] != head.weight.shape[1]:
         raise UserError(f"{Path(folder) / MAP_FILE} does not match the model's head "
                         f"{tuple(head.weight.shape)}; re-save the model")
     return reduce_head(model, saved["ids"], rest)

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from adaspec import models, runs
+from adaspec import draft_vocab, models, runs
 from adaspec.errors import UserError
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -371,6 +371,9 @@ def export_draft(run: str, out: str | Path, target: str | None = None, best: boo
     info = load_target(target)
     model, tokenizer = models.load_model(source.model_spec)
     check_same_tokenizer(tokenizer, info.tokenizer, source.model_spec, info.spec)
+    reduced = draft_vocab.reduced_head_of(model)  # --draft-vocab: engines get the full head
+    if reduced is not None:
+        model.set_output_embeddings(draft_vocab.full_head(reduced))
     real = models.real_vocab_size(tokenizer)
     rows = info.config.get_text_config().vocab_size
     before = pad_vocab(model, rows, real)
@@ -382,17 +385,25 @@ def export_draft(run: str, out: str | Path, target: str | None = None, best: boo
                           real_vocab=real, rows_before=before, rows=rows,
                           architectures=architectures, command="", notes=[note] if note else [])
     result.command = transformers_command(result.out, info)
+    if reduced is not None:
+        result.notes.append(
+            f"reduced-vocabulary draft: it predicts over {reduced.n_mapped} ids; the other "
+            "rows of its head are the mean of those rows, so they never win an argmax. The map "
+            f"is in {draft_vocab.SGLANG_MAP_FILE} (SGLang's --speculative-token-map), "
+            f"{draft_vocab.D2T_FILE} (EAGLE-3 offsets) and {draft_vocab.MAP_FILE} (adaspec)")
     _write_checked(out, overwrite, model, info, architectures, real,
-                   model_card(result, model, info, source, run_config, evaluation))
+                   model_card(result, model, info, source, run_config, evaluation), reduced)
     return result
 
 
 def _write_checked(out: Path, overwrite: bool, model, target: TargetInfo,
-                   architectures: list[str], real: int, card: str) -> None:
+                   architectures: list[str], real: int, card: str, reduced=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write_folder(staging, model, target, architectures)
+        if reduced is not None:
+            draft_vocab.write_serving_maps(staging, reduced)
         (staging / "README.md").write_text(card)
         verify_export(staging, model, real)
         _readable(staging)

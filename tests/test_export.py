@@ -264,3 +264,45 @@ def test_cli_exports_with_eval_json_and_prints_the_transformers_command(
     assert "--speculative-num-steps 4 --speculative-eagle-topk 1" in card
     assert '"num_speculative_tokens": 4' in card
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_reduced_vocabulary_draft_exports_with_its_token_maps(tmp_path, tiny_tokenizer,
+                                                              padded_target):
+    """A --draft-vocab draft (tied embeddings, as SmolLM2) exports as a plain full-vocabulary
+    folder that transformers loads alone and uses as assistant_model; the map is there in
+    SGLang's and EAGLE-3's formats, and adaspec loads the folder back to the reduced head."""
+    from adaspec import draft_vocab, models
+
+    real = len(tiny_tokenizer)
+    draft = _tied_model(real, seed=5)
+    ids = sorted(torch.randperm(real, generator=torch.Generator().manual_seed(3))[:60].tolist())
+    draft_vocab.reduce_head(draft, torch.tensor(sorted(set(ids) | {0})))
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    models.save_model(draft, tiny_tokenizer, run / "model")
+    _make_run(run, models.load_model(str(run / "model"))[0], tiny_tokenizer, padded_target)
+    models.save_model(draft, tiny_tokenizer, run / "model")  # _make_run saved it plainly
+    result, out = export_draft(str(run), tmp_path / "export"), tmp_path / "export"
+    assert any("reduced-vocabulary" in note for note in result.notes)
+    mapped = sorted(set(ids) | {0})
+    hot = torch.load(out / draft_vocab.SGLANG_MAP_FILE, weights_only=True)
+    assert hot.dtype == torch.int64 and hot.tolist() == mapped
+    d2t = json.loads((out / draft_vocab.D2T_FILE).read_text())
+    assert [i + d for i, d in enumerate(d2t)] == mapped
+    served, tokenizer = _load(out)
+    assert served.get_output_embeddings().weight.shape[0] == real + EXTRA_ROWS
+    assert not served.config.tie_word_embeddings
+    ours, _ = models.load_model(str(out))
+    assert draft_vocab.reduced_head_of(ours).ids.tolist() == mapped
+    target, _ = _load(padded_target)
+    for prompt in PROMPTS:
+        x = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            a = served(**x).logits[0, :, :real]
+            b = draft(**x).logits[0]
+        assert torch.equal(a.argmax(-1), b.argmax(-1))  # only mapped ids win
+        assert set(a.argmax(-1).tolist()) <= set(mapped)
+        plain = target.generate(**x, do_sample=False, max_new_tokens=12, min_new_tokens=12)
+        assisted = target.generate(**x, assistant_model=served, do_sample=False,
+                                   max_new_tokens=12, min_new_tokens=12)
+        assert torch.equal(plain, assisted)
