@@ -131,6 +131,8 @@ def test_outputs_config_metrics_and_assistant_model(env):
                                "lr", "tokens_per_s", "elapsed"}
     assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["epoch"] == 0.5
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    schedule = saved.pop("schedule")  # what the settings made of the data
+    assert (schedule["optimizer_steps"], schedule["micro_batches_per_epoch"]) == (2, 4)
     assert saved == resolve_config(_cfg(env, k=1.0, epochs=0.5, out=run_dir)).to_dict(
         RUN_SECTIONS)
     draft = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
