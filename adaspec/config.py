@@ -332,8 +332,12 @@ class EvalConfig(_Checked):
     modes: tuple[str, ...] | None = field(default=None,
                                           metadata=meta(choices="adaspec.evaluate:MODES"))
     """Comma list of offline, exact, speculative (default: all, offline if the split is cached)."""
-    gamma: int = 5
-    """Draft tokens per speculative step."""
+    gamma: int | str = 5
+    """Draft tokens per speculative step, or auto: each draft's fastest gamma up to
+    --max-gamma, predicted from this machine's measured step costs and a pilot run's
+    per-position acceptance (adaspec/speedup.py)."""
+    max_gamma: int = 8
+    """Largest gamma --gamma auto considers."""
     temperature: float = 0.0
     """Sampling temperature of speculative decoding (0 = greedy)."""
     max_new_tokens: int = 128
@@ -353,7 +357,9 @@ class EvalConfig(_Checked):
     sees, offline and exact."""
 
     def check(self) -> None:
-        self._range("gamma", self.gamma >= 1, "must be >= 1")
+        self._range("gamma", self.gamma == "auto" or (isinstance(self.gamma, int)
+                                                     and self.gamma >= 1), "must be >= 1 or auto")
+        self._range("max_gamma", 1 <= self.max_gamma <= 64, "must be in [1, 64]")
         self._range("temperature", self.temperature >= 0, "must be >= 0")
         self._range("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1")
         self._range("prompts", self.prompts >= 1, "must be >= 1")
@@ -433,8 +439,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if type(None) in typing.get_args(hint) and (
+                value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
             return None
+        if str in args and len(args) > 1:  # a number, or a word (`--gamma auto`)
+            try:
+                return _coerce(value, args[0], key)
+            except UserError:
+                return str(value)
         return _coerce(value, args[0], key)
     if origin is tuple:
         item = typing.get_args(hint)[0]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adaspec import acceptance, labels, models, sparse, speculative, tasks
+from adaspec import acceptance, labels, models, sparse, speculative, speedup, tasks
 from adaspec.config import Config, as_plain
 from adaspec.errors import UserError
 from adaspec.stream import online_sequences
@@ -204,16 +204,24 @@ def speed_within_noise(speedups: list[tuple[float, float]]) -> list[bool]:
     return flags
 
 
+def _gammas(gamma: int | list[int], n: int) -> list[int]:
+    """One gamma per draft."""
+    return list(gamma) if isinstance(gamma, (list, tuple)) else [gamma] * n
+
+
 def speculative_counts(
     drafts: list, target, prompts: list[torch.Tensor], vocab_size: int, eos_token_id,
-    gamma: int, temperature: float, max_new_tokens: int, seed: int = 0, progress: bool = True,
+    gamma: int | list[int], temperature: float, max_new_tokens: int, seed: int = 0,
+    progress: bool = True,
 ) -> list[dict]:
     """Real speculative decoding of each draft over prompts, once: acceptance counts only, no
-    timing (what a study of acceptance needs; `speculative_acceptance` also times it)."""
+    timing (what a study of acceptance needs; `speculative_acceptance` also times it).
+    `gamma` is one value for all drafts or one per draft."""
     results = []
+    gammas = _gammas(gamma, len(drafts))
     bar = tqdm(total=len(drafts) * len(prompts), desc="speculative", disable=not progress,
                dynamic_ncols=True)
-    for draft in drafts:
+    for draft, gamma in zip(drafts, gammas, strict=True):
         stats = speculative.SpecStats()
         per_prompt = []
         for i, prompt in enumerate(prompts):
@@ -240,13 +248,16 @@ def _counts(st: speculative.SpecStats) -> dict:
         "accepted": st.accepted,
         "rejected": st.rejected,
         "new_tokens": st.new_tokens,
+        "accepted_at": list(st.accepted_at),
+        "drafted_at": list(st.drafted_at),
+        "at_least": speedup.at_least(st.accepted_at, st.drafted_at),
     }
 
 
 def speculative_acceptance(
     drafts: list, target, prompts: list[torch.Tensor], vocab_size: int, eos_token_id,
-    gamma: int, temperature: float, max_new_tokens: int, seed: int = 0, rounds: int = 3,
-    progress: bool = True,
+    gamma: int | list[int], temperature: float, max_new_tokens: int, seed: int = 0,
+    rounds: int = 3, progress: bool = True,
 ) -> list[dict]:
     """Real speculative decoding of each draft over prompts, against target-only decoding.
 
@@ -258,6 +269,8 @@ def speculative_acceptance(
     from the first round's decoding, seeded per prompt as before; later rounds redo the same
     decoding (greedy is deterministic, sampling is reseeded), so only their times are used.
     """
+    gammas = _gammas(gamma, len(drafts))
+
     def generator(i: int) -> torch.Generator:
         return torch.Generator(device=prompts[i].device).manual_seed(seed * 1_000_003 + i)
 
@@ -268,8 +281,8 @@ def speculative_acceptance(
                                               eos_token_id, vocab_size, generator(i))
             return int(out.shape[0]), None
         _, one = speculative.speculative_generate(
-            target, drafts[path], prompts[i], max_new_tokens, gamma, temperature, eos_token_id,
-            vocab_size, generator(i),
+            target, drafts[path], prompts[i], max_new_tokens, gammas[path], temperature,
+            eos_token_id, vocab_size, generator(i),
         )
         return one.new_tokens, one
 
@@ -500,16 +513,57 @@ def evaluate(
         results.append(result)
     if "speculative" in modes:
         prompts = [p.to(device) for p in _prompts(cfg, tokenizer, s.prompts)]
-        args = (drafts, target, prompts, vocab_size, tokenizer.eos_token_id, s.gamma,
-                s.temperature, s.max_new_tokens, cfg.data.seed)
-        spec_results = (speculative_acceptance(*args, s.speed_rounds, progress) if s.speed
-                        else speculative_counts(*args, progress=progress))
-        for result, spec_result in zip(results, spec_results, strict=True):
+        decode = (drafts, target, prompts, vocab_size, tokenizer.eos_token_id)
+        rest = (s.temperature, s.max_new_tokens, cfg.data.seed)
+        costs, choice = plan_gammas(s, decode, rest, progress)
+        gammas = [c["gamma"] for c in choice] if choice else s.gamma
+        spec_results = (speculative_acceptance(*decode, gammas, *rest, s.speed_rounds, progress)
+                        if s.speed else speculative_counts(*decode, gammas, *rest,
+                                                           progress=progress))
+        for d, (result, spec_result) in enumerate(zip(results, spec_results, strict=True)):
             result["n_prompts"] = len(prompts)
+            result["gamma"] = gammas[d] if choice else s.gamma
+            if costs:
+                spec_result["costs"] = costs[d]
+                spec_result["predicted_speedup"] = predicted_at(spec_result, costs[d],
+                                                                result["gamma"])
+            if choice:
+                spec_result["gamma_auto"] = choice[d]
             result["speculative"] = spec_result
     for result in results:
         result["predicted_mean_accepted_length"] = predicted_lengths(result)
     return results
+
+
+def plan_gammas(s, decode: tuple, rest: tuple, progress: bool
+                ) -> tuple[list[dict] | None, list[dict] | None]:
+    """Costs of a step per draft (timed on this machine when speed is measured or gamma is
+    auto) and, with `--gamma auto`, each draft's gamma: a pilot run at --max-gamma gives
+    P(A >= i) for every smaller gamma, and the predicted fastest one is chosen."""
+    drafts, target, prompts = decode[0], decode[1], decode[2]
+    auto = s.gamma == "auto"
+    if not prompts or not (s.speed or auto):
+        return None, None
+    top = s.max_gamma if auto else int(s.gamma)
+    costs = [speculative.step_costs(target, d, prompts[0], top, vocab_size=decode[3])
+             for d in drafts]
+    if not auto:
+        return costs, None
+    pilot = speculative_counts(*decode, s.max_gamma, *rest, progress=progress)
+    choice = []
+    for p, c in zip(pilot, costs, strict=True):
+        predicted = speedup.predicted_speedups(p["at_least"], c["draft_cost"], c["verify_cost"])
+        choice.append({"gamma": speedup.best_gamma(predicted) if predicted else 1,
+                       "predicted_speedups": predicted, "pilot_at_least": p["at_least"],
+                       "pilot_gamma": s.max_gamma})
+    return costs, choice
+
+
+def predicted_at(spec_result: dict, costs: dict, gamma: int) -> float:
+    """The speedup the run's own per-position acceptance and the measured costs predict."""
+    predicted = speedup.predicted_speedups(spec_result["at_least"], costs["draft_cost"],
+                                           costs["verify_cost"])
+    return predicted.get(gamma, math.nan)
 
 
 def clustered_difference(a: list[list[float]], b: list[list[float]], lengths: list[int]
@@ -642,7 +696,10 @@ def format_table(results: list[dict]) -> str:
         o, e, s = r.get("offline"), r.get("exact"), r.get("speculative")
         bounds = (f"{o['expected_acceptance_lower']:.4f} - {o['expected_acceptance_upper']:.4f}"
                   if o else "-")
-        speedup = f"{s['speedup']:.2f} ± {s['speedup_spread']:.2f}" if s else "-"
+        timed = bool(s) and "speedup" in s
+        speedup = f"{s['speedup']:.2f} ± {s['speedup_spread']:.2f}" if timed else "-"
+        if timed and s.get("predicted_speedup") is not None:
+            speedup += f" (predicted {s['predicted_speedup']:.2f})"
         if s and s.get("speed_within_noise"):
             noisy.append(r["draft"])
         c = r.get("exact_continuations")
@@ -704,6 +761,21 @@ def format_result(result: dict) -> str:
             f"{s['draft_acceptance_rate_vllm']:.4f} [accepted/drafted, vLLM], "
             f"mean accepted length {s['mean_accepted_length']:.3f}"
         )
+        auto = s.get("gamma_auto")
+        if auto:
+            shown = ", ".join(f"{g}: {v:.2f}" for g, v in auto["predicted_speedups"].items())
+            lines.append(f"  gamma auto: {auto['gamma']} (predicted speedup by gamma, from a "
+                         f"pilot at gamma {auto['pilot_gamma']}: {shown})")
+        c = s.get("costs")
+        if c:
+            verify = c["verify_cost"].get(result["gamma"], math.nan)
+            lines.append(
+                f"  step costs here: target {c['target_step_s'] * 1e3:.1f} ms/token, draft "
+                f"c = {c['draft_cost']:.3f} of it, verifying {result['gamma'] + 1} tokens "
+                f"v = {verify:.2f}; predicted speedup {s.get('predicted_speedup', math.nan):.2f}"
+                " (this run's per-position acceptance)")
+        if "speedup" not in s:  # --no-speed: counts only
+            return "\n".join(lines)
         lines.append(
             f"  speed (median [min-max] of {s['speed_rounds']} interleaved rounds): speculative "
             f"{s['speculative_tokens_per_s']:.1f} [{s['speculative_tokens_per_s_min']:.1f}-"

@@ -20,8 +20,9 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
@@ -41,6 +42,11 @@ class SpecStats:
     """Draft tokens rejected: at most one per step, none when all drafts were accepted."""
     new_tokens: int = 0
     """Tokens emitted: accepted drafts plus one target token per step (none after a drafted EOS)."""
+    accepted_at: list[int] = field(default_factory=list)
+    """accepted_at[i]: steps whose draft at position i + 1 was accepted (vLLM's
+    num_accepted_tokens_per_pos); accepted_at[i] / drafted_at[i] is P(i + 1 kept | drafted)."""
+    drafted_at: list[int] = field(default_factory=list)
+    """drafted_at[i]: steps that drafted a position i + 1."""
 
     def alpha(self) -> float:
         """accepted / (accepted + rejected): the AdaSPEC paper's acceptance rate (nan if none)."""
@@ -63,7 +69,15 @@ class SpecStats:
             accepted=self.accepted + other.accepted,
             rejected=self.rejected + other.rejected,
             new_tokens=self.new_tokens + other.new_tokens,
+            accepted_at=_add(self.accepted_at, other.accepted_at),
+            drafted_at=_add(self.drafted_at, other.drafted_at),
         )
+
+
+def _add(a: list[int], b: list[int]) -> list[int]:
+    """Element-wise sum of two per-position count lists of any lengths."""
+    n = max(len(a), len(b))
+    return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
 
 
 def _eos_set(eos_token_id: int | Collection[int] | None) -> set[int]:
@@ -254,6 +268,8 @@ def speculative_generate(
         stats.drafted += d
         stats.accepted += n
         stats.rejected += int(n < d)
+        stats.drafted_at = _add(stats.drafted_at, [1] * d)
+        stats.accepted_at = _add(stats.accepted_at, [1] * n)
         emitted = drafts[:n]
         if not (emitted and emitted[-1] in eos):
             emitted.append(next_token)
@@ -301,3 +317,44 @@ def target_generate(
             break
         pending = pending.new_tensor([token])
     return torch.tensor(out, dtype=torch.long, device=input_ids.device)
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def forward_seconds(model, prompt: torch.Tensor, n_tokens: int, repeats: int = 5,
+                    vocab_size: int | None = None) -> float:
+    """Median wall seconds of one cached forward over `n_tokens` new tokens after `prompt`
+    (the logits of all of them kept, as verification keeps them); one untimed warm-up."""
+    vocab = vocab_size or _model_vocab(model)
+    cache = _new_cache(model)
+    seq = prompt[0].long()
+    _forward(model, cache, seq, 1, vocab)  # the prompt, cached
+    kept = cache.get_seq_length()
+    new = seq[-1:].repeat(n_tokens)
+    times = []
+    for _ in range(repeats + 1):
+        _synchronize()
+        started = time.perf_counter()
+        _forward(model, cache, new, n_tokens, vocab)
+        _synchronize()
+        times.append(time.perf_counter() - started)
+        _rollback(cache, kept)
+    times = sorted(times[1:])
+    return times[len(times) // 2]
+
+
+def step_costs(target, draft, prompt: torch.Tensor, max_gamma: int, repeats: int = 5,
+               vocab_size: int | None = None) -> dict:
+    """This machine's costs of a speculative step, in target-step units (`adaspec.speedup`):
+    the draft's per-token cost c and the target's cost v(g) of verifying g + 1 tokens, g =
+    1..max_gamma, each a median of `repeats` timed forwards after the prompt."""
+    target_s = forward_seconds(target, prompt, 1, repeats, vocab_size)
+    draft_s = forward_seconds(draft, prompt, 1, repeats, vocab_size)
+    verify = {g: forward_seconds(target, prompt, g + 1, repeats, vocab_size) / target_s
+              for g in range(1, max_gamma + 1)}
+    return {"target_step_s": target_s, "draft_step_s": draft_s, "draft_cost": draft_s / target_s,
+            "verify_cost": verify}

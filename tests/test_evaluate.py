@@ -374,3 +374,42 @@ def test_compare_gives_paired_differences_with_clustered_errors(setup, tmp_path)
     got = clustered_difference(runs_a, runs_b, [2, 2, 1])
     assert got == pytest.approx((float(pooled.mean()), float(want)))
     assert "minus" in format_comparison(rows) and " pt" in format_comparison(rows)
+
+
+def test_gamma_auto_picks_the_predicted_fastest_and_reports_predicted_speed(setup):
+    """--gamma auto: a pilot at --max-gamma gives P(A >= i); with this machine's step costs
+    the predicted fastest gamma is run, and its predicted speedup is reported beside the
+    measured one. Greedy drafts do not depend on gamma, so the run's own P(A >= i) equals the
+    pilot's on the positions both drafted."""
+    from adaspec.evaluate import format_result
+
+    cfg, draft_dir = setup
+    [result] = evaluate(cfg, [str(cfg.models.target)], ("speculative",), gamma="auto",
+                        max_gamma=4, max_new_tokens=12, n_prompts=2, progress=False)
+    s = result["speculative"]
+    auto = s["gamma_auto"]
+    assert set(auto["predicted_speedups"]) <= {1, 2, 3, 4} and auto["pilot_gamma"] == 4
+    assert result["gamma"] == auto["gamma"] == max(
+        auto["predicted_speedups"], key=lambda g: (auto["predicted_speedups"][g], -g))
+    assert auto["pilot_at_least"][0] == 1.0  # the target as its own draft: every draft kept
+    assert s["at_least"] == auto["pilot_at_least"][:result["gamma"]]
+    c = s["costs"]
+    assert c["target_step_s"] > 0 and c["draft_cost"] > 0 and set(c["verify_cost"]) == {1, 2, 3, 4}
+    assert s["predicted_speedup"] == pytest.approx(
+        auto["predicted_speedups"][result["gamma"]])
+    assert sum(s["accepted_at"]) == s["accepted"] and sum(s["drafted_at"]) == s["drafted"]
+    text = format_result(result)
+    assert "gamma auto" in text and "predicted speedup" in text and "speedup" in text
+
+
+@pytest.mark.parametrize("speed", [True, False])
+def test_speculative_results_format_with_and_without_speed(setup, speed):
+    """--no-speed used to die formatting the result (KeyError: 'speed_rounds') after the
+    whole evaluation had run."""
+    from adaspec.evaluate import format_result, format_table
+
+    cfg, draft_dir = setup
+    results = evaluate(cfg, [str(draft_dir)], ("speculative",), gamma=2, max_new_tokens=4,
+                       n_prompts=1, speed=speed, progress=False)
+    text = format_result(results[0]) + format_table(results)
+    assert ("tok/s" in text) is speed

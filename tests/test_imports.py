@@ -29,7 +29,7 @@ def test_cache_tools_never_imports_adaspec_transformers_or_torch_nn():
             assert root != "torch", f"{path.name} imports {name} (the cache format is numpy/zarr)"
 
 
-PURE_MATH = ("losses", "selection", "acceptance", "sparse", "statistics")
+PURE_MATH = ("losses", "selection", "acceptance", "sparse", "statistics", "speedup")
 
 
 def test_pure_math_modules_import_only_torch():

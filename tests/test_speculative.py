@@ -168,6 +168,9 @@ def test_matches_transformers_assisted_generation(target, drafts, gamma, monkeyp
                     accepted=sum(m for _, m in steps),
                     rejected=sum(m < c for c, m in steps),
                     new_tokens=len(hf),
+                    # per position (non-increasing: the zeros are the positions never reached)
+                    accepted_at=[n for i in range(gamma) if (n := sum(m > i for _, m in steps))],
+                    drafted_at=[n for i in range(gamma) if (n := sum(c > i for c, _ in steps))],
                 )
                 assert stats == hf_stats
 
