@@ -307,9 +307,8 @@ class TrainConfig(_Checked):
         self._range("eval_every", self.eval_every >= 0, "must be >= 0")
         self._range("draft_vocab", self.draft_vocab is None or self.draft_vocab >= 1,
                     "must be >= 1")
-        _check(self.draft_vocab is None or not (self.online or self.stage == "sft"),
-               "train.draft_vocab", TrainConfig,
-               "works on cached draft and ref runs (not --online, not --stage sft)")
+        _check(self.draft_vocab is None or self.stage != "sft", "train.draft_vocab",
+               TrainConfig, "is for drafts and references, not --stage sft (the target)")
         _check(not (self.official_schedule and self.scale_epochs_by_k),
                "train.official_schedule", TrainConfig,
                "and --scale-epochs-by-k are two schedules; give one")

@@ -304,6 +304,34 @@ def restricted_divergence(
     return terms.sum(-1)
 
 
+def dense_restricted_divergence(
+    draft_logits: torch.Tensor,
+    target_logits: torch.Tensor,
+    ids: torch.Tensor,
+    divergence: str = "fkl",
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """Per-token divergence of a reduced-vocabulary draft against the dense target, both over
+    the map's N ids and the rest (the online counterpart of `restricted_divergence`).
+
+    Args:
+        draft_logits: (N_tok, N + 1) float: the mapped ids' logits, then the rest logit.
+        target_logits: (N_tok, V) float full-vocabulary target logits.
+        ids: (N,) int64 the map's vocabulary ids, in the draft's row order.
+
+    Returns:
+        (N_tok,) float32 (float64 for float64 inputs) divergence per token.
+    """
+    _check_divergence(divergence, beta)
+    target_lp = torch.log_softmax(_upcast(target_logits), dim=-1)  # (n, V)
+    rest = torch.ones(target_lp.shape[-1], dtype=torch.bool, device=target_lp.device)
+    rest[ids] = False
+    coarse = torch.cat([target_lp[:, ids],
+                        torch.logsumexp(target_lp[:, rest], -1, keepdim=True)], -1)  # (n, N+1)
+    draft_lp = torch.log_softmax(_upcast(draft_logits), dim=-1)  # (n, N+1)
+    return _mass_terms(coarse, draft_lp, divergence, beta).sum(-1)
+
+
 def _chunk_divergence(
     draft_hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,

@@ -170,10 +170,10 @@ def check_same_target(cfg: Config, reader: CacheReader, where: str) -> None:
         )
 
 
-def check_reference_vocab(cfg: Config, reader: CacheReader, ids) -> None:
+def check_reference_vocab(cfg: Config, reader: CacheReader | None, ids) -> None:
     """Refuse an AdaSPEC draft whose token map (`--draft-vocab`; None: the full vocabulary)
     is not its reference's: delta = L_draft - L_ref compares losses over the same outcomes."""
-    record = reader.recorded_refs.get(cfg.cache.ref_name) or {}
+    record = (reader.recorded_refs.get(cfg.cache.ref_name) if reader is not None else None) or {}
     spec = cfg.models.ref or record.get("path")
     if spec is None:
         return

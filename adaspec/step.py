@@ -125,7 +125,14 @@ class LossModel(torch.nn.Module):
         """
         head = self.model.get_output_embeddings()
         reduced = draft_vocab.reduced_head_of(self.model)
-        if reduced is not None and target_logits is None:
+        if reduced is not None and target_logits is not None:  # online: the dense target
+            hidden = labels.label_hidden(self.model, batch)  # (N, H)
+            logits = reduced.restricted_logits(hidden)  # (N, n + 1)
+            loss = losses.dense_restricted_divergence(logits, target_logits, reduced.ids,
+                                                      self.divergence, self.beta)
+            argmax = reduced.ids[logits[:, :-1].argmax(-1)].detach() if want_argmax else None
+            return loss, argmax
+        if reduced is not None:
             hidden = labels.label_hidden(self.model, batch)  # (N, H)
             loss = losses.sparse_divergence_chunked(
                 hidden, reduced.weight, target, self.divergence, self.beta, self.chunk_tokens,
@@ -222,9 +229,11 @@ class OnlineTeacher:
         target_logits = labels.LabelLogits(self.target_model, batch, self.vocab_size)()
         ref_loss = None
         if self.ref_model is not None:
-            ref_logits = labels.LabelLogits(self.ref_model, batch, self.vocab_size)()
-            ref_loss = losses.dense_divergence(ref_logits, target_logits, self.divergence,
-                                               self.beta)
+            ref = labels.LabelLogits(self.ref_model, batch, self.vocab_size)
+            reduced = ref.reduced_head
+            ref_loss = losses.dense_divergence(ref(), target_logits, self.divergence, self.beta) \
+                if reduced is None else losses.dense_restricted_divergence(
+                    ref.restricted(), target_logits, reduced.ids, self.divergence, self.beta)
         return Lesson(target_logits=target_logits.to(device), ref_loss=ref_loss)
 
 

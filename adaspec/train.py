@@ -357,6 +357,11 @@ def reduce_vocabulary(cfg: Config, reader: CacheReader | None, model, tokenizer)
     t = cfg.train
     ids = None
     if t.draft_vocab is not None:
+        if reader is None or not reader.manifest.is_complete(schema.TARGET):
+            raise UserError(
+                f"--draft-vocab picks its ids from the cached target of {cfg.data.task}/"
+                f"{cfg.data.split} in {cfg.cache.cache}; build it first (`adaspec-cache build "
+                "--model target`)")
         ids = draft_vocab.token_map(reader, t.draft_vocab, draft_vocab.special_ids(tokenizer))
     if needs_ref(cfg):
         provenance.check_reference_vocab(cfg, reader, ids)

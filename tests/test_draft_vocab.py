@@ -136,11 +136,29 @@ def test_reduced_ref_and_adaspec_draft_end_to_end(env, tmp_path):  # noqa: F811
                    out=tmp_path / "other"), progress=False)
 
 
-def test_online_or_sft_with_draft_vocab_is_refused(env, tmp_path):  # noqa: F811
-    with pytest.raises(UserError, match="--draft-vocab"):
-        _cfg(env, online=True, draft_vocab=10, out=tmp_path / "x")
+def test_sft_with_draft_vocab_is_refused(env, tmp_path):  # noqa: F811
     with pytest.raises(UserError, match="--draft-vocab"):
         _cfg(env, stage="sft", draft_vocab=10, out=tmp_path / "x")
+
+
+@pytest.mark.parametrize("k", [1.0, 0.5])
+def test_online_reduced_runs_give_the_cached_losses(env, tmp_path, k):  # noqa: F811
+    """K = V cache: the online (dense) and cached restricted losses, with a reduced reference
+    for AdaSPEC, give the same training run (the dense pair of the study)."""
+    cache = tmp_path / "cache"
+    build_stage(_cfg(env, {"cache": str(cache)}), "target", progress=False)
+    ref = train(_cfg(env, {"cache": str(cache)}, stage="ref", epochs=1, lr=1e-3, draft_vocab=24,
+                     out=tmp_path / "ref"), progress=False)
+    build_stage(_cfg(env, {"cache": str(cache)}), "ref", progress=False)
+    runs = {}
+    for online in (False, True):
+        runs[online] = train(_cfg(env, {"cache": str(cache)}, ref=str(ref / "model"), k=k,
+                                  epochs=1, draft_vocab=24, online=online,
+                                  out=tmp_path / f"d{online}"), progress=False)
+    cached, live = ([json.loads(x) for x in (runs[o] / "metrics.jsonl").read_text().splitlines()]
+                    for o in (False, True))
+    assert [round(r["loss"], 3) for r in cached] == [round(r["loss"], 3) for r in live]
+    assert [r["selected_fraction"] for r in cached] == [r["selected_fraction"] for r in live]
 
 
 @pytest.mark.parametrize("gamma", [1, 3, 5])

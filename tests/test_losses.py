@@ -10,6 +10,7 @@ from adaspec.losses import (
     DIVERGENCES,
     SparseTarget,
     dense_divergence,
+    dense_restricted_divergence,
     masked_mean,
     restricted_divergence,
     sparse_divergence,
@@ -392,3 +393,15 @@ def test_restricted_chunked_equals_unchunked(mode):
     g2 = torch.autograd.grad(chunked.sum(), (h, w))
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("divergence,beta", CASES, ids=CASE_IDS)
+def test_dense_restricted_equals_the_plain_formula(divergence, beta):
+    gen = _gen(15)
+    v, n_map = 70, 20
+    ids, _ = _token_map(gen, v, n_map)
+    draft_logits, target_logits = _logits(gen, 25, n_map + 1), _logits(gen, 25, v, scale=3.0)
+    got = dense_restricted_divergence(draft_logits, target_logits, ids, divergence, beta)
+    torch.testing.assert_close(
+        got, _restricted_reference(draft_logits, target_logits, ids, divergence, beta),
+        rtol=1e-9, atol=1e-12)

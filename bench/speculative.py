@@ -1,0 +1,277 @@
+"""Greedy decoding speed: target only, adaspec's speculative decoder, transformers' assisted
+generation (the peer), with the same target, draft(s), prompts and max new tokens.
+
+Paths, all greedy:
+
+- **target**: `speculative.target_generate` (plain decoding with a KV cache), the baseline;
+- **ours**: `speculative.speculative_generate(target, draft, ..., gamma)`, per draft;
+- **assisted**: `target.generate(..., assistant_model=draft, do_sample=False)`, per draft, the
+  assistant drafting a constant `gamma` tokens per step (`num_assistant_tokens = gamma`,
+  schedule "constant", no confidence early stop), as tests/test_speculative.py compares them.
+
+Every path stops at the tokenizer's EOS or at --max-new-tokens, and every path's greedy output
+must equal the target's own on every prompt (a mismatch is an error naming prompt and path).
+`--draft-vocab N` adds, per draft, a copy whose lm_head is reduced (`draft_vocab.reduce_head`) to
+the N ids the target emits most on these prompts (plus the tokenizer's special ids): a
+benchmark of the head's size only (the ids come from the measured outputs themselves, and an
+untrained draft's acceptance says nothing about a trained one's).
+
+Each of --rounds rounds sends every prompt through every path back to back, the order rotated
+per round and prompt (`harness.rotated`); each path gets one untimed warm-up first. Per path:
+tokens/s per round (median, min, max over rounds); its speedup over target-only as the median of
+the per-round ratios (min-max); and per draft ours over assisted the same way.
+
+    python -m bench.speculative                              # embedded target, 2-layer draft
+    python -m bench.speculative --drafts runs/kd,runs/kd-v --draft-vocab 4096
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import Counter
+
+import torch
+
+from adaspec import draft_vocab, evaluate, models, speculative, tasks
+from bench import harness
+
+NOTE_DRAFT_VOCAB = (
+    "reduced-head drafts (--draft-vocab) are a speed benchmark of the head's size only: their "
+    "ids are the N most frequent in the target's own greedy outputs on these very prompts (plus "
+    "the tokenizer's special ids), not a map from a training split, and an untrained draft's "
+    "acceptance says nothing about a trained one's"
+)
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def load_prompts(task: str, split: str, data_files: str | None, tokenizer, n: int,
+                 chat_template: bool, max_length: int, seed: int) -> list[torch.Tensor]:
+    """(1, T) prompt ids made as `adaspec-eval` makes its speculative prompts: the split's first
+    `n` examples, rendered (with the chat template or raw), the last `max_length` tokens."""
+    examples = tasks.load_examples(task, split, data_files, None, seed)[:n]
+    out = []
+    for example in examples:
+        text, _ = tasks.render(example, tokenizer, chat_template)
+        ids = tokenizer(text).input_ids[-max_length:]
+        out.append(torch.tensor([ids], dtype=torch.long))
+    return out
+
+
+def frequent_ids(outputs: list[list[int]], prompts: list[torch.Tensor], n: int, vocab: int,
+                 always: list[int]) -> list[int]:
+    """The `n` ids the target emitted most (ties: the smaller id), topped up with the prompts'
+    ids and then the smallest unused ids when fewer were emitted, plus `always`; sorted."""
+    counts = Counter(t for out in outputs for t in out)
+    order = sorted(counts, key=lambda t: (-counts[t], t))
+    seen = set(order)
+    for prompt in prompts:
+        for t in prompt[0].tolist():
+            if t not in seen:
+                order.append(t)
+                seen.add(t)
+    chosen = order[:n]
+    fill = iter(t for t in range(vocab) if t not in seen)
+    while len(chosen) < min(n, vocab):
+        chosen.append(next(fill))
+    return sorted(set(chosen) | {t for t in always if 0 <= t < vocab})
+
+
+def head_rows(model) -> int:
+    head = draft_vocab.reduced_head_of(model)
+    if head is not None:
+        return head.n_mapped + 1
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def assistant_settings(draft, gamma: int) -> None:
+    """A constant `gamma` drafted tokens per step, as our decoder drafts."""
+    draft.generation_config.num_assistant_tokens = gamma
+    draft.generation_config.num_assistant_tokens_schedule = "constant"
+    draft.generation_config.assistant_confidence_threshold = 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = harness.parser("speculative", __doc__, rounds=3, data=False)
+    p.add_argument("--target", default="smollm2-135m")
+    p.add_argument("--drafts", default="smollm2-135m@layers=2",
+                   help="comma list of draft specs (model specs, folders or run folders)")
+    p.add_argument("--task", default="arith")
+    p.add_argument("--split", default="test")
+    p.add_argument("--data-files", default=None, help="task rows (tasks that read files)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the task's split")
+    p.add_argument("--max-length", type=int, default=512, help="prompt tokens kept (the last)")
+    chat = p.add_mutually_exclusive_group()
+    chat.add_argument("--chat-template", dest="chat_template", action="store_true",
+                      default=True, help="prompts in the tokenizer's chat template (default)")
+    chat.add_argument("--raw-prompts", dest="chat_template", action="store_false",
+                      help="prompts as plain text (a tokenizer without a chat template)")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--gamma", type=int, default=4, help="draft tokens per step")
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="also time each draft with its head reduced to N ids (speed only)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    machine = harness.start(args)
+    device = torch.device(args.device)
+    m, gamma = args.max_new_tokens, args.gamma
+
+    target, tokenizer = models.load_model(args.target)
+    target.to(device).eval()
+    vocab = models.real_vocab_size(tokenizer)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = eos if pad is None else pad
+    specs = [s.strip() for s in args.drafts.split(",") if s.strip()]
+    drafts: list[dict] = []
+    for spec in specs:
+        path = models.resolve_run_folder(spec)
+        models.shared_vocab_size(tokenizer, models.load_tokenizer(path))
+        model, _ = models.load_model(path)
+        drafts.append({"label": spec, "spec": spec, "model": model.to(device).eval(),
+                       "reduced_vocab": None})
+    prompts = [x.to(device) for x in load_prompts(
+        args.task, args.split, args.data_files, tokenizer, args.prompts, args.chat_template,
+        args.max_length, args.data_seed)]
+
+    def run_target(i: int) -> list[int]:
+        return speculative.target_generate(target, prompts[i], m, eos_token_id=eos,
+                                           vocab_size=vocab).tolist()
+
+    # The reference outputs (and the reduced heads' ids) before anything is timed.
+    expected = [run_target(i) for i in range(len(prompts))]
+    if args.draft_vocab:
+        ids = frequent_ids(expected, prompts, args.draft_vocab, vocab,
+                           draft_vocab.special_ids(tokenizer))
+        for d in list(drafts):
+            model = draft_vocab.reduce_head(copy.deepcopy(d["model"]), ids)
+            drafts.append({"label": f"{d['label']} [head {len(ids)}]", "spec": d["spec"],
+                           "model": model.eval(),
+                           "reduced_vocab": {"n": args.draft_vocab, "n_mapped": len(ids),
+                                             "hash": draft_vocab.map_hash(ids)}})
+    for d in drafts:
+        assistant_settings(d["model"], gamma)
+
+    stats: dict[str, speculative.SpecStats] = {}
+
+    def ours(d: dict, i: int) -> list[int]:
+        out, one = speculative.speculative_generate(target, d["model"], prompts[i], m, gamma,
+                                                    eos_token_id=eos, vocab_size=vocab)
+        stats[d["label"]] = stats.get(d["label"], speculative.SpecStats()).merge(one)
+        return out.tolist()
+
+    def assisted(d: dict, i: int) -> list[int]:
+        ids = prompts[i]
+        out = target.generate(ids, attention_mask=torch.ones_like(ids),
+                              assistant_model=d["model"], do_sample=False, max_new_tokens=m,
+                              eos_token_id=eos, pad_token_id=pad)
+        return out[0, ids.shape[1]:].tolist()
+
+    paths: dict[str, dict] = {"target": {"kind": "target", "draft": None, "run": run_target}}
+    for d in drafts:
+        paths[f"ours {d['label']}"] = {"kind": "ours", "draft": d["label"],
+                                       "run": lambda i, d=d: ours(d, i)}
+        paths[f"assisted {d['label']}"] = {"kind": "assisted", "draft": d["label"],
+                                           "run": lambda i, d=d: assisted(d, i)}
+    names = list(paths)
+
+    def checked(name: str, i: int) -> tuple[int, float]:
+        """(tokens, seconds) of prompt i through a path; its output must be the target's."""
+        _synchronize()
+        started = time.perf_counter()
+        out = paths[name]["run"](i)
+        _synchronize()
+        took = time.perf_counter() - started
+        if out != expected[i]:
+            at = next((k for k, (a, b) in enumerate(zip(out, expected[i])) if a != b),
+                      min(len(out), len(expected[i])))
+            raise RuntimeError(
+                f"prompt {i}: path {name!r} gave {len(out)} tokens that differ from target-only "
+                f"greedy decoding ({len(expected[i])} tokens) at position {at}: "
+                f"{out[at:at + 5]} vs {expected[i][at:at + 5]}")
+        return len(out), took
+
+    with torch.no_grad():
+        if prompts:
+            for name in names:  # untimed: first calls pay for allocations and lazy init
+                checked(name, 0)
+        stats.clear()
+        tokens = {n: [0] * args.rounds for n in names}
+        seconds = {n: [0.0] * args.rounds for n in names}
+        rounds: list[dict] = []
+        first_round: dict[str, speculative.SpecStats] = {}
+        for r in range(args.rounds):
+            with harness.measure() as span:
+                for i in range(len(prompts)):
+                    for name in harness.rotated(names, r + i):
+                        n, took = checked(name, i)
+                        tokens[name][r] += n
+                        seconds[name][r] += took
+            if r == 0:
+                first_round = dict(stats)
+            rounds.append({"round": r, **span.as_dict()})
+
+    results = {}
+    for name in names:
+        speed = evaluate.summarize_speed(tokens[name], seconds[name], tokens["target"],
+                                         seconds["target"])
+        results[name] = {
+            "kind": paths[name]["kind"], "draft": paths[name]["draft"],
+            "tokens_per_s": speed["speculative_tokens_per_s"],
+            "tokens_per_s_min": speed["speculative_tokens_per_s_min"],
+            "tokens_per_s_max": speed["speculative_tokens_per_s_max"],
+            "speedup_over_target": speed["speedup"], "speedup_min": speed["speedup_min"],
+            "speedup_max": speed["speedup_max"], "speedup_spread": speed["speedup_spread"],
+            "tokens": tokens[name], "seconds": seconds[name],
+        }
+    comparison = {}
+    for d in drafts:
+        label = d["label"]
+        a, b = f"ours {label}", f"assisted {label}"
+        ratio = evaluate.summarize_speed(tokens[a], seconds[a], tokens[b], seconds[b])
+        st = first_round.get(label)
+        comparison[label] = {
+            "ours_over_assisted": ratio["speedup"], "min": ratio["speedup_min"],
+            "max": ratio["speedup_max"], "spread": ratio["speedup_spread"],
+            "ours_not_slower": ratio["speedup"] >= 1.0,
+            "head_rows": head_rows(d["model"]),
+            "mean_accepted_length": st.mean_accepted_length() if st else float("nan"),
+            "alpha": st.alpha() if st else float("nan"),
+        }
+
+    print(harness.format_table(
+        ["path", "tokens/s", "min", "max", "x target", "min", "max"],
+        [[name, r["tokens_per_s"], r["tokens_per_s_min"], r["tokens_per_s_max"],
+          r["speedup_over_target"], r["speedup_min"], r["speedup_max"]]
+         for name, r in results.items()]))
+    print()
+    print(harness.format_table(
+        ["draft", "head rows", "accepted len", "ours/assisted", "min", "max"],
+        [[label, c["head_rows"], c["mean_accepted_length"], c["ours_over_assisted"], c["min"],
+          c["max"]] for label, c in comparison.items()]))
+
+    harness.write_json(args.out, {
+        "benchmark": "speculative",
+        "machine": machine,
+        "settings": vars(args),
+        "note": ("greedy; every path's output equals target-only decoding on every prompt "
+                 "(checked on every run); every path stops at EOS or max_new_tokens; "
+                 "assisted = transformers generate(assistant_model=draft) with a constant "
+                 "num_assistant_tokens = gamma and no confidence threshold"
+                 + ("; " + NOTE_DRAFT_VOCAB if args.draft_vocab else "")),
+        "prompts": {"n": len(prompts), "prompt_tokens": [int(x.shape[1]) for x in prompts],
+                    "new_tokens": [len(e) for e in expected]},
+        "drafts": [{k: v for k, v in d.items() if k != "model"} for d in drafts],
+        "paths": results,
+        "ours_vs_assisted": comparison,
+        "rounds": rounds,
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
