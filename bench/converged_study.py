@@ -10,7 +10,9 @@ target, its first 2 layers as the draft):
    from the tuned target of S's training rows (default sampled cache), validation and test rows
    (top-64 float16), and of the target's own greedy continuations of the validation and test
    prompts (what speculative decoding sees).
-3. Arms, all from the same draft initialisation, each validated every `--eval-every` steps on
+3. Arms, all from the same draft initialisation (with a reduced head over the N ids of the
+   training cache with the most target mass, `--draft-vocab`, as the drafts that speed up
+   decoding here; 0 keeps the full vocabulary), each validated every `--eval-every` steps on
    the validation continuations and keeping its best model by greedy agreement there:
    - R: plain KD (k = 1) at batch b for E epochs: the reference and the DistillSpec baseline;
    - A: AdaSPEC k = 0.4 with R as reference on the official schedule (`--official-schedule`:
@@ -107,7 +109,8 @@ def arm_config(args, cfg: Config, arm: str, run: Path, ref: Path | None) -> Conf
          "A": {"stage": "draft", "k": k, "batch_size": b, "epochs": e, "official_schedule": True},
          "C": {"stage": "draft", "k": 1.0, "batch_size": max(1, round(b / k)), "epochs": e / k},
          }[base]
-    train_cfg = dataclasses.replace(cfg.train, out=str(run), online=arm.endswith("dense"), **t)
+    train_cfg = dataclasses.replace(cfg.train, out=str(run), online=arm.endswith("dense"),
+                                    draft_vocab=args.draft_vocab or None, **t)
     models_cfg = cfg.models
     if base == "A" and train_cfg.online:
         models_cfg = dataclasses.replace(cfg.models, ref=str(ref / "model"))
@@ -313,13 +316,14 @@ def plot_curves(seeds: list[dict], path: Path) -> None:
 def markdown(payload: dict, plot_name: str) -> str:
     a = payload["settings"]
     s = payload["summary"]
+    head = f" with a {a['draft_vocab']}-id head (--draft-vocab)" if a["draft_vocab"] else ""
     lines = [
         "# AdaSPEC vs plain KD on the official schedule, trained to a plateau",
         "",
         f"Target {a['target']} fine-tuned on {a['train_rows']} {a['task']} training rows "
         f"(stage sft, lr {a['sft_lr']}, {a['sft_epochs']:g} epochs), "
         f"{'raw prompts' if a['raw_prompts'] else 'chat template'}; draft "
-        f"{a['draft']}. Per seed {a['train_rows']} training, {a['val_rows']} validation and "
+        f"{a['draft']}{head}. Per seed {a['train_rows']} training, {a['val_rows']} validation and "
         f"{a['test_rows']} test rows (the seed varies the carve, the cache's draws and the "
         f"batch order). b = {a['batch_size']}, E = {a['epochs']}, k = {a['k']}, lr {a['lr']} "
         f"constant; validation every {a['eval_every']} steps on the target's greedy "
@@ -404,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=4, help="b: R's batch")
     p.add_argument("--eval-every", type=int, default=15)
+    p.add_argument("--draft-vocab", type=int, default=4096,
+                   help="every arm's reduced head (0: the full vocabulary)")
     p.add_argument("--sft-epochs", type=float, default=1.0, help="target fine-tune (0: none)")
     p.add_argument("--sft-lr", type=float, default=1e-5)
     p.add_argument("--max-length", type=int, default=256)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _args(tiny: str, work, seeds: str = "0") -> list[str]:
     return ["--train-rows", "8", "--val-rows", "4", "--test-rows", "4", "--prompts", "2",
             "--epochs", "1", "--batch-size", "2", "--k", "0.5", "--eval-every", "2",
-            "--sft-epochs", "0.5",
+            "--sft-epochs", "0.5", "--draft-vocab", "64",
             "--seeds", seeds, "--dense-seed", "-1", "--max-new-tokens", "6",
             "--quality-prompts", "1", "--target", tiny, "--draft", f"{tiny}@layers=1",
             "--raw-prompts", "--work", str(work), "--doc", str(work / "s.md"),
