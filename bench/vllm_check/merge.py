@@ -8,7 +8,8 @@ target-only decoding; vLLM's spec-decode counters and its mean accepted length
 check: |difference| <= TOLERANCE); and vLLM speculative over vLLM target-only tokens/s (the
 median of per-round ratios, rounds interleaved). Prints a short table.
 
-    python bench/vllm_check/merge.py --prompts FILE --adaspec FILE --vllm FILE --out FILE
+    PYTHONPATH=. .venv/bin/python bench/vllm_check/merge.py --prompts FILE --adaspec FILE \
+        --vllm FILE --out FILE       # from the repository root (it imports bench.harness)
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def speed(target_tokens: list[int], target_seconds: list[float], spec_tokens: li
 def batch_summary(run: dict, adaspec: dict) -> dict:
     """One batch size's comparison from engine.py's entry for it and adaspec.json."""
     vllm_target, vllm_spec = run["target_only"]["outputs"], run["speculative"]["outputs"]
-    ours_target, ours_spec = adaspec["own"]["target_only"], adaspec["own"]["speculative"]
+    ours_target, ours_spec = adaspec["outputs"]["target_only"], adaspec["outputs"]["speculative"]
     pairs = {
         "vllm_speculative_vs_vllm_target": (vllm_spec, vllm_target),
         "vllm_target_vs_adaspec_target": (vllm_target, ours_target),
@@ -121,11 +122,13 @@ def merge(prompts: dict, adaspec: dict, vllm: dict, machine: dict | None = None,
             **{key: eval_[key] for key in ("mean_accepted_length", "steps", "drafted",
                                            "accepted", "rejected", "new_tokens",
                                            "accepted_at", "drafted_at")},
-            "matches_own_decoding": adaspec["eval_matches_own_decoding"],
+            "prompts_match": adaspec["eval_prompts_match"],
         },
         "batches": batches,
         "check": {"mean_accepted_length_within_tolerance": ok_lengths,
-                  "outputs_identical": ok_outputs, "passed": ok_lengths and ok_outputs},
+                  "outputs_identical": ok_outputs,
+                  "adaspec_eval_decoded_these_prompts": adaspec["eval_prompts_match"],
+                  "passed": ok_lengths and ok_outputs and adaspec["eval_prompts_match"]},
         "seconds": {**adaspec["seconds"], **vllm["seconds"], "wall": wall_seconds},
     }
 
@@ -164,7 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     result = merge(*read, machine=harness.machine_info(), wall_seconds=args.wall_seconds)
     print(format_summary(result))
     harness.write_json(args.out, result)
-    print(f"vllm_check: wrote {args.out}")
     return 0
 
 

@@ -3,14 +3,16 @@
 In the project's virtualenv: the target saved as a folder that vLLM loads (the embedded target
 is a GGUF file that only adaspec's loader dequantizes), the prompt token ids exactly as
 adaspec-eval makes them (first N prompts of the split, rendered with the task's template and,
-by default, the chat template, tokenized, cut to the last `max_length` tokens), adaspec's own
-greedy outputs on them (target only and speculative), and adaspec-eval's speculative counts
-(`adaspec.evaluate.evaluate`, i.e. `adaspec-eval --modes speculative --no-speed`). Its outputs
-in the work folder: target/ (cached: reused while it was saved from the same spec),
-prompts.json (read by engine.py and merge.py) and adaspec.json (read by merge.py).
+by default, the chat template, tokenized, cut to the last `max_length` tokens), adaspec's
+target-only greedy output of each, and adaspec-eval's speculative decoding of them
+(`adaspec.evaluate.evaluate`, i.e. `adaspec-eval --modes speculative --no-speed`) with its
+outputs and the prompts it decoded, recorded on the way. Its outputs in the work folder:
+target/ (cached: reused while it was saved from the same spec and weights), prompts.json (read
+by engine.py and merge.py) and adaspec.json (read by merge.py).
 
-    python bench/vllm_check/prepare.py --export DIR --work DIR [--target SPEC] [--task NAME]
-        [--prompts N] [--max-new-tokens M] [--gamma G] [--raw-prompts] [--data-files FILE]
+    PYTHONPATH=. .venv/bin/python bench/vllm_check/prepare.py --export DIR --work DIR \
+        [--target SPEC] [--task NAME] [--prompts N] [--max-new-tokens M] [--gamma G] \
+        [--raw-prompts] [--data-files FILE]    # from the repository root (bench.harness)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from adaspec import models, speculative, tasks
 from adaspec.config import Config, build_config
 from adaspec.evaluate import evaluate
+from bench import harness
 
 TARGET_DIR, STAMP = "target", "adaspec-target.json"
 PROMPTS_FILE, ADASPEC_FILE = "prompts.json", "adaspec.json"
@@ -100,34 +103,40 @@ def saved_target(spec: str, folder: Path):
     return model, tokenizer
 
 
-def own_decoding(target, draft, prompts: list[list[int]], cfg: Config, tokenizer) -> dict:
-    """adaspec's greedy outputs of each prompt: target only, and speculative with the draft
-    (the same `adaspec.speculative` functions adaspec-eval decodes with), with the counts."""
-    vocab = models.real_vocab_size(tokenizer)
-    eos, gamma, n_new = tokenizer.eos_token_id, int(cfg.eval.gamma), cfg.eval.max_new_tokens
-    target_out, spec_out, per_prompt = [], [], []
-    stats = speculative.SpecStats()
-    seconds = {"target_only": 0.0, "speculative": 0.0}
+def target_outputs(target, prompts: list[list[int]], cfg: Config, tokenizer) -> dict:
+    """adaspec's target-only greedy output of each prompt (`speculative.target_generate`, the
+    baseline adaspec-eval times speculative decoding against)."""
+    vocab, eos = models.real_vocab_size(tokenizer), tokenizer.eos_token_id
+    outputs = []
+    started = time.perf_counter()
     with torch.no_grad():
         for ids in prompts:
             prompt = torch.tensor([ids], dtype=torch.long)
-            started = time.perf_counter()
-            out = speculative.target_generate(target, prompt, n_new, 0.0, eos, vocab)
-            seconds["target_only"] += time.perf_counter() - started
-            target_out.append(out.tolist())
-            started = time.perf_counter()
-            out, one = speculative.speculative_generate(target, draft, prompt, n_new, gamma,
-                                                        0.0, eos, vocab)
-            seconds["speculative"] += time.perf_counter() - started
-            spec_out.append(out.tolist())
-            stats = stats.merge(one)
-            per_prompt.append({"steps": one.steps, "accepted": one.accepted,
-                               "rejected": one.rejected, "new_tokens": one.new_tokens})
-    return {
-        "target_only": target_out, "speculative": spec_out, "seconds": seconds,
-        "mean_accepted_length": stats.mean_accepted_length(), "steps": stats.steps,
-        "accepted": stats.accepted, "per_prompt": per_prompt,
-    }
+            out = speculative.target_generate(target, prompt, cfg.eval.max_new_tokens, 0.0, eos,
+                                              vocab)
+            outputs.append(out.tolist())
+    return {"outputs": outputs, "seconds": time.perf_counter() - started}
+
+
+def evaluate_recorded(cfg: Config, export: str, target) -> tuple[dict, list[dict]]:
+    """(adaspec-eval's speculative result, each decoding's prompt ids and output ids).
+
+    `evaluate` builds its prompts itself and keeps no outputs, so `speculative_generate` is
+    wrapped to record what it was given and what it returned: the recorded prompts must be
+    prompts.json's. The already-loaded target is handed to `evaluate` (not loaded again)."""
+    calls = []
+    generate = speculative.speculative_generate
+
+    def recorded(target_model, draft, input_ids, *args, **kwargs):
+        out, stats = generate(target_model, draft, input_ids, *args, **kwargs)
+        calls.append({"prompt": input_ids[0].tolist(), "output": out.tolist()})
+        return out, stats
+
+    serve = harness.serving_models(
+        lambda spec: (target, models.load_tokenizer(spec)) if spec == cfg.models.target else None)
+    with harness.patched((speculative, "speculative_generate", recorded), serve):
+        result = evaluate(cfg, [export], progress=False)[0]
+    return result["speculative"], calls
 
 
 def prepare(export: str, work: Path, target: str, task: str, prompts: int, max_new_tokens: int,
@@ -139,23 +148,21 @@ def prepare(export: str, work: Path, target: str, task: str, prompts: int, max_n
     target_model, tokenizer = saved_target(target, work / TARGET_DIR)
     seconds = {"target_folder": time.perf_counter() - started}
     ids = write_prompts(cfg, tokenizer, work / PROMPTS_FILE)["prompt_token_ids"]
-    draft_model, _ = models.load_model(export)
+    own = target_outputs(target_model, ids, cfg, tokenizer)
+    seconds["adaspec_target_only"] = own["seconds"]
     started = time.perf_counter()
-    own = own_decoding(target_model, draft_model, ids, cfg, tokenizer)
-    seconds["own_decoding"] = time.perf_counter() - started
-    del target_model, draft_model
-    started = time.perf_counter()
-    result = evaluate(cfg, [export], progress=False)[0]
+    spec, calls = evaluate_recorded(cfg, export, target_model)
     seconds["adaspec_eval"] = time.perf_counter() - started
-    spec = result["speculative"]
-    # evaluate builds its prompts itself: equal per-prompt counts say it decoded the same ones.
-    same = spec["per_prompt"] == own["per_prompt"]
+    same = [c["prompt"] for c in calls] == ids
     if not same:
-        print("vllm_check: adaspec-eval's per-prompt counts differ from adaspec's decoding of "
-              "prompts.json (other prompts?)", file=sys.stderr)
+        print("vllm_check: adaspec-eval decoded other prompts than prompts.json",
+              file=sys.stderr)
     payload = {
         "export": export, "target": target, "command": eval_command(cfg, export),
-        "eval": spec, "own": own, "eval_matches_own_decoding": same, "seconds": seconds,
+        "eval": spec, "eval_prompts_match": same,
+        "outputs": {"target_only": own["outputs"],
+                    "speculative": [c["output"] for c in calls]},
+        "seconds": seconds,
         "settings": {"task": task, "split": cfg.data.split, "chat_template": chat_template,
                      "prompts": len(ids), "max_new_tokens": max_new_tokens, "gamma": gamma,
                      "temperature": 0.0, "dtype": "float32"},
@@ -176,12 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw-prompts", action="store_true", help="no chat template")
     p.add_argument("--data-files", default=None, help="task rows (tasks that read files)")
     args = p.parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     out = prepare(args.export, args.work, args.target, args.task, args.prompts,
                   args.max_new_tokens, args.gamma, not args.raw_prompts, args.data_files)
     spec = out["eval"]
     print(f"vllm_check: adaspec-eval mean accepted length {spec['mean_accepted_length']:.4f} "
-          f"({spec['accepted']} accepted in {spec['steps']} steps) on {len(out['own']['per_prompt'])}"
-          f" prompts; prompts and target folder in {args.work}")
+          f"({spec['accepted']} accepted in {spec['steps']} steps) on "
+          f"{out['settings']['prompts']} prompts; prompts and target folder in {args.work}")
     return 0
 
 
