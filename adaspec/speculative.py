@@ -207,6 +207,7 @@ def _draft_tokens(draft, cache, seq: torch.Tensor, budget: int, vocab: int, temp
     return drafts, draft_rows
 
 
+@torch.no_grad()  # else the target's cache (and every verify pass's activations) joins a graph
 def speculative_generate(
     target,
     draft,

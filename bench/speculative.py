@@ -19,7 +19,8 @@ untrained draft's acceptance says nothing about a trained one's).
 Each of --rounds rounds sends every prompt through every path back to back, the order rotated
 per round and prompt (`harness.rotated`); each path gets one untimed warm-up first. Per path:
 tokens/s per round (median, min, max over rounds); its speedup over target-only as the median of
-the per-round ratios (min-max); and per draft ours over assisted the same way.
+the per-round ratios (min-max); and per draft ours over assisted the same way, over all rounds
+together, and by process CPU time (less sensitive to other jobs when run with --threads 1).
 
     python -m bench.speculative                              # embedded target, 2-layer draft
     python -m bench.speculative --drafts runs/kd,runs/kd-v --draft-vocab 4096
@@ -132,8 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         path = models.resolve_run_folder(spec)
         models.shared_vocab_size(tokenizer, models.load_tokenizer(path))
         model, _ = models.load_model(path)
+        head = draft_vocab.reduced_head_of(model)  # a draft trained with --draft-vocab
         drafts.append({"label": spec, "spec": spec, "model": model.to(device).eval(),
-                       "reduced_vocab": None})
+                       "reduced_vocab": None if head is None else {
+                           "n_mapped": head.n_mapped, "hash": draft_vocab.map_hash(
+                               head.ids.cpu().numpy()), "from": "the draft's own map"}})
     prompts = [x.to(device) for x in load_prompts(
         args.task, args.split, args.data_files, tokenizer, args.prompts, args.chat_template,
         args.max_length, args.data_seed)]
@@ -148,11 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         ids = frequent_ids(expected, prompts, args.draft_vocab, vocab,
                            draft_vocab.special_ids(tokenizer))
         for d in list(drafts):
+            if d["reduced_vocab"] is not None:
+                continue  # already reduced: its own map is what it is timed with
             model = draft_vocab.reduce_head(copy.deepcopy(d["model"]), ids)
             drafts.append({"label": f"{d['label']} [head {len(ids)}]", "spec": d["spec"],
                            "model": model.eval(),
                            "reduced_vocab": {"n": args.draft_vocab, "n_mapped": len(ids),
-                                             "hash": draft_vocab.map_hash(ids)}})
+                                             "hash": draft_vocab.map_hash(ids),
+                                             "from": "the target's outputs on these prompts"}})
     for d in drafts:
         assistant_settings(d["model"], gamma)
 
@@ -179,41 +186,44 @@ def main(argv: list[str] | None = None) -> int:
                                            "run": lambda i, d=d: assisted(d, i)}
     names = list(paths)
 
-    def checked(name: str, i: int) -> tuple[int, float]:
-        """(tokens, seconds) of prompt i through a path; its output must be the target's."""
+    def checked(name: str, i: int) -> tuple[int, float, float]:
+        """(tokens, wall seconds, process CPU seconds) of prompt i through a path; its output
+        must be the target's."""
         _synchronize()
-        started = time.perf_counter()
+        cpu, started = time.process_time(), time.perf_counter()
         out = paths[name]["run"](i)
         _synchronize()
-        took = time.perf_counter() - started
+        took, cpu = time.perf_counter() - started, time.process_time() - cpu
         if out != expected[i]:
-            at = next((k for k, (a, b) in enumerate(zip(out, expected[i])) if a != b),
-                      min(len(out), len(expected[i])))
+            pairs = enumerate(zip(out, expected[i], strict=False))
+            at = next((k for k, (a, b) in pairs if a != b), min(len(out), len(expected[i])))
             raise RuntimeError(
                 f"prompt {i}: path {name!r} gave {len(out)} tokens that differ from target-only "
                 f"greedy decoding ({len(expected[i])} tokens) at position {at}: "
                 f"{out[at:at + 5]} vs {expected[i][at:at + 5]}")
-        return len(out), took
+        return len(out), took, cpu
 
-    with torch.no_grad():
-        if prompts:
-            for name in names:  # untimed: first calls pay for allocations and lazy init
-                checked(name, 0)
-        stats.clear()
-        tokens = {n: [0] * args.rounds for n in names}
-        seconds = {n: [0.0] * args.rounds for n in names}
-        rounds: list[dict] = []
-        first_round: dict[str, speculative.SpecStats] = {}
-        for r in range(args.rounds):
-            with harness.measure() as span:
-                for i in range(len(prompts)):
-                    for name in harness.rotated(names, r + i):
-                        n, took = checked(name, i)
-                        tokens[name][r] += n
-                        seconds[name][r] += took
-            if r == 0:
-                first_round = dict(stats)
-            rounds.append({"round": r, **span.as_dict()})
+    # No outer no_grad: each path is timed as a user calls it (all three disable grad).
+    if prompts:
+        for name in names:  # untimed: first calls pay for allocations and lazy init
+            checked(name, 0)
+    stats.clear()
+    tokens = {n: [0] * args.rounds for n in names}
+    seconds = {n: [0.0] * args.rounds for n in names}
+    cpu_seconds = {n: [0.0] * args.rounds for n in names}
+    rounds: list[dict] = []
+    first_round: dict[str, speculative.SpecStats] = {}
+    for r in range(args.rounds):
+        with harness.measure() as span:
+            for i in range(len(prompts)):
+                for name in harness.rotated(names, r + i):
+                    n, took, cpu = checked(name, i)
+                    tokens[name][r] += n
+                    seconds[name][r] += took
+                    cpu_seconds[name][r] += cpu
+        if r == 0:
+            first_round = dict(stats)
+        rounds.append({"round": r, **span.as_dict()})
 
     results = {}
     for name in names:
@@ -226,18 +236,23 @@ def main(argv: list[str] | None = None) -> int:
             "tokens_per_s_max": speed["speculative_tokens_per_s_max"],
             "speedup_over_target": speed["speedup"], "speedup_min": speed["speedup_min"],
             "speedup_max": speed["speedup_max"], "speedup_spread": speed["speedup_spread"],
-            "tokens": tokens[name], "seconds": seconds[name],
+            "tokens": tokens[name], "seconds": seconds[name], "cpu_seconds": cpu_seconds[name],
         }
     comparison = {}
     for d in drafts:
         label = d["label"]
         a, b = f"ours {label}", f"assisted {label}"
         ratio = evaluate.summarize_speed(tokens[a], seconds[a], tokens[b], seconds[b])
+        by_cpu = evaluate.summarize_speed(tokens[a], cpu_seconds[a], tokens[b], cpu_seconds[b])
         st = first_round.get(label)
         comparison[label] = {
             "ours_over_assisted": ratio["speedup"], "min": ratio["speedup_min"],
             "max": ratio["speedup_max"], "spread": ratio["speedup_spread"],
             "ours_not_slower": ratio["speedup"] >= 1.0,
+            "ours_over_assisted_total": (sum(seconds[b]) / sum(seconds[a])
+                                         if sum(seconds[a]) > 0 else float("nan")),
+            "ours_over_assisted_cpu": by_cpu["speedup"], "cpu_min": by_cpu["speedup_min"],
+            "cpu_max": by_cpu["speedup_max"],
             "head_rows": head_rows(d["model"]),
             "mean_accepted_length": st.mean_accepted_length() if st else float("nan"),
             "alpha": st.alpha() if st else float("nan"),
@@ -250,9 +265,11 @@ def main(argv: list[str] | None = None) -> int:
          for name, r in results.items()]))
     print()
     print(harness.format_table(
-        ["draft", "head rows", "accepted len", "ours/assisted", "min", "max"],
+        ["draft", "head rows", "accepted len", "ours/assisted", "min", "max", "all rounds",
+         "by CPU time", "min", "max"],
         [[label, c["head_rows"], c["mean_accepted_length"], c["ours_over_assisted"], c["min"],
-          c["max"]] for label, c in comparison.items()]))
+          c["max"], c["ours_over_assisted_total"], c["ours_over_assisted_cpu"], c["cpu_min"],
+          c["cpu_max"]] for label, c in comparison.items()]))
 
     harness.write_json(args.out, {
         "benchmark": "speculative",
