@@ -325,37 +325,46 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-@torch.no_grad()
-def forward_seconds(model, prompt: torch.Tensor, n_tokens: int, repeats: int = 5,
-                    vocab_size: int | None = None) -> float:
-    """Median wall seconds of one cached forward over `n_tokens` new tokens after `prompt`
-    (the logits of all of them kept, as verification keeps them); one untimed warm-up."""
-    vocab = vocab_size or _model_vocab(model)
-    cache = _new_cache(model)
-    seq = prompt[0].long()
-    _forward(model, cache, seq, 1, vocab)  # the prompt, cached
-    kept = cache.get_seq_length()
-    new = seq[-1:].repeat(n_tokens)
-    times = []
-    for _ in range(repeats + 1):
+class _CachedForward:
+    """A model with `prompt` cached, timing forwards of n new tokens after it (rolled back)."""
+
+    def __init__(self, model, prompt: torch.Tensor, vocab: int):
+        self.model, self.vocab = model, vocab
+        self.cache = _new_cache(model)
+        seq = prompt[0].long()
+        _forward(model, self.cache, seq, 1, vocab)  # the prompt, cached
+        self.kept, self.token = self.cache.get_seq_length(), seq[-1:]
+
+    def seconds(self, n_tokens: int) -> float:
+        new = self.token.repeat(n_tokens)
         _synchronize()
         started = time.perf_counter()
-        _forward(model, cache, new, n_tokens, vocab)
+        _forward(self.model, self.cache, new, n_tokens, self.vocab)
         _synchronize()
-        times.append(time.perf_counter() - started)
-        _rollback(cache, kept)
-    times = sorted(times[1:])
-    return times[len(times) // 2]
+        took = time.perf_counter() - started
+        _rollback(self.cache, self.kept)
+        return took
 
 
-def step_costs(target, draft, prompt: torch.Tensor, max_gamma: int, repeats: int = 5,
+@torch.no_grad()
+def step_costs(target, draft, prompt: torch.Tensor, max_gamma: int, repeats: int = 7,
                vocab_size: int | None = None) -> dict:
     """This machine's costs of a speculative step, in target-step units (`adaspec.speedup`):
     the draft's per-token cost c and the target's cost v(g) of verifying g + 1 tokens, g =
-    1..max_gamma, each a median of `repeats` timed forwards after the prompt."""
-    target_s = forward_seconds(target, prompt, 1, repeats, vocab_size)
-    draft_s = forward_seconds(draft, prompt, 1, repeats, vocab_size)
-    verify = {g: forward_seconds(target, prompt, g + 1, repeats, vocab_size) / target_s
-              for g in range(1, max_gamma + 1)}
+    1..max_gamma. The forwards are timed in `repeats` interleaved rounds (after one untimed
+    round) and each kind keeps its fastest time: another process on the machine only ever adds
+    time, and interleaving exposes every kind to the same drift."""
+    vocab = vocab_size or min(_model_vocab(target), _model_vocab(draft))
+    big, small = _CachedForward(target, prompt, vocab), _CachedForward(draft, prompt, vocab)
+    kinds = [("target", 1), ("draft", 1)] + [("target", g + 1) for g in range(1, max_gamma + 1)]
+    best: dict[tuple[str, int], float] = {}
+    for round_index in range(repeats + 1):
+        for name, n in kinds:
+            took = (big if name == "target" else small).seconds(n)
+            if round_index:
+                best[name, n] = min(best.get((name, n), math.inf), took)
+    target_s, draft_s = best["target", 1], best["draft", 1]
     return {"target_step_s": target_s, "draft_step_s": draft_s, "draft_cost": draft_s / target_s,
-            "verify_cost": verify}
+            "verify_cost": {g: best["target", g + 1] / target_s
+                            for g in range(1, max_gamma + 1)},
+            "timing": f"fastest of {repeats} interleaved rounds"}

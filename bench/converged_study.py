@@ -438,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     tuned = ensure_target(args, work)
     payload["quality"] = target_quality(args, work, tuned) if args.sft_epochs else {}
+    report(args, payload, [])  # the tuned target's quality, before any seed
     finished = []
     for seed in seeds:
         finished.append(run_seed(args, work, tuned, seed))
@@ -456,9 +457,12 @@ def without_tokens(seed: dict) -> dict:
 
 
 def report(args, payload: dict, seeds: list[dict]) -> None:
-    payload["summary"] = summarize(seeds) if seeds else {}
+    """JSON after every seed (before any: the target's quality and "no result yet"), and the
+    table and plot once a seed is done."""
+    payload["summary"] = summarize(seeds) if seeds else {"decision": decision({}, {}, 0)}
     payload["seeds"] = [without_tokens(s) for s in seeds]
     if not seeds:
+        harness.write_json(args.out, payload)
         print("no finished seed yet")
         return
     doc = Path(args.doc)
