@@ -138,18 +138,12 @@ def exact_acceptance(
                                  progress)[0]
 
 
-def _synchronize() -> None:
-    """Wait for queued GPU work, so a timer read after a run covers the run."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 def _timed(run):
     """(run's result, wall seconds)."""
-    _synchronize()
+    speculative.synchronize()
     started = time.perf_counter()
     out = run()
-    _synchronize()
+    speculative.synchronize()
     return out, time.perf_counter() - started
 
 

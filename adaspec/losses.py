@@ -66,6 +66,15 @@ def _check_divergence(divergence: str, beta: float) -> None:
         raise ValueError(f"jsd beta={beta!r} is outside [0, 1]")
 
 
+def _check_rows(draft_logits: torch.Tensor, target: SparseTarget, width: str) -> None:
+    """Draft logits must be (N, width): one row per cached label token."""
+    if draft_logits.dim() != 2 or draft_logits.shape[0] != len(target):
+        raise ValueError(
+            f"draft_logits {tuple(draft_logits.shape)} must be (N, {width}) with N = "
+            f"{len(target)} cached label tokens"
+        )
+
+
 def _resolve(divergence: str, beta: float) -> str:
     """TRL's jsd endpoints: beta = 0 is forward KL, beta = 1 is reverse KL."""
     if divergence == "jsd" and beta == 0.0:
@@ -215,11 +224,7 @@ def sparse_divergence(
         (N,) float32 (float64 for float64 inputs) divergence per token.
     """
     _check_divergence(divergence, beta)
-    if draft_logits.dim() != 2 or draft_logits.shape[0] != len(target):
-        raise ValueError(
-            f"draft_logits {tuple(draft_logits.shape)} must be (N, V) with N = {len(target)} "
-            "cached label tokens"
-        )
+    _check_rows(draft_logits, target, "V")
     logits = _upcast(draft_logits)  # (N, V)
     ids = target.ids.long()  # (N, K)
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (N, 1)
@@ -264,11 +269,7 @@ def restricted_divergence(
         (N_tok,) float32 (float64 for float64 inputs) divergence per token.
     """
     _check_divergence(divergence, beta)
-    if draft_logits.dim() != 2 or draft_logits.shape[0] != len(target):
-        raise ValueError(
-            f"draft_logits {tuple(draft_logits.shape)} must be (N, N_map + 1) with N = "
-            f"{len(target)} cached label tokens"
-        )
+    _check_rows(draft_logits, target, "N_map + 1")
     logits = _upcast(draft_logits)  # (n, N+1)
     rest = logits.shape[-1] - 1
     outcome = to_draft[target.ids.long()]  # (n, K) draft outcome of each cached id

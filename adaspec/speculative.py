@@ -320,7 +320,8 @@ def target_generate(
     return torch.tensor(out, dtype=torch.long, device=input_ids.device)
 
 
-def _synchronize() -> None:
+def synchronize() -> None:
+    """Wait for queued GPU work, so a timer read after a run covers the run."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
 
@@ -337,10 +338,10 @@ class _CachedForward:
 
     def seconds(self, n_tokens: int) -> float:
         new = self.token.repeat(n_tokens)
-        _synchronize()
+        synchronize()
         started = time.perf_counter()
         _forward(self.model, self.cache, new, n_tokens, self.vocab)
-        _synchronize()
+        synchronize()
         took = time.perf_counter() - started
         _rollback(self.cache, self.kept)
         return took

@@ -57,6 +57,7 @@ from adaspec.statistics import t_interval
 from adaspec.train import train
 from adaspec.validation import plateau, validation_records
 from bench import harness
+from bench.paper_table import split_config
 
 ARMS = ("R", "A", "C")
 DENSE = ("A-dense", "C-dense")
@@ -92,13 +93,6 @@ def base_config(args, seed: int, target: str, work: Path) -> Config:
         "eval": {"gamma": args.gamma, "max_new_tokens": args.max_new_tokens,
                  "prompts": args.prompts, "speed": False},
     })
-
-
-def split_config(cfg: Config, split: str, limit: int, cache: str | None = None,
-                 **cache_values) -> Config:
-    data = dataclasses.replace(cfg.data, split=split, limit=limit)
-    c = dataclasses.replace(cfg.cache, cache=cache or cfg.cache.cache, **cache_values)
-    return dataclasses.replace(cfg, data=data, cache=c)
 
 
 def arm_config(args, cfg: Config, arm: str, run: Path, ref: Path | None) -> Config:

@@ -45,11 +45,6 @@ NOTE_DRAFT_VOCAB = (
 )
 
 
-def _synchronize() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 def load_prompts(task: str, split: str, data_files: str | None, tokenizer, n: int,
                  chat_template: bool, max_length: int, seed: int) -> list[torch.Tensor]:
     """(1, T) prompt ids made as `adaspec-eval` makes its speculative prompts: the split's first
@@ -189,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     def checked(name: str, i: int) -> tuple[int, float, float]:
         """(tokens, wall seconds, process CPU seconds) of prompt i through a path; its output
         must be the target's."""
-        _synchronize()
+        speculative.synchronize()
         cpu, started = time.process_time(), time.perf_counter()
         out = paths[name]["run"](i)
-        _synchronize()
+        speculative.synchronize()
         took, cpu = time.perf_counter() - started, time.process_time() - cpu
         if out != expected[i]:
             pairs = enumerate(zip(out, expected[i], strict=False))
