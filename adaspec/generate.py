@@ -247,8 +247,7 @@ def _prompt_batches(cfg: Config, tokenizer) -> list[list[tuple[np.ndarray, int]]
     budget = max(1, cfg.data.max_length - cfg.cache.gen_max_new_tokens)
     prompts = []
     for ex in examples:
-        prompt_text, _ = tasks.render(ex, tokenizer, cfg.data.chat_template)
-        ids = tokenizer(prompt_text).input_ids[-budget:]  # keep the end: it asks the question
+        ids = tasks.prompt_ids(ex, tokenizer, cfg.data.chat_template, budget)
         prompts.append((np.asarray(ids, dtype=np.int64), ex.source_index))
     prompts.sort(key=lambda item: -len(item[0]))
     width = len(prompts[0][0]) + cfg.cache.gen_max_new_tokens if prompts else 1
@@ -262,7 +261,7 @@ def _generate_batch(cfg: Config, model, tokenizer, batch: list[tuple[np.ndarray,
     the payload of a staged file."""
     vocab_size = models.real_vocab_size(tokenizer)
     eos = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad_id = models.pad_id(tokenizer, eos)
     device = next(model.parameters()).device
     longest = len(batch[0][0])
     input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)

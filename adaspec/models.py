@@ -240,6 +240,12 @@ def real_vocab_size(tokenizer) -> int:
     return len(tokenizer)
 
 
+def pad_id(tokenizer, fallback: int = 0) -> int:
+    """The id padding positions hold: the tokenizer's pad token, else `fallback` (padded
+    positions are masked out of every loss and measure, so any valid id serves)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback
+
+
 def shared_vocab_size(tokenizer_a, tokenizer_b) -> int:
     """The vocab size both sides use, or UserError if the tokenizers differ."""
     fingerprint_a = tokenizer_fingerprint(tokenizer_a)

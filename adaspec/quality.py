@@ -80,8 +80,7 @@ def target_quality(cfg: Config, model, tokenizer, n_prompts: int, max_new_tokens
     vocab = models.real_vocab_size(tokenizer)
     scores, lengths, samples = [], [], []
     for ex in tqdm(examples, desc="target quality", disable=not progress, dynamic_ncols=True):
-        prompt, _ = tasks.render(ex, tokenizer, cfg.data.chat_template)
-        ids = tokenizer(prompt).input_ids[-cfg.data.max_length:]
+        ids = tasks.prompt_ids(ex, tokenizer, cfg.data.chat_template, cfg.data.max_length)
         out = speculative.target_generate(model, torch.tensor([ids], device=device),
                                           max_new_tokens, 0.0, tokenizer.eos_token_id, vocab)
         text = tokenizer.decode(out.tolist(), skip_special_tokens=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from adaspec import evaluate, models, runs, train
+from adaspec import models, runs, teacher_forced, train
 from adaspec.config import Config
 from adaspec.errors import UserError
 from adaspec.validation import Validator
@@ -139,8 +139,8 @@ def evaluate_variant(cfg: Config, variant: Variant, run_dir: Path, eval_reader: 
                      train_seconds: float, progress: bool) -> dict:
     def offline(folder: Path) -> dict:
         draft, tokenizer = models.load_model(str(folder))
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        return evaluate.offline_acceptance(draft.eval(), eval_reader,
+        pad_id = models.pad_id(tokenizer)
+        return teacher_forced.offline_acceptance(draft.eval(), eval_reader,
                                            models.real_vocab_size(tokenizer), pad_id,
                                            cfg.cache.batch_tokens, progress)
 

@@ -145,7 +145,7 @@ def open_data(cfg: Config, reader: CacheReader | None, ref_spec: str | None, tok
               rank: int, world: int):
     """(this process's batch stream, the stage's teacher, the vocabulary size)."""
     t = cfg.train
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = models.pad_id(tokenizer)
     if reader is not None:
         provenance.check_tokenizer(reader, tokenizer)
     if t.online:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from adaspec import evaluate, models, provenance, runs
+from adaspec import models, provenance, runs, teacher_forced
 from adaspec.config import Config
 from cache_tools import schema
 from cache_tools.store import CacheReader
@@ -52,9 +52,9 @@ class Validator:
         was_training = model.training
         model.eval()
         try:
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            result = evaluate.offline_acceptance(model, self.reader, self.reader.vocab_size, pad,
-                                                 self.cfg.cache.batch_tokens, progress=False)
+            result = teacher_forced.offline_acceptance(
+                model, self.reader, self.reader.vocab_size, models.pad_id(self.tokenizer),
+                self.cfg.cache.batch_tokens, progress=False)
         finally:
             model.train(was_training)
         lower, upper = result["expected_acceptance_lower"], result["expected_acceptance_upper"]

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from adaspec.build import build_stage
 from adaspec.config import Config
-from adaspec.evaluate import clustered_difference, evaluate
+from adaspec.evaluate import evaluate
+from adaspec.statistics import clustered_difference
 from bench import harness, paper_table
 from bench.paper_table import base_config, ensure_run, split_config
 

@@ -303,7 +303,7 @@ def load(args, cfg) -> tuple[tuple, float, Data]:
     load_seconds = time.perf_counter() - start
     seqs, masks, _ = labels.order_sequences(build.task_examples(cfg, tokenizer))
     batches = labels.plan_batches(np.array([len(s) for s in seqs]), cfg.cache.batch_tokens)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = models.pad_id(tokenizer)
     data = Data(seqs, masks, batches, pad_id, models.real_vocab_size(tokenizer))
     print(f"model {args.model} loaded in {load_seconds:.1f} s; {len(seqs)} sequences, "
           f"{data.tokens} tokens ({data.padded} padded), {data.label_rows} label rows, "

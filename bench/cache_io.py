@@ -430,7 +430,7 @@ def fidelities(args, combos, decoded, ref, base_reader, vocab) -> tuple:
     draft, tokenizer = models.load_model(args.draft,
                                          dtype=models.resolve_dtype("auto", torch.device("cpu")))
     draft_load = time.perf_counter() - t0
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = models.pad_id(tokenizer)
     seqs, masks, _ = build.stored_sequences(base_reader)
     candidates, candidate_rows = {}, {}
     shard_rows = combos["uint8q/delta"]["shard_rows"]

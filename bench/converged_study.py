@@ -52,8 +52,8 @@ from pathlib import Path
 from adaspec import models, quality, runs
 from adaspec.build import build_stage
 from adaspec.config import Config, build_config
-from adaspec.evaluate import clustered_difference, evaluate
-from adaspec.statistics import t_interval
+from adaspec.evaluate import evaluate
+from adaspec.statistics import clustered_difference, t_interval
 from adaspec.train import train
 from adaspec.validation import plateau, validation_records
 from bench import harness

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adaspec import acceptance, build, evaluate, labels, losses, models, train
+from adaspec import acceptance, build, labels, losses, models, teacher_forced, train
 from adaspec.config import build_config
 from bench import fidelity_measures as measures
 from bench import harness
@@ -219,11 +219,11 @@ class HeldOut:
     def __init__(self, cfg, target, tokenizer, batch_tokens: int, progress: bool):
         # The split's sequences as a cache would store them (longest first).
         self.ids, self.masks, _ = labels.order_sequences(build.task_examples(cfg, tokenizer))
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = models.pad_id(tokenizer)
         self.vocab_size = models.real_vocab_size(tokenizer)
         self.plan = labels.plan_batches(np.array([len(x) for x in self.ids]), batch_tokens)
         self.target_lp = [
-            evaluate.label_logprobs(target, self.ids[a:b], self.masks[a:b], self.pad_id,
+            teacher_forced.label_logprobs(target, self.ids[a:b], self.masks[a:b], self.pad_id,
                                     self.vocab_size)
             for a, b in tqdm(self.plan, desc="held-out target", disable=not progress)
         ]
@@ -235,7 +235,7 @@ class HeldOut:
         """Per-token expected acceptance sum min(p, q), greedy agreement and forward KL."""
         alpha, greedy, kl = [], [], []
         for (a, b), target_lp in zip(self.plan, self.target_lp, strict=True):
-            draft_lp = evaluate.label_logprobs(draft, self.ids[a:b], self.masks[a:b],
+            draft_lp = teacher_forced.label_logprobs(draft, self.ids[a:b], self.masks[a:b],
                                                self.pad_id, self.vocab_size)
             alpha.append(acceptance.expected_acceptance(target_lp, draft_lp))
             greedy.append(acceptance.greedy_agreement(target_lp, draft_lp).float())

@@ -37,7 +37,8 @@ from pathlib import Path
 from adaspec import models, quality
 from adaspec.build import build_stage
 from adaspec.config import Config, build_config
-from adaspec.evaluate import clustered_difference, evaluate, prompt_difference
+from adaspec.evaluate import evaluate
+from adaspec.statistics import clustered_difference, prompt_difference
 from adaspec.train import train
 from adaspec.validation import validation_records
 from bench import harness

@@ -34,7 +34,7 @@ from collections import Counter
 
 import torch
 
-from adaspec import draft_vocab, evaluate, models, speculative, tasks
+from adaspec import draft_vocab, models, speculative, statistics, tasks
 from bench import harness
 
 NOTE_DRAFT_VOCAB = (
@@ -50,12 +50,8 @@ def load_prompts(task: str, split: str, data_files: str | None, tokenizer, n: in
     """(1, T) prompt ids made as `adaspec-eval` makes its speculative prompts: the split's first
     `n` examples, rendered (with the chat template or raw), the last `max_length` tokens."""
     examples = tasks.load_examples(task, split, data_files, None, seed)[:n]
-    out = []
-    for example in examples:
-        text, _ = tasks.render(example, tokenizer, chat_template)
-        ids = tokenizer(text).input_ids[-max_length:]
-        out.append(torch.tensor([ids], dtype=torch.long))
-    return out
+    return [torch.tensor([tasks.prompt_ids(example, tokenizer, chat_template, max_length)],
+                         dtype=torch.long) for example in examples]
 
 
 def frequent_ids(outputs: list[list[int]], prompts: list[torch.Tensor], n: int, vocab: int,
@@ -222,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {}
     for name in names:
-        speed = evaluate.summarize_speed(tokens[name], seconds[name], tokens["target"],
+        speed = statistics.summarize_speed(tokens[name], seconds[name], tokens["target"],
                                          seconds["target"])
         results[name] = {
             "kind": paths[name]["kind"], "draft": paths[name]["draft"],
@@ -237,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     for d in drafts:
         label = d["label"]
         a, b = f"ours {label}", f"assisted {label}"
-        ratio = evaluate.summarize_speed(tokens[a], seconds[a], tokens[b], seconds[b])
-        by_cpu = evaluate.summarize_speed(tokens[a], cpu_seconds[a], tokens[b], cpu_seconds[b])
+        ratio = statistics.summarize_speed(tokens[a], seconds[a], tokens[b], seconds[b])
+        by_cpu = statistics.summarize_speed(tokens[a], cpu_seconds[a], tokens[b], cpu_seconds[b])
         st = first_round.get(label)
         comparison[label] = {
             "ours_over_assisted": ratio["speedup"], "min": ratio["speedup_min"],

@@ -101,7 +101,7 @@ def step_split(root: str, task: str, split: str, draft: str, device: torch.devic
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
     teacher = step.CachedTeacher()
-    stream = BatchStream(reader, batch_size, 1, tokenizer.pad_token_id or 0, with_target=True,
+    stream = BatchStream(reader, batch_size, 1, models.pad_id(tokenizer), with_target=True,
                          ref=ref)
     batches = stream.batches(0, steps + warmup)
     parts: dict[str, list[float]] = {k: [] for k in ("wait", "h2d", "forward", "backward",

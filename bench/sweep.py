@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from adaspec import build, evaluate, labels, models, runs, step, stream, sweep, train
+from adaspec import build, labels, models, runs, step, stream, sweep, teacher_forced, train
 from adaspec.config import build_config
 from bench import harness
 from cache_tools import schema
@@ -140,8 +140,8 @@ def instrumented(timers: harness.Timers, role_of):
         (runs, "save_checkpoint", timers.wrap("checkpoint (accelerate state)",
                                               runs.save_checkpoint)),
         (models, "save_model", timers.wrap("save model", models.save_model)),
-        (evaluate, "offline_acceptance", timers.wrap("offline evaluation",
-                                                     evaluate.offline_acceptance)),
+        (teacher_forced, "offline_acceptance", timers.wrap("offline evaluation",
+                                                     teacher_forced.offline_acceptance)),
         (sweep, "write_tables", timers.wrap("tables + plots", sweep.write_tables)),
         (sweep, "plot_results", timers.wrap("tables + plots", sweep.plot_results)),
     )

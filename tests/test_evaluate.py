@@ -13,6 +13,7 @@ from conftest import REPO, make_tiny_model
 from adaspec import evaluate as evaluate_module
 from adaspec import models, speculative
 from adaspec.build import build_stage
+from adaspec.cli.eval_format import format_table
 from adaspec.config import build_config
 from adaspec.errors import UserError
 from adaspec.evaluate import evaluate
@@ -244,12 +245,12 @@ def test_acceptance_counts_come_from_the_decoding(setup):
     cfg, draft_dir = setup
     [result] = evaluate(cfg, [str(draft_dir)], ("speculative",), gamma=3, max_new_tokens=6,
                         n_prompts=2, progress=False)
-    from adaspec.evaluate import _prompts
+    from adaspec.evaluate import split_prompts
 
     target, tokenizer = models.load_model(cfg.models.target)
     draft, _ = models.load_model(str(draft_dir))
     total = speculative.SpecStats()
-    for prompt in _prompts(cfg, tokenizer, 2):
+    for prompt in split_prompts(cfg, tokenizer, 2):
         _, stats = speculative.speculative_generate(
             target, draft, prompt, 6, 3, 0.0, tokenizer.eos_token_id, len(tokenizer))
         total = total.merge(stats)
@@ -259,7 +260,7 @@ def test_acceptance_counts_come_from_the_decoding(setup):
 
 
 def test_speed_summary_is_medians_over_rounds():
-    from adaspec.evaluate import summarize_speed
+    from adaspec.statistics import summarize_speed
 
     # speculative 10, 5, 20 tok/s; target-only 5 tok/s each round: ratios 2, 1, 4
     s = summarize_speed([10, 10, 10], [1.0, 2.0, 0.5], [10, 10, 10], [2.0, 2.0, 2.0])
@@ -275,7 +276,7 @@ def test_speed_summary_is_medians_over_rounds():
 
 
 def test_speed_noise_flags_and_table():
-    from adaspec.evaluate import format_table, speed_within_noise
+    from adaspec.statistics import speed_within_noise
 
     assert speed_within_noise([(0.50, 0.03), (0.54, 0.02), (0.80, 0.02)]) == [True, True, False]
     assert speed_within_noise([(0.50, 0.01), (0.60, 0.01)]) == [False, False]
@@ -322,7 +323,7 @@ def test_acceptance_on_the_targets_own_continuations_and_the_iid_prediction(setu
     alpha = exact["greedy_agreement"]
     assert predicted["exact_continuations"] == pytest.approx(sum(alpha ** i for i in range(4)))
     assert predicted["measured"] == result["speculative"]["mean_accepted_length"]
-    assert "exact on target continuations" in evaluate_module.format_table([result, result])
+    assert "exact on target continuations" in format_table([result, result])
     # A cache of dataset answers is not a cache of continuations.
     with pytest.raises(UserError, match="not generated continuations"):
         evaluate(cfg, [str(draft_dir)], ("offline",), progress=False,
@@ -330,17 +331,18 @@ def test_acceptance_on_the_targets_own_continuations_and_the_iid_prediction(setu
 
 
 def test_iid_mean_accepted_length():
-    from adaspec.evaluate import iid_mean_accepted_length
+    from adaspec.speedup import iid_expected_tokens
 
-    assert iid_mean_accepted_length(0.0, 5) == 1.0
-    assert iid_mean_accepted_length(1.0, 5) == 6.0
-    assert iid_mean_accepted_length(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert iid_expected_tokens(0.0, 5) == 1.0
+    assert iid_expected_tokens(1.0, 5) == 6.0
+    assert iid_expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
 
 
 def test_compare_gives_paired_differences_with_clustered_errors(setup, tmp_path):
     import torch
 
-    from adaspec.evaluate import clustered_difference, compare, format_comparison
+    from adaspec.cli.eval_format import format_comparison
+    from adaspec.statistics import clustered_difference, compare
 
     cfg, draft_dir = setup
     second = tmp_path / "second"
@@ -381,7 +383,7 @@ def test_gamma_auto_picks_the_predicted_fastest_and_reports_predicted_speed(setu
     the predicted fastest gamma is run, and its predicted speedup is reported beside the
     measured one. Greedy drafts do not depend on gamma, so the run's own P(A >= i) equals the
     pilot's on the positions both drafted."""
-    from adaspec.evaluate import format_result
+    from adaspec.cli.eval_format import format_result
 
     cfg, draft_dir = setup
     [result] = evaluate(cfg, [str(cfg.models.target)], ("speculative",), gamma="auto",
@@ -406,7 +408,7 @@ def test_gamma_auto_picks_the_predicted_fastest_and_reports_predicted_speed(setu
 def test_speculative_results_format_with_and_without_speed(setup, speed):
     """--no-speed used to die formatting the result (KeyError: 'speed_rounds') after the
     whole evaluation had run."""
-    from adaspec.evaluate import format_result, format_table
+    from adaspec.cli.eval_format import format_result
 
     cfg, draft_dir = setup
     results = evaluate(cfg, [str(draft_dir)], ("speculative",), gamma=2, max_new_tokens=4,

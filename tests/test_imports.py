@@ -85,3 +85,17 @@ def test_the_rule_detects_a_violation(tmp_path):
                    "from adaspec.build import _Layout\nx = train._needs_ref(cfg)\n")
     assert {"adaspec.models", "torch.nn"} <= _imports(bad)
     assert _private_uses(bad) == ["adaspec.build._Layout", "train._needs_ref"]
+
+
+def test_training_does_not_import_speculative_decoding():
+    """Training validates teacher-forced; decoding (and its timing) is evaluation's business."""
+    import subprocess
+    import sys
+
+    code = ("import sys, adaspec.train, adaspec.validation, adaspec.sweep; "
+            "print(sorted(m for m in sys.modules if m.startswith('adaspec.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout
+    assert "'adaspec.train'" in out
+    for decoding in ("adaspec.speculative", "adaspec.speculative_timing", "adaspec.evaluate"):
+        assert f"'{decoding}'" not in out, f"training imports {decoding}"

@@ -32,14 +32,14 @@ def test_prompt_ids_are_adaspec_evals(prepared, tiny_model_dir, tiny_tokenizer):
     work, out = prepared
     ids = json.loads((work / prepare.PROMPTS_FILE).read_text())["prompt_token_ids"]
     cfg = prepare.eval_config(str(tiny_model_dir), "arith", 3, 5, 2, chat_template=False)
-    assert ids == [p[0].tolist() for p in evaluate_module._prompts(cfg, tiny_tokenizer, 3)]
+    assert ids == [p[0].tolist() for p in evaluate_module.split_prompts(cfg, tiny_tokenizer, 3)]
     # The chat template changes the ids, the same way adaspec-eval's --chat-template does.
     tiny_tokenizer.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}"
     try:
         cfg = prepare.eval_config(str(tiny_model_dir), "arith", 3, 5, 2, chat_template=True)
         templated = prepare.prompt_token_ids(cfg, tiny_tokenizer)
         assert templated == [p[0].tolist()
-                             for p in evaluate_module._prompts(cfg, tiny_tokenizer, 3)]
+                             for p in evaluate_module.split_prompts(cfg, tiny_tokenizer, 3)]
         assert templated != ids
     finally:
         tiny_tokenizer.chat_template = None

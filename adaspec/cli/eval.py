@@ -33,17 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "data.split") is None:
         setattr(args, "data.split", "test")  # evaluation reads held-out data by default
     cfg = config_from_args(args)
-    from adaspec.evaluate import (
-        compare,
-        evaluate,
-        format_comparison,
-        format_result,
-        format_table,
-        verdict,
-    )
+    from adaspec.cli.eval_format import format_comparison, format_result, format_table
+    from adaspec.evaluate import evaluate
+    from adaspec.statistics import compare, verdict
 
     results = evaluate(cfg, args.draft, progress=not args.no_progress,
                        per_token=cfg.eval.compare)
+    if args.json:  # written before anything is formatted: a formatting bug loses no numbers
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        payload = results[0] if len(results) == 1 else results
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     for result in results:
         print(format_result(result))
     if len(results) > 1:
@@ -52,10 +51,6 @@ def main(argv: list[str] | None = None) -> int:
         rows = compare(results)
         print(format_comparison(rows))
         print(verdict(rows))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        payload = results[0] if len(results) == 1 else results
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     return 0
 
 

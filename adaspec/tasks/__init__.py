@@ -39,6 +39,7 @@ from adaspec.tasks.templates import (
 from adaspec.tasks.tokenize import (
     IGNORE_INDEX,
     TokenizedExample,
+    prompt_ids,
     render,
     tokenize_example,
     tokenize_examples,
@@ -58,6 +59,7 @@ __all__ = [
     "XSUM_PROMPT",
     "Example",
     "TokenizedExample",
+    "prompt_ids",
     "arith_row",
     "data_files_hash",
     "load_examples",

@@ -59,6 +59,15 @@ def render(example: Example, tokenizer: Any, chat_template: bool = False) -> tup
     return prompt_text, prompt_text + example.response + eos
 
 
+def prompt_ids(example: Example, tokenizer: Any, chat_template: bool = False,
+               budget: int | None = None) -> list[int]:
+    """The token ids of an example's prompt as caches and decoding see it: rendered (with the
+    chat template when asked), keeping the last `budget` ids (the end asks the question)."""
+    prompt_text, _ = render(example, tokenizer, chat_template)
+    ids = tokenizer(prompt_text).input_ids
+    return ids[-budget:] if budget else ids
+
+
 def _token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(texts)["input_ids"]]
 

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from adaspec import models, speculative, tasks
+from adaspec import models, speculative
 from adaspec.config import Config, build_config
-from adaspec.evaluate import evaluate
+from adaspec.evaluate import evaluate, split_prompts
 from bench import harness
 
 TARGET_DIR, STAMP = "target", "adaspec-target.json"
@@ -65,13 +65,7 @@ def eval_command(cfg: Config, draft: str) -> str:
 def prompt_token_ids(cfg: Config, tokenizer) -> list[list[int]]:
     """The first `cfg.eval.prompts` prompts of the split as token ids, as adaspec-eval's
     speculative mode builds them (same examples, rendering, tokenization and truncation)."""
-    d = cfg.data
-    examples = tasks.load_examples(d.task, d.split, d.data_files, d.limit, d.seed)
-    ids = []
-    for example in examples[:cfg.eval.prompts]:
-        text, _ = tasks.render(example, tokenizer, d.chat_template)
-        ids.append([int(i) for i in tokenizer(text).input_ids[-d.max_length:]])
-    return ids
+    return [p[0].tolist() for p in split_prompts(cfg, tokenizer, cfg.eval.prompts)]
 
 
 def write_prompts(cfg: Config, tokenizer, path: Path) -> dict:
