@@ -26,7 +26,7 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 import adaspec
-from adaspec import generate, labels, losses, models, processes, sparse, tasks
+from adaspec import generate, labels, losses, models, processes, runs, sparse, tasks
 from adaspec.config import Config
 from adaspec.errors import UserError
 from adaspec.labels import plan_batches
@@ -237,7 +237,7 @@ class _Model:
 
 
 def _load(cfg: Config, spec: str, state: PartialState, device_map: str | None) -> _Model:
-    spec = models.resolve_run_folder(spec)  # an adaspec-train run folder: its model/
+    spec = runs.resolve_run_folder(spec)  # an adaspec-train run folder: its model/
     identity = models.model_identity(spec)
     dtype = models.resolve_dtype(cfg.models.dtype, state.device)
     model, tokenizer = models.load_model(spec, dtype=dtype, device_map=device_map)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adaspec import models, tasks
+from adaspec import models, runs, tasks
 from adaspec.config import Config, as_plain
 from adaspec.errors import UserError
 from adaspec.speculative_timing import (
@@ -155,7 +155,7 @@ def _plan(cfg: Config, draft_specs: list[str], modes, note, overrides: dict) -> 
     asked = settings.modes is not None
     reader, modes = _open_cache(cfg, settings.modes if asked else MODES, asked, note)
     continuations = _continuations_reader(cfg, settings.continuations_cache)
-    specs = [models.resolve_run_folder(spec) for spec in draft_specs]
+    specs = [runs.resolve_run_folder(spec) for spec in draft_specs]
     tokenizers = [models.load_tokenizer(spec) for spec in specs]
     needs_target = "exact" in modes or "speculative" in modes
     target_tok = models.load_tokenizer(cfg.models.target) if needs_target else None

@@ -42,7 +42,6 @@ from adaspec.errors import UserError
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PAD_BIAS_OFFSET = 1e4  # far below real logits, and still finite in float16
 SPECIAL_TOKENS = ("eos", "bos", "pad", "unk")
-MODEL_DIR, BEST_DIR, BEST_FILE = "model", "best", "best.json"
 DEFAULT_GAMMA = 5  # draft tokens per step in the printed engine commands without --eval-json
 EXAMPLE_PROMPT = "Write a python function to reverse a string."
 
@@ -95,26 +94,23 @@ def find_draft(run: str, best: bool = False) -> DraftSource:
     model was deleted), and loading the folder itself would fail with a less useful message.
     """
     path = Path(run).expanduser()
-    is_run = path.is_dir() and any(
-        (path / name).exists() for name in (runs.CONFIG_FILE, runs.METRICS_FILE, MODEL_DIR))
-    if not is_run:
+    if not runs.is_run_folder(path):
         parsed = models.parse_model_spec(run)
         if parsed.kind == "dir" and not Path(parsed.source).expanduser().exists():
             raise UserError(f"{run} does not exist; pass a run folder (adaspec-train --out) or "
                             "a model spec")
         if best:
-            raise UserError(f"--best needs a run folder with {BEST_DIR}/; {run} is not a run "
+            raise UserError(f"--best needs a run folder with {runs.BEST_DIR}/; {run} is not a run "
                             "folder")
         return DraftSource(model_spec=run, run_dir=None)
-    sub = BEST_DIR if best else MODEL_DIR
-    if not (path / sub / "config.json").is_file():
+    folder = runs.best_dir(path) if best else runs.model_dir(path)
+    sub = folder.name
+    if not (folder / "config.json").is_file():
         hint = ("train with --eval-split and --keep-best to keep one, or drop --best" if best
                 else "its training has not finished; export it once adaspec-train saved model/")
         raise UserError(f"run folder {path} has no {sub}/ (no {sub}/config.json); {hint}")
-    best_info = None
-    if best and (path / BEST_DIR / BEST_FILE).is_file():
-        best_info = json.loads((path / BEST_DIR / BEST_FILE).read_text())
-    return DraftSource(model_spec=str(path / sub), run_dir=path, best=best_info)
+    return DraftSource(model_spec=str(folder), run_dir=path,
+                       best=runs.read_best(path) if best else None)
 
 
 def check_out_dir(out: Path, overwrite: bool, source: DraftSource) -> None:
@@ -130,13 +126,6 @@ def check_out_dir(out: Path, overwrite: bool, source: DraftSource) -> None:
         if path.exists() and (path.resolve() == resolved or resolved in path.resolve().parents):
             raise UserError(f"--out {out} holds the draft being exported ({path}); "
                             "choose another folder")
-
-
-def read_run_config(run_dir: Path | None) -> dict:
-    """The run's resolved config.yaml (sections models/data/cache/train), or {} without one."""
-    if run_dir is None or not (run_dir / runs.CONFIG_FILE).is_file():
-        return {}
-    return yaml.safe_load((run_dir / runs.CONFIG_FILE).read_text()) or {}
 
 
 def target_location(spec: str) -> tuple[str, str | None]:
@@ -161,7 +150,7 @@ def load_target(spec: str) -> TargetInfo:
     """The target's tokenizer, config and generation config, without its weights."""
     from transformers import AutoConfig, GenerationConfig
 
-    spec = models.resolve_run_folder(spec)
+    spec = runs.resolve_run_folder(spec)
     tokenizer = models.load_tokenizer(spec)  # also checks that the spec exists
     location, gguf_file = target_location(spec)
     try:
@@ -344,7 +333,7 @@ def load_eval_result(path: str, model_spec: str) -> dict:
         return entries[0]
     want = Path(model_spec).expanduser().resolve()
     found = [e for e in entries
-             if Path(models.resolve_run_folder(e["draft"])).expanduser().resolve() == want]
+             if Path(runs.resolve_run_folder(e["draft"])).expanduser().resolve() == want]
     if len(found) != 1:
         drafts = ", ".join(str(e["draft"]) for e in entries)
         raise UserError(f"--eval-json {path} holds results for {drafts}; none of them is "
@@ -360,7 +349,7 @@ def export_draft(run: str, out: str | Path, target: str | None = None, best: boo
     out = Path(out).expanduser()
     source = find_draft(run, best)
     check_out_dir(out, overwrite, source)
-    run_config = read_run_config(source.run_dir)
+    run_config = runs.read_config(source.run_dir)
     target = target or run_config.get("models", {}).get("target")
     if not target:
         raise UserError(f"{run} has no config.yaml naming its target (not a run folder); "

@@ -288,18 +288,6 @@ def has_plain_head(model) -> bool:
     return model.get_output_embeddings() is not None and model.base_model is not model
 
 
-def resolve_run_folder(spec: str) -> str:
-    """A training run folder (`adaspec-train` output, with `model/config.json`) -> its model folder.
-
-    Any other spec comes back unchanged, so every command can take a run folder wherever it takes
-    a model, without the user having to know the run's layout.
-    """
-    path = Path(spec).expanduser()
-    if (path / "model" / "config.json").is_file():
-        return str(path / "model")
-    return spec
-
-
 def model_identity(spec: str) -> dict:
     """What a spec names, for manifests: spec, kind, path (or hub id), layers and weight_hash.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adaspec import draft_vocab, models, tasks
+from adaspec import draft_vocab, models, runs, tasks
 from adaspec.config import Config
 from adaspec.errors import UserError
 from cache_tools import schema
@@ -71,7 +71,7 @@ def check_tokenizer(reader: CacheReader, tokenizer, what: str = "the model to tr
 def record_ref(cfg: Config, run_dir: Path, steps: int) -> None:
     """Record a trained reference in the split's manifest under `refs[cfg.cache.ref_name]`:
     where it is, its weight hash and the identity of the draft it was trained from."""
-    model_path = str((run_dir / "model").resolve())
+    model_path = str(runs.model_dir(run_dir).resolve())
     CacheWriter(cfg.cache.cache, cfg.data.task, cfg.data.split).record_ref(cfg.cache.ref_name, {
         "path": model_path,
         "run": str(run_dir.resolve()),
@@ -177,7 +177,7 @@ def check_reference_vocab(cfg: Config, reader: CacheReader | None, ids) -> None:
     spec = cfg.models.ref or record.get("path")
     if spec is None:
         return
-    folder = Path(models.resolve_run_folder(spec))
+    folder = Path(runs.resolve_run_folder(spec))
     saved = draft_vocab.read_map(folder) if folder.is_dir() else None
     ref_hash = None if saved is None else draft_vocab.map_hash(saved["ids"])
     draft_hash = None if ids is None else draft_vocab.map_hash(ids)

@@ -4,6 +4,11 @@
     <run>/metrics.jsonl     one line per logged optimizer step
     <run>/checkpoints/      step-N/: accelerate state + window + progress.json (the latest kept)
     <run>/model/            save_pretrained folder (loads in plain transformers)
+    <run>/best/             the best validated model (--keep-best), with best.json: its step,
+                            epoch and validation numbers
+    <run>/logs/             tracker output (--report-to)
+
+This module owns those names: everything else asks it for a run's parts.
 
 A checkpoint without its progress file is an unfinished save and is ignored, so a run killed at
 any moment resumes from the last whole checkpoint.
@@ -24,11 +29,67 @@ from adaspec.errors import UserError
 PROGRESS_FILE = "progress.json"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+MODEL_DIR = "model"
+BEST_DIR = "best"
+BEST_FILE = "best.json"
+CHECKPOINTS_DIR = "checkpoints"
+LOGS_DIR = "logs"
+
+
+def model_dir(run_dir: Path) -> Path:
+    """Where a run's final model is saved (a save_pretrained folder)."""
+    return Path(run_dir) / MODEL_DIR
+
+
+def best_dir(run_dir: Path) -> Path:
+    """Where a run's best validated model is kept (--keep-best)."""
+    return Path(run_dir) / BEST_DIR
+
+
+def logs_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / LOGS_DIR
+
+
+def read_best(run_dir: Path) -> dict | None:
+    """best.json of the best validated model (step, epoch, metric, validation), or None."""
+    path = best_dir(run_dir) / BEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_best(run_dir: Path, record: dict) -> None:
+    """Record which model best/ holds (after the model itself is saved there)."""
+    (best_dir(run_dir) / BEST_FILE).write_text(json.dumps(record, indent=2))
+
+
+def is_run_folder(path: Path) -> bool:
+    """A folder holding any of a run's own files (config, metrics, final model)."""
+    path = Path(path)
+    return path.is_dir() and any(
+        (path / name).exists() for name in (CONFIG_FILE, METRICS_FILE, MODEL_DIR))
+
+
+def resolve_run_folder(spec: str) -> str:
+    """A training run folder (`adaspec-train` output, with `model/config.json`) -> its model folder.
+
+    Any other spec comes back unchanged, so every command can take a run folder wherever it takes
+    a model, without the user having to know the run's layout.
+    """
+    path = Path(spec).expanduser()
+    if (model_dir(path) / "config.json").is_file():
+        return str(model_dir(path))
+    return spec
+
+
+def read_config(run_dir: Path | None) -> dict:
+    """The run's resolved config.yaml (sections models/data/cache/train, schedule), or {}."""
+    if run_dir is None or not (Path(run_dir) / CONFIG_FILE).is_file():
+        return {}
+    return yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text()) or {}
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint whose progress file was written (an unfinished save is ignored)."""
-    done = sorted((run_dir / "checkpoints").glob(f"step-*/{PROGRESS_FILE}"))
+    done = sorted((run_dir / CHECKPOINTS_DIR).glob(f"step-*/{PROGRESS_FILE}"))
     return done[-1].parent if done else None
 
 
@@ -75,12 +136,12 @@ def start_run_dir(run_dir: Path, cfg: Config, start_step: int,
 
 def read_schedule(run_dir: Path) -> dict:
     """The schedule a run followed (epochs, batch_size, optimizer_steps, ...), from its config."""
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
+    if not (run_dir / CONFIG_FILE).is_file():
         raise UserError(f"{run_dir} has no {CONFIG_FILE}: not a run folder")
-    schedule = (yaml.safe_load(path.read_text()) or {}).get("schedule")
+    schedule = read_config(run_dir).get("schedule")
     if schedule is None:
-        raise UserError(f"{path} records no schedule (a run from before schedules were kept)")
+        raise UserError(f"{run_dir / CONFIG_FILE} records no schedule (a run from before "
+                        "schedules were kept)")
     return schedule
 
 
@@ -106,14 +167,14 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, progress: dict, windo
     The progress file is written last, by the main process after every process has saved, so a
     checkpoint without it is incomplete and ignored.
     """
-    path = run_dir / "checkpoints" / f"step-{step:08d}"
+    path = run_dir / CHECKPOINTS_DIR / f"step-{step:08d}"
     # Not safetensors: tied embeddings share storage, which safetensors refuses.
     accelerator.save_state(str(path), safe_serialization=False)
     torch.save(list(window), path / f"window_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (path / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
-        for old in (run_dir / "checkpoints").glob("step-*"):
+        for old in (run_dir / CHECKPOINTS_DIR).glob("step-*"):
             if old != path:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

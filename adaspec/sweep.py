@@ -90,21 +90,20 @@ def train_single_pass(cfg: Config, variants: list[Variant], out: Path,
     torch.manual_seed(variants[0].seed)
     # fp32 master weights, as in train.train (bf16 only through autocast).
     draft, tokenizer = models.load_model(cfg.models.draft, dtype=torch.float32)
-    stream, teacher, vocab_size = train.open_data(base, reader, None, tokenizer, device, 0, 1)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    stream, teacher, vocab_size = train.open_data(base, reader, None, tokenizer, device, rank,
+                                                  world)
     per_epoch = stream.batches_per_epoch
     learner_runs, validators = [], {}
     for vcfg in configs:
-        t = vcfg.train
-        total_micro = max(1, round(t.run_epochs * per_epoch))
-        total_steps = -(-total_micro // t.grad_accum)
         model = copy.deepcopy(draft).to(device).train()
-        learner = train.make_learner(accelerator, model, vcfg, vocab_size, total_steps)
-        run_dir = Path(t.out)
-        runs.start_run_dir(run_dir, vcfg, 0)
-        run = train.Run(learner, run_dir, total_micro, t.grad_accum, t.log_every, t.max_grad_norm)
+        run = train.prepare_run(accelerator, vcfg, model, per_epoch, vocab_size)
+        if accelerator.is_main_process:
+            runs.start_run_dir(run.run_dir, vcfg, 0,
+                               train.schedule_of(vcfg.train, per_epoch, run.total_steps, world))
         learner_runs.append(run)
-        if t.eval_split is not None:
-            validators[id(run)] = Validator(vcfg, run_dir, tokenizer)
+        if vcfg.train.eval_split is not None and accelerator.is_main_process:
+            validators[id(run)] = Validator(vcfg, run.run_dir, tokenizer)
 
     def validate(run: train.Run, step_done: int, micro_done: int) -> bool:
         """Each variant measured on the selection split at its epoch ends and its last step."""
@@ -121,8 +120,9 @@ def train_single_pass(cfg: Config, variants: list[Variant], out: Path,
               f"single pass x{len(learner_runs)}", validate)
     seconds = (time.perf_counter() - started) / len(learner_runs)
     for r in learner_runs:
-        models.save_model(accelerator.unwrap_model(r.learner.loss_model).model, tokenizer,
-                          r.run_dir / "model")
+        if accelerator.is_main_process:
+            models.save_model(accelerator.unwrap_model(r.learner.loss_model).model, tokenizer,
+                              runs.model_dir(r.run_dir))
     return {v.name: seconds for v in variants}
 
 
@@ -144,7 +144,7 @@ def evaluate_variant(cfg: Config, variant: Variant, run_dir: Path, eval_reader: 
                                            models.real_vocab_size(tokenizer), pad_id,
                                            cfg.cache.batch_tokens, progress)
 
-    final = offline(run_dir / "model")
+    final = offline(runs.model_dir(run_dir))
     lower, upper = final["expected_acceptance_lower"], final["expected_acceptance_upper"]
     result = {
         "name": variant.name, "k": variant.k, "epochs": variant.epochs, "loss": variant.loss,
@@ -153,11 +153,11 @@ def evaluate_variant(cfg: Config, variant: Variant, run_dir: Path, eval_reader: 
         "eval_tokens": final["label_tokens"], "final_train_loss": _final_loss(run_dir),
         "train_seconds": train_seconds,
     }
-    best_file = run_dir / "best" / "best.json"
-    if best_file.is_file():  # the epoch the selection split chose, measured on the eval split
-        best = offline(run_dir / "best")
+    best_record = runs.read_best(run_dir)
+    if best_record is not None:  # the epoch the selection split chose, measured on the eval split
+        best = offline(runs.best_dir(run_dir))
         result.update({
-            "best_epoch": json.loads(best_file.read_text())["epoch"],
+            "best_epoch": best_record["epoch"],
             "best_alpha_mid": (best["expected_acceptance_lower"]
                                + best["expected_acceptance_upper"]) / 2,
             "best_greedy_agreement": best["greedy_agreement"],
@@ -271,7 +271,8 @@ def write_report(rows: list[dict], out: Path, cfg: Config, eval_split: str) -> P
     link_cells = "".join(
         f"<li><b>{html.escape(r['name'])}</b>: "
         + " · ".join(f'<a href="{html.escape(r["name"])}/{f}">{f}</a>'
-                     for f in ("config.yaml", "metrics.jsonl", "result.json", "model/")
+                     for f in (runs.CONFIG_FILE, runs.METRICS_FILE, "result.json",
+                               f"{runs.MODEL_DIR}/")
                      if (out / r["name"] / f.rstrip("/")).exists())
         + "</li>" for r in rows)
     images = "".join(

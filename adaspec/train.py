@@ -79,7 +79,7 @@ def accelerator_for(cfg: Config, run_dir: Path | None = None):
     trackers = {}
     if cfg.train.report_to is not None and run_dir is not None:
         trackers = {"log_with": cfg.train.report_to, "project_config": ProjectConfiguration(
-            project_dir=str(run_dir), logging_dir=str(run_dir / "logs"))}
+            project_dir=str(run_dir), logging_dir=str(runs.logs_dir(run_dir)))}
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
                        gradient_accumulation_steps=1, **trackers)
 
@@ -369,6 +369,16 @@ def reduce_vocabulary(cfg: Config, reader: CacheReader | None, model, tokenizer)
         draft_vocab.reduce_head(model, ids)
 
 
+def prepare_run(accelerator, cfg: Config, model, per_epoch: int, vocab_size: int) -> Run:
+    """A run of `model` per cfg.train (its learner, folder and length) over a stream of
+    `per_epoch` micro-batches per process: what `train` and the single-pass sweep both run."""
+    t = cfg.train
+    total_micro = max(1, round(t.run_epochs * per_epoch))  # micro-batches per process
+    learner = make_learner(accelerator, model, cfg, vocab_size,
+                           -(-total_micro // t.grad_accum))
+    return Run(learner, Path(t.out), total_micro, t.grad_accum, t.log_every, t.max_grad_norm)
+
+
 def schedule_of(t, per_epoch: int, total_steps: int, world: int) -> dict:
     """What the run's settings make of the data: recorded in its config.yaml."""
     return {"epochs": t.run_epochs, "batch_size": t.run_batch_size, "grad_accum": t.grad_accum,
@@ -423,10 +433,8 @@ def train(
             f"{stream.sequences.n_sequences} sequences make fewer than {world} batches of "
             f"--batch-size {t.run_batch_size}; lower --batch-size or use fewer processes"
         )
-    total_micro = max(1, round(t.run_epochs * per_epoch))  # micro-batches per process
-    total_steps = -(-total_micro // t.grad_accum)
-    learner = make_learner(accelerator, model, cfg, vocab_size, total_steps)
-    run = Run(learner, run_dir, total_micro, t.grad_accum, t.log_every, t.max_grad_norm)
+    run = prepare_run(accelerator, cfg, model, per_epoch, vocab_size)
+    total_steps = run.total_steps
     stop_step = run.total_steps if max_steps is None else min(run.total_steps, max_steps)
 
     validator = None
@@ -454,7 +462,7 @@ def train(
         report_plateau(run_dir, run.total_steps, t.best_metric, progress)
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(run.learner.loss_model).model
-        models.save_model(trained, tokenizer, run_dir / "model")
+        models.save_model(trained, tokenizer, runs.model_dir(run_dir))
         if t.stage == "ref" and provenance.open_split(cfg) is not None:
             provenance.record_ref(cfg, run_dir, run.total_steps)
     accelerator.wait_for_everyone()

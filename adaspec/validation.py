@@ -14,7 +14,6 @@ of the validation prompts, so that the model kept is the best at what speculativ
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from adaspec import models, provenance, runs, teacher_forced
@@ -22,8 +21,6 @@ from adaspec.config import Config
 from cache_tools import schema
 from cache_tools.store import CacheReader
 
-BEST_DIR = "best"
-BEST_FILE = "best.json"
 BEST_METRICS = ("expected_acceptance", "greedy_agreement")
 PLATEAU_TOLERANCE = 0.005  # 0.5 pt
 
@@ -41,8 +38,7 @@ class Validator:
         self.cfg, self.run_dir, self.tokenizer = cfg, run_dir, tokenizer
         self.keep_best, self.metric = t.keep_best, t.best_metric
         self.every = t.eval_every
-        best = run_dir / BEST_DIR / BEST_FILE
-        self.best = json.loads(best.read_text()) if best.is_file() else None  # resumed runs
+        self.best = runs.read_best(run_dir)  # a resumed run keeps its best so far
 
     def due(self, step_done: int, epoch_ended: bool, last: bool) -> bool:
         return epoch_ended or last or bool(self.every and step_done % self.every == 0)
@@ -68,8 +64,8 @@ class Validator:
         score = validation[self.metric]
         if self.keep_best and (self.best is None or score > self.best[self.metric]):
             self.best = {"step": step_done, "epoch": epoch, "metric": self.metric, **validation}
-            models.save_model(model, self.tokenizer, self.run_dir / BEST_DIR)
-            (self.run_dir / BEST_DIR / BEST_FILE).write_text(json.dumps(self.best, indent=2))
+            models.save_model(model, self.tokenizer, runs.best_dir(self.run_dir))
+            runs.write_best(self.run_dir, self.best)
         return validation
 
 

@@ -34,7 +34,7 @@ from collections import Counter
 
 import torch
 
-from adaspec import draft_vocab, models, speculative, statistics, tasks
+from adaspec import draft_vocab, models, runs, speculative, statistics, tasks
 from bench import harness
 
 NOTE_DRAFT_VOCAB = (
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = [s.strip() for s in args.drafts.split(",") if s.strip()]
     drafts: list[dict] = []
     for spec in specs:
-        path = models.resolve_run_folder(spec)
+        path = runs.resolve_run_folder(spec)
         models.shared_vocab_size(tokenizer, models.load_tokenizer(path))
         model, _ = models.load_model(path)
         head = draft_vocab.reduced_head_of(model)  # a draft trained with --draft-vocab

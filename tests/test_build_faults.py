@@ -16,7 +16,7 @@ import torch
 from conftest import make_tiny_model
 from test_build import GSM8K, _build, _cfg, _stage_files
 
-from adaspec import build, generate, labels, models
+from adaspec import build, generate, labels, models, runs
 from adaspec.errors import UserError
 from cache_tools import schema, store
 from cache_tools.errors import CacheError
@@ -316,7 +316,7 @@ def test_build_accepts_a_training_run_folder(
     assert manifest.is_complete("target") and manifest.is_complete("ref/ref")
     assert manifest.target_params["model"]["path"] == str((target_run / "model").resolve())
     assert manifest.stage("ref/ref").params["model"]["path"] == str((ref_run / "model").resolve())
-    assert models.resolve_run_folder(str(ref_run)) == str(ref_run / "model")
-    assert models.resolve_run_folder(str(tiny_model_dir)) == str(tiny_model_dir)
-    assert models.resolve_run_folder("smollm2-135m") == "smollm2-135m"
+    assert runs.resolve_run_folder(str(ref_run)) == str(ref_run / "model")
+    assert runs.resolve_run_folder(str(tiny_model_dir)) == str(tiny_model_dir)
+    assert runs.resolve_run_folder("smollm2-135m") == "smollm2-135m"
 
