@@ -1,10 +1,10 @@
 """Run settings as dataclasses: YAML files in `configs/`, overridden by CLI flags.
 
 This module is the one source of settings. Every field has a docstring (it becomes the flag's
-help), an optional `meta(flag=..., choices=...)`: the flag name when it is not `--field-name`,
-and the module that owns the field's choices ("module:NAME", resolved when checked, so a choice
-list is written once, where it is implemented). `cli/common.py` builds each command's flags from
-these classes.
+help) and an optional `meta(flag=...)`: the flag name when it is not `--field-name`. A field
+with choices declares them in its annotation (`Literal[...]`, the aliases below); the modules
+that implement them are tied to those lists by tests, not by imports, so settings never import
+what they configure. `cli/common.py` builds each command's flags from these classes.
 
 A config file has one mapping per section (`models`, `data`, `cache`, `train`, `eval`,
 `sweep`); every key must be a field below, and every value is checked here, so a typo or an
@@ -17,18 +17,39 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
-import importlib
 import inspect
+import math
 import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from adaspec.errors import UserError
+
+# The allowed values of every setting with choices. The implementing modules keep their own
+# tuples (losses.DIVERGENCES, selection.RULES, ...); tests/test_config.py ties each to these.
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+TaskName = Literal["gsm8k", "alpaca", "mbpp", "cnn_dailymail", "xsum", "arith"]
+Split = Literal["train", "validation", "test", "all"]
+SparseMode = Literal["topk", "sample"]
+ValueEncoding = Literal["float16", "uint8q"]
+IdEncoding = Literal["plain", "delta"]
+Generator = Literal["target", "draft", "ref"]
+Stage = Literal["draft", "ref", "sft"]
+Divergence = Literal["fkl", "rkl", "tvd", "jsd"]
+SelectionRule = Literal["adaspec", "speckd"]
+Threshold = Literal["batch", "global"]
+Normalizer = Literal["all", "selected"]
+Schedule = Literal["constant", "cosine"]
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+Tracker = Literal["tensorboard", "wandb", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab",
+                  "trackio", "all"]
+BestMetric = Literal["expected_acceptance", "greedy_agreement"]
+EvalMode = Literal["offline", "exact", "speculative"]
 
 # Keys renamed since earlier configs: old key -> (new key, why).
 RENAMED = {
@@ -38,9 +59,9 @@ RENAMED = {
 }
 
 
-def meta(flag: str | None = None, choices: str | None = None) -> dict:
-    """Field metadata: its CLI flag (default --field-name) and "module:NAME" of its choices."""
-    return {"flag": flag, "choices": choices}
+def meta(flag: str | None = None) -> dict:
+    """Field metadata: its CLI flag (default --field-name)."""
+    return {"flag": flag}
 
 
 def flag_of(cls: type, name: str) -> str:
@@ -49,15 +70,21 @@ def flag_of(cls: type, name: str) -> str:
     return f.metadata.get("flag") or "--" + name.replace("_", "-")
 
 
+def _literal_values(annotation) -> tuple | None:
+    """The values of the Literal inside an annotation (also in `tuple[L, ...]` or `L | None`)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    for arg in typing.get_args(annotation):
+        found = _literal_values(arg)
+        if found is not None:
+            return found
+    return None
+
+
 @functools.cache
 def choices_of(cls: type, name: str) -> tuple | None:
-    """The allowed values of a field, from the module that implements them."""
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    where = f.metadata.get("choices")
-    if where is None:
-        return None
-    module, _, attr = where.partition(":")
-    return tuple(getattr(importlib.import_module(module), attr))
+    """The allowed values of a field: the Literal its annotation declares, or None."""
+    return _literal_values(typing.get_type_hints(cls)[name])
 
 
 @functools.cache
@@ -111,7 +138,7 @@ class ModelsConfig(_Checked):
     """Draft initialisation (the reference starts from the same weights)."""
     ref: str | None = field(default=None, metadata=meta("--ref"))
     """Trained reference draft; default: the one the ref stage recorded in the cache."""
-    dtype: str = field(default="auto", metadata=meta(choices="adaspec.models:DTYPES"))
+    dtype: Dtype = "auto"
     """Frozen models' dtype (target, reference, evaluation): auto is bf16 on CUDA, fp32 on CPU.
     Trained weights stay float32 (see train.mixed_precision)."""
     device_map: str | None = None
@@ -120,9 +147,9 @@ class ModelsConfig(_Checked):
 
 @dataclass
 class DataConfig(_Checked):
-    task: str = field(default="gsm8k", metadata=meta(choices="adaspec.tasks:TASK_NAMES"))
+    task: TaskName = "gsm8k"
     """Task name (arith: offline, generated)."""
-    split: str = field(default="train", metadata=meta(choices="adaspec.tasks:SPLITS"))
+    split: Split = "train"
     """Split of the task's data."""
     data_files: str | None = None
     """Local data file (JSONL, JSON list or CSV) instead of the hub."""
@@ -146,17 +173,15 @@ class CacheConfig(_Checked):
     """Cache root: a local folder or an fsspec URL that zarr supports."""
     # Defaults chosen by bench/fidelity.py (docs/fidelity.md): the smallest tested cache whose
     # drafts stay within 0.5 pt of dense-loss drafts in held-out acceptance.
-    sparse: str = field(default="sample", metadata=meta(choices="cache_tools.schema:SPARSE_MODES"))
+    sparse: SparseMode = "sample"
     """sample (K draws from the target; Anshumann et al. 2025) or topk (top-K + tail bucket)."""
     draws: int = 8
     """Tokens drawn from the target per label token (--sparse sample)."""
     topk: int = 64
     """Top-K entries stored per label token (--sparse topk)."""
-    value_encoding: str = field(default="uint8q",
-                                metadata=meta(choices="cache_tools.schema:VALUE_ENCODINGS"))
+    value_encoding: ValueEncoding = "uint8q"
     """Stored log-prob values: uint8q (1/16-nat steps), or float16."""
-    id_encoding: str = field(default="delta",
-                             metadata=meta(choices="cache_tools.schema:ID_ENCODINGS"))
+    id_encoding: IdEncoding = "delta"
     """Stored token ids: plain, or delta (sorted within a token, differences stored)."""
     batch_tokens: int = 4096
     """Padded tokens per forward batch during the build (and offline evaluation)."""
@@ -170,7 +195,7 @@ class CacheConfig(_Checked):
     """Longest sampled response with --generate."""
     gen_temperature: float = 1.0
     """Sampling temperature of --generate (0 = greedy); the untempered distribution is cached."""
-    generator: str = field(default="target", metadata=meta(choices="adaspec.generate:GENERATORS"))
+    generator: Generator = "target"
     """Who writes the responses with --generate: the target, or the draft / the reference
     (on-policy data, scored once by the target)."""
     ref_name: str = "ref"
@@ -203,19 +228,19 @@ STAGE_LR = {"ref": 3e-4, "draft": 3e-4, "sft": 1e-5}
 
 @dataclass
 class TrainConfig(_Checked):
-    stage: str = field(default="draft", metadata=meta(choices="adaspec.step:STAGES"))
+    stage: Stage = "draft"
     """draft (AdaSPEC; k=1 is DistillSpec), ref (plain-KD reference, k=1), sft (tune the target)."""
     k: float = 0.4
     """Fraction of label tokens AdaSPEC keeps (1.0 = plain KD, the DistillSpec baseline)."""
-    loss: str = field(default="fkl", metadata=meta(choices="adaspec.losses:DIVERGENCES"))
+    loss: Divergence = "fkl"
     """Divergence between target and draft."""
     beta: float = 0.5
     """JSD mixture weight of the target (TRL GKD convention)."""
-    selection: str = field(default="adaspec", metadata=meta(choices="adaspec.selection:RULES"))
+    selection: SelectionRule = "adaspec"
     """Token rule: adaspec (top-k of L_draft - L_ref) or speckd (draft argmax == target top-1)."""
-    threshold: str = field(default="batch", metadata=meta(choices="adaspec.selection:THRESHOLDS"))
+    threshold: Threshold = "batch"
     """AdaSPEC threshold: batch (quantile in the micro-batch, official) or global (running)."""
-    normalize: str = field(default="all", metadata=meta(choices="adaspec.selection:NORMALIZERS"))
+    normalize: Normalizer = "all"
     """Loss normaliser: all label tokens (official code) or selected tokens (paper Eq. 10)."""
     epochs: float = 1.0
     """Passes over the data."""
@@ -232,7 +257,7 @@ class TrainConfig(_Checked):
     lr: float | None = None
     """Peak learning rate (default: the official code's per stage, 3e-4 for the reference and
     the draft, 1e-5 for the target fine-tune)."""
-    lr_schedule: str = field(default="constant", metadata=meta(choices="adaspec.step:SCHEDULES"))
+    lr_schedule: Schedule = "constant"
     """constant or cosine (with warmup)."""
     warmup_steps: int = 0
     """Linear warmup steps."""
@@ -240,8 +265,7 @@ class TrainConfig(_Checked):
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Gradient clipping (0 disables)."""
-    mixed_precision: str = field(default="auto",
-                                 metadata=meta(choices="adaspec.step:MIXED_PRECISIONS"))
+    mixed_precision: MixedPrecision = "auto"
     """Autocast of the trained model: auto (bf16 on CUDA; on CPU bf16 if --dtype is bfloat16),
     no, bf16, fp16. Its weights and optimizer state stay float32 whatever this says."""
     draft_vocab: int | None = None
@@ -265,11 +289,11 @@ class TrainConfig(_Checked):
     """Run folder (default runs/<stage>-<task>-k<k>-<loss>-s<seed>)."""
     online: bool = False
     """Compute target (and reference) outputs live instead of reading the cache (baseline)."""
-    report_to: str | None = field(default=None, metadata=meta(choices="adaspec.step:TRACKERS"))
+    report_to: Tracker | None = None
     """Also log to experiment trackers through accelerate (tensorboard writes <run>/logs/):
     loss, selected fraction, lr, tokens/s, validation acceptance; the config as
     hyperparameters. metrics.jsonl is written either way."""
-    eval_split: str | None = field(default=None, metadata=meta(choices="adaspec.tasks:SPLITS"))
+    eval_split: Split | None = None
     """A cached split of the task to measure the draft on, offline, at each epoch end (the
     paper's model selection without the target)."""
     eval_every: int = 0
@@ -280,8 +304,7 @@ class TrainConfig(_Checked):
     speculative decoding sees."""
     keep_best: bool = False
     """Keep best/: the model of the evaluation with the highest --best-metric."""
-    best_metric: str = field(default="expected_acceptance",
-                             metadata=meta(choices="adaspec.validation:BEST_METRICS"))
+    best_metric: BestMetric = "expected_acceptance"
     """What --keep-best maximises: expected_acceptance (sum min(p, q), offline bounds' middle)
     or greedy_agreement (draft argmax == target argmax: what greedy decoding accepts)."""
 
@@ -328,8 +351,7 @@ class TrainConfig(_Checked):
 
 @dataclass
 class EvalConfig(_Checked):
-    modes: tuple[str, ...] | None = field(default=None,
-                                          metadata=meta(choices="adaspec.evaluate:MODES"))
+    modes: tuple[EvalMode, ...] | None = None
     """Comma list of offline, exact, speculative (default: all, offline if the split is cached)."""
     gamma: int | str = 5
     """Draft tokens per speculative step, or auto: each draft's fastest gamma up to
@@ -372,17 +394,15 @@ class SweepConfig(_Checked):
     """Comma list of k."""
     epochs: tuple[float, ...] = field(default=(1.0,), metadata=meta("--epochs"))
     """Comma list of epoch counts."""
-    loss: tuple[str, ...] = field(default=("fkl",),
-                                  metadata=meta("--loss", "adaspec.losses:DIVERGENCES"))
+    loss: tuple[Divergence, ...] = field(default=("fkl",), metadata=meta("--loss"))
     """Comma list of divergences."""
     seeds: tuple[int, ...] = (0,)
     """Comma list of seeds."""
-    eval_split: str = field(default="test", metadata=meta(choices="adaspec.tasks:SPLITS"))
+    eval_split: Split = "test"
     """Split whose target cache the drafts are evaluated on."""
     single_pass: bool = False
     """Train the variants sharing seed and loss in one pass over the data."""
-    select_split: str | None = field(default=None,
-                                     metadata=meta(choices="adaspec.tasks:SPLITS"))
+    select_split: Split | None = None
     """A cached split each variant is measured on after every epoch to keep its best epoch
     (best/), reported on --eval-split beside the final model (the paper's model selection)."""
     out: str = field(default="sweep", metadata=meta("--out"))
@@ -454,6 +474,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             items = [items]
         return tuple(_coerce(v.strip() if isinstance(v, str) else v, item, key)
                      for v in items if not (isinstance(v, str) and not v.strip()))
+    if origin is Literal:  # a choice: a word here, checked against the choices by the section
+        return str(value)
     try:
         if hint is bool:
             if isinstance(value, str):
@@ -463,11 +485,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                     return False
                 raise ValueError(value)
             return bool(value)
+        if hint in (int, float) and isinstance(value, bool):  # YAML `limit: true` is not 1
+            raise ValueError(value)
         if hint is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
-        return hint(value)
-    except (TypeError, ValueError):
+        converted = hint(value)
+    except (TypeError, ValueError, OverflowError):
         raise UserError(f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r}") from None
+    if hint is float and not math.isfinite(converted):
+        raise UserError(f"{key} must be a finite number, got {value!r}")
+    return converted
 
 
 def _renamed(merged: dict[str, dict[str, Any]]) -> None:

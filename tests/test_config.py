@@ -1,5 +1,6 @@
 """Config: YAML + CLI overrides, unknown keys and bad values as one-line errors naming the flag."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,42 @@ def test_flags_and_help_come_from_the_config_classes():
     assert eval_cfg.eval.modes == ("offline", "exact")
     build = cache._parser().parse_args(["build", "--model", "target", "--draws", "16"])
     assert config_from_args(build).cache.k == 16
+
+
+def test_every_choice_list_is_the_implementations_list():
+    """Settings declare their choices (Literal); each implementing module's tuple must agree."""
+    from adaspec import config as c
+    from adaspec import evaluate, generate, losses, models, selection, step, tasks, validation
+    from cache_tools import schema
+
+    tied = {
+        (c.ModelsConfig, "dtype"): models.DTYPES,
+        (c.DataConfig, "task"): tasks.TASK_NAMES,
+        (c.DataConfig, "split"): tasks.SPLITS,
+        (c.CacheConfig, "sparse"): schema.SPARSE_MODES,
+        (c.CacheConfig, "value_encoding"): schema.VALUE_ENCODINGS,
+        (c.CacheConfig, "id_encoding"): schema.ID_ENCODINGS,
+        (c.CacheConfig, "generator"): generate.GENERATORS,
+        (c.TrainConfig, "stage"): step.STAGES,
+        (c.TrainConfig, "loss"): losses.DIVERGENCES,
+        (c.TrainConfig, "selection"): selection.RULES,
+        (c.TrainConfig, "threshold"): selection.THRESHOLDS,
+        (c.TrainConfig, "normalize"): selection.NORMALIZERS,
+        (c.TrainConfig, "lr_schedule"): step.SCHEDULES,
+        (c.TrainConfig, "mixed_precision"): step.MIXED_PRECISIONS,
+        (c.TrainConfig, "report_to"): step.TRACKERS,
+        (c.TrainConfig, "eval_split"): tasks.SPLITS,
+        (c.TrainConfig, "best_metric"): validation.BEST_METRICS,
+        (c.EvalConfig, "modes"): evaluate.MODES,
+        (c.SweepConfig, "loss"): losses.DIVERGENCES,
+        (c.SweepConfig, "eval_split"): tasks.SPLITS,
+        (c.SweepConfig, "select_split"): tasks.SPLITS,
+    }
+    for (cls, name), implemented in tied.items():
+        assert set(c.choices_of(cls, name)) == set(implemented), f"{cls.__name__}.{name}"
+    # the cache stores one reference-loss array per divergence the losses implement
+    assert set(schema.DIVERGENCES) == set(losses.DIVERGENCES)
+    # and every field with choices is one of the tied ones
+    declared = {(cls, f.name) for cls in c.SECTION_OF for f in dataclasses.fields(cls)
+                if c.choices_of(cls, f.name) is not None}
+    assert declared == set(tied)

@@ -99,3 +99,42 @@ def test_training_does_not_import_speculative_decoding():
     assert "'adaspec.train'" in out
     for decoding in ("adaspec.speculative", "adaspec.speculative_timing", "adaspec.evaluate"):
         assert f"'{decoding}'" not in out, f"training imports {decoding}"
+
+
+def _module_imports(path: Path) -> set[str]:
+    """Every adaspec/cache_tools module a file imports, at the top or inside a function."""
+    found = set()
+    for name in _imports(path):
+        parts = name.split(".")
+        if parts[0] in ("adaspec", "cache_tools"):
+            for i in range(2, len(parts) + 1):
+                found.add(".".join(parts[:i]))
+    return found
+
+
+def test_no_import_cycle_at_run_time():
+    """No module imports (even inside a function) one that imports it back."""
+    modules = {}
+    for root in ("adaspec", "cache_tools"):
+        for path in (REPO / root).rglob("*.py"):
+            rel = path.relative_to(REPO).with_suffix("")
+            name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+            modules[name] = path
+    graph = {m: {d for d in _module_imports(p) if d in modules and d != m}
+             for m, p in modules.items()}
+    # a package's __init__ re-exporting its submodules is not a cycle with them
+    for m in graph:
+        graph[m] = {d for d in graph[m] if not m.startswith(d + ".")}
+    state: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(graph[m]):
+            assert state.get(d) != 1, "import cycle: " + " -> ".join(stack + [m, d])
+            if d not in state:
+                visit(d, stack + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
