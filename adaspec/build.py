@@ -170,15 +170,6 @@ def ensure_sequences(writer: CacheWriter, cfg: Config, tokenizer, params: dict,
                            models.real_vocab_size(tokenizer), params, adaspec.__version__)
 
 
-def stored_sequences(reader_or_group) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-    """(input_ids per sequence, label mask per sequence, label row offsets (S+1,)) as stored."""
-    ids, mask = reader_or_group.all_tokens()
-    offsets = reader_or_group.offsets
-    spans = list(zip(offsets[:-1], offsets[1:], strict=True))
-    return ([ids[a:b] for a, b in spans], [mask[a:b] for a, b in spans],
-            reader_or_group.label_offsets)
-
-
 # ---------------------------------------------------------------------------------------------
 # Stages
 
@@ -297,7 +288,8 @@ def _build_target(cfg: Config, model_spec: str | None, state: PartialState, prog
     state.wait_for_everyone()
     reader = CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split, require=())
     _check_tokenizer(loaded, reader.manifest)
-    seqs, masks, label_offsets = stored_sequences(reader)
+    seqs, masks = reader.sequence_lists()
+    label_offsets = reader.label_offsets
     if generated is not None:
         generate.check_generated(cfg, generated, seqs, reader.source_index)
     c = cfg.cache
@@ -342,7 +334,8 @@ def _build_ref(cfg: Config, model_spec: str | None, state: PartialState, progres
             "the reference stage needs a complete target stage; run "
             f"`adaspec-cache build --model target --task {cfg.data.task}` first"
         )
-    seqs, masks, label_offsets = stored_sequences(reader)
+    seqs, masks = reader.sequence_lists()
+    label_offsets = reader.label_offsets
     params = {
         "model": loaded.identity,
         "target": reader.target_params,

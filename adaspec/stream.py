@@ -191,12 +191,7 @@ class _Blocks:
         a float32 reference loss."""
         total = 0
         if self.target:
-            params = self.sequences.target_params
-            k = int(params.get(schema.K, 1))
-            ids = schema.id_dtype(self.sequences.vocab_size).itemsize
-            value = schema.value_dtype(params.get(schema.VALUE_ENCODING, "float16")).itemsize
-            extra = 2 * k if params.get(schema.MODE) == "sample" else 4
-            total += k * (ids + value) + extra
+            total += self.sequences.target_row_bytes
         if self.ref is not None:
             total += 4
         return max(total, 1)
@@ -316,8 +311,7 @@ class BatchStream:
         )
         rows = {name: np.concatenate(p) for name, p in parts.items()}
         if self.with_target:
-            target = schema.decode_target_rows(
-                {name: rows[name] for name in rows if name != "ref_loss"}, seqs.target_params)
+            target = seqs.decode_target({name: rows[name] for name in rows if name != "ref_loss"})
             batch.target = sparse.from_rows({k: self._tensor(v) for k, v in target.items()})
         if self.ref is not None:
             batch.ref_loss = self._tensor(rows["ref_loss"])

@@ -172,7 +172,8 @@ def instrumented_build(timers: harness.Timers, loaded: tuple, spec: str, data: D
         (tasks, "tokenize_examples", timers.wrap("tokenise", tasks.tokenize_examples)),
         (store.CacheWriter, "write_sequences", timers.wrap(
             "write sequences", store.CacheWriter.write_sequences)),
-        (build, "stored_sequences", timers.wrap("read sequences back", build.stored_sequences)),
+        (store.CacheReader, "sequence_lists", timers.wrap("read sequences back",
+                                                         store.CacheReader.sequence_lists)),
         (labels, "LabelLogits", BuildLabelLogits),
         (sparse, "topk_rows", timers.wrap(TOPK_PIECE, sparse.topk_rows)),
         (schema, "encode_rows", timers.wrap("encode ids (encode_rows)", schema.encode_rows)),

@@ -431,7 +431,7 @@ def fidelities(args, combos, decoded, ref, base_reader, vocab) -> tuple:
                                          dtype=models.resolve_dtype("auto", torch.device("cpu")))
     draft_load = time.perf_counter() - t0
     pad_id = models.pad_id(tokenizer)
-    seqs, masks, _ = build.stored_sequences(base_reader)
+    seqs, masks = base_reader.sequence_lists()
     candidates, candidate_rows = {}, {}
     shard_rows = combos["uint8q/delta"]["shard_rows"]
     chunk_rows = combos["uint8q/delta"]["chunk_rows"]

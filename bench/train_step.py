@@ -105,7 +105,7 @@ def replicate_cache(src: Path, dst: Path, task: str, split: str, times: int) -> 
     same shard and chunk shapes, so only the size differs. The manifest notes the replication.
     """
     reader = store.CacheReader(str(src), task, split)
-    seqs, masks, _ = build.stored_sequences(reader)
+    seqs, masks = reader.sequence_lists()
     writer = store.CacheWriter(str(dst), task, split)
     writer.write_sequences(seqs * times, masks * times, np.tile(reader.source_index, times),
                            reader.vocab_size, reader.sequence_params,

@@ -515,6 +515,12 @@ class CacheReader:
         ids, mask = self.all_tokens()
         return ids[start:stop], mask[start:stop]
 
+    def sequence_lists(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Every sequence's input_ids (int64) and label mask (bool), one array per sequence."""
+        ids, mask = self.all_tokens()
+        spans = list(zip(self.offsets[:-1], self.offsets[1:], strict=True))
+        return [ids[a:b] for a, b in spans], [mask[a:b] for a, b in spans]
+
     def token_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens [start, stop) of the concatenated sequences, as stored (uint16/uint32) with
         their label mask, read from the store (nothing held)."""
@@ -536,11 +542,25 @@ class CacheReader:
         return {name: read_rows(arrays[name], start, stop, self.root)
                 for name in (names if names is not None else arrays)}
 
+    @property
+    def target_row_bytes(self) -> int:
+        """Bytes one label row of the target stage takes as stored, once read (ids widened to
+        their stored dtype, values in their encoding, the tail or the draw counts)."""
+        params = self.target_params
+        k = int(params.get(schema.K, 1))
+        ids = schema.id_dtype(self.vocab_size).itemsize
+        value = schema.value_dtype(params.get(schema.VALUE_ENCODING, "float16")).itemsize
+        extra = 2 * k if params.get(schema.MODE) == "sample" else 4
+        return k * (ids + value) + extra
+
+    def decode_target(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Target rows as `stored_rows` returns them -> decoded (as `target_rows`)."""
+        return schema.decode_target_rows(stored, self.target_params)
+
     def target_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Decoded target rows [start, stop): ids (n, K) int64, logprobs (n, K) float32, and
         tail_logmass (n,) float32 (topk) or counts (n, K) float32 (sample)."""
-        return schema.decode_target_rows(self.stored_rows(schema.TARGET, start, stop),
-                                         self.target_params)
+        return self.decode_target(self.stored_rows(schema.TARGET, start, stop))
 
     def ref_losses(self, name: str, divergence: str, start: int, stop: int) -> np.ndarray:
         """(n,) float32 per-token losses of reference `name` for label rows [start, stop)."""
