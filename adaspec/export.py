@@ -266,6 +266,7 @@ def write_folder(folder: Path, model, target: TargetInfo, architectures: list[st
     `architectures` (save_pretrained writes the class name; it is replaced afterwards)."""
     from transformers import GenerationConfig
 
+    models.check_finite(model, f"exporting to {folder}")
     model.save_pretrained(folder)
     target.tokenizer.save_pretrained(folder)
     try:

@@ -347,8 +347,27 @@ def _file_hash(path: Path) -> str:
     return _file_hashes[key]
 
 
+def nonfinite_parameter(model) -> str | None:
+    """The name of the first parameter holding a nan or inf, or None when all are finite."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not bool(torch.isfinite(param).all()):
+                return name
+    return None
+
+
+def check_finite(model, what: str) -> None:
+    """Refuse to save (or ship) a model with non-finite weights: it would decode garbage."""
+    bad = nonfinite_parameter(model)
+    if bad is not None:
+        raise UserError(f"{what}: parameter {bad} holds nan/inf (the training diverged); "
+                        "nothing was saved")
+
+
 def save_model(model, tokenizer, out_dir: str | Path) -> None:
-    """save_pretrained of model and tokenizer into one folder that plain transformers loads."""
+    """save_pretrained of model and tokenizer into one folder that plain transformers loads;
+    a model with non-finite weights is refused."""
+    check_finite(model, f"saving {out_dir}")
     if getattr(model, "hf_quantizer", None) is not None:
         raise UserError(
             f"cannot save a quantized {type(model).__name__}; load it with "

@@ -7,6 +7,7 @@
     <run>/best/             the best validated model (--keep-best), with best.json: its step,
                             epoch and validation numbers
     <run>/logs/             tracker output (--report-to)
+    <run>/.adaspec-run.lock the lock a running training holds (see `owned`)
 
 This module owns those names: everything else asks it for a run's parts.
 
@@ -16,8 +17,11 @@ any moment resumes from the last whole checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,6 +38,7 @@ BEST_DIR = "best"
 BEST_FILE = "best.json"
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"
+LOCK_FILE = ".adaspec-run.lock"
 
 
 def model_dir(run_dir: Path) -> Path:
@@ -93,19 +98,37 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1].parent if done else None
 
 
-def check_run_dir(run_dir: Path, cfg: Config, resume: bool) -> Path | None:
-    """Refuse to overwrite a run, or to resume one with other settings; returns the checkpoint."""
+def check_run_dir(run_dir: Path, cfg: Config, resume: bool, clear: bool = True) -> Path | None:
+    """Whether training may write `run_dir`, and from which checkpoint; returns it (or None).
+
+    A run folder is owned: training writes only into a new or empty folder, or one holding its
+    own files (`config.yaml` is the marker training writes first). A folder holding anything
+    else is refused, whatever it is. A run with a checkpoint or a model is continued only with
+    --resume (and the same settings); a run killed before its first checkpoint has nothing to
+    continue, so it starts over, with or without --resume.
+    """
+    entries = check_owner(run_dir)
     saved = run_dir / CONFIG_FILE
-    if not resume:
-        if saved.exists():
-            raise UserError(
-                f"run folder {run_dir} already holds a run; pass --resume to continue it or "
-                "--out for a new folder"
-            )
+    if not entries:
+        if resume:
+            raise UserError(f"nothing to resume in {run_dir} (no run there); drop --resume")
         return None
     checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None or not saved.exists():
-        raise UserError(f"nothing to resume in {run_dir} (no checkpoint); drop --resume")
+    if checkpoint is None and not model_dir(run_dir).exists():  # killed before any checkpoint
+        if clear:  # the marker goes last: a half-cleared folder is still recognised as a run
+            for folder in (CHECKPOINTS_DIR, BEST_DIR, LOGS_DIR):
+                shutil.rmtree(run_dir / folder, ignore_errors=True)
+            (run_dir / METRICS_FILE).unlink(missing_ok=True)
+            saved.unlink(missing_ok=True)
+        return None
+    if not resume:
+        raise UserError(
+            f"run folder {run_dir} already holds a run; pass --resume to continue it or "
+            "--out for a new folder"
+        )
+    if checkpoint is None:
+        raise UserError(f"{run_dir} holds a finished run without checkpoints; nothing to resume "
+                        "(use a new --out)")
     stored = yaml.safe_load(saved.read_text())
     asked = cfg.to_dict(RUN_SECTIONS)
     for section in asked:
@@ -116,6 +139,44 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool) -> Path | None:
                     f"but this run has {asked[section].get(key)!r}; resume with the same settings"
                 )
     return checkpoint
+
+
+def check_owner(run_dir: Path) -> list[Path]:
+    """Refuse a folder training may not write (a file, or a non-empty folder without the run
+    marker); returns what it holds (nothing for a new or empty one)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file; pass a folder")
+    entries = [p for p in run_dir.iterdir() if p.name != LOCK_FILE] if run_dir.is_dir() else []
+    if entries and not (run_dir / CONFIG_FILE).is_file():
+        shown = ", ".join(sorted(p.name for p in entries)[:3])
+        raise UserError(f"--out {run_dir} is not empty and not a run folder (it holds {shown}); "
+                        "choose a new or empty folder")
+    return entries
+
+
+@contextlib.contextmanager
+def owned(run_dir: Path, hold: bool = True) -> Iterator[None]:
+    """Hold the run folder's lock while training writes it (`hold` False: another process of
+    the same run holds it). A second training into the same folder is refused in one line; the
+    kernel drops the lock when the process dies, so a killed run never leaves a stale one."""
+    if not hold:
+        yield
+        return
+    check_owner(run_dir)  # before the lock file: a foreign folder is left exactly as it was
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the context
+    except OSError as err:
+        raise UserError(f"cannot write the run folder {run_dir} ({err.strerror})") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another training is writing {run_dir}; wait for it or choose "
+                            "another --out") from None
+        yield
+    finally:
+        handle.close()
 
 
 def start_run_dir(run_dir: Path, cfg: Config, start_step: int,

@@ -18,6 +18,7 @@ tokens, written as forward KL against a one-hot target so it shares the chunked 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -225,6 +226,28 @@ def _label_norm(accelerator, group) -> float | torch.Tensor:
     return accelerator.reduce(total, "sum") / accelerator.num_processes
 
 
+NONFINITE_LIMIT = 0.5
+"""Fraction of a logging interval's label tokens whose loss may be non-finite before the run is
+stopped as diverged (a few such tokens are skipped, as the official loss does)."""
+
+
+def diverged(step: int, lr: float, max_grad_norm: float, why: str) -> UserError:
+    clip = (f"--max-grad-norm is {max_grad_norm}" if max_grad_norm > 0
+            else "gradient clipping is off (--max-grad-norm 0)")
+    return UserError(f"training diverged at step {step}: {why}; lower --lr (now {lr:g}) or clip "
+                     f"gradients ({clip}); the last checkpoint before it is kept, nothing "
+                     "non-finite was saved")
+
+
+def check_weights(accelerator, run: Run, step: int) -> None:
+    """Stop a run whose weights turned non-finite before they are checkpointed or saved."""
+    model = accelerator.unwrap_model(run.learner.loss_model).model
+    bad = models.nonfinite_parameter(model)
+    if bad is not None:
+        lr = run.learner.scheduler.get_last_lr()[0]
+        raise diverged(step, lr, run.max_grad_norm, f"parameter {bad} holds nan/inf")
+
+
 def _log(accelerator, run: Run, step_index: int, per_epoch: int, lr: float, started: float
          ) -> dict:
     """Sync the learner's metrics once and append a line to its metrics.jsonl (main process)."""
@@ -244,6 +267,10 @@ def _log(accelerator, run: Run, step_index: int, per_epoch: int, lr: float, star
     if torch.cuda.is_available():  # the allocator's own count: no device sync
         record["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     run.steps_logged, run.last_log = 0, now
+    if m["nonfinite_tokens"] > NONFINITE_LIMIT * max(m["label_tokens"], 1):
+        raise diverged(record["step"], lr, run.max_grad_norm,
+                       f"{m['nonfinite_tokens']} of {int(m['label_tokens'])} label tokens since "
+                       "the last log line had a non-finite loss")
     if accelerator.is_main_process:
         runs.log_metrics(run.run_dir, record)
     if accelerator.log_with:
@@ -331,6 +358,7 @@ class EpochHooks:
                     "epoch": micro_done // self.per_epoch,
                     "batch_in_epoch": micro_done % self.per_epoch,
                     "elapsed": run.elapsed_before + time.perf_counter() - self.started}
+        check_weights(self.accelerator, run, step_done)
         runs.save_checkpoint(self.accelerator, run.run_dir, step_done, position,
                              run.learner.window)
         return True
@@ -411,11 +439,18 @@ def train(
     without saving the model, like an interrupted run (a time budget; resume continues it).
     """
     cfg = resolve_config(cfg)
-    t = cfg.train
-    run_dir = Path(t.out)
+    run_dir = Path(cfg.train.out)
     accelerator = accelerator_for(cfg, run_dir)
+    with contextlib.ExitStack() as owner:
+        return _train(cfg, accelerator, run_dir, resume, progress, max_steps, owner)
+
+
+def _train(cfg: Config, accelerator, run_dir: Path, resume: bool, progress: bool,
+           max_steps: int | None, owner: contextlib.ExitStack) -> Path:
+    t = cfg.train
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    checkpoint = runs.check_run_dir(run_dir, cfg, resume)
+    # Checked now (nothing written), again under the folder's lock before the first write.
+    checkpoint = runs.check_run_dir(run_dir, cfg, resume, clear=False)
     torch.manual_seed(t.seed)
 
     reader, ref_spec = open_cache(cfg)
@@ -444,6 +479,9 @@ def train(
     if checkpoint is not None:
         saved = runs.load_checkpoint(accelerator, checkpoint, run.learner.window)
         start_step, run.elapsed_before = saved["step"], saved["elapsed"]
+    owner.enter_context(runs.owned(run_dir, hold=accelerator.is_main_process))
+    if accelerator.is_main_process:  # a run killed before its first checkpoint is cleared now
+        runs.check_run_dir(run_dir, cfg, resume)
     accelerator.wait_for_everyone()  # every process has checked the run folder before it is written
     if accelerator.is_main_process:
         runs.start_run_dir(run_dir, cfg, start_step, schedule_of(t, per_epoch, total_steps, world))
@@ -460,6 +498,7 @@ def train(
     accelerator.wait_for_everyone()
     if validator is not None:
         report_plateau(run_dir, run.total_steps, t.best_metric, progress)
+    check_weights(accelerator, run, run.total_steps)
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(run.learner.loss_model).model
         models.save_model(trained, tokenizer, runs.model_dir(run_dir))

@@ -37,6 +37,12 @@ warnings.filterwarnings(
 )
 
 
+# Zarr skips writing a chunk that equals the fill value, and reads an absent chunk as the fill
+# value: a deleted chunk file would then read as zeros. Every chunk is written, so an absent one
+# is damage (`check_stored`).
+STORE_EVERY_CHUNK = {"write_empty_chunks": True}
+
+
 def is_local(root: str) -> bool:
     return "://" not in str(root) or str(root).startswith("file://")
 
@@ -148,6 +154,7 @@ def _write_sequence_arrays(
             compressors=schema.compressors(values.dtype),
             fill_value=0,
             overwrite=True,
+            config=STORE_EVERY_CHUNK,
         )
         if values.size:
             array[:] = values
@@ -293,9 +300,10 @@ class StageWriter:
                     chunks=(chunk_rows,) + shape[1:],
                     compressors=schema.compressors(spec.dtype),
                     fill_value=spec.fill_value,
+                    config=STORE_EVERY_CHUNK,
                 )
-            else:
-                self.arrays[name] = stage_group[name]
+            else:  # the write config is not stored with an array: set it on every handle
+                self.arrays[name] = stage_group[name].with_config(STORE_EVERY_CHUNK)
             if self.arrays[name].shape != shape:
                 raise CacheError(
                     f"{stage}/{name} has shape {self.arrays[name].shape}, expected {shape}; "
@@ -305,7 +313,7 @@ class StageWriter:
             stage_group.create_array(
                 schema.DONE, shape=(self.n_shards,), dtype=np.uint8, chunks=(1,), fill_value=0
             )
-        self.done = stage_group[schema.DONE]
+        self.done = stage_group[schema.DONE].with_config(STORE_EVERY_CHUNK)
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         start = shard * self.shard_rows
@@ -413,6 +421,30 @@ def read_rows(array: zarr.Array, start: int, stop: int, root: str) -> np.ndarray
     ) from None
 
 
+def check_stored(array: zarr.Array, root: str) -> None:
+    """Every chunk (shard) of a complete array must be stored: a missing one is a one-line
+    CacheError naming it (Zarr would read it as the fill value, silently)."""
+    per = (array.shards or array.chunks)[0]
+    stored = -(-array.shape[0] // per) if array.shape[0] else 0
+    expected = stored * (per // array.chunks[0])
+    if array.nchunks_initialized >= expected:
+        return
+    missing = "some of its chunk files"
+    if is_local(root):
+        base = _local_path(root) / array.path / "c"
+        tail = "/0" * (len(array.shape) - 1)
+        for i in range(stored):
+            if not (base / f"{i}{tail}").exists():
+                rows = f"rows {i * per}-{min(array.shape[0], (i + 1) * per)}"
+                missing = f"chunk file c/{i}{tail} ({rows})"
+                break
+    raise CacheError(
+        f"{root}/{array.path} is missing {missing}: the store is damaged (a partial copy?); run "
+        f"`adaspec-cache verify --cache {root}`, then rebuild the damaged stage with "
+        "`adaspec-cache build ... --rebuild`"
+    )
+
+
 class CacheReader:
     """Read-only access to one complete `<task>/<split>` group, decoded to plain numpy.
 
@@ -442,6 +474,8 @@ class CacheReader:
                 )
         self._seq = {name: self.group[schema.SEQUENCES][name]
                      for name in schema.SEQUENCE_ARRAYS}
+        for array in self._seq.values():
+            check_stored(array, self.root)
         self.offsets = self._whole("offsets")  # (S+1,) int64
         self.label_offsets = self._whole("label_offsets")  # (S+1,) int64
         self.source_index = self._whole("source_index")  # (S,) int64
@@ -533,6 +567,8 @@ class CacheReader:
         if stage not in self._arrays:
             self._arrays[stage] = {name: array for name, array in self.group[stage].arrays()
                                    if name != schema.DONE}
+            for array in self._arrays[stage].values():
+                check_stored(array, self.root)
         return self._arrays[stage]
 
     def stored_rows(self, stage: str, start: int, stop: int,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cache_tools import schema, store
+from cache_tools.errors import CacheError
 from cache_tools.manifest import Manifest
 
 # |sum_k p_k + p_tail - 1| allowed per row, by how the values are stored.
@@ -41,6 +42,28 @@ def _read(array, start: int, stop: int, where: str) -> np.ndarray:
         return array[start:stop]
     except Exception as err:  # zarr raises ValueError/RuntimeError/blosc errors on corruption
         raise _Bad(f"{where}: cannot be read ({type(err).__name__}: {str(err)[:120]})") from None
+
+
+def _reason(err: Exception) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]}"
+
+
+def _check_stored(group, path: str, root: str, stages: list[str]) -> None:
+    """Every array of the stages has its metadata and every chunk file (none reads as zeros)."""
+    for stage in dict.fromkeys(stages):
+        try:
+            arrays = list(group[stage].arrays())
+        except Exception as err:  # a deleted or garbled zarr.json
+            raise _Bad(f"{path}/{stage}: metadata cannot be read ({_reason(err)})") from None
+        expected = (schema.SEQUENCE_ARRAYS if stage == schema.SEQUENCES else ())
+        missing = [name for name in expected if name not in dict(arrays)]
+        if missing:
+            raise _Bad(f"{path}/{stage}/{missing[0]}: array missing (no metadata)")
+        for _, array in arrays:
+            try:
+                store.check_stored(array, root)
+            except CacheError as err:
+                raise _Bad(str(err).split(": the store is damaged")[0]) from None
 
 
 def _check_sequences(group, path: str, vocab_size: int) -> tuple[int, np.ndarray]:
@@ -131,16 +154,22 @@ def verify_cache(root: str) -> VerifyReport:
         return VerifyReport(False, 0, f"{root}: no task/split with a manifest")
     try:
         for path in splits:
-            group = root_group[path]
-            manifest = Manifest.read(group)
+            try:
+                group = root_group[path]
+                manifest = Manifest.read(group)
+            except Exception as err:  # unreadable or missing metadata (zarr.json) is damage
+                raise _Bad(f"{path}: metadata cannot be read ({_reason(err)})") from None
             vocab_size = int(manifest.vocab_size or 1 << 32)
-            if not manifest.is_complete(schema.SEQUENCES):
-                continue
+            building = [stage for stage, entry in manifest.stages.items() if not entry.complete]
+            if building:
+                raise _Bad(f"{path}: stage {building[0]!r} is not complete (a build still "
+                           "running, or interrupted: resume it with `adaspec-cache build`)")
+            _check_stored(group, path, root, [schema.SEQUENCES, *manifest.stages])
             n, label_offsets = _check_sequences(group, path, vocab_size)
             checked += n
             n_rows = int(label_offsets[-1])
             for stage, entry in manifest.stages.items():
-                if not entry.complete or stage == schema.SEQUENCES:
+                if stage == schema.SEQUENCES:
                     continue
                 if stage == schema.TARGET:
                     checked += _check_target(group, path, entry.params, n_rows, vocab_size)

@@ -226,3 +226,98 @@ def test_corrupt_chunk_names_the_array_on_read(env, tmp_path):  # noqa: F811
     assert len(reader.target_rows(130, 140)["ids"]) == 10  # chunk 1 reads fine
     with pytest.raises(CacheError, match=r"target/ids chunk 0 \(rows 0-128\)"):
         reader.target_rows(100, 200)
+
+
+# --- issue 20: the three ways a wrong result used to exit 0 --------------------------------------
+
+
+def _cli_error(capsys, call) -> str:
+    """Run `call` as a CLI does; assert exit 2 with one line on stderr; return the line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(lambda argv: call(), [])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("array", ["target/logprobs", "ref/ref/loss_fkl",
+                                   "sequences/input_ids"])
+def test_a_missing_chunk_file_is_damage_not_zeros(env, tmp_path, capsys, array):  # noqa: F811
+    """A partial copy (rsync) loses chunk files; Zarr reads an absent chunk as its fill value."""
+    from adaspec.evaluate import evaluate
+
+    cache = _copy_cache(env, tmp_path)
+    chunks = sorted(p for p in (cache / "gsm8k/train" / array / "c").rglob("*") if p.is_file())
+    assert chunks
+    chunks[0].unlink()
+    report = verify_cache(str(cache))
+    assert not report.ok and array in report.message and "c/0" in report.message
+    cfg = _cfg(env, {"cache": str(cache)}, k=0.5, epochs=1, out=tmp_path / "run")
+    err = _cli_error(capsys, lambda: train(cfg, progress=False))
+    assert array in err and "missing chunk file" in err
+    assert not (tmp_path / "run" / "model").exists()
+    if array != "ref/ref/loss_fkl":  # offline evaluation reads sequences and target rows
+        ev = _cfg(env, {"cache": str(cache)})
+        err = _cli_error(capsys, lambda: evaluate(ev, [str(env.ref_run)], ("offline",),
+                                                  progress=False))
+        assert array in err
+
+
+@pytest.mark.parametrize("train_values", [{"lr": 1e6, "max_grad_norm": 0.0},
+                                          {"lr": 1e9, "max_grad_norm": 0.0, "log_every": 4}])
+def test_a_diverged_run_stops_in_one_line_and_saves_nothing_non_finite(
+        env, tmp_path, capsys, train_values):  # noqa: F811
+    cfg = _cfg(env, k=1.0, epochs=2, checkpoint_every=1, out=tmp_path / "run", **train_values)
+    err = _cli_error(capsys, lambda: train(cfg, progress=False))
+    assert re.search(r"training diverged at step \d+", err) and "--lr" in err
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "model").exists()
+    for checkpoint in (run_dir / "checkpoints").glob("step-*"):  # what was kept is finite
+        state = torch.load(checkpoint / "pytorch_model.bin", weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_saving_and_exporting_refuse_non_finite_weights(env, tmp_path):  # noqa: F811
+    model, tokenizer = models.load_model(f"{env.target}@layers=1")
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(UserError, match="holds nan/inf"):
+        models.save_model(model, tokenizer, tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_train_owns_its_out_folder(env, tmp_path, capsys):  # noqa: F811
+    # a folder that is not a run: refused, left as it was
+    foreign = tmp_path / "foreign"
+    (foreign / "checkpoints" / "step-1").mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    (foreign / "model").mkdir()
+    before = sorted(str(p.relative_to(foreign)) for p in foreign.rglob("*"))
+    err = _cli_error(capsys, lambda: train(_cfg(env, k=1.0, epochs=1, out=foreign),
+                                           progress=False))
+    assert "not empty and not a run folder" in err
+    assert sorted(str(p.relative_to(foreign)) for p in foreign.rglob("*")) == before
+    assert (foreign / "notes.txt").read_text() == "mine"
+    # a run killed before its first checkpoint restarts cleanly, with or without --resume
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "config.yaml").write_text("models: {}\n")
+    (killed / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    (killed / "checkpoints" / "step-00000001").mkdir(parents=True)  # an unfinished save
+    for resume in (True, False):
+        run_dir = train(_cfg(env, k=1.0, epochs=1, out=killed), resume=resume, progress=False)
+        assert [m["step"] for m in _metrics(run_dir) if "loss" in m] == [1, 2, 3, 4]
+        if not resume:
+            break
+        shutil.rmtree(killed / "model")
+        for checkpoint in (killed / "checkpoints").iterdir():
+            shutil.rmtree(checkpoint)
+    # a second training into a folder being trained is refused while the first holds it
+    from adaspec import runs
+
+    with runs.owned(tmp_path / "busy"):
+        err = _cli_error(capsys, lambda: train(_cfg(env, k=1.0, epochs=1, out=tmp_path / "busy"),
+                                               progress=False))
+    assert "another training is writing" in err
