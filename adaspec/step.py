@@ -31,6 +31,24 @@ MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 # accelerate's trackers (each needs its own package installed: tensorboard, wandb, ...)
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "clearml", "dvclive",
             "swanlab", "trackio", "all")
+# The package each tracker needs (accelerate only warns and logs nothing without it).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml",
+                    "mlflow": "mlflow", "clearml": "clearml", "dvclive": "dvclive",
+                    "swanlab": "swanlab", "trackio": "trackio"}
+
+
+def check_tracker(name: str | None) -> None:
+    """Refuse --report-to for a tracker whose package is not installed, in one line."""
+    if name is None or name == "all":
+        return
+    import importlib.util
+
+    package = TRACKER_PACKAGES[name]
+    if importlib.util.find_spec(package) is None:
+        raise UserError(f"--report-to {name} needs the {package} package, which is not "
+                        f"installed: pip install {package}")
+
+
 GLOBAL_WINDOW = 50  # micro-batches of deltas behind the running "global" AdaSPEC threshold
 
 

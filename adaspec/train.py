@@ -78,6 +78,7 @@ def accelerator_for(cfg: Config, run_dir: Path | None = None):
     # epoch may have fewer micro-batches; accelerate's own accumulation divides by a fixed count.
     # cpu=True without CUDA: accelerate only sets up multi-process CPU (gloo) runs when told so.
     trackers = {}
+    step.check_tracker(cfg.train.report_to)
     if cfg.train.report_to is not None and run_dir is not None:
         trackers = {"log_with": cfg.train.report_to, "project_config": ProjectConfiguration(
             project_dir=str(run_dir), logging_dir=str(runs.logs_dir(run_dir)))}

@@ -38,3 +38,20 @@ def test_tensorboard_events_hold_the_metrics_and_the_config(env, validation_cach
     # The run's config as hyperparameters (accelerate writes them beside the events).
     hparams = list((run_dir / "logs").rglob("hparams.yml"))
     assert hparams and "train/k: 1.0" in hparams[0].read_text()
+
+
+def test_a_tracker_without_its_package_is_refused_in_one_line(monkeypatch, capsys):
+    """accelerate only warns and logs nothing when a tracker's package is missing."""
+    import importlib.util
+
+    from adaspec.cli.common import run
+    from adaspec.cli.train import main as train_main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        run(train_main, ["--report-to", "tensorboard", "--out", "/nonexistent/never-written"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "needs the tensorboard package" in err
