@@ -184,6 +184,7 @@ def build_stage(cfg: Config, role: str, model_spec: str | None = None, progress:
     """
     if role not in ("target", "ref"):
         raise UserError(f"--model must be target or ref, got {role!r}")
+    tasks.check_files(cfg.data.data_files)  # before a model loads (a minute for a GGUF target)
     # cpu=True on a CPU-only machine: otherwise a torchrun launch is not seen as distributed
     state = PartialState(cpu=not torch.cuda.is_available())
     lock_error: BaseException | None = None

@@ -453,6 +453,9 @@ SECTION_OF: dict[type, str] = {cls: name for name, cls in SECTIONS.items()}
 RUN_SECTIONS = ("models", "data", "cache", "train")
 
 
+INT_LIMIT = 2**31  # rows, tokens, steps and seeds all fit; a bigger value is a typo or overflow
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Convert a YAML or CLI value to the field's type, or raise naming the key."""
     origin = typing.get_origin(hint)
@@ -494,6 +497,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         raise UserError(f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r}") from None
     if hint is float and not math.isfinite(converted):
         raise UserError(f"{key} must be a finite number, got {value!r}")
+    if hint is int and not -INT_LIMIT < converted < INT_LIMIT:
+        raise UserError(f"{key} must be below 2**31 in size, got {value!r}")
+    if hint is int and key.rsplit(".", 1)[-1] in ("seed", "seeds") and not 0 <= converted:
+        raise UserError(f"{key} must be >= 0 (a random seed), got {value!r}")
     return converted
 
 
@@ -543,10 +550,14 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     file_values: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"config file {path} is a directory; pass a YAML file")
         if not path.is_file():
             raise UserError(f"config file {path} not found")
         try:
-            file_values = yaml.safe_load(path.read_text()) or {}
+            file_values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise UserError(f"config file {path} is not UTF-8 text (byte {err.start})") from None
         except yaml.YAMLError as err:
             raise UserError(
                 f"config file {path} is not valid YAML: {str(err).splitlines()[0]}"

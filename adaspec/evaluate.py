@@ -152,6 +152,7 @@ def _plan(cfg: Config, draft_specs: list[str], modes, note, overrides: dict) -> 
         settings = dataclasses.replace(cfg.eval, **overrides)
     except TypeError as err:
         raise ValueError(f"unknown evaluate setting: {err}") from None
+    tasks.check_files(cfg.data.data_files)  # before any model loads
     asked = settings.modes is not None
     reader, modes = _open_cache(cfg, settings.modes if asked else MODES, asked, note)
     continuations = _continuations_reader(cfg, settings.continuations_cache)

@@ -149,10 +149,16 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device_map: str | 
         # dequantize=True makes transformers drop the gguf quantizer and quantization_config
         # after loading; with it kept, save_pretrained refuses ("not serializable").
         kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
+    if parsed.kind == "dir":
+        check_saved_weights(Path(location))
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as error:
         raise _loading_error(parsed, location, error) from error
+    except Exception as error:  # safetensors' own errors for a truncated or garbled header
+        if type(error).__module__.startswith("safetensors"):
+            raise _loading_error(parsed, location, error) from None
+        raise
     tokenizer = load_tokenizer(spec)
     if parsed.layers is not None:
         total = len(_decoder_layers(model))
@@ -347,6 +353,30 @@ def _file_hash(path: Path) -> str:
     return _file_hashes[key]
 
 
+WEIGHTS_HASH_FILE = "adaspec-weights.sha256"
+"""Written beside the weights of every model adaspec saves: their sha256 (as model_identity's
+weight_hash), checked when the folder is loaded, so a garbled weight file is refused instead of
+decoding with damaged weights."""
+
+
+def write_weights_hash(folder: Path) -> None:
+    (folder / WEIGHTS_HASH_FILE).write_text(_combined_hash(_weight_files(folder)) + "\n")
+
+
+def check_saved_weights(folder: Path) -> None:
+    """A folder adaspec saved: its weight files must hash to what was recorded when saved."""
+    record = folder / WEIGHTS_HASH_FILE
+    if not record.is_file():
+        return  # saved elsewhere (a hub snapshot, another tool): nothing recorded to check
+    files = _weight_files(folder)
+    if not files:
+        raise UserError(f"model folder {folder} has no weight files (deleted?); its "
+                        f"{WEIGHTS_HASH_FILE} says it had some")
+    if _combined_hash(files) != record.read_text().strip():
+        raise UserError(f"the weights in {folder} do not match the hash recorded when they were "
+                        "saved: the files are damaged; retrain or restore them")
+
+
 def nonfinite_parameter(model) -> str | None:
     """The name of the first parameter holding a nan or inf, or None when all are finite."""
     with torch.no_grad():
@@ -381,3 +411,4 @@ def save_model(model, tokenizer, out_dir: str | Path) -> None:
         (out_dir / draft_vocab.MAP_FILE).unlink(missing_ok=True)
         model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    write_weights_hash(out_dir)

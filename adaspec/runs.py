@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from adaspec.config import RUN_SECTIONS, Config
-from adaspec.errors import UserError
+from adaspec.errors import UserError, check_output
 
 PROGRESS_FILE = "progress.json"
 CONFIG_FILE = "config.yaml"
@@ -89,7 +89,15 @@ def read_config(run_dir: Path | None) -> dict:
     """The run's resolved config.yaml (sections models/data/cache/train, schedule), or {}."""
     if run_dir is None or not (Path(run_dir) / CONFIG_FILE).is_file():
         return {}
-    return yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text()) or {}
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is damaged ({type(err).__name__}); it is the run's record of "
+                        "its settings: restore it or start a new run") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is damaged (not a mapping of sections)")
+    return config
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -129,7 +137,7 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, clear: bool = True) 
     if checkpoint is None:
         raise UserError(f"{run_dir} holds a finished run without checkpoints; nothing to resume "
                         "(use a new --out)")
-    stored = yaml.safe_load(saved.read_text())
+    stored = read_config(run_dir)
     asked = cfg.to_dict(RUN_SECTIONS)
     for section in asked:
         for key in sorted(set(asked[section]) | set(stored.get(section, {}))):
@@ -144,8 +152,7 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, clear: bool = True) 
 def check_owner(run_dir: Path) -> list[Path]:
     """Refuse a folder training may not write (a file, or a non-empty folder without the run
     marker); returns what it holds (nothing for a new or empty one)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {run_dir} is a file; pass a folder")
+    check_output(run_dir, "--out", folder=True)
     entries = [p for p in run_dir.iterdir() if p.name != LOCK_FILE] if run_dir.is_dir() else []
     if entries and not (run_dir / CONFIG_FILE).is_file():
         shown = ", ".join(sorted(p.name for p in entries)[:3])
@@ -189,10 +196,8 @@ def start_run_dir(run_dir: Path, cfg: Config, start_step: int,
     if schedule is not None:
         saved["schedule"] = schedule
     (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
-    metrics = run_dir / METRICS_FILE
-    lines = metrics.read_text().splitlines() if metrics.exists() else []
-    kept = [line for line in lines if json.loads(line)["step"] <= start_step]
-    metrics.write_text("".join(line + "\n" for line in kept))
+    kept = [record for record in read_metrics(run_dir) if record["step"] <= start_step]
+    (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_schedule(run_dir: Path) -> dict:
@@ -214,7 +219,20 @@ def log_metrics(run_dir: Path, record: dict) -> None:
 def read_metrics(run_dir: Path) -> list[dict]:
     """Every line of metrics.jsonl: training steps, and `validation` lines (validation.py)."""
     path = run_dir / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace")
+                                  .splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or "step" not in record:
+            raise UserError(f"{path} line {number} is damaged (not a metrics record); restore "
+                            "the file or start a new run")
+        records.append(record)
+    return records
 
 
 def training_metrics(run_dir: Path) -> list[dict]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from adaspec import draft_vocab, models, provenance, runs, step
+from adaspec import draft_vocab, models, provenance, runs, step, tasks
 from adaspec.config import RUN_SECTIONS, Config
 from adaspec.errors import UserError
 from adaspec.step import Learner, LossModel
@@ -450,6 +450,7 @@ def _train(cfg: Config, accelerator, run_dir: Path, resume: bool, progress: bool
            max_steps: int | None, owner: contextlib.ExitStack) -> Path:
     t = cfg.train
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    tasks.check_files(cfg.data.data_files)  # before any model loads
     # Checked now (nothing written), again under the folder's lock before the first write.
     checkpoint = runs.check_run_dir(run_dir, cfg, resume, clear=False)
     torch.manual_seed(t.seed)

@@ -64,7 +64,9 @@ def open_root(root: str, mode: str = "a") -> zarr.Group:
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
         raise CacheError(f"no cache at {root}; build one with `adaspec-cache build`") from err
     except (ValueError, zarr.errors.ContainsArrayError) as err:
-        raise CacheError(f"{root} is not a Zarr v3 logit cache ({err})") from err
+        reason = (str(err).splitlines() or [""])[0][:100]
+        raise CacheError(f"{root} is not a Zarr v3 logit cache, or its zarr.json is damaged "
+                         f"({type(err).__name__}: {reason})") from None
     attrs = dict(group.attrs)
     if not attrs and mode != "r":
         if len(list(group.keys())) > 0:
@@ -85,12 +87,17 @@ def split_path(task: str, split: str) -> str:
 
 
 def list_splits(root_group: zarr.Group) -> list[str]:
-    """Every `<task>/<split>` path in a cache root that has a manifest."""
+    """Every `<task>/<split>` path in a cache root that has a manifest; damaged group metadata
+    is a one-line CacheError (Zarr would raise a JSON error from deep inside)."""
     found = []
-    for task, task_group in sorted(root_group.groups()):
-        for split, split_group in sorted(task_group.groups()):
-            if "manifest" in split_group.attrs:
-                found.append(f"{task}/{split}")
+    root = str(root_group.store_path)
+    try:
+        for task, task_group in sorted(root_group.groups()):
+            for split, split_group in sorted(task_group.groups()):
+                if "manifest" in split_group.attrs:
+                    found.append(f"{task}/{split}")
+    except METADATA_ERRORS as err:
+        raise metadata_error(root, "(a task or split group)", err) from None
     return found
 
 
@@ -421,6 +428,28 @@ def read_rows(array: zarr.Array, start: int, stop: int, root: str) -> np.ndarray
     ) from None
 
 
+# What Zarr raises for a deleted, truncated or garbled metadata file (zarr.json).
+METADATA_ERRORS = (KeyError, ValueError, FileNotFoundError, OSError, TypeError,
+                   zarr.errors.BaseZarrError)
+
+
+def metadata_error(root: str, where: str, err: BaseException) -> CacheError:
+    reason = (str(err).splitlines() or [""])[0][:100]
+    return CacheError(
+        f"{root}/{where}: metadata (zarr.json) missing or unreadable ({type(err).__name__}"
+        f"{': ' + reason if reason else ''}): the store is damaged; run `adaspec-cache verify "
+        f"--cache {root}`, then rebuild the damaged stage (`adaspec-cache build ... --rebuild`)"
+    )
+
+
+def member(group: zarr.Group, name: str, root: str):
+    """group[name] (an array or group), or a one-line CacheError when its metadata is damaged."""
+    try:
+        return group[name]
+    except METADATA_ERRORS as err:
+        raise metadata_error(root, f"{group.path}/{name}".strip("/"), err) from None
+
+
 def check_stored(array: zarr.Array, root: str) -> None:
     """Every chunk (shard) of a complete array must be stored: a missing one is a one-line
     CacheError naming it (Zarr would read it as the fill value, silently)."""
@@ -456,7 +485,13 @@ class CacheReader:
     def __init__(self, root: str, task: str, split: str, require: Sequence[str] = (schema.TARGET,)):
         root_group = open_root(root, mode="r")
         path = split_path(task, split)
-        if path not in root_group:
+        try:
+            present = path in root_group
+        except METADATA_ERRORS as err:
+            raise metadata_error(str(root), path, err) from None
+        if not present and is_local(root) and (_local_path(root) / path).is_dir():
+            raise metadata_error(str(root), path, FileNotFoundError("zarr.json"))
+        if not present:
             have = ", ".join(list_splits(root_group)) or "nothing"
             raise CacheError(
                 f"cache {root} has no {path} (it holds: {have}); build it with "
@@ -464,16 +499,19 @@ class CacheReader:
             )
         self.root = str(root)
         self.task, self.split = task, split
-        self.group = root_group[path]
-        self.manifest = Manifest.read(self.group)
+        self.group = member(root_group, path, self.root)
+        try:
+            self.manifest = Manifest.read(self.group)
+        except METADATA_ERRORS as err:
+            raise metadata_error(self.root, path, err) from None
         for stage in (schema.SEQUENCES, *require):
             if not self.manifest.is_complete(stage):
                 raise CacheError(
                     f"cache {root}/{path} has no complete '{stage}' stage; run (or resume) "
                     f"`adaspec-cache build` for it"
                 )
-        self._seq = {name: self.group[schema.SEQUENCES][name]
-                     for name in schema.SEQUENCE_ARRAYS}
+        sequences = member(self.group, schema.SEQUENCES, self.root)
+        self._seq = {name: member(sequences, name, self.root) for name in schema.SEQUENCE_ARRAYS}
         for array in self._seq.values():
             check_stored(array, self.root)
         self.offsets = self._whole("offsets")  # (S+1,) int64
@@ -565,8 +603,9 @@ class CacheReader:
 
     def _stage_arrays(self, stage: str) -> dict[str, zarr.Array]:
         if stage not in self._arrays:
-            self._arrays[stage] = {name: array for name, array in self.group[stage].arrays()
-                                   if name != schema.DONE}
+            group = member(self.group, stage, self.root)
+            self._arrays[stage] = {name: member(group, name, self.root)
+                                   for name in self.stage_array_names(stage)}
             for array in self._arrays[stage].values():
                 check_stored(array, self.root)
         return self._arrays[stage]
@@ -577,6 +616,18 @@ class CacheReader:
         arrays = self._stage_arrays(stage)
         return {name: read_rows(arrays[name], start, stop, self.root)
                 for name in (names if names is not None else arrays)}
+
+    def stage_array_names(self, stage: str) -> list[str]:
+        """The arrays a complete stage holds, by the format (not by what the folder lists: an
+        array whose metadata was deleted would silently vanish from a listing)."""
+        if stage == schema.SEQUENCES:
+            return list(schema.SEQUENCE_ARRAYS)
+        if stage == schema.TARGET:
+            p = self.target_params
+            return list(schema.target_arrays(p.get(schema.MODE), int(p.get(schema.K, 1)),
+                                             p.get(schema.VALUE_ENCODING, "float16"),
+                                             self.vocab_size))
+        return list(schema.ref_arrays())
 
     @property
     def target_row_bytes(self) -> int:

@@ -48,22 +48,25 @@ def _reason(err: Exception) -> str:
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]}"
 
 
-def _check_stored(group, path: str, root: str, stages: list[str]) -> None:
-    """Every array of the stages has its metadata and every chunk file (none reads as zeros)."""
-    for stage in dict.fromkeys(stages):
+def _check_stored(group, path: str, root: str, manifest: Manifest) -> None:
+    """Every array the format says a stage holds has its metadata and every chunk file (none
+    reads as zeros); the `_done` markers too."""
+    for stage, entry in manifest.stages.items():
+        if stage == schema.SEQUENCES:
+            names = list(schema.SEQUENCE_ARRAYS)
+        elif stage == schema.TARGET:
+            p = entry.params
+            names = [*schema.target_arrays(p.get(schema.MODE), int(p.get(schema.K, 1)),
+                                           p.get(schema.VALUE_ENCODING, "float16"),
+                                           int(manifest.vocab_size or 1)), schema.DONE]
+        else:
+            names = [*schema.ref_arrays(), schema.DONE]
         try:
-            arrays = list(group[stage].arrays())
-        except Exception as err:  # a deleted or garbled zarr.json
-            raise _Bad(f"{path}/{stage}: metadata cannot be read ({_reason(err)})") from None
-        expected = (schema.SEQUENCE_ARRAYS if stage == schema.SEQUENCES else ())
-        missing = [name for name in expected if name not in dict(arrays)]
-        if missing:
-            raise _Bad(f"{path}/{stage}/{missing[0]}: array missing (no metadata)")
-        for _, array in arrays:
-            try:
-                store.check_stored(array, root)
-            except CacheError as err:
-                raise _Bad(str(err).split(": the store is damaged")[0]) from None
+            stage_group = store.member(group, stage, root)
+            for name in names:
+                store.check_stored(store.member(stage_group, name, root), root)
+        except CacheError as err:
+            raise _Bad(str(err).split(": the store is damaged")[0]) from None
 
 
 def _check_sequences(group, path: str, vocab_size: int) -> tuple[int, np.ndarray]:
@@ -149,7 +152,10 @@ def verify_cache(root: str) -> VerifyReport:
     """Read every chunk of every complete stage of every split under `root`."""
     root_group = store.open_root(root, mode="r")
     checked = 0
-    splits = store.list_splits(root_group)
+    try:
+        splits = store.list_splits(root_group)
+    except CacheError as err:
+        return VerifyReport(False, 0, str(err).split(": the store is damaged")[0])
     if not splits:
         return VerifyReport(False, 0, f"{root}: no task/split with a manifest")
     try:
@@ -164,7 +170,7 @@ def verify_cache(root: str) -> VerifyReport:
             if building:
                 raise _Bad(f"{path}: stage {building[0]!r} is not complete (a build still "
                            "running, or interrupted: resume it with `adaspec-cache build`)")
-            _check_stored(group, path, root, [schema.SEQUENCES, *manifest.stages])
+            _check_stored(group, path, root, manifest)
             n, label_offsets = _check_sequences(group, path, vocab_size)
             checked += n
             n_rows = int(label_offsets[-1])

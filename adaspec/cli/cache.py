@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "preview":
         from adaspec import models, tasks
 
+        tasks.check_files(cfg.data.data_files)  # before the tokenizer loads
         tokenizer = models.load_tokenizer(args.tokenizer or cfg.models.target)
         print(
             tasks.preview(

@@ -83,10 +83,26 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _no_library_bars() -> None:
+    """--no-progress silences every bar, also transformers' GGUF de-quantisation bar, which is a
+    plain tqdm its progress-bar switch does not reach."""
+    import functools
+
+    from tqdm.auto import tqdm
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf
+    except ImportError:
+        return
+    gguf.tqdm = functools.partial(tqdm, disable=True)
+
+
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
     """Run a CLI main; user errors become one line on stderr and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()
+    if "--no-progress" in (sys.argv[1:] if argv is None else argv):
+        _no_library_bars()
     try:
         code = main(argv)
     except (UserError, CacheError) as err:

@@ -13,6 +13,7 @@ from adaspec.cli.common import (
     run,
     section_keys,
 )
+from adaspec.errors import check_output
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "data.split") is None:
         setattr(args, "data.split", "test")  # evaluation reads held-out data by default
     cfg = config_from_args(args)
+    if args.json:  # checked now: the results come after minutes of work
+        check_output(args.json, "--json")
     from adaspec.cli.eval_format import format_comparison, format_result, format_table
     from adaspec.evaluate import evaluate
     from adaspec.statistics import compare, verdict

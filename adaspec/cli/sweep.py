@@ -32,7 +32,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cfg = config_from_args(args)
+    from adaspec import tasks
     from adaspec.sweep import run_sweep
+
+    tasks.check_files(cfg.data.data_files)  # before any model loads
 
     rows = run_sweep(cfg, progress=not args.no_progress)
     out = Path(cfg.sweep.out)

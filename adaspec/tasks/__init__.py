@@ -21,7 +21,7 @@ other names are the package's own.
 """
 
 from adaspec.tasks.arith import ARITH_DEFAULT_ROWS, arith_row
-from adaspec.tasks.files import data_files_hash
+from adaspec.tasks.files import check_files, data_files_hash
 from adaspec.tasks.preview import preview
 from adaspec.tasks.registry import TASK_NAMES, template_version
 from adaspec.tasks.sources import load_examples
@@ -61,6 +61,7 @@ __all__ = [
     "TokenizedExample",
     "prompt_ids",
     "arith_row",
+    "check_files",
     "data_files_hash",
     "load_examples",
     "preview",

@@ -29,6 +29,8 @@ def as_paths(data_files: DataFiles) -> list[Path]:
 
 
 def _check_exists(path: Path) -> None:
+    if path.is_dir():
+        raise UserError(f"data file {path} is a directory; pass a .jsonl, .json or .csv file")
     if not path.is_file():
         raise UserError(f"data file not found: {path}; check the --data-files path")
 
@@ -80,13 +82,42 @@ _READERS: dict[str, Callable[[Path], Rows]] = {
 }
 
 
+def check_files(data_files: DataFiles | None) -> None:
+    """Cheap checks of --data-files before any model loads: each path is an existing file of a
+    supported type whose start decodes as UTF-8 (a wrong path fails in a second, not after a
+    minute of loading; damage further in is still named when the rows are read)."""
+    if data_files is None:
+        return
+    import codecs
+
+    for path in as_paths(data_files):
+        _check_exists(path)
+        suffix = path.suffix.lower()
+        if suffix not in _READERS:
+            raise UserError(f"--data-files {path.name}: unsupported file type {suffix!r}; use "
+                            ".jsonl, .json or .csv")
+        with path.open("rb") as handle:
+            head = handle.read(1 << 16)
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path.name} is not UTF-8 text (byte {err.start}: "
+                            f"{head[err.start:err.start + 1]!r}); data files must be UTF-8"
+                            ) from None
+
+
 def read_rows(path: Path) -> Rows:
     """Rows of one local file with where each row sits ('name line N' / 'name item N')."""
     _check_exists(path)
     suffix = path.suffix.lower()
     if suffix not in _READERS:
         raise UserError(f"{path.name}: unsupported file type {suffix!r}; use .jsonl, .json or .csv")
-    return _READERS[suffix](path)
+    try:
+        return _READERS[suffix](path)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path.name} is not UTF-8 text (byte {err.start}: "
+                        f"{err.object[err.start:err.start + 1]!r}); data files must be UTF-8"
+                        ) from None
 
 
 def data_files_hash(data_files: DataFiles | None) -> str | None:

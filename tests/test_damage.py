@@ -1,0 +1,116 @@
+"""Damage (issue 20): each kind of file of a cache and of a run folder, deleted, truncated or
+garbled in turn; verify, train, eval and export must refuse in one line (exit 2, no traceback)
+and never report the damaged thing as good."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from test_train import _cfg, env  # noqa: F401 - env is a fixture
+
+from adaspec.cli import cache as cache_cli
+from adaspec.cli import eval as eval_cli
+from adaspec.cli import export as export_cli
+from adaspec.cli import train as train_cli
+from adaspec.cli.common import run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CACHE_FILES = {
+    "root metadata": "zarr.json",
+    "manifest (split group)": "gsm8k/train/zarr.json",
+    "stage group metadata": "gsm8k/train/target/zarr.json",
+    "array metadata": "gsm8k/train/target/logprobs/zarr.json",
+    "target chunk": "gsm8k/train/target/logprobs/c/0/0",
+    "sequence chunk": "gsm8k/train/sequences/input_ids/c/0",
+    "reference chunk": "gsm8k/train/ref/ref/loss_fkl/c/0",
+}
+DAMAGE = ("delete", "truncate", "garble")
+
+
+def _damage(path: Path, how: str) -> None:
+    assert path.is_file(), path
+    if how == "delete":
+        path.unlink()
+    elif how == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        data = bytearray(path.read_bytes())
+        for i in range(len(data) // 3, min(len(data), len(data) // 3 + 16)):
+            data[i] ^= 0x5A
+        path.write_bytes(bytes(data))
+
+
+def _one_line_error(capsys, main, argv: list[str]) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2, (argv, err[-2000:])
+    assert len(lines) == 1 and "Traceback" not in err, (argv, err[-2000:])
+    return lines[0]
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+@pytest.mark.parametrize("kind", list(CACHE_FILES))
+def test_a_damaged_cache_is_refused_in_one_line(env, tmp_path, capsys, kind, how):  # noqa: F811
+    cache = tmp_path / "cache"
+    shutil.copytree(env.cache, cache)
+    _damage(cache / CACHE_FILES[kind], how)
+    common = ["--cache", str(cache), "--task", "gsm8k", "--target", str(env.target)]
+    _one_line_error(capsys, cache_cli.main, ["verify", "--cache", str(cache)])
+    _one_line_error(capsys, train_cli.main, [
+        *common, "--draft", f"{env.target}@layers=1", "--k", "0.5", "--batch-size", "2",
+        "--epochs", "1", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert not (tmp_path / "run" / "model").exists()
+    if kind != "reference chunk":  # offline evaluation reads no reference
+        _one_line_error(capsys, eval_cli.main, [
+            *common, "--split", "train", "--draft", str(env.ref_run), "--modes", "offline",
+            "--no-progress"])
+
+
+RUN_FILES = {
+    "config": "config.yaml",
+    "metrics": "metrics.jsonl",
+    "model weights": "model/model.safetensors",
+    "model config": "model/config.json",
+    "checkpoint progress": "checkpoints/*/progress.json",
+    "checkpoint state": "checkpoints/*/pytorch_model.bin",
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(env, tmp_path_factory):  # noqa: F811
+    from adaspec.train import train
+
+    out = tmp_path_factory.mktemp("damage_run") / "run"
+    return train(_cfg(env, k=1.0, epochs=1, checkpoint_every=2, out=out), progress=False)
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+@pytest.mark.parametrize("kind", list(RUN_FILES))
+def test_a_damaged_run_folder_is_refused_in_one_line(env, finished_run, tmp_path, capsys,  # noqa: F811
+                                                      kind, how):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    [path] = list(run_dir.glob(RUN_FILES[kind]))
+    _damage(path, how)
+    uses = []
+    if kind.startswith("checkpoint") or kind in ("config", "metrics"):
+        uses.append((train_cli.main, [
+            "--cache", str(env.cache), "--task", "gsm8k", "--target", str(env.target),
+            "--draft", f"{env.target}@layers=1", "--k", "1.0", "--batch-size", "2",
+            "--epochs", "2", "--checkpoint-every", "2", "--resume", "--out", str(run_dir),
+            "--no-progress"]))
+    if kind.startswith("model"):
+        uses.append((export_cli.main, [str(run_dir), "--out", str(tmp_path / "export"),
+                                       "--target", str(env.target)]))
+        uses.append((eval_cli.main, [
+            "--cache", str(env.cache), "--task", "gsm8k", "--split", "train", "--target",
+            str(env.target), "--draft", str(run_dir), "--modes", "offline", "--no-progress"]))
+    for main, argv in uses:
+        _one_line_error(capsys, main, argv)
