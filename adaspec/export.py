@@ -113,10 +113,21 @@ def find_draft(run: str, best: bool = False) -> DraftSource:
                        best=runs.read_best(path) if best else None)
 
 
+EXPORT_MARKER = "adaspec-export.json"
+"""Written into every export: what --overwrite may replace (nothing else is ever deleted)."""
+
+
+def is_export(folder: Path) -> bool:
+    return (folder / EXPORT_MARKER).is_file()
+
+
 def check_out_dir(out: Path, overwrite: bool, source: DraftSource) -> None:
     """Refuse to write over a non-empty folder (unless `overwrite`), or over the draft itself."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder")
+    if out.is_dir() and any(out.iterdir()) and overwrite and not is_export(out):
+        raise UserError(f"--out {out} is not an earlier export (no {EXPORT_MARKER}); --overwrite "
+                        "replaces only exports: choose another folder or empty it yourself")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out} exists and is not empty; pass --overwrite to replace it "
                         "or choose another folder")
@@ -395,11 +406,13 @@ def _write_checked(out: Path, overwrite: bool, model, target: TargetInfo,
         if reduced is not None:
             draft_vocab.write_serving_maps(staging, reduced)
         (staging / "README.md").write_text(card)
+        (staging / EXPORT_MARKER).write_text(json.dumps(
+            {"made_by": "adaspec-export", "target": target.spec}, indent=2) + "\n")
         verify_export(staging, model, real)
         _readable(staging)
         if out.exists():
-            if any(out.iterdir()) and not overwrite:  # appeared meanwhile
-                raise UserError(f"--out {out} is no longer empty; pass --overwrite")
+            if any(out.iterdir()) and not (overwrite and is_export(out)):  # changed meanwhile
+                raise UserError(f"--out {out} is no longer empty (or no longer an export)")
             shutil.rmtree(out)
         staging.rename(out)
     finally:

@@ -236,6 +236,14 @@ def test_cli_refuses_a_non_empty_out_and_a_run_without_model(tmp_path, run_dir, 
     (tmp_path / "full" / "keep.txt").write_text("x")
     code, _, err = _cli([str(run_dir), "--out", str(tmp_path / "full")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--overwrite" in err
+    # --overwrite replaces only an earlier export, never another folder (a cache, say)
+    code, _, err = _cli([str(run_dir), "--out", str(tmp_path / "full"), "--overwrite"], capsys)
+    assert code == 2 and "not an earlier export" in err
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
+    code, _, err = _cli([str(run_dir), "--out", str(tmp_path / "e")], capsys)
+    assert code == 0, err
+    code, _, err = _cli([str(run_dir), "--out", str(tmp_path / "e"), "--overwrite"], capsys)
+    assert code == 0, err
     (tmp_path / "unfinished").mkdir()
     (tmp_path / "unfinished" / "config.yaml").write_text("models: {}\n")
     code, _, err = _cli([str(tmp_path / "unfinished"), "--out", str(tmp_path / "o")], capsys)
