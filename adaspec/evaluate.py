@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adaspec import models, runs, tasks
+from adaspec import models, provenance, runs, tasks
 from adaspec.config import Config, as_plain
 from adaspec.errors import UserError
 from adaspec.speculative_timing import (
@@ -68,7 +68,9 @@ def _open_cache(
     if "offline" not in modes:
         return None, modes
     try:
-        return CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split), modes
+        reader = CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split)
+        provenance.check_data(cfg, reader)  # --limit, --data-files, ... as training checks them
+        return reader, modes
     except CacheError as err:
         if asked:
             raise UserError(
@@ -92,6 +94,7 @@ def _continuations_reader(cfg: Config, cache: str | None) -> CacheReader | None:
             f"--task {cfg.data.task} --split {cfg.data.split} --sparse topk --topk 64 "
             "--value-encoding float16`"
         ) from None
+    provenance.check_same_target(cfg, reader, f"--continuations-cache {cache}")
     if not (reader.sequence_params.get("generate") or {}).get("model"):
         raise UserError(f"--continuations-cache {cache}: its {cfg.data.task}/{cfg.data.split} "
                         "holds dataset answers, not generated continuations (build it with "
@@ -217,7 +220,8 @@ def evaluate(
             "max_new_tokens": s.max_new_tokens, "modes": list(modes),
             "eval_config": {**as_plain(dataclasses.asdict(s)), "modes": list(modes)},
         }
-        if reader is not None:
+        if reader is not None:  # offline numbers measure agreement with the cache's target
+            result["cache_target"] = reader.target_params.get("model", {})
             result["offline"] = offline_acceptance(draft, reader, vocab_size, pad_id, bt,
                                                    progress)
         if exact is not None:

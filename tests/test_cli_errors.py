@@ -182,6 +182,12 @@ CASES = [
      "other-tokenizer"),
     ("eval-negative-temperature", "eval", lambda b: [
         *_common(b), *_draft(b), "--temperature", "-1"], "--temperature"),
+    ("eval-limit-disagrees", "eval", lambda b: [
+        *_common(b), "--split", "test", *_draft(b), "--modes", "offline", "--limit", "3"],
+     "--limit"),
+    ("eval-data-files-disagree", "eval", lambda b: [
+        *_common(b), "--split", "test", *_draft(b), "--modes", "offline", "--data-files",
+        str(b.malformed)], "--data-files"),
     ("eval-zero-prompts", "eval", lambda b: [*_common(b), *_draft(b), "--prompts", "0"],
      "--prompts"),
     # adaspec-sweep

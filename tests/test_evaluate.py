@@ -44,6 +44,9 @@ def test_offline_bounds_contain_exact_on_the_same_tokens(setup):
     [result] = evaluate(cfg, [str(draft_dir)], ("offline", "exact"), progress=False)
     off, exact = result["offline"], result["exact"]
     assert off["label_tokens"] == exact["label_tokens"] > 100
+    # offline numbers say which target they measure agreement with: the cache's
+    assert result["cache_target"]["weight_hash"] == models.model_identity(
+        cfg.models.target)["weight_hash"]
     assert off["expected_acceptance_lower"] <= exact["expected_acceptance"] + 1e-4
     assert exact["expected_acceptance"] <= off["expected_acceptance_upper"] + 1e-4
     assert off["expected_acceptance_upper"] - off["expected_acceptance_lower"] > 0  # K < V
