@@ -116,18 +116,14 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, clear: bool = True) 
     continue, so it starts over, with or without --resume.
     """
     entries = check_owner(run_dir)
-    saved = run_dir / CONFIG_FILE
     if not entries:
         if resume:
             raise UserError(f"nothing to resume in {run_dir} (no run there); drop --resume")
         return None
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None and not model_dir(run_dir).exists():  # killed before any checkpoint
-        if clear:  # the marker goes last: a half-cleared folder is still recognised as a run
-            for folder in (CHECKPOINTS_DIR, BEST_DIR, LOGS_DIR):
-                shutil.rmtree(run_dir / folder, ignore_errors=True)
-            (run_dir / METRICS_FILE).unlink(missing_ok=True)
-            saved.unlink(missing_ok=True)
+        if clear:
+            discard_run(run_dir)
         return None
     if not resume:
         raise UserError(
@@ -147,6 +143,16 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, clear: bool = True) 
                     f"but this run has {asked[section].get(key)!r}; resume with the same settings"
                 )
     return checkpoint
+
+
+def discard_run(run_dir: Path) -> None:
+    """Delete a run's own files (to start it over), nothing else; the marker goes last, so a
+    half-cleared folder is still recognised as a run."""
+    check_owner(run_dir)
+    for folder in (CHECKPOINTS_DIR, BEST_DIR, LOGS_DIR, MODEL_DIR):
+        shutil.rmtree(run_dir / folder, ignore_errors=True)
+    (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    (run_dir / CONFIG_FILE).unlink(missing_ok=True)
 
 
 def check_owner(run_dir: Path) -> list[Path]:

@@ -33,6 +33,7 @@ from cache_tools.errors import CacheError
 from cache_tools.store import CacheReader
 
 RESULT_FILE = "result.json"
+SWEEP_FILE = "sweep.yaml"
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def _final_loss(run_dir: Path) -> float | None:
 
 
 def evaluate_variant(cfg: Config, variant: Variant, run_dir: Path, eval_reader: CacheReader,
-                     train_seconds: float, progress: bool) -> dict:
+                     train_seconds: float | None, progress: bool) -> dict:
     def offline(folder: Path) -> dict:
         draft, tokenizer = models.load_model(str(folder))
         pad_id = models.pad_id(tokenizer)
@@ -190,25 +191,38 @@ def run_sweep(cfg: Config, variants: list[Variant] | None = None, out: Path | st
             f"`adaspec-cache build --model target --task {cfg.data.task} --split {eval_split} "
             "--sparse topk --topk 64 --value-encoding float16` (tight, exact offline bounds)"
         ) from None
+    if out.is_dir() and any(out.iterdir()) and not (out / SWEEP_FILE).is_file():
+        raise UserError(f"--out {out} is not empty and not a sweep folder (no {SWEEP_FILE}); "
+                        "choose a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     saved = cfg.to_dict()
     saved["sweep"] = {**saved["sweep"], "out": str(out), "eval_split": eval_split,
                       "single_pass": single_pass,
                       "variants": [v.name for v in variants]}
-    (out / "sweep.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    (out / SWEEP_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
     todo = [v for v in variants if not (out / v.name / RESULT_FILE).exists()]
-    seconds: dict[str, float] = {}
+    # A variant killed after training (during its evaluation) is only evaluated again; one
+    # killed while training resumes from its checkpoint (or, in a single pass, starts over).
+    untrained = [v for v in todo
+                 if not (runs.model_dir(out / v.name) / "config.json").is_file()]
+    seconds: dict[str, float | None] = {}
     if single_pass:
         groups: dict[tuple, list[Variant]] = {}
-        for v in todo:
+        for v in untrained:
             groups.setdefault((v.seed, v.loss), []).append(v)
         for group in groups.values():
+            for v in group:
+                if (out / v.name).exists():
+                    runs.discard_run(out / v.name)
             seconds.update(train_single_pass(cfg, group, out, progress))
     else:
-        for v in todo:
+        for v in untrained:
             started = time.perf_counter()
-            train.train(variant_config(cfg, v, out / v.name), progress=progress)
+            resume = runs.latest_checkpoint(out / v.name) is not None
+            train.train(variant_config(cfg, v, out / v.name), resume=resume, progress=progress)
             seconds[v.name] = time.perf_counter() - started
+    for v in todo:
+        seconds.setdefault(v.name, None)  # trained before an interruption: not timed
     for v in todo:
         evaluate_variant(cfg, v, out / v.name, eval_reader, seconds[v.name], progress)
     rows = [json.loads((out / v.name / RESULT_FILE).read_text()) for v in variants]

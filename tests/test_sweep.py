@@ -79,3 +79,38 @@ def test_best_epoch_column_single_pass_and_the_html_report(env, tmp_path):
     from html.parser import HTMLParser
 
     HTMLParser().feed(page)  # parses
+
+
+def test_an_interrupted_sweep_resumes_by_the_runs_rules(env, tmp_path, capsys):
+    """A variant killed mid-training resumes from its checkpoint (no --resume flag exists), one
+    killed before its first checkpoint starts over, one killed while being evaluated is only
+    evaluated; a folder that is not a sweep is refused untouched."""
+    from adaspec import runs
+    from adaspec.errors import UserError
+    from adaspec.sweep import variant_config
+    from adaspec.train import train
+
+    cfg = _cfg(env, epochs=1.0, checkpoint_every=2)
+    variants = grid([0.5, 1.0], [1.0], ["fkl"], [0])
+    whole = run_sweep(cfg, variants, tmp_path / "whole", "test", progress=False)
+    out = tmp_path / "cut"
+    run_sweep(cfg, variants[:0], out, "test", progress=False)  # an empty sweep folder
+    a, b = variants
+    train(variant_config(cfg, a, out / a.name), progress=False, max_steps=2)  # mid-training
+    (out / b.name).mkdir()
+    (out / b.name / "config.yaml").write_text("models: {}\n")  # killed before a checkpoint
+    rows = run_sweep(cfg, variants, out, "test", progress=False)
+    for done, again in zip(whole, rows, strict=True):
+        assert again["alpha_lower"] == pytest.approx(done["alpha_lower"], abs=1e-6)
+        wa, wb = _weights(tmp_path / "whole" / done["name"]), _weights(out / again["name"])
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    (out / a.name / "result.json").unlink()  # killed while evaluating: evaluated again only
+    stamp = (runs.model_dir(out / a.name) / "model.safetensors").stat().st_mtime_ns
+    run_sweep(cfg, variants, out, "test", progress=False)
+    assert (runs.model_dir(out / a.name) / "model.safetensors").stat().st_mtime_ns == stamp
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a sweep folder"):
+        run_sweep(cfg, variants, foreign, "test", progress=False)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
