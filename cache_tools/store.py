@@ -504,6 +504,10 @@ class CacheReader:
             self.manifest = Manifest.read(self.group)
         except METADATA_ERRORS as err:
             raise metadata_error(self.root, path, err) from None
+        if (self.manifest.task, self.manifest.split) != (task, split):
+            raise CacheError(
+                f"cache {root}/{path} holds {self.manifest.task}/{self.manifest.split} (its "
+                "manifest says so): a split copied or renamed by hand; build the split itself")
         for stage in (schema.SEQUENCES, *require):
             if not self.manifest.is_complete(stage):
                 raise CacheError(

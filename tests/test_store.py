@@ -172,3 +172,17 @@ def test_delta_id_encoding_round_trips_with_values_following():
         original = dict(zip(ids[row].tolist(), pairs, strict=True))
         pairs = zip(v2[row].tolist(), c2[row].tolist(), strict=True)
         assert dict(zip(back[row].tolist(), pairs, strict=True)) == original
+
+
+def test_a_split_copied_under_another_name_is_refused(tmp_path):
+    """The manifest records its task and split: a copy under another name is not that split."""
+    import shutil
+
+    root = tmp_path / "cache"
+    writer = store.CacheWriter(str(root), "gsm8k", "train")
+    writer.write_sequences([np.array([1, 2, 3])], [np.array([False, True, True])], [0], 10,
+                           {schema.TOKENIZER_FINGERPRINT: "x"})
+    shutil.copytree(root / "gsm8k" / "train", root / "gsm8k" / "test")
+    store.CacheReader(str(root), "gsm8k", "train", require=())
+    with pytest.raises(CacheError, match="copied or renamed"):
+        store.CacheReader(str(root), "gsm8k", "test", require=())
