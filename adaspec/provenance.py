@@ -9,6 +9,7 @@ training stage records itself for these checks (`record_ref`).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from adaspec import draft_vocab, models, runs, tasks
@@ -66,6 +67,20 @@ def check_tokenizer(reader: CacheReader, tokenizer, what: str = "the model to tr
             f"{what} uses another tokenizer than the cache {reader.root}; the draft, reference "
             "and target must share one tokenizer"
         )
+
+
+def check_can_record_ref(cfg: Config) -> None:
+    """Training reads the cache and writes nothing into it, except that a reference (--stage
+    ref) records itself in the split's manifest at its end: refuse a cache it cannot write
+    before training, not after it."""
+    split = Path(str(cfg.cache.cache)) / cfg.data.task / cfg.data.split
+    if "://" in str(cfg.cache.cache) or not split.is_dir():
+        return  # no local split: nothing to record into (the run trains online)
+    if not os.access(split, os.W_OK) or not os.access(split / "zarr.json", os.W_OK):
+        raise UserError(
+            f"--stage ref records the trained reference in {split}'s manifest, and it is not "
+            "writable (training itself writes nothing into a cache); make it writable, or "
+            "train on a writable copy")
 
 
 def record_ref(cfg: Config, run_dir: Path, steps: int) -> None:

@@ -451,6 +451,8 @@ def _train(cfg: Config, accelerator, run_dir: Path, resume: bool, progress: bool
     t = cfg.train
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     tasks.check_files(cfg.data.data_files)  # before any model loads
+    if t.stage == "ref":
+        provenance.check_can_record_ref(cfg)
     # Checked now (nothing written), again under the folder's lock before the first write.
     checkpoint = runs.check_run_dir(run_dir, cfg, resume, clear=False)
     torch.manual_seed(t.seed)

@@ -378,9 +378,16 @@ def build_lock(root: str, task: str, split: str, rank: int = 0) -> Iterator[None
     lock_dir = _local_path(root)
     if lock_dir.exists() and not lock_dir.is_dir():
         raise CacheError(f"{root} is a file, not a cache folder; pass a folder to --cache")
-    lock_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CacheError(f"cannot create the cache {root} ({err.strerror})") from None
     lock_path = lock_dir / f".build-{task}-{split}-rank{rank}.lock"
-    handle = open(lock_path, "a+")  # noqa: SIM115 - held for the duration of the context
+    try:
+        handle = open(lock_path, "a+")  # noqa: SIM115 - held for the duration of the context
+    except OSError as err:
+        raise CacheError(f"cannot write the cache {root} ({err.strerror}); a build needs a "
+                         "writable --cache") from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -321,3 +321,19 @@ def test_train_owns_its_out_folder(env, tmp_path, capsys):  # noqa: F811
         err = _cli_error(capsys, lambda: train(_cfg(env, k=1.0, epochs=1, out=tmp_path / "busy"),
                                                progress=False))
     assert "another training is writing" in err
+
+
+def test_a_reference_into_a_read_only_cache_is_refused_before_training(env, tmp_path,  # noqa: F811
+                                                                       monkeypatch, capsys):
+    """It used to train to the end and then die with a traceback while recording itself.
+    (As root nothing is read-only: the permission is simulated.)"""
+    import os
+
+    real = os.access
+    cache = str(env.cache)
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if (
+        mode == os.W_OK and str(p).startswith(cache)) else real(p, mode, *a, **k))
+    cfg = _cfg(env, stage="ref", epochs=1, out=tmp_path / "ref")
+    err = _cli_error(capsys, lambda: train(cfg, progress=False))
+    assert "not writable" in err and "--stage ref" in err
+    assert not (tmp_path / "ref").exists()
