@@ -158,16 +158,34 @@ def check_reference(cfg: Config, reader: CacheReader) -> None:
                 f"{_short(built)} but the reference is now {_short(named)}; rebuild them with "
                 f"{rebuild} --model-path {named_spec} --rebuild`"
             )
-    if record is None or "init_identity" not in record or not _same_weights(built, record):
-        return  # a reference trained elsewhere: its initialisation is not known here
+    if record is not None and "init_identity" in record and _same_weights(built, record):
+        init, init_identity = record["init"], record["init_identity"]
+    else:  # built with --model-path: an adaspec run folder still says where it started
+        init = _run_init(built.get("path"))
+        if init is None:
+            return  # a reference trained elsewhere: its initialisation is not known here
+        init_identity = models.model_identity(init)
     draft = models.model_identity(cfg.models.draft)
-    if not _same_weights(record["init_identity"], draft):
+    if not _same_weights(init_identity, draft):
         raise UserError(
-            f"the reference '{cfg.cache.ref_name}' was trained from {record['init']} but this "
+            f"the reference '{cfg.cache.ref_name}' was trained from {init} but this "
             f"draft starts from {cfg.models.draft}; AdaSPEC compares a draft with a reference of "
-            "the same initialisation: pass --draft " + str(record["init"]) + " or train a "
+            f"the same initialisation: pass --draft {init} or train a "
             "reference from this draft (`adaspec-train --stage ref`)"
         )
+
+
+def _run_init(model_path: str | None) -> str | None:
+    """The draft spec an adaspec run started from, for a model inside its run folder."""
+    if not model_path:
+        return None
+    run_dir = Path(model_path).parent
+    if not runs.is_run_folder(run_dir):
+        return None
+    try:
+        return (runs.read_config(run_dir).get("models") or {}).get("draft")
+    except UserError:
+        return None
 
 
 def check_same_target(cfg: Config, reader: CacheReader, where: str) -> None:

@@ -337,3 +337,19 @@ def test_a_reference_into_a_read_only_cache_is_refused_before_training(env, tmp_
     err = _cli_error(capsys, lambda: train(cfg, progress=False))
     assert "not writable" in err and "--stage ref" in err
     assert not (tmp_path / "ref").exists()
+
+
+def test_a_reference_built_with_model_path_is_checked_against_its_runs_init(env, tmp_path):  # noqa: F811
+    """No manifest record (built with --model-path from a run folder): the run folder still
+    says which draft it started from."""
+    from cache_tools.manifest import write as write_manifest
+
+    cache = _copy_cache(env, tmp_path)
+    group = store.open_root(str(cache), "a")["gsm8k/train"]
+    manifest = Manifest.read(group)
+    manifest.refs = {}
+    write_manifest(group, manifest)
+    cfg = _cfg(env, {"cache": str(cache)}, k=0.5, out=tmp_path / "d")
+    cfg.models.draft = f"{env.target}@layers=2"  # the reference run started from layers=1
+    with pytest.raises(UserError, match="trained from .*@layers=1 but this draft starts from"):
+        train(cfg, progress=False)
