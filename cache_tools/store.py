@@ -51,12 +51,33 @@ def _local_path(root: str) -> Path:
     return Path(str(root).removeprefix("file://"))
 
 
+OWN_HIDDEN = (".build-", ".generate-")  # lock files and generation staging beside the groups
+
+
+def check_local_root(root: str) -> None:
+    """Refuse, before anything is written, a local folder that is not a cache: a file, a Zarr v2
+    store, or a non-empty folder without the root's zarr.json."""
+    path = _local_path(root)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise CacheError(f"{root} is a file, not a cache folder; pass a folder to --cache")
+    if (path / ".zgroup").exists() or (path / ".zarray").exists():
+        raise CacheError(f"{root} is a Zarr v2 store; a logit cache is Zarr v3: use a new --cache")
+    if (path / "zarr.json").exists():
+        return
+    foreign = sorted(p.name for p in path.iterdir() if not p.name.startswith(OWN_HIDDEN))
+    if foreign:
+        raise CacheError(f"{root} is not empty and not a cache (it holds {', '.join(foreign[:3])}"
+                         "); use a new or empty --cache folder")
+
+
 def open_root(root: str, mode: str = "a") -> zarr.Group:
     """Open (or with mode "a", create) a cache root group; refuse folders that are not caches."""
     if mode == "r" and is_local(root) and not _local_path(root).exists():
         raise CacheError(f"no cache at {root}; build one with `adaspec-cache build`")
-    if is_local(root) and _local_path(root).exists() and not _local_path(root).is_dir():
-        raise CacheError(f"{root} is a file, not a cache folder; pass a folder to --cache")
+    if is_local(root):
+        check_local_root(root)
     if is_local(root):  # zarr's size queries resolve a relative store path against nothing
         root = str(_local_path(root).resolve())
     try:
@@ -376,8 +397,7 @@ def build_lock(root: str, task: str, split: str, rank: int = 0) -> Iterator[None
         return
     # Beside the groups, not inside them: a folder without zarr.json confuses Zarr readers.
     lock_dir = _local_path(root)
-    if lock_dir.exists() and not lock_dir.is_dir():
-        raise CacheError(f"{root} is a file, not a cache folder; pass a folder to --cache")
+    check_local_root(root)  # before the lock file: a foreign folder is left as it was
     try:
         lock_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:

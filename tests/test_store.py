@@ -186,3 +186,21 @@ def test_a_split_copied_under_another_name_is_refused(tmp_path):
     store.CacheReader(str(root), "gsm8k", "train", require=())
     with pytest.raises(CacheError, match="copied or renamed"):
         store.CacheReader(str(root), "gsm8k", "test", require=())
+
+
+def test_a_folder_that_is_not_a_cache_is_refused_untouched(tmp_path):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "a.jpg").write_bytes(b"x")
+    v2 = tmp_path / "v2"
+    zarr.open_group(str(v2), mode="w", zarr_format=2)
+    for folder, word in ((foreign, "not a cache"), (v2, "Zarr v2")):
+        before = sorted(p.name for p in folder.iterdir())
+        with pytest.raises(CacheError, match=word):
+            store.CacheWriter(str(folder), "gsm8k", "train").write_sequences(
+                [np.array([1, 2])], [np.array([False, True])], [0], 10,
+                {schema.TOKENIZER_FINGERPRINT: "x"})
+        with pytest.raises(CacheError, match=word):
+            with store.build_lock(str(folder), "gsm8k", "train"):
+                pass
+        assert sorted(p.name for p in folder.iterdir()) == before
