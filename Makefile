@@ -27,20 +27,20 @@ setup: $(BIN)/.installed
 # interleaved rounds) -> export of the AdaSPEC draft with its token map.
 DEMO := --config configs/demo.yaml --cache $(DEMO_DIR)/cache
 CONTINUATIONS := --cache $(DEMO_DIR)/continuations --generate --gen-temperature 0 \
-	--gen-max-new-tokens 48 --sparse topk --topk 64 --value-encoding float16
+	--gen-max-new-tokens 40 --sparse topk --topk 64 --value-encoding float16
 VALIDATE := --eval-cache $(DEMO_DIR)/continuations
 RUNS := $(DEMO_DIR)/runs
 demo: setup
 	$(BIN)/adaspec-cache preview --task arith --limit 1 --chat-template
 	$(BIN)/adaspec-cache build --model target $(DEMO) --generate --gen-temperature 0
-	$(BIN)/adaspec-cache build --model target $(DEMO) --split validation --limit 12 $(CONTINUATIONS)
-	$(BIN)/adaspec-cache build --model target $(DEMO) --split test --limit 12 $(CONTINUATIONS)
+	$(BIN)/adaspec-cache build --model target $(DEMO) --split validation --limit 8 $(CONTINUATIONS)
+	$(BIN)/adaspec-cache build --model target $(DEMO) --split test --limit 8 $(CONTINUATIONS)
 	$(BIN)/adaspec-train $(DEMO) $(VALIDATE) --stage ref --out $(RUNS)/ref-k1.0
 	$(BIN)/adaspec-cache build --model ref $(DEMO)
 	$(BIN)/adaspec-train $(DEMO) $(VALIDATE) --stage draft --k 0.4 --official-schedule \
 		--out $(RUNS)/adaspec-k0.4
 	$(BIN)/adaspec-cache verify --cache $(DEMO_DIR)/cache
-	$(BIN)/adaspec-eval $(DEMO) --split test --limit 12 --modes speculative --compare \
+	$(BIN)/adaspec-eval $(DEMO) --split test --limit 8 --modes speculative --compare \
 		--continuations-cache $(DEMO_DIR)/continuations \
 		--draft $(RUNS)/adaspec-k0.4/best $(RUNS)/ref-k1.0/best --json $(DEMO_DIR)/eval.json
 	$(BIN)/adaspec-export $(RUNS)/adaspec-k0.4 --best --out $(DEMO_DIR)/export \

@@ -91,11 +91,12 @@ def pipeline(work: Path, m: dict, rows: int, test_rows: int, batch_size: int) ->
              str(batch_size), "--lr", "3e-4", "--epochs", "1"]
     steps["reference"] = cli("train", *train, "--stage", "ref", "--out", str(work / "ref"))
     steps["ref_cache"] = cli("cache", "build", "--model", "ref", *common[:4])
-    steps["adaspec_draft"] = cli("train", *train, "--k", "0.4", "--out", str(work / "draft"))
+    # (into its own run folder: it used to train over the draft's initialisation in draft/)
+    steps["adaspec_draft"] = cli("train", *train, "--k", "0.4", "--out", str(work / "adaspec"))
     steps["offline_eval"] = cli("eval", *common, "--split", "test", "--limit", str(test_rows),
-                                "--modes", "offline", "--draft", str(work / "draft"),
+                                "--modes", "offline", "--draft", str(work / "adaspec"),
                                 "--json", str(work / "eval.json"))
-    metrics = runs.training_metrics(work / "draft")
+    metrics = runs.training_metrics(work / "adaspec")
     tail = metrics[len(metrics) // 2:] or metrics  # past the warm-up
     steps["draft_training"] = {
         "steps": len(metrics),

@@ -138,3 +138,17 @@ def test_no_import_cycle_at_run_time():
     for m in sorted(graph):
         if m not in state:
             visit(m, [])
+
+
+def test_the_readme_module_table_lists_every_module():
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("| module | its one job |"):]
+    table = table.split("\n\n")[0]
+    for root in ("adaspec", "cache_tools"):
+        for path in (REPO / root).glob("*.py"):
+            if path.name == "__init__.py":
+                continue
+            listed = f"{root}/{path.name}" in table or f"`{path.name}`" in table
+            assert listed, f"README's module table does not list {root}/{path.name}"
+    for package in ("adaspec/tasks/", "adaspec/cli/"):
+        assert f"`{package}`" in table
