@@ -156,12 +156,18 @@ def task_examples(cfg: Config, tokenizer) -> list[tasks.TokenizedExample]:
 
 
 def ensure_sequences(writer: CacheWriter, cfg: Config, tokenizer, params: dict,
-                     tokenized_fn: Callable[[], list]) -> None:
+                     tokenized_fn: Callable[[], list], rebuild: bool = False) -> None:
     """Write the sequences (or check the stored ones match `params`); main process only.
 
     tokenized_fn() -> list of TokenizedExample, called only when the sequences must be written.
+    With `rebuild`, stored sequences that cannot be read (a damaged or missing chunk) are
+    written again from the data: the same settings make the same sequences, so the row stages
+    built on them stay valid (the counts are checked before anything is overwritten).
     """
     if writer.check_sequences(params, SEQUENCES_FIX):
+        if rebuild and not writer.sequences_readable():
+            ids, masks, source_index = labels.order_sequences(tokenized_fn())
+            writer.repair_sequences(ids, masks, source_index, models.real_vocab_size(tokenizer))
         return
     input_ids, label_masks, source_index = labels.order_sequences(tokenized_fn())
     if not input_ids:
@@ -281,11 +287,11 @@ def _build_target(cfg: Config, model_spec: str | None, state: PartialState, prog
         generated = generate.load_generated(cfg)
         processes.on_main(state, lambda: ensure_sequences(
             writer, cfg, loaded.tokenizer, seq_params,
-            lambda: generate.generated_examples(generated)))
+            lambda: generate.generated_examples(generated), rebuild))
     else:
         processes.on_main(state, lambda: ensure_sequences(
             writer, cfg, loaded.tokenizer, sequence_params(cfg, fingerprint),
-            lambda: task_examples(cfg, loaded.tokenizer)))
+            lambda: task_examples(cfg, loaded.tokenizer), rebuild))
     state.wait_for_everyone()
     reader = CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split, require=())
     _check_tokenizer(loaded, reader.manifest)

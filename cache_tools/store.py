@@ -248,6 +248,28 @@ class CacheWriter:
         write_manifest(group, manifest)
         return counts
 
+    def sequences_readable(self) -> bool:
+        """Whether the complete sequences read back whole (every chunk present and intact)."""
+        try:
+            CacheReader(self.root, self.task, self.split, require=()).sequence_lists()
+        except CacheError:
+            return False
+        return True
+
+    def repair_sequences(self, input_ids: Sequence[np.ndarray], label_masks: Sequence[np.ndarray],
+                         source_index: Sequence[int], vocab_size: int) -> dict:
+        """Rewrite damaged sequence arrays from the same data; the manifest and every row stage
+        stay (they index the same sequences). Refused when the data now makes other counts."""
+        stored = self.manifest.stages[schema.SEQUENCES].counts
+        counts = {"sequences": len(input_ids), "tokens": int(sum(len(x) for x in input_ids)),
+                  "label_tokens": int(sum(int(np.count_nonzero(m)) for m in label_masks))}
+        if {k: int(stored.get(k, -1)) for k in counts} != counts:
+            raise CacheError(
+                f"cache {self.task}/{self.split}: the data now makes other sequences ({counts}) "
+                f"than the stored ones ({stored}); they cannot be repaired: use a new --cache")
+        return _write_sequence_arrays(self.group, input_ids, label_masks, source_index,
+                                      vocab_size)
+
     def open_stage(self, stage: str, params: dict, arrays: dict[str, RowArray],
                    shard_rows: int = schema.DEFAULT_SHARD_ROWS,
                    chunk_rows: int = schema.DEFAULT_CHUNK_ROWS, create: bool = True,

@@ -185,3 +185,26 @@ def test_every_choice_list_is_the_implementations_list():
     declared = {(cls, f.name) for cls in c.SECTION_OF for f in dataclasses.fields(cls)
                 if c.choices_of(cls, f.name) is not None}
     assert declared == set(tied)
+
+
+def test_a_yaml_boolean_is_not_a_number(tmp_path):
+    """`limit: true` used to become 1."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  limit: true\n")
+    with pytest.raises(UserError, match="data.limit must be int"):
+        load_config(path)
+
+
+def test_no_progress_also_silences_the_gguf_bar():
+    """transformers' GGUF de-quantisation bar is a plain tqdm its own switch does not reach."""
+    from transformers import modeling_gguf_pytorch_utils as gguf
+
+    from adaspec.cli.common import run
+
+    real = gguf.tqdm
+    try:
+        with pytest.raises(SystemExit):
+            run(lambda argv: 0, ["--no-progress"])
+        assert gguf.tqdm([1, 2]).disable
+    finally:
+        gguf.tqdm = real

@@ -114,3 +114,51 @@ def test_a_damaged_run_folder_is_refused_in_one_line(env, finished_run, tmp_path
             str(env.target), "--draft", str(run_dir), "--modes", "offline", "--no-progress"]))
     for main, argv in uses:
         _one_line_error(capsys, main, argv)
+
+
+def test_verify_refuses_a_stage_still_building_and_a_manifest_that_contradicts_its_arrays(
+        env, tmp_path):  # noqa: F811
+    from cache_tools import store
+    from cache_tools.manifest import Manifest
+    from cache_tools.manifest import write as write_manifest
+    from cache_tools.verify import verify_cache
+
+    for change, word in (("building", "not complete"), ("mode", "tail_logmass")):
+        cache = tmp_path / change
+        shutil.copytree(env.cache, cache)
+        group = store.open_root(str(cache), "a")["gsm8k/train"]
+        manifest = Manifest.read(group)
+        target = manifest.stages["target"]
+        if change == "building":
+            target.status = "building"
+        else:  # the cache is top-K with a tail; the manifest now claims the other mode
+            target.params["mode"] = "sample" if target.params["mode"] == "topk" else "topk"
+        write_manifest(group, manifest)
+        report = verify_cache(str(cache))
+        assert not report.ok, change
+        assert word in report.message or "counts" in report.message, report.message
+
+
+def test_rebuild_repairs_damaged_sequences(env, tmp_path, capsys):  # noqa: F811
+    """--rebuild used to repeat its own advice: the sequences are made again from the data
+    (same settings, same sequences), the target stage rebuilt, and the store verifies whole."""
+    from test_build import GSM8K
+
+    from cache_tools.verify import verify_cache
+
+    cache = tmp_path / "cache"
+    shutil.copytree(env.cache, cache)
+    before = (cache / CACHE_FILES["sequence chunk"]).read_bytes()
+    _damage(cache / CACHE_FILES["sequence chunk"], "delete")
+    assert not verify_cache(str(cache)).ok
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(cache_cli.main, [
+            "build", "--model", "target", "--rebuild", "--cache", str(cache), "--task", "gsm8k",
+            "--data-files", str(GSM8K), "--limit", "8", "--target", str(env.target), "--topk",
+            str(len(env.tok)), "--sparse", "topk", "--value-encoding", "float16",
+            "--shard-rows", "256", "--chunk-rows", "128", "--batch-tokens", "1024",
+            "--no-progress"])
+    assert exit_info.value.code == 0, capsys.readouterr().err[-1500:]
+    assert verify_cache(str(cache)).ok
+    assert (cache / CACHE_FILES["sequence chunk"]).read_bytes() == before

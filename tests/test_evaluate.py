@@ -418,3 +418,45 @@ def test_speculative_results_format_with_and_without_speed(setup, speed):
                        n_prompts=1, speed=speed, progress=False)
     text = format_result(results[0]) + format_table(results)
     assert ("tok/s" in text) is speed
+
+
+MODE_SETS = ["offline", "exact", "offline,exact", "speculative", "offline,speculative",
+             "exact,speculative", "offline,exact,speculative"]
+
+
+@pytest.mark.parametrize("modes", MODE_SETS)
+def test_every_mode_and_flag_combination_is_written_and_formatted(setup, tmp_path, modes,
+                                                                  capsys):
+    """Through the CLI: every set of modes, with and without speed timing, one draft and two
+    compared (--compare), --gamma auto with speculative: exit 0, the JSON written, text printed.
+    (--no-speed once died formatting after the whole evaluation, before --json was written.)"""
+    import json
+
+    from adaspec.cli import eval as eval_cli
+    from adaspec.cli.common import run
+
+    cfg, draft_dir = setup
+    base = ["--cache", cfg.cache.cache, "--task", "gsm8k", "--split", "test", "--data-files",
+            str(GSM8K), "--limit", "6", "--target", cfg.models.target, "--modes", modes,
+            "--prompts", "1", "--max-new-tokens", "4", "--no-progress"]
+    speculative = "speculative" in modes
+    variants = [["--draft", str(draft_dir)],
+                ["--draft", str(draft_dir), cfg.models.target, "--compare"]]
+    if speculative:
+        variants += [[*v, "--no-speed"] for v in variants]
+        variants.append(["--draft", str(draft_dir), "--gamma", "auto", "--max-gamma", "2"])
+    for i, extra in enumerate(variants):
+        out = tmp_path / f"r{i}.json"
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            run(eval_cli.main, [*base, *extra, "--json", str(out)])
+        printed = capsys.readouterr()
+        assert exit_info.value.code == 0, (extra, printed.err[-1500:])
+        written = json.loads(out.read_text())
+        results = written if isinstance(written, list) else [written]
+        assert len(results) == (2 if "--compare" in extra else 1)
+        assert f"draft {draft_dir}" in printed.out
+        if "--compare" in extra and "exact" in modes:
+            assert "minus" in printed.out
+        if speculative:
+            assert ("tok/s" in printed.out) is ("--no-speed" not in extra)
