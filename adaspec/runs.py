@@ -137,12 +137,23 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, clear: bool = True) 
     asked = cfg.to_dict(RUN_SECTIONS)
     for section in asked:
         for key in sorted(set(asked[section]) | set(stored.get(section, {}))):
-            if stored.get(section, {}).get(key) != asked[section].get(key):
-                raise UserError(
-                    f"{run_dir} was run with {section}.{key}={stored.get(section, {}).get(key)!r} "
-                    f"but this run has {asked[section].get(key)!r}; resume with the same settings"
-                )
+            before, now = stored.get(section, {}).get(key), asked[section].get(key)
+            if before == now or extends(section, key, before, now, cfg):
+                continue
+            raise UserError(
+                f"{run_dir} was run with {section}.{key}={before!r} but this run has {now!r}; "
+                "resume with the same settings"
+                + (" (a run is extended only under a constant learning rate)"
+                   if (section, key) == ("train", "epochs") else ""))
     return checkpoint
+
+
+def extends(section: str, key: str, before, now, cfg: Config) -> bool:
+    """More epochs for a run under a constant learning rate: resuming it continues the same
+    training (the same batches in the same order, the same rate) past its old end, so a run
+    that had not stopped improving can be trained further instead of from scratch."""
+    return ((section, key) == ("train", "epochs") and isinstance(before, (int, float))
+            and now > before and cfg.train.lr_schedule == "constant")
 
 
 def discard_run(run_dir: Path) -> None:

@@ -317,3 +317,20 @@ def test_official_schedule_gives_k_the_optimizer_steps_of_plain_kd(env, tmp_path
 def test_official_schedule_and_scaled_epochs_are_exclusive(env, tmp_path):
     with pytest.raises(UserError, match="two schedules"):
         _cfg(env, k=0.5, official_schedule=True, scale_epochs_by_k=True, out=tmp_path / "x")
+
+
+def test_a_finished_run_extended_to_more_epochs_equals_the_longer_run(env, tmp_path):
+    """Under a constant learning rate, --resume with more --epochs continues the same training
+    past its old end: the weights equal a run trained that long from the start."""
+    values = {"k": 0.5, "lr": 1e-3, "batch_size": 2}
+    whole = train(_cfg(env, **values, epochs=2.0, out=tmp_path / "whole"), progress=False)
+    short = train(_cfg(env, **values, epochs=1.0, out=tmp_path / "ext"), progress=False)
+    assert [m["step"] for m in _metrics(short)] == [1, 2, 3, 4]
+    extended = train(_cfg(env, **values, epochs=2.0, out=tmp_path / "ext"), resume=True,
+                     progress=False)
+    a, b = _weights(whole), _weights(extended)
+    assert [name for name in a if not torch.equal(a[name], b[name])] == []
+    assert [m["loss"] for m in _metrics(whole)] == [m["loss"] for m in _metrics(extended)]
+    with pytest.raises(UserError, match="constant learning rate"):
+        train(_cfg(env, **values, epochs=3.0, lr_schedule="cosine", out=tmp_path / "ext"),
+              resume=True, progress=False)
