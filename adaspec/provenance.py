@@ -99,6 +99,30 @@ def record_ref(cfg: Config, run_dir: Path, steps: int) -> None:
     })
 
 
+def reference_identity(cfg: Config, reader: CacheReader | None, ref_spec: str | None
+                       ) -> dict | None:
+    """The identity (spec, weight hash) of the reference an AdaSPEC run selects against: the
+    model the cached losses were built from, or the online reference."""
+    if ref_spec is not None:
+        return models.model_identity(ref_spec)
+    if reader is None:
+        return None
+    stage = schema.ref_group_name(cfg.cache.ref_name)
+    if not reader.manifest.is_complete(stage):
+        return None
+    return reader.ref_stage(cfg.cache.ref_name).params.get("model")
+
+
+def check_same_reference(run_dir: Path, stored: dict | None, now: dict | None) -> None:
+    """A resumed AdaSPEC run must keep selecting against the reference it started with."""
+    if stored is None or now is None or _same_weights(stored, now):
+        return
+    raise UserError(
+        f"{run_dir} selected its tokens against the reference {_short(stored)}, but the "
+        f"reference is now {_short(now)} (retrained or rebuilt?); resuming would mix the two: "
+        "start a new run")
+
+
 def reference_spec(cfg: Config) -> str:
     """The reference a run with k < 1 compares with: --ref, else the one the cache recorded."""
     if cfg.models.ref:

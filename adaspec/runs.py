@@ -204,14 +204,17 @@ def owned(run_dir: Path, hold: bool = True) -> Iterator[None]:
 
 
 def start_run_dir(run_dir: Path, cfg: Config, start_step: int,
-                  schedule: dict | None = None) -> None:
-    """Write the config (with the `schedule` the run follows: epochs, batch, optimizer steps)
-    and keep only the metrics of steps up to `start_step` (main process): an interrupted run
-    may have logged steps past its last checkpoint; they are redone."""
+                  schedule: dict | None = None, reference: dict | None = None) -> None:
+    """Write the config (with the `schedule` the run follows: epochs, batch, optimizer steps,
+    and the identity of the `reference` an AdaSPEC run selects against) and keep only the
+    metrics of steps up to `start_step` (main process): an interrupted run may have logged
+    steps past its last checkpoint; they are redone."""
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = cfg.to_dict(RUN_SECTIONS)
     if schedule is not None:
         saved["schedule"] = schedule
+    if reference is not None:
+        saved["reference"] = reference
     (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
     kept = [record for record in read_metrics(run_dir) if record["step"] <= start_step]
     (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))

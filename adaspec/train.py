@@ -458,6 +458,10 @@ def _train(cfg: Config, accelerator, run_dir: Path, resume: bool, progress: bool
     torch.manual_seed(t.seed)
 
     reader, ref_spec = open_cache(cfg)
+    reference = provenance.reference_identity(cfg, reader, ref_spec) if needs_ref(cfg) else None
+    if checkpoint is not None:
+        provenance.check_same_reference(run_dir, runs.read_config(run_dir).get("reference"),
+                                        reference)
     spec = cfg.models.target if t.stage == "sft" else cfg.models.draft
     # fp32 master weights whatever --dtype says (see `step.mixed_precision`).
     model, tokenizer = models.load_model(spec, dtype=torch.float32)
@@ -488,7 +492,8 @@ def _train(cfg: Config, accelerator, run_dir: Path, resume: bool, progress: bool
         runs.check_run_dir(run_dir, cfg, resume)
     accelerator.wait_for_everyone()  # every process has checked the run folder before it is written
     if accelerator.is_main_process:
-        runs.start_run_dir(run_dir, cfg, start_step, schedule_of(t, per_epoch, total_steps, world))
+        runs.start_run_dir(run_dir, cfg, start_step, schedule_of(t, per_epoch, total_steps, world),
+                           reference)
     if t.report_to is not None:
         accelerator.init_trackers(run_dir.name, config=tracker_config(cfg))
 

@@ -353,3 +353,20 @@ def test_a_reference_built_with_model_path_is_checked_against_its_runs_init(env,
     cfg.models.draft = f"{env.target}@layers=2"  # the reference run started from layers=1
     with pytest.raises(UserError, match="trained from .*@layers=1 but this draft starts from"):
         train(cfg, progress=False)
+
+
+def test_a_run_cannot_resume_against_another_reference(env, tmp_path, capsys):  # noqa: F811
+    """Extending (or resuming) an AdaSPEC run after its reference was retrained would mix two
+    references' selections in one run."""
+    from adaspec.build import build_stage
+
+    cache = _copy_cache(env, tmp_path)
+    run_dir = train(_cfg(env, {"cache": str(cache)}, k=0.5, epochs=1, out=tmp_path / "d"),
+                    progress=False)
+    other_ref = train(_cfg(env, {"cache": str(cache)}, stage="ref", epochs=1, lr=3e-3,
+                           out=tmp_path / "ref2"), progress=False)
+    build_stage(_cfg(env, {"cache": str(cache)}), "ref", model_spec=str(other_ref),
+                progress=False, rebuild=True)
+    cfg = _cfg(env, {"cache": str(cache)}, k=0.5, epochs=2, out=run_dir)
+    err = _cli_error(capsys, lambda: train(cfg, resume=True, progress=False))
+    assert "selected its tokens against the reference" in err
