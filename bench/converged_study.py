@@ -37,7 +37,7 @@ validation curve flat at its end (plateau: < 0.5 pt gain over its last quarter o
 
 Work goes to --work; every step is skipped when its output exists and a killed run resumes
 from its last checkpoint, so a re-run continues where the study stopped (across sessions if
-the work folder survives). Results are written after every seed; `--report-only` re-makes the
+the work folder survives). A larger --epochs extends finished runs (see `ensure_run`). Results are written after every seed; `--report-only` re-makes the
 table and plots from the work folder.
 """
 
@@ -46,10 +46,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 from pathlib import Path
 
-from adaspec import models, quality, runs
+from adaspec import models, provenance, quality, runs
 from adaspec.build import build_stage
 from adaspec.config import Config, build_config
 from adaspec.evaluate import evaluate
@@ -58,6 +57,7 @@ from adaspec.train import train
 from adaspec.validation import plateau, validation_records
 from bench import harness
 from bench.paper_table import split_config
+from cache_tools import schema
 
 ARMS = ("R", "A", "C")
 DENSE = ("A-dense", "C-dense")
@@ -115,16 +115,20 @@ def arm_config(args, cfg: Config, arm: str, run: Path, ref: Path | None) -> Conf
 # Steps (each skipped when its output exists)
 
 
-def ensure_run(cfg: Config, progress: bool) -> Path:
-    """Train the run unless its model exists; resume a killed one, restart one killed before
-    its first checkpoint."""
+def ensure_run(cfg: Config, progress: bool, reference: dict | None = None) -> Path:
+    """Train the run unless it is finished at this length; resume a killed one (train restarts
+    one killed before its first checkpoint), extend a finished shorter one (constant rate: the
+    same training continued, `--epochs` raised after a run had not plateaued), and start over
+    one whose reference (`reference`, an identity) changed since it started."""
     run = Path(cfg.train.out)
-    if (run / "model" / "config.json").is_file():
-        return run
-    started = (run / runs.CONFIG_FILE).exists()
-    if started and runs.latest_checkpoint(run) is None:
-        shutil.rmtree(run)  # killed before its first checkpoint: nothing to resume
-        started = False
+    if reference is not None and (run / runs.CONFIG_FILE).is_file():
+        recorded = runs.read_config(run).get("reference") or {}
+        if recorded.get("weight_hash") != reference.get("weight_hash"):
+            runs.discard_run(run)  # its tokens were selected against another reference
+    if runs.is_run_folder(run) and (runs.model_dir(run) / "config.json").is_file():
+        if runs.read_schedule(run)["epochs"] >= cfg.train.run_epochs:
+            return run
+    started = runs.latest_checkpoint(run) is not None
     train(cfg, resume=started, progress=progress)
     return run
 
@@ -172,22 +176,31 @@ def run_seed(args, work: Path, tuned: str, seed: int) -> dict:
     """Caches, arms and test endpoints of one seed (cached in seed-S/eval.json)."""
     folder = work / f"seed-{seed}"
     done = folder / "eval.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+    if done.is_file() and json.loads(done.read_text()).get("epochs") == args.epochs:
+        return json.loads(done.read_text())  # (a seed of a shorter study is extended instead)
     cfg = base_config(args, seed, tuned, folder)
     ensure_caches(args, cfg, folder)
     arms = list(ARMS) + (list(DENSE) if seed == args.dense_seed else [])
     ref = ensure_run(arm_config(args, cfg, "R", folder / "R", None), args.progress)
-    build_stage(dataclasses.replace(cfg, models=dataclasses.replace(
-        cfg.models, ref=str(ref / "model"))), "ref", progress=args.progress)
+    identity = models.model_identity(str(runs.model_dir(ref)))
+    ref_cfg = dataclasses.replace(cfg, models=dataclasses.replace(
+        cfg.models, ref=str(runs.model_dir(ref))))
+    reader = provenance.open_split(cfg)
+    stage = reader.manifest.stage(schema.ref_group_name(cfg.cache.ref_name))
+    stale = stage is not None and (stage.params.get("model") or {}).get("weight_hash") != \
+        identity["weight_hash"]  # R was extended: its losses are rebuilt
+    build_stage(ref_cfg, "ref", progress=args.progress, rebuild=stale)
     for arm in arms[1:]:
-        ensure_run(arm_config(args, cfg, arm, folder / arm, ref), args.progress)
+        uses_ref = arm.startswith("A")
+        ensure_run(arm_config(args, cfg, arm, folder / arm, ref), args.progress,
+                   identity if uses_ref else None)
     test = split_config(cfg, "test", args.test_rows, **EVAL_CACHE)
     drafts = [args.draft] + [str(folder / arm / "best") for arm in arms]
     teacher_forced = evaluate(test, drafts, ("exact",), progress=args.progress,
                               continuations_cache=str(folder / "continuations"), per_token=True)
     decoding = evaluate(test, drafts, ("speculative",), progress=args.progress)
-    out = {"seed": seed, "arms": arms, "drafts": drafts, "teacher_forced": teacher_forced,
+    out = {"seed": seed, "epochs": args.epochs, "arms": arms, "drafts": drafts,
+           "teacher_forced": teacher_forced,
            "decoding": decoding, "runs": {arm: run_record(folder / arm) for arm in arms}}
     done.write_text(json.dumps(out))
     return out
@@ -397,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-rows", type=int, default=48)
     p.add_argument("--test-rows", type=int, default=64)
     p.add_argument("--prompts", type=int, default=24, help="test prompts decoded speculatively")
-    p.add_argument("--epochs", type=float, default=3.0, help="E: R's epochs")
+    p.add_argument("--epochs", type=float, default=9.0,
+                   help="E: R's epochs (raising it extends finished runs; 3 did not plateau)")
     p.add_argument("--k", type=float, default=0.4)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=4, help="b: R's batch")

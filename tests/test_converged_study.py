@@ -52,3 +52,24 @@ def test_killed_study_resumes_and_reuses_finished_runs(tiny_model_dir, tmp_path)
     assert [s["seed"] for s in again["seeds"]] == [0, 1]
     assert again["summary"]["decision"]["seeds"] == 2
     assert len(again["summary"]["comparisons"]["A - C"]["greedy_agreement"]["per_seed"]) == 2
+
+
+def test_a_longer_study_extends_finished_runs(tiny_model_dir, tmp_path):
+    """--epochs raised after runs had not plateaued: R and C continue where they ended (the same
+    training, constant rate), the reference losses are rebuilt from the longer R, and A starts
+    over against it (its first steps selected against the shorter R)."""
+    from adaspec import models, runs
+
+    work = tmp_path / "study"
+    assert converged_study.main(_args(str(tiny_model_dir), work)) == 0
+    seed = work / "seed-0"
+    longer = _args(str(tiny_model_dir), work)
+    longer[longer.index("--epochs") + 1] = "2"
+    assert converged_study.main(longer) == 0
+    steps = {arm: [m["step"] for m in runs.training_metrics(seed / arm)] for arm in "RAC"}
+    assert steps["R"] == list(range(1, 9)) and steps["C"] == list(range(1, 9))
+    assert steps["A"] == list(range(1, 9))
+    r_hash = models.model_identity(str(runs.model_dir(seed / "R")))["weight_hash"]
+    assert runs.read_config(seed / "A")["reference"]["weight_hash"] == r_hash
+    result = json.loads((work / "s.json").read_text())
+    assert result["seeds"][0]["runs"]["R"]["schedule"]["epochs"] == 2.0
