@@ -37,8 +37,9 @@ validation curve flat at its end (plateau: < 0.5 pt gain over its last quarter o
 
 Work goes to --work; every step is skipped when its output exists and a killed run resumes
 from its last checkpoint, so a re-run continues where the study stopped (across sessions if
-the work folder survives). A larger --epochs extends finished runs (see `ensure_run`). Results are written after every seed; `--report-only` re-makes the
-table and plots from the work folder.
+the work folder survives). A larger --epochs extends finished runs (see `ensure_run`). Results
+are written after every seed; `--report-only` re-makes the table and plots from the work
+folder.
 """
 
 from __future__ import annotations
