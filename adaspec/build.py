@@ -198,13 +198,30 @@ def build_stage(cfg: Config, role: str, model_spec: str | None = None, progress:
     try:
         lock.__enter__()
     except CacheError as err:
-        lock_error = err
+        lock_error = _busy_error(cfg, role, err)
     processes.raise_if_any(state, lock_error)
     try:
         build = _build_target if role == "target" else _build_ref
         return build(cfg, model_spec, state, progress, rebuild)
     finally:
         lock.__exit__(None, None, None)
+
+
+def _busy_error(cfg: Config, role: str, err: CacheError) -> CacheError:
+    """The lock is held: say so, and when the stage asked for is already complete, that the
+    other build has nothing to write either (it is checking the stored settings)."""
+    stage = schema.TARGET if role == "target" else schema.ref_group_name(cfg.cache.ref_name)
+    try:
+        complete = CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split,
+                               require=()).manifest.is_complete(stage)
+    except CacheError:
+        complete = False
+    if complete:
+        return CacheError(
+            f"another build holds {cfg.cache.cache}/{cfg.data.task}/{cfg.data.split}, whose "
+            f"'{stage}' stage is already complete (that build is checking its settings; "
+            "nothing is being written unless they differ): run again once it has finished")
+    return err
 
 
 @dataclass

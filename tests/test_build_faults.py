@@ -320,3 +320,20 @@ def test_build_accepts_a_training_run_folder(
     assert runs.resolve_run_folder(str(tiny_model_dir)) == str(tiny_model_dir)
     assert runs.resolve_run_folder("smollm2-135m") == "smollm2-135m"
 
+
+
+def test_a_second_build_on_a_complete_split_is_told_the_truth(tmp_path, tiny_model_dir):
+    """Two builds at once on a split that is already complete: the second used to hear that
+    'another build is writing'; nothing is being written."""
+    from adaspec.config import build_config
+    from cache_tools import store
+    from cache_tools.errors import CacheError
+
+    cfg = build_config({
+        "models": {"target": str(tiny_model_dir)},
+        "data": {"task": "gsm8k", "data_files": str(GSM8K), "limit": 3, "max_length": 256},
+        "cache": {"cache": str(tmp_path / "cache"), "draws": 4}})
+    build.build_stage(cfg, "target", progress=False)
+    with store.build_lock(cfg.cache.cache, "gsm8k", "train"):  # the other build, checking
+        with pytest.raises(CacheError, match="already complete"):
+            build.build_stage(cfg, "target", progress=False)

@@ -204,3 +204,21 @@ def test_a_folder_that_is_not_a_cache_is_refused_untouched(tmp_path):
             with store.build_lock(str(folder), "gsm8k", "train"):
                 pass
         assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_a_cache_that_cannot_be_written_is_one_line_at_the_lock(tmp_path, monkeypatch):
+    """A read-only cache: build died with a traceback opening its lock file. (As root nothing is
+    read-only: the refusal is simulated.)"""
+    import builtins
+
+    real_open = builtins.open
+
+    def refusing(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing)
+    with pytest.raises(CacheError, match="cannot write the cache"):
+        with store.build_lock(str(tmp_path / "cache"), "gsm8k", "train"):
+            pass
