@@ -26,7 +26,7 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 import adaspec
-from adaspec import generate, labels, losses, models, processes, runs, sparse, tasks
+from adaspec import generate, labels, losses, models, processes, provenance, runs, sparse, tasks
 from adaspec.config import Config
 from adaspec.errors import UserError
 from adaspec.labels import plan_batches
@@ -212,8 +212,7 @@ def _busy_error(cfg: Config, role: str, err: CacheError) -> CacheError:
     other build has nothing to write either (it is checking the stored settings)."""
     stage = schema.TARGET if role == "target" else schema.ref_group_name(cfg.cache.ref_name)
     try:
-        complete = CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split,
-                               require=()).manifest.is_complete(stage)
+        complete = provenance.reader_of(cfg, require=()).manifest.is_complete(stage)
     except CacheError:
         complete = False
     if complete:
@@ -310,7 +309,7 @@ def _build_target(cfg: Config, model_spec: str | None, state: PartialState, prog
             writer, cfg, loaded.tokenizer, sequence_params(cfg, fingerprint),
             lambda: task_examples(cfg, loaded.tokenizer), rebuild))
     state.wait_for_everyone()
-    reader = CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split, require=())
+    reader = provenance.reader_of(cfg, require=())
     _check_tokenizer(loaded, reader.manifest)
     seqs, masks = reader.sequence_lists()
     label_offsets = reader.label_offsets
@@ -346,7 +345,7 @@ def _build_ref(cfg: Config, model_spec: str | None, state: PartialState, progres
     loaded = _load(cfg, spec, state, None)
     # A reference is scored on the sequences the target stage was built on, whatever flags say.
     try:
-        reader = CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split, require=())
+        reader = provenance.reader_of(cfg, require=())
     except CacheError:
         raise UserError(
             f"the cache has no {cfg.data.task}/{cfg.data.split} sequences yet; run "
@@ -481,8 +480,7 @@ def _ref_batch_fn(loaded: _Model, seqs, masks, layout: _Layout, reader: CacheRea
 def _recorded_ref(cfg: Config) -> str:
     """The reference the ref training stage recorded in the cache manifest."""
     try:
-        recorded = CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split,
-                               require=()).recorded_refs.get(cfg.cache.ref_name)
+        recorded = provenance.reader_of(cfg, require=()).recorded_refs.get(cfg.cache.ref_name)
     except CacheError:
         recorded = None
     if not recorded:

@@ -68,7 +68,7 @@ def _open_cache(
     if "offline" not in modes:
         return None, modes
     try:
-        reader = CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split)
+        reader = provenance.reader_of(cfg)
         provenance.check_data(cfg, reader)  # --limit, --data-files, ... as training checks them
         return reader, modes
     except CacheError as err:

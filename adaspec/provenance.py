@@ -23,11 +23,18 @@ from cache_tools.store import CacheReader, CacheWriter
 DATA_KEYS = ("data_files", "limit", "max_length", "chat_template", "seed")
 
 
+def reader_of(cfg: Config, split: str | None = None,
+              require: tuple[str, ...] = (schema.TARGET,)) -> CacheReader:
+    """The reader of cfg's cache for its task and `split` (default: cfg's split), with the
+    stages in `require` complete (a one-line CacheError otherwise)."""
+    return CacheReader(cfg.cache.cache, cfg.data.task, split or cfg.data.split, require=require)
+
+
 def open_split(cfg: Config, require: tuple[str, ...] = ()) -> CacheReader | None:
     """The cache's reader of the run's split, or None when the cache has no complete sequences
     for it."""
     try:
-        return CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split, require=require)
+        return reader_of(cfg, require=require)
     except CacheError:
         return None
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from adaspec import models, runs, teacher_forced, train
+from adaspec import models, provenance, runs, teacher_forced, train
 from adaspec.config import Config
 from adaspec.errors import UserError
 from adaspec.validation import Validator
@@ -184,7 +184,7 @@ def run_sweep(cfg: Config, variants: list[Variant] | None = None, out: Path | st
         raise UserError("--official-schedule gives each k its own batch size, so variants of "
                         "several k cannot share one pass; drop --single-pass")
     try:
-        eval_reader = CacheReader(cfg.cache.cache, cfg.data.task, eval_split)
+        eval_reader = provenance.reader_of(cfg, split=eval_split)
     except CacheError as err:  # say how to make the evaluation cache
         raise UserError(
             f"{err}; the sweep evaluates offline on a cache of --eval-split {eval_split}: "
@@ -295,7 +295,7 @@ def write_report(rows: list[dict], out: Path, cfg: Config, eval_split: str) -> P
         f"</figcaption></figure>" for name in ("alpha_vs_k.png", "loss_curves.png")
         if (out / name).is_file())
     try:
-        params = CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split).target_params
+        params = provenance.reader_of(cfg).target_params
     except CacheError:
         params = {}
     cache_rows = [[k, json.dumps(v) if isinstance(v, dict) else str(v)]

@@ -115,7 +115,7 @@ def open_cache(cfg: Config) -> tuple[CacheReader | None, str | None]:
             provenance.check_data(cfg, reader)
         return reader, provenance.reference_spec(cfg) if needs_ref(cfg) else None
     require = () if t.stage == "sft" else (schema.TARGET,)
-    reader = CacheReader(cfg.cache.cache, cfg.data.task, cfg.data.split, require=require)
+    reader = provenance.reader_of(cfg, require=require)
     provenance.check_data(cfg, reader)
     if needs_ref(cfg):
         stage = schema.ref_group_name(cfg.cache.ref_name)
