@@ -208,10 +208,13 @@ def run_seed(args, work: Path, tuned: str, seed: int) -> dict:
 
 
 def run_record(run: Path) -> dict:
-    """Schedule, validation curve, best step and plateau of one arm's run."""
+    """Schedule, validation curve, best step and plateau of one arm's run (of a run still
+    going: so far, with the steps it has done)."""
     curve = validation_records(run)
+    trained = runs.training_metrics(run)
     return {"schedule": runs.read_schedule(run), "validation": curve,
-            "best": json.loads((run / "best" / "best.json").read_text()),
+            "steps_done": trained[-1]["step"] if trained else 0,
+            "best": runs.read_best(run),
             "plateau": plateau(curve, HEADLINE),
             "seconds": max((r.get("elapsed", 0.0) for r in runs.training_metrics(run)),
                            default=None)}
@@ -443,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         quality_path = work / "quality.json"
         payload["quality"] = json.loads(quality_path.read_text()) if quality_path.is_file() \
             else {}
+        payload["in_progress"] = in_progress(work, [s for s, f in zip(seeds, done, strict=True)
+                                                    if not f.is_file()])
         report(args, payload, finished)
         return 0
     tuned = ensure_target(args, work)
@@ -453,6 +458,19 @@ def main(argv: list[str] | None = None) -> int:
         finished.append(run_seed(args, work, tuned, seed))
         report(args, payload, finished)  # partial results after every seed
     return 0
+
+
+def in_progress(work: Path, seeds: list[int]) -> dict:
+    """The arms of unfinished seeds as they stand: schedule, steps done, validation curve and
+    plateau so far (what a study that runs across sessions has to show between them)."""
+    out = {}
+    for seed in seeds:
+        folder = work / f"seed-{seed}"
+        arms = {arm: run_record(folder / arm) for arm in (*ARMS, *DENSE)
+                if (folder / arm / runs.CONFIG_FILE).is_file()}
+        if arms:
+            out[str(seed)] = arms
+    return out
 
 
 def without_tokens(seed: dict) -> dict:

@@ -42,6 +42,11 @@ def test_killed_study_resumes_and_reuses_finished_runs(tiny_model_dir, tmp_path)
     # second seed's R was killed before its first checkpoint (config.yaml only).
     shutil.rmtree(seed / "C" / "model")
     (seed / "eval.json").unlink()
+    # between sessions: --report-only shows the unfinished seed's arms as they stand
+    assert converged_study.main([*_args(str(tiny_model_dir), work), "--report-only"]) == 0
+    standing = json.loads((work / "s.json").read_text())["in_progress"]["0"]
+    assert set(standing) == {"R", "A", "C"} and standing["R"]["steps_done"] == 4
+    assert standing["R"]["validation"] and "reached" in standing["R"]["plateau"]
     r1 = work / "seed-1" / "R"
     r1.mkdir(parents=True)
     shutil.copy(seed / "R" / "config.yaml", r1 / "config.yaml")
