@@ -1,5 +1,8 @@
 """The one exception type a user can cause; CLIs print it as one line and exit non-zero."""
 
+import os
+from pathlib import Path
+
 
 class UserError(Exception):
     """Bad input from the user: a message that names the bad value and the fix, no traceback."""
@@ -8,9 +11,6 @@ class UserError(Exception):
 def check_output(path, flag: str, folder: bool = False) -> None:
     """Refuse, before any work, an output path that cannot be written: a file where a folder is
     asked (or the reverse), or a location under a read-only or missing-permission folder."""
-    import os
-    from pathlib import Path
-
     path = Path(path).expanduser()
     if folder and path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path} is a file; pass a folder")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from adaspec import draft_vocab
 from adaspec.errors import UserError
@@ -155,10 +156,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device_map: str | 
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as error:
         raise _loading_error(parsed, location, error) from error
-    except Exception as error:  # safetensors' own errors for a truncated or garbled header
-        if type(error).__module__.startswith("safetensors"):
-            raise _loading_error(parsed, location, error) from None
-        raise
+    except SafetensorError as error:  # a truncated or garbled safetensors header
+        raise _loading_error(parsed, location, error) from None
     tokenizer = load_tokenizer(spec)
     if parsed.layers is not None:
         total = len(_decoder_layers(model))

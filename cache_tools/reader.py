@@ -159,7 +159,9 @@ class CacheReader:
         if stage not in self._arrays:
             group = member(self.group, stage, self.root)
             self._arrays[stage] = {name: member(group, name, self.root)
-                                   for name in self.stage_array_names(stage)}
+                                   for name in schema.stage_array_names(
+                                       stage, self.manifest.stages[stage].params,
+                                       self.vocab_size)}
             for array in self._arrays[stage].values():
                 check_stored(array, self.root)
         return self._arrays[stage]
@@ -170,18 +172,6 @@ class CacheReader:
         arrays = self._stage_arrays(stage)
         return {name: read_rows(arrays[name], start, stop, self.root)
                 for name in (names if names is not None else arrays)}
-
-    def stage_array_names(self, stage: str) -> list[str]:
-        """The arrays a complete stage holds, by the format (not by what the folder lists: an
-        array whose metadata was deleted would silently vanish from a listing)."""
-        if stage == schema.SEQUENCES:
-            return list(schema.SEQUENCE_ARRAYS)
-        if stage == schema.TARGET:
-            p = self.target_params
-            return list(schema.target_arrays(p.get(schema.MODE), int(p.get(schema.K, 1)),
-                                             p.get(schema.VALUE_ENCODING, "float16"),
-                                             self.vocab_size))
-        return list(schema.ref_arrays())
 
     @property
     def target_row_bytes(self) -> int:

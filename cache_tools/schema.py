@@ -188,6 +188,17 @@ def target_arrays(mode: str, k: int, value_encoding: str, vocab_size: int) -> di
     return arrays
 
 
+def stage_array_names(stage: str, params: dict, vocab_size: int) -> list[str]:
+    """The arrays a complete stage holds, by the format (a listing of the folder would silently
+    drop an array whose metadata was deleted); `_done` markers not included."""
+    if stage == SEQUENCES:
+        return list(SEQUENCE_ARRAYS)
+    if stage == TARGET:
+        return list(target_arrays(params.get(MODE), int(params.get(K, 1)),
+                                  params.get(VALUE_ENCODING, "float16"), vocab_size))
+    return list(ref_arrays())
+
+
 def ref_arrays() -> dict[str, RowArray]:
     """The arrays of a `ref/<name>` stage: one per-token loss per divergence."""
     return {f"loss_{d}": RowArray(np.dtype(np.float32)) for d in DIVERGENCES}

@@ -52,15 +52,9 @@ def _check_stored(group, path: str, root: str, manifest: Manifest) -> None:
     """Every array the format says a stage holds has its metadata and every chunk file (none
     reads as zeros); the `_done` markers too."""
     for stage, entry in manifest.stages.items():
-        if stage == schema.SEQUENCES:
-            names = list(schema.SEQUENCE_ARRAYS)
-        elif stage == schema.TARGET:
-            p = entry.params
-            names = [*schema.target_arrays(p.get(schema.MODE), int(p.get(schema.K, 1)),
-                                           p.get(schema.VALUE_ENCODING, "float16"),
-                                           int(manifest.vocab_size or 1)), schema.DONE]
-        else:
-            names = [*schema.ref_arrays(), schema.DONE]
+        names = schema.stage_array_names(stage, entry.params, int(manifest.vocab_size or 1))
+        if stage != schema.SEQUENCES:
+            names.append(schema.DONE)
         try:
             stage_group = store.member(group, stage, root)
             for name in names:
