@@ -452,10 +452,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     tuned = ensure_target(args, work)
     payload["quality"] = target_quality(args, work, tuned) if args.sft_epochs else {}
+    payload["in_progress"] = in_progress(work, seeds)
     report(args, payload, [])  # the tuned target's quality, before any seed
     finished = []
-    for seed in seeds:
+    for i, seed in enumerate(seeds):
         finished.append(run_seed(args, work, tuned, seed))
+        payload["in_progress"] = in_progress(work, seeds[i + 1:])
         report(args, payload, finished)  # partial results after every seed
     return 0
 
