@@ -156,6 +156,13 @@ def extends(section: str, key: str, before, now, cfg: Config) -> bool:
             and now > before and cfg.train.lr_schedule == "constant")
 
 
+def reopen_run(run_dir: Path) -> None:
+    """A finished run trained further (`extends`) is unfinished again: its model is the shorter
+    run's, so it goes before the config records the longer schedule, and a run killed while
+    being extended reads as one to resume, never as finished at the new length."""
+    shutil.rmtree(run_dir / MODEL_DIR, ignore_errors=True)
+
+
 def discard_run(run_dir: Path) -> None:
     """Delete a run's own files (to start it over), nothing else; the marker goes last, so a
     half-cleared folder is still recognised as a run."""

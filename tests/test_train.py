@@ -326,6 +326,11 @@ def test_a_finished_run_extended_to_more_epochs_equals_the_longer_run(env, tmp_p
     whole = train(_cfg(env, **values, epochs=2.0, out=tmp_path / "whole"), progress=False)
     short = train(_cfg(env, **values, epochs=1.0, out=tmp_path / "ext"), progress=False)
     assert [m["step"] for m in _metrics(short)] == [1, 2, 3, 4]
+    # killed while being extended: no longer finished (its model was the shorter run's)
+    train(_cfg(env, **values, epochs=2.0, out=tmp_path / "ext"), resume=True, progress=False,
+          max_steps=6)
+    assert not (short / "model").exists()
+    assert yaml.safe_load((short / "config.yaml").read_text())["schedule"]["optimizer_steps"] == 8
     extended = train(_cfg(env, **values, epochs=2.0, out=tmp_path / "ext"), resume=True,
                      progress=False)
     a, b = _weights(whole), _weights(extended)
