@@ -50,7 +50,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check adaspec cache_tools tests bench
+	$(BIN)/ruff check adaspec cache_tools tests bench studies
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

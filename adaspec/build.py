@@ -14,22 +14,18 @@ the same rows come out whichever process, shard or restart computes them.
 
 from __future__ import annotations
 
-import queue
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from accelerate import PartialState
-from tqdm.auto import tqdm
 
 import adaspec
 from adaspec import generate, labels, losses, models, processes, provenance, runs, sparse, tasks
 from adaspec.config import Config
 from adaspec.errors import UserError
-from adaspec.labels import plan_batches
+from adaspec.shard_loop import BatchLayout, run_shards
 from cache_tools import schema, store
 from cache_tools.errors import CacheError
 from cache_tools.manifest import Manifest
@@ -37,92 +33,6 @@ from cache_tools.store import CacheReader, CacheWriter, StageWriter
 
 LOGIT_ROWS = 1024  # label rows turned into full-vocabulary log-probs at a time (bounds memory)
 SEQUENCES_FIX = "use a new --cache directory for other data, tokenizer or generation settings"
-
-
-# ---------------------------------------------------------------------------------------------
-# The shard loop shared by both stages
-
-
-@dataclass
-class _Layout:
-    """Where each sequence's label rows and each batch's sequences sit."""
-
-    offsets_labels: np.ndarray  # (S+1,) label row offsets
-    batches: list[tuple[int, int]]
-    batch_of_seq: np.ndarray  # (S,) batch index of each sequence
-
-    @classmethod
-    def from_sequences(cls, label_offsets: np.ndarray, lengths: np.ndarray, batch_tokens: int):
-        batches = plan_batches(lengths, batch_tokens)
-        batch_of_seq = np.zeros(len(lengths), dtype=np.int64)
-        for i, (a, b) in enumerate(batches):
-            batch_of_seq[a:b] = i
-        return cls(label_offsets, batches, batch_of_seq)
-
-    def batches_for_rows(self, start: int, stop: int) -> list[int]:
-        first = int(np.searchsorted(self.offsets_labels, start, side="right")) - 1
-        last = int(np.searchsorted(self.offsets_labels, stop, side="left"))  # exclusive
-        return sorted(set(self.batch_of_seq[first:last].tolist()))
-
-    def batch_rows(self, batch: int) -> tuple[int, int]:
-        a, b = self.batches[batch]
-        return int(self.offsets_labels[a]), int(self.offsets_labels[b])
-
-
-def _run_shards(
-    writer: store.StageWriter,
-    layout: _Layout,
-    shards: list[int],
-    compute_batch: Callable[[int], tuple[dict[str, np.ndarray], int]],
-    desc: str,
-    disable_bar: bool,
-) -> None:
-    """Compute and write each shard; writing overlaps the next shard's compute.
-
-    compute_batch(b) -> (rows of batch b as numpy arrays, tokens run through the model).
-    """
-    total = sum(writer.shard_range(s)[1] - writer.shard_range(s)[0] for s in shards)
-    bar = tqdm(total=total, desc=desc, unit="row", disable=disable_bar, dynamic_ncols=True)
-    writes: queue.Queue = queue.Queue(maxsize=1)
-    failure: list[BaseException] = []
-
-    def writer_loop() -> None:
-        while (item := writes.get()) is not None:
-            try:
-                writer.write_shard(*item)
-            except BaseException as err:  # surfaced in the main thread below
-                failure.append(err)
-
-    thread = threading.Thread(target=writer_loop, daemon=True)
-    thread.start()
-    memo: tuple[int, dict] | None = None  # a batch straddling two shards is computed once
-    tokens, started = 0, time.perf_counter()
-    try:
-        for shard in shards:
-            start, stop = writer.shard_range(shard)
-            parts: dict[str, list[np.ndarray]] = {}
-            for batch in layout.batches_for_rows(start, stop):
-                if memo is not None and memo[0] == batch:
-                    rows = memo[1]
-                else:
-                    rows, batch_tokens = compute_batch(batch)
-                    tokens += batch_tokens
-                    memo = (batch, rows)
-                b_start, b_stop = layout.batch_rows(batch)
-                lo, hi = max(start, b_start) - b_start, min(stop, b_stop) - b_start
-                for name, values in rows.items():
-                    parts.setdefault(name, []).append(values[lo:hi])
-                bar.update(hi - lo)
-                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}")
-            if failure:
-                raise failure[0]
-            writes.put((shard, {name: np.concatenate(p) for name, p in parts.items()}))
-    finally:
-        writes.put(None)
-        thread.join()
-        bar.close()
-    if failure:
-        raise failure[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,15 +54,6 @@ def sequence_params(cfg: Config, fingerprint: str, generate: dict | None = None)
         schema.TOKENIZER_FINGERPRINT: fingerprint,
         "generate": generate,
     }
-
-
-def task_examples(cfg: Config, tokenizer) -> list[tasks.TokenizedExample]:
-    """The split's own examples, tokenized as the cache stores them."""
-    examples = tasks.load_examples(
-        cfg.data.task, cfg.data.split, cfg.data.data_files, cfg.data.limit, cfg.data.seed
-    )
-    return tasks.tokenize_examples(examples, tokenizer, cfg.data.max_length,
-                                   cfg.data.chat_template)
 
 
 def ensure_sequences(writer: CacheWriter, cfg: Config, tokenizer, params: dict,
@@ -254,26 +155,8 @@ def _load(cfg: Config, spec: str, state: PartialState, device_map: str | None) -
     spec = runs.resolve_run_folder(spec)  # an adaspec-train run folder: its model/
     identity = models.model_identity(spec)
     dtype = models.resolve_dtype(cfg.models.dtype, state.device)
-    model, tokenizer = models.load_model(spec, dtype=dtype, device_map=device_map)
-    if device_map is None:
-        model.to(state.device)
-    return _Model(spec, identity, model.eval(), tokenizer, dtype)
-
-
-def _check_same_tokenizer(loaded: _Model, fingerprint: str) -> None:
-    if models.tokenizer_fingerprint(loaded.tokenizer) != fingerprint:
-        raise UserError(
-            f"--generator model {loaded.spec} uses another tokenizer than the target; the "
-            "draft, reference and target must share one tokenizer"
-        )
-
-
-def _check_tokenizer(loaded: _Model, manifest: Manifest) -> None:
-    if models.tokenizer_fingerprint(loaded.tokenizer) != manifest.tokenizer_fingerprint:
-        raise UserError(
-            f"{loaded.spec} uses another tokenizer than the cache's sequences; the draft, "
-            "reference and target must share one tokenizer"
-        )
+    model, tokenizer = models.load_frozen(spec, dtype, state.device, device_map)
+    return _Model(spec, identity, model, tokenizer, dtype)
 
 
 def _build_target(cfg: Config, model_spec: str | None, state: PartialState, progress: bool,
@@ -291,7 +174,8 @@ def _build_target(cfg: Config, model_spec: str | None, state: PartialState, prog
             spec = cfg.models.draft if cfg.cache.generator == "draft" else (
                 cfg.models.ref or _recorded_ref(cfg))
             writer_model = _load(cfg, spec, state, None)
-            _check_same_tokenizer(writer_model, fingerprint)
+            models.check_same_tokenizer(writer_model.tokenizer, fingerprint,
+                                        f"--generator model {writer_model.spec}", "the target")
         gen_identity = writer_model.identity
         gen_params = generate.generation_params(cfg, gen_identity)
         seq_params = sequence_params(cfg, fingerprint, gen_params)
@@ -307,10 +191,11 @@ def _build_target(cfg: Config, model_spec: str | None, state: PartialState, prog
     else:
         processes.on_main(state, lambda: ensure_sequences(
             writer, cfg, loaded.tokenizer, sequence_params(cfg, fingerprint),
-            lambda: task_examples(cfg, loaded.tokenizer), rebuild))
+            lambda: tasks.tokenize_split(cfg.data, loaded.tokenizer), rebuild))
     state.wait_for_everyone()
     reader = provenance.reader_of(cfg, require=())
-    _check_tokenizer(loaded, reader.manifest)
+    models.check_same_tokenizer(loaded.tokenizer, reader.tokenizer_fingerprint, loaded.spec,
+                                "the cache's sequences")
     seqs, masks = reader.sequence_lists()
     label_offsets = reader.label_offsets
     if generated is not None:
@@ -326,17 +211,16 @@ def _build_target(cfg: Config, model_spec: str | None, state: PartialState, prog
         "seed": c.seed if c.sparse == "sample" else None,
         "generate": generate.generation_params(cfg, gen_identity) if c.generate else None,
     }
-    arrays = schema.target_arrays(c.sparse, c.k, c.value_encoding, loaded.vocab_size)
     fix = ("use a new --cache directory or the stored settings, or replace the stage with "
            "--rebuild (then rebuild its reference losses too)")
-    layout = _Layout.from_sequences(label_offsets, np.array([len(s) for s in seqs]),
+    layout = BatchLayout.from_sequences(label_offsets, np.array([len(s) for s in seqs]),
                                     c.batch_tokens)
     if generated is not None and cfg.cache.generator == "target":  # rows came with them
-        compute = _staged_batch_fn(cfg, layout, reader.source_index, generated, loaded.vocab_size)
+        compute = _staged_batch_fn(layout, reader.source_index, generated)
     else:  # the task's data, or another model's responses: the target scores them now
-        compute = _target_batch_fn(cfg, loaded, seqs, masks, layout)
-    return _write_stage(cfg, state, writer, schema.TARGET, params, arrays, fix, rebuild, layout,
-                        compute, reader, progress)
+        compute = target_batch_fn(cfg, loaded, seqs, masks, layout)
+    return _write_stage(cfg, state, writer, schema.TARGET, params, loaded.vocab_size, fix,
+                        rebuild, layout, compute, reader, progress)
 
 
 def _build_ref(cfg: Config, model_spec: str | None, state: PartialState, progress: bool,
@@ -351,7 +235,8 @@ def _build_ref(cfg: Config, model_spec: str | None, state: PartialState, progres
             f"the cache has no {cfg.data.task}/{cfg.data.split} sequences yet; run "
             f"`adaspec-cache build --model target --task {cfg.data.task}` first"
         ) from None
-    _check_tokenizer(loaded, reader.manifest)
+    models.check_same_tokenizer(loaded.tokenizer, reader.tokenizer_fingerprint, loaded.spec,
+                                "the cache's sequences")
     if not reader.manifest.is_complete(schema.TARGET):
         raise UserError(
             "the reference stage needs a complete target stage; run "
@@ -365,22 +250,22 @@ def _build_ref(cfg: Config, model_spec: str | None, state: PartialState, progres
         "divergences": list(schema.DIVERGENCES),
     }
     fix = "use another --ref-name or the stored reference, or replace them with --rebuild"
-    layout = _Layout.from_sequences(label_offsets, np.array([len(s) for s in seqs]),
+    layout = BatchLayout.from_sequences(label_offsets, np.array([len(s) for s in seqs]),
                                     cfg.cache.batch_tokens)
     compute = _ref_batch_fn(loaded, seqs, masks, layout, reader)
     writer = CacheWriter(cfg.cache.cache, cfg.data.task, cfg.data.split)
     return _write_stage(cfg, state, writer, schema.ref_group_name(cfg.cache.ref_name), params,
-                        schema.ref_arrays(), fix, rebuild, layout, compute, reader, progress)
+                        loaded.vocab_size, fix, rebuild, layout, compute, reader, progress)
 
 
 def _write_stage(cfg: Config, state: PartialState, writer: CacheWriter, stage: str, params: dict,
-                 arrays: dict, fix: str, rebuild: bool, layout: _Layout, compute,
+                 vocab_size: int, fix: str, rebuild: bool, layout: BatchLayout, compute,
                  reader: CacheReader, progress: bool) -> Manifest:
     """Open (or resume) a row stage, compute this process's pending shards, finish it."""
     c = cfg.cache
 
     def open_stage(create: bool) -> StageWriter:
-        return writer.open_stage(stage, params, arrays, c.shard_rows, c.chunk_rows,
+        return writer.open_stage(stage, params, vocab_size, c.shard_rows, c.chunk_rows,
                                  create=create, rebuild=rebuild and create, fix=fix)
 
     def create() -> None:
@@ -396,7 +281,7 @@ def _write_stage(cfg: Config, state: PartialState, writer: CacheWriter, stage: s
 
     def run() -> None:
         try:
-            _run_shards(stage_writer, layout, shards, compute, desc, disable_bar=not progress)
+            run_shards(stage_writer, layout, shards, compute, desc, disable_bar=not progress)
         except sparse.NonFiniteRow as err:  # name the example; shards already written stay done
             s = int(np.searchsorted(reader.label_offsets, err.row, side="right")) - 1
             token = err.row - int(reader.label_offsets[s])
@@ -410,7 +295,10 @@ def _write_stage(cfg: Config, state: PartialState, writer: CacheWriter, stage: s
     return writer.manifest
 
 
-def _target_batch_fn(cfg: Config, loaded: _Model, seqs, masks, layout: _Layout):
+def target_batch_fn(cfg: Config, loaded: _Model, seqs, masks, layout: BatchLayout):
+    """compute(b) -> (the computed target rows of plan batch b, tokens run through the model);
+    the stage writer encodes them."""
+
     @torch.no_grad()
     def compute(batch: int) -> tuple[dict[str, np.ndarray], int]:
         a, b = layout.batches[batch]
@@ -429,15 +317,12 @@ def _target_batch_fn(cfg: Config, loaded: _Model, seqs, masks, layout: _Layout):
             for name, values in rows.items():
                 parts.setdefault(name, []).append(values)
         rows = {name: np.concatenate(v) for name, v in parts.items()}
-        out = schema.encode_target_rows(rows, cfg.cache.value_encoding, cfg.cache.id_encoding,
-                                        loaded.vocab_size)
-        return out, sum(len(s) for s in seqs[a:b])
+        return rows, sum(len(s) for s in seqs[a:b])
 
     return compute
 
 
-def _staged_batch_fn(cfg: Config, layout: _Layout, source_index, generated: dict,
-                     vocab_size: int):
+def _staged_batch_fn(layout: BatchLayout, source_index, generated: dict):
     """Rows of a plan batch taken from the staged generations (no model call)."""
 
     def compute(batch: int) -> tuple[dict[str, np.ndarray], int]:
@@ -445,13 +330,12 @@ def _staged_batch_fn(cfg: Config, layout: _Layout, source_index, generated: dict
         parts = [generated[int(source_index[s])] for s in range(a, b)]
         names = [k for k in parts[0] if k not in ("input_ids", "label_mask")]
         rows = {name: np.concatenate([p[name] for p in parts]) for name in names}
-        return schema.encode_target_rows(rows, cfg.cache.value_encoding, cfg.cache.id_encoding,
-                                         vocab_size), 0
+        return rows, 0
 
     return compute
 
 
-def _ref_batch_fn(loaded: _Model, seqs, masks, layout: _Layout, reader: CacheReader):
+def _ref_batch_fn(loaded: _Model, seqs, masks, layout: BatchLayout, reader: CacheReader):
     @torch.no_grad()
     def compute(batch: int) -> tuple[dict[str, np.ndarray], int]:
         a, b = layout.batches[batch]

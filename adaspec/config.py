@@ -14,20 +14,15 @@ inside a run.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import functools
-import inspect
-import math
-import textwrap
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
+from adaspec.config_fields import Checked, check_field, coerce, meta
 from adaspec.errors import UserError
 
 # The allowed values of every setting with choices. The implementing modules keep their own
@@ -59,79 +54,10 @@ RENAMED = {
 }
 
 
-def meta(flag: str | None = None) -> dict:
-    """Field metadata: its CLI flag (default --field-name)."""
-    return {"flag": flag}
-
-
-def flag_of(cls: type, name: str) -> str:
-    """The CLI flag of field `name` of config class `cls`."""
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    return f.metadata.get("flag") or "--" + name.replace("_", "-")
-
-
-def _literal_values(annotation) -> tuple | None:
-    """The values of the Literal inside an annotation (also in `tuple[L, ...]` or `L | None`)."""
-    if typing.get_origin(annotation) is typing.Literal:
-        return typing.get_args(annotation)
-    for arg in typing.get_args(annotation):
-        found = _literal_values(arg)
-        if found is not None:
-            return found
-    return None
-
-
-@functools.cache
-def choices_of(cls: type, name: str) -> tuple | None:
-    """The allowed values of a field: the Literal its annotation declares, or None."""
-    return _literal_values(typing.get_type_hints(cls)[name])
-
-
-@functools.cache
-def field_docs(cls: type) -> dict[str, str]:
-    """Each field's docstring (the string literal under it in the class body)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, after in zip(body, body[1:], strict=False):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                and isinstance(after.value.value, str)):
-            docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
-
-
-class _Checked:
-    """Checks every field with choices; subclasses add range checks in `check`."""
-
-    def __post_init__(self) -> None:
-        section = SECTION_OF[type(self)]
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            allowed = choices_of(type(self), f.name)
-            value = getattr(self, f.name)
-            values = value if isinstance(value, tuple) else (value,)
-            if allowed is not None and value is not None:
-                bad = [v for v in values if v not in allowed]
-                _check(not bad, f"{section}.{f.name}", type(self),
-                       f"must be one of {', '.join(map(str, allowed))}, got {bad[0]!r}"
-                       if bad else "")
-        self.check()
-
-    def check(self) -> None:
-        pass
-
-    def _range(self, name: str, ok: bool, rule: str) -> None:
-        _check(ok, f"{SECTION_OF[type(self)]}.{name}", type(self),
-               f"{rule}, got {getattr(self, name)}")
-
-
-def _check(ok: bool, key: str, cls: type, message: str) -> None:
-    if not ok:
-        raise UserError(f"{key} ({flag_of(cls, key.split('.')[-1])}) {message}")
-
-
 @dataclass
-class ModelsConfig(_Checked):
+class ModelsConfig(Checked):
+    section: ClassVar[str] = "models"
+
     target: str = field(default="smollm2-135m", metadata=meta("--target"))
     """Target model: hub id, local folder, .gguf file, alias `smollm2-135m`, or SPEC@layers=N."""
     draft: str = field(default="smollm2-135m@layers=2", metadata=meta("--draft"))
@@ -146,7 +72,9 @@ class ModelsConfig(_Checked):
 
 
 @dataclass
-class DataConfig(_Checked):
+class DataConfig(Checked):
+    section: ClassVar[str] = "data"
+
     task: TaskName = "gsm8k"
     """Task name (arith: offline, generated)."""
     split: Split = "train"
@@ -168,10 +96,12 @@ class DataConfig(_Checked):
 
 
 @dataclass
-class CacheConfig(_Checked):
+class CacheConfig(Checked):
+    section: ClassVar[str] = "cache"
+
     cache: str = field(default="./cache", metadata=meta("--cache"))
     """Cache root: a local folder or an fsspec URL that zarr supports."""
-    # Defaults chosen by bench/fidelity.py (docs/fidelity.md): the smallest tested cache whose
+    # Defaults chosen by studies/fidelity.py (docs/fidelity.md): the smallest tested cache whose
     # drafts stay within 0.5 pt of dense-loss drafts in held-out acceptance.
     sparse: SparseMode = "sample"
     """sample (K draws from the target; Anshumann et al. 2025) or topk (top-K + tail bucket)."""
@@ -218,7 +148,7 @@ class CacheConfig(_Checked):
                     f"must be a multiple of chunk_rows={self.chunk_rows}")
         self._range("gen_max_new_tokens", self.gen_max_new_tokens >= 1, "must be >= 1")
         self._range("gen_temperature", self.gen_temperature >= 0, "must be >= 0")
-        _check(self.ref_name.replace("-", "").replace("_", "").isalnum(), "cache.ref_name",
+        check_field(self.ref_name.replace("-", "").replace("_", "").isalnum(), "cache.ref_name",
                CacheConfig, f"must be letters, digits, - or _, got {self.ref_name!r}")
 
 
@@ -227,7 +157,9 @@ STAGE_LR = {"ref": 3e-4, "draft": 3e-4, "sft": 1e-5}
 
 
 @dataclass
-class TrainConfig(_Checked):
+class TrainConfig(Checked):
+    section: ClassVar[str] = "train"
+
     stage: Stage = "draft"
     """draft (AdaSPEC; k=1 is DistillSpec), ref (plain-KD reference, k=1), sft (tune the target)."""
     k: float = 0.4
@@ -330,14 +262,14 @@ class TrainConfig(_Checked):
         self._range("eval_every", self.eval_every >= 0, "must be >= 0")
         self._range("draft_vocab", self.draft_vocab is None or self.draft_vocab >= 1,
                     "must be >= 1")
-        _check(self.draft_vocab is None or self.stage != "sft", "train.draft_vocab",
+        check_field(self.draft_vocab is None or self.stage != "sft", "train.draft_vocab",
                TrainConfig, "is for drafts and references, not --stage sft (the target)")
-        _check(not (self.official_schedule and self.scale_epochs_by_k),
+        check_field(not (self.official_schedule and self.scale_epochs_by_k),
                "train.official_schedule", TrainConfig,
                "and --scale-epochs-by-k are two schedules; give one")
-        _check(self.eval_cache is None or self.eval_split is not None, "train.eval_cache",
+        check_field(self.eval_cache is None or self.eval_split is not None, "train.eval_cache",
                TrainConfig, "needs --eval-split (the split to read from it)")
-        _check(not self.keep_best or self.eval_split is not None, "train.keep_best",
+        check_field(not self.keep_best or self.eval_split is not None, "train.keep_best",
                TrainConfig, "needs --eval-split (the split the best model is chosen on)")
         self._range("beta", 0.0 <= self.beta <= 1.0, "must be in [0, 1]")
         self._range("epochs", self.epochs > 0, "must be > 0")
@@ -350,7 +282,9 @@ class TrainConfig(_Checked):
 
 
 @dataclass
-class EvalConfig(_Checked):
+class EvalConfig(Checked):
+    section: ClassVar[str] = "eval"
+
     modes: tuple[EvalMode, ...] | None = None
     """Comma list of offline, exact, speculative (default: all, offline if the split is cached)."""
     gamma: int | str = 5
@@ -389,7 +323,9 @@ class EvalConfig(_Checked):
 
 
 @dataclass
-class SweepConfig(_Checked):
+class SweepConfig(Checked):
+    section: ClassVar[str] = "sweep"
+
     k: tuple[float, ...] = field(default=(0.2, 0.4, 0.6, 0.8, 1.0), metadata=meta("--k"))
     """Comma list of k."""
     epochs: tuple[float, ...] = field(default=(1.0,), metadata=meta("--epochs"))
@@ -412,9 +348,9 @@ class SweepConfig(_Checked):
         for name in ("k", "epochs", "loss", "seeds"):
             self._range(name, len(getattr(self, name)) >= 1, "must not be empty")
         for k in self.k:
-            _check(0.0 < k <= 1.0, "sweep.k", SweepConfig, f"must be in (0, 1], got {k}")
+            check_field(0.0 < k <= 1.0, "sweep.k", SweepConfig, f"must be in (0, 1], got {k}")
         for e in self.epochs:
-            _check(e > 0, "sweep.epochs", SweepConfig, f"must be > 0, got {e}")
+            check_field(e > 0, "sweep.epochs", SweepConfig, f"must be > 0, got {e}")
 
 
 @dataclass
@@ -453,57 +389,6 @@ SECTION_OF: dict[type, str] = {cls: name for name, cls in SECTIONS.items()}
 RUN_SECTIONS = ("models", "data", "cache", "train")
 
 
-INT_LIMIT = 2**31  # rows, tokens, steps and seeds all fit; a bigger value is a typo or overflow
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Convert a YAML or CLI value to the field's type, or raise naming the key."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if type(None) in typing.get_args(hint) and (
-                value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
-            return None
-        if str in args and len(args) > 1:  # a number, or a word (`--gamma auto`)
-            try:
-                return _coerce(value, args[0], key)
-            except UserError:
-                return str(value)
-        return _coerce(value, args[0], key)
-    if origin is tuple:
-        item = typing.get_args(hint)[0]
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)):
-            items = [items]
-        return tuple(_coerce(v.strip() if isinstance(v, str) else v, item, key)
-                     for v in items if not (isinstance(v, str) and not v.strip()))
-    if origin is Literal:  # a choice: a word here, checked against the choices by the section
-        return str(value)
-    try:
-        if hint is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if hint in (int, float) and isinstance(value, bool):  # YAML `limit: true` is not 1
-            raise ValueError(value)
-        if hint is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        converted = hint(value)
-    except (TypeError, ValueError, OverflowError):
-        raise UserError(f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r}") from None
-    if hint is float and not math.isfinite(converted):
-        raise UserError(f"{key} must be a finite number, got {value!r}")
-    if hint is int and not -INT_LIMIT < converted < INT_LIMIT:
-        raise UserError(f"{key} must be below 2**31 in size, got {value!r}")
-    if hint is int and key.rsplit(".", 1)[-1] in ("seed", "seeds") and not 0 <= converted:
-        raise UserError(f"{key} must be >= 0 (a random seed), got {value!r}")
-    return converted
-
-
 def _renamed(merged: dict[str, dict[str, Any]]) -> None:
     """One-line errors for keys that changed meaning (see RENAMED)."""
     cache = merged.get("cache", {})
@@ -539,7 +424,7 @@ def build_config(
                 raise UserError(
                     f"unknown config key {section}.{name!r}; known: {', '.join(sorted(known))}"
                 )
-            kwargs[name] = _coerce(value, hints[name], f"{section}.{name}")
+            kwargs[name] = coerce(value, hints[name], f"{section}.{name}")
             explicit.add(f"{section}.{name}")
         built[section] = cls(**kwargs)
     return Config(**built, explicit=frozenset(explicit))

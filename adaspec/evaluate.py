@@ -42,9 +42,7 @@ from cache_tools.store import CacheReader
 
 def split_prompts(cfg: Config, tokenizer, n: int) -> list[torch.Tensor]:
     """The first `n` prompts of cfg's split as (1, T) id tensors, rendered as caches render them."""
-    examples = tasks.load_examples(
-        cfg.data.task, cfg.data.split, cfg.data.data_files, cfg.data.limit, cfg.data.seed
-    )[:n]
+    examples = tasks.load_split(cfg.data)[:n]
     return [torch.tensor([tasks.prompt_ids(ex, tokenizer, cfg.data.chat_template,
                                            cfg.data.max_length)], dtype=torch.long)
             for ex in examples]
@@ -102,35 +100,13 @@ def _continuations_reader(cfg: Config, cache: str | None) -> CacheReader | None:
     return reader
 
 
-def _check_cache_tokenizer(reader: CacheReader, spec: str, tokenizer, cache: str) -> None:
-    """Offline numbers compare the draft's ids with the cache's ids: one tokenizer or nonsense.
-
-    Exact and speculative modes compare against the target's tokenizer (shared_vocab_size);
-    offline never loads the target, so this is its only check, as in training.
-    """
-    stored = reader.tokenizer_fingerprint
-    mine = models.tokenizer_fingerprint(tokenizer)
-    if mine != stored:
-        raise UserError(
-            f"draft {spec} uses another tokenizer (fingerprint {mine}) than the cache "
-            f"{cache} (fingerprint {stored}); evaluate drafts that share the target's tokenizer"
-        )
-
-
 def _load_models(cfg: Config, specs: list[str], needs_target: bool, device):
     """(the target or None, the drafts), loaded once, on the device, in eval mode."""
     dtype = models.resolve_dtype(cfg.models.dtype, device)
     target = None
     if needs_target:
-        target, _ = models.load_model(cfg.models.target, dtype=dtype,
-                                      device_map=cfg.models.device_map)
-        if cfg.models.device_map is None:
-            target.to(device)
-        target.eval()
-    drafts = []
-    for spec in specs:
-        draft, _ = models.load_model(spec, dtype=dtype)
-        drafts.append(draft.to(device).eval())
+        target, _ = models.load_frozen(cfg.models.target, dtype, device, cfg.models.device_map)
+    drafts = [models.load_frozen(spec, dtype, device)[0] for spec in specs]
     return target, drafts
 
 
@@ -165,11 +141,14 @@ def _plan(cfg: Config, draft_specs: list[str], modes, note, overrides: dict) -> 
     target_tok = models.load_tokenizer(cfg.models.target) if needs_target else None
     for spec, tokenizer in zip(specs, tokenizers, strict=True):
         if reader is not None:
-            _check_cache_tokenizer(reader, spec, tokenizer, cfg.cache.cache)
+            models.check_same_tokenizer(tokenizer, reader.tokenizer_fingerprint, f"draft {spec}",
+                                        f"the cache {cfg.cache.cache}")
         if continuations is not None:
-            _check_cache_tokenizer(continuations, spec, tokenizer, settings.continuations_cache)
+            models.check_same_tokenizer(tokenizer, continuations.tokenizer_fingerprint,
+                                        f"draft {spec}",
+                                        f"the cache {settings.continuations_cache}")
         if target_tok is not None:
-            models.shared_vocab_size(target_tok, tokenizer)
+            models.shared_vocab_size(target_tok, tokenizer, f"draft {spec}")
     return _Plan(settings, modes, reader, continuations, specs, tokenizers)
 
 

@@ -7,8 +7,10 @@ raises), engines pick the model class from config.json's `architectures`, and st
 generation_config.json. `export_draft` writes such a folder: safetensors weights (a tied
 embedding saved once, as transformers does), the embedding and head resized to the target's row
 count, the target's tokenizer (refused unless it is the draft's), the target's generation config,
-and a model card with the training settings and the acceptance measured for the draft. It then
-reloads the folder alone and checks that the draft still proposes the same tokens.
+and a model card with the training settings and the acceptance measured for the draft
+(`adaspec.model_card`). It then reloads the folder alone and checks that the draft still proposes
+the same tokens. What it starts from (the draft, the target, the tokenizer check) is
+`adaspec.export_inputs`.
 
 Padding rows. A head row past the tokenizer that wins an argmax makes the draft propose an id the
 tokenizer never produces (the target rejects it: a wasted step). Zero rows give logit 0, which
@@ -27,91 +29,26 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from adaspec import draft_vocab, models, runs
 from adaspec.errors import UserError
+from adaspec.export_inputs import (
+    DraftSource,
+    TargetInfo,
+    check_same_tokenizer,
+    find_draft,
+    load_eval_result,
+    load_target,
+)
+from adaspec.model_card import ExportResult, model_card, transformers_command
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PAD_BIAS_OFFSET = 1e4  # far below real logits, and still finite in float16
-SPECIAL_TOKENS = ("eos", "bos", "pad", "unk")
-DEFAULT_GAMMA = 5  # draft tokens per step in the printed engine commands without --eval-json
-EXAMPLE_PROMPT = "Write a python function to reverse a string."
-
-
-@dataclass(frozen=True)
-class DraftSource:
-    """Where the exported draft comes from."""
-
-    model_spec: str
-    """The folder (or any model spec) that is loaded."""
-    run_dir: Path | None
-    """The training run folder, or None for a plain model spec."""
-    best: dict | None = None
-    """best/best.json when the best-epoch model is exported."""
-
-
-@dataclass(frozen=True)
-class TargetInfo:
-    """The target as the export needs it: no weights, only what the draft must agree with."""
-
-    spec: str
-    location: str
-    """What `from_pretrained` takes (folder or hub id)."""
-    gguf_file: str | None
-    config: object
-    generation_config: object
-    tokenizer: object
-
-
-@dataclass
-class ExportResult:
-    """What an export did, for the CLI's summary and the model card."""
-
-    out: Path
-    draft: str
-    target: str
-    real_vocab: int
-    rows_before: int
-    rows: int
-    architectures: list[str]
-    command: str
-    """The transformers one-liner using the export as `assistant_model`."""
-    notes: list[str] = field(default_factory=list)
-
-
-def find_draft(run: str, best: bool = False) -> DraftSource:
-    """A run folder -> its model/ (best/ with `best`); any other spec is loaded as it is.
-
-    A folder that holds a run's files but no model/ is refused: training has not finished (or the
-    model was deleted), and loading the folder itself would fail with a less useful message.
-    """
-    path = Path(run).expanduser()
-    if not runs.is_run_folder(path):
-        parsed = models.parse_model_spec(run)
-        if parsed.kind == "dir" and not Path(parsed.source).expanduser().exists():
-            raise UserError(f"{run} does not exist; pass a run folder (adaspec-train --out) or "
-                            "a model spec")
-        if best:
-            raise UserError(f"--best needs a run folder with {runs.BEST_DIR}/; {run} is not a run "
-                            "folder")
-        return DraftSource(model_spec=run, run_dir=None)
-    folder = runs.best_dir(path) if best else runs.model_dir(path)
-    sub = folder.name
-    if not (folder / "config.json").is_file():
-        hint = ("train with --eval-split and --keep-best to keep one, or drop --best" if best
-                else "its training has not finished; export it once adaspec-train saved model/")
-        raise UserError(f"run folder {path} has no {sub}/ (no {sub}/config.json); {hint}")
-    return DraftSource(model_spec=str(folder), run_dir=path,
-                       best=runs.read_best(path) if best else None)
-
 
 EXPORT_MARKER = "adaspec-export.json"
 """Written into every export: what --overwrite may replace (nothing else is ever deleted)."""
@@ -137,67 +74,6 @@ def check_out_dir(out: Path, overwrite: bool, source: DraftSource) -> None:
         if path.exists() and (path.resolve() == resolved or resolved in path.resolve().parents):
             raise UserError(f"--out {out} holds the draft being exported ({path}); "
                             "choose another folder")
-
-
-def target_location(spec: str) -> tuple[str, str | None]:
-    """(what `from_pretrained` takes, the .gguf file name or None) for a target spec.
-
-    The same resolution as `adaspec.models` (which keeps it private): the export writes commands
-    that load this target with plain transformers, outside adaspec.
-    """
-    parsed = models.parse_model_spec(spec)
-    if parsed.kind == "alias":
-        path = models.smollm2_gguf_path()
-        return str(path.parent), path.name
-    if parsed.kind == "hub":
-        return parsed.source, None
-    path = Path(parsed.source).expanduser().resolve()
-    if parsed.kind == "gguf":
-        return str(path.parent), path.name
-    return str(path), None
-
-
-def load_target(spec: str) -> TargetInfo:
-    """The target's tokenizer, config and generation config, without its weights."""
-    from transformers import AutoConfig, GenerationConfig
-
-    spec = runs.resolve_run_folder(spec)
-    tokenizer = models.load_tokenizer(spec)  # also checks that the spec exists
-    location, gguf_file = target_location(spec)
-    try:
-        config = AutoConfig.from_pretrained(location, gguf_file=gguf_file)
-    except (OSError, ValueError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UserError(f"the config of target {spec!r} could not be read ({reason}); "
-                        "pass a save_pretrained folder, a .gguf file or a cached hub id") from error
-    generation = None
-    if gguf_file is None:
-        try:
-            generation = GenerationConfig.from_pretrained(location)
-        except (OSError, ValueError):
-            generation = None  # no generation_config.json: derived from the config below
-    if generation is None:
-        generation = GenerationConfig.from_model_config(config)
-    return TargetInfo(spec=spec, location=location, gguf_file=gguf_file, config=config,
-                      generation_config=generation, tokenizer=tokenizer)
-
-
-def check_same_tokenizer(draft_tokenizer, target_tokenizer, draft: str, target: str) -> None:
-    """Refuse a draft whose tokenizer is not the target's: engines compare token ids, so a draft
-    with other ids (or other special-token ids) proposes tokens the target reads as others."""
-    mine = models.tokenizer_fingerprint(draft_tokenizer)
-    theirs = models.tokenizer_fingerprint(target_tokenizer)
-    if mine != theirs:
-        raise UserError(
-            f"the draft {draft} has another tokenizer than the target {target} (fingerprint "
-            f"{mine} vs {theirs}); a draft must share its target's tokenizer"
-        )
-    for name in SPECIAL_TOKENS:
-        a = getattr(draft_tokenizer, f"{name}_token_id", None)
-        b = getattr(target_tokenizer, f"{name}_token_id", None)
-        if a != b:
-            raise UserError(f"the draft {draft} has {name}_token_id {a} but the target {target} "
-                            f"has {b}; a draft must share its target's special tokens")
 
 
 def fill_padding_rows(weight: torch.Tensor, real: int) -> None:
@@ -313,46 +189,6 @@ def verify_export(folder: Path, model, real: int) -> None:
         raise RuntimeError("export check: a padded vocabulary row wins the argmax")
 
 
-def transformers_command(out: Path, target: TargetInfo) -> str:
-    """A shell line: transformers assisted generation of the target with the export as draft."""
-    q = json.dumps  # a Python string literal (double quotes), so the shell quoting stays simple
-    target_args = q(target.location) + (f", gguf_file={q(target.gguf_file)}"
-                                        if target.gguf_file else "")
-    code = (
-        "from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; "
-        f"tok = T.from_pretrained({q(str(out))}); "
-        f"target = M.from_pretrained({target_args}); "
-        f"draft = M.from_pretrained({q(str(out))}); "
-        f"x = tok({q(EXAMPLE_PROMPT)}, return_tensors={q('pt')}); "
-        "y = target.generate(**x, assistant_model=draft, do_sample=False, max_new_tokens=64); "
-        "print(tok.decode(y[0], skip_special_tokens=True))"
-    )
-    return f"python -c {shlex.quote(code)}"
-
-
-def load_eval_result(path: str, model_spec: str) -> dict:
-    """The entry of an `adaspec-eval --json` file for this draft (the only one, or the one whose
-    draft resolves to the exported folder)."""
-    try:
-        data = json.loads(Path(path).expanduser().read_text())
-    except (OSError, ValueError) as error:
-        raise UserError(f"--eval-json {path} could not be read ({error})") from error
-    entries = data if isinstance(data, list) else [data]
-    if not entries or not all(isinstance(e, dict) and "draft" in e for e in entries):
-        raise UserError(f"--eval-json {path} is not an adaspec-eval --json file "
-                        "(no 'draft' entries)")
-    if len(entries) == 1:
-        return entries[0]
-    want = Path(model_spec).expanduser().resolve()
-    found = [e for e in entries
-             if Path(runs.resolve_run_folder(e["draft"])).expanduser().resolve() == want]
-    if len(found) != 1:
-        drafts = ", ".join(str(e["draft"]) for e in entries)
-        raise UserError(f"--eval-json {path} holds results for {drafts}; none of them is "
-                        f"{model_spec}; pass a file with this draft's results")
-    return found[0]
-
-
 def export_draft(run: str, out: str | Path, target: str | None = None, best: bool = False,
                  overwrite: bool = False, eval_json: str | None = None,
                  dtype: str | None = None) -> ExportResult:
@@ -364,7 +200,7 @@ def export_draft(run: str, out: str | Path, target: str | None = None, best: boo
     run_config = runs.read_config(source.run_dir)
     target = target or run_config.get("models", {}).get("target")
     if not target:
-        raise UserError(f"{run} has no config.yaml naming its target (not a run folder); "
+        raise UserError(f"{run} has no {runs.CONFIG_FILE} naming its target (not a run folder); "
                         "pass --target SPEC")
     if dtype is not None and dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
@@ -418,199 +254,6 @@ def _write_checked(out: Path, overwrite: bool, model, target: TargetInfo,
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-
-
-CARD_TAGS = ("speculative-decoding", "draft-model", "adaspec")
-
-
-def describe_method(train: dict) -> str:
-    """One phrase for how the run trained the draft, from config.yaml's train section."""
-    stage, k = train.get("stage"), train.get("k")
-    if stage == "ref":
-        return ("plain knowledge distillation from the target on every label token (k = 1): "
-                "the AdaSPEC reference, also the DistillSpec baseline")
-    if stage == "sft":
-        return "fine-tuning on the task's labels (the target fine-tuning stage)"
-    if train.get("selection") == "speckd":
-        return ("selective distillation on the label tokens whose draft argmax is the target's "
-                "top-1 (SpecKD rule)")
-    if k == 1.0:
-        return "plain knowledge distillation on every label token (k = 1, the DistillSpec baseline)"
-    return (f"AdaSPEC selective knowledge distillation on the fraction k = {k} of label tokens "
-            "with the largest gap between the draft's and the reference's loss")
-
-
-def cache_settings(run_config: dict) -> dict | None:
-    """The logit cache's settings the draft was trained from; None for an online run."""
-    if run_config.get("train", {}).get("online"):
-        return None
-    cache = run_config.get("cache", {})
-    sparse = cache.get("sparse")
-    size_key = "draws" if sparse == "sample" else "topk"
-    return {"sparse": sparse, size_key: cache.get(size_key),
-            "value_encoding": cache.get("value_encoding")}
-
-
-def card_metadata(result: ExportResult, run_config: dict) -> dict:
-    """The model card's YAML front matter: hub fields, then the method's settings."""
-    train, data = run_config.get("train", {}), run_config.get("data", {})
-    meta = {
-        "base_model": run_config.get("models", {}).get("draft", result.draft),
-        "library_name": "transformers",
-        "pipeline_tag": "text-generation",
-        "tags": list(CARD_TAGS),
-        "target": result.target,
-    }
-    if train:
-        meta.update(stage=train.get("stage"), k=train.get("k"), epochs=train.get("epochs"),
-                    divergence=train.get("loss"), selection=train.get("selection"),
-                    task=data.get("task"), cache=cache_settings(run_config))
-    return meta
-
-
-def _training_lines(run_config: dict, source: DraftSource) -> list[str]:
-    if not run_config:
-        return ["## How it was trained", "",
-                f"Exported from `{source.model_spec}`, which has no adaspec run config "
-                "(config.yaml), so its training is not recorded here.", ""]
-    m, d, t = (run_config.get(key, {}) for key in ("models", "data", "train"))
-    cache = cache_settings(run_config)
-    rows = [("method", describe_method(t)), ("target", m.get("target")),
-            ("draft initialisation", m.get("draft")), ("task", d.get("task")),
-            ("divergence", t.get("loss")), ("epochs", t.get("epochs")),
-            ("learning rate", t.get("lr")),
-            ("batch", f"{t.get('batch_size')} sequences x {t.get('grad_accum')} accumulation"),
-            ("seed", t.get("seed")),
-            ("teacher", "online (dense losses)" if cache is None else
-             "logit cache: " + ", ".join(f"{k} {v}" for k, v in cache.items()))]
-    lines = ["## How it was trained", "", "Trained with `adaspec-train` "
-             "(https://arxiv.org/abs/2510.19779 for AdaSPEC).", "", "| setting | value |",
-             "| --- | --- |"]
-    lines += [f"| {name} | {value} |" for name, value in rows]
-    if source.best:
-        b = source.best
-        lines += ["", f"This is the best-epoch model (`best/`): step {b.get('step')}, epoch "
-                  f"{b.get('epoch')}, validation expected acceptance "
-                  f"{b.get('expected_acceptance', float('nan')):.4f}."]
-    return lines + [""]
-
-
-def _validation_lines(source: DraftSource, limit: int = 20) -> list[str]:
-    records = ([r for r in runs.read_metrics(source.run_dir) if "validation" in r]
-               if source.run_dir else [])
-    if not records:
-        return []
-    best = max(records, key=lambda r: r["validation"]["expected_acceptance"])
-    lines = ["### Validation during training (offline, from the cache)", "",
-             "Expected acceptance is the mean over label tokens of sum_x min(p, q) (the "
-             "probability that a sampled draft token is accepted), with the bounds the cached "
-             "entries leave; greedy agreement is draft argmax == target argmax.", "",
-             "| step | epoch | split | expected acceptance [bounds] | greedy agreement |",
-             "| --- | --- | --- | --- | --- |"]
-    for r in records[-limit:]:
-        v = r["validation"]
-        mark = " (best)" if r is best else ""
-        lines.append(
-            f"| {r['step']}{mark} | {r['epoch']:.2f} | {v.get('split')} | "
-            f"{v['expected_acceptance']:.4f} [{v['expected_acceptance_lower']:.4f}, "
-            f"{v['expected_acceptance_upper']:.4f}] | {v['greedy_agreement']:.4f} |")
-    exported = "the best-epoch model" if source.best else "the final model (the last row)"
-    return lines + ["", f"The exported weights are {exported}.", ""]
-
-
-def _eval_lines(evaluation: dict | None) -> list[str]:
-    if not evaluation:
-        return []
-    e = evaluation
-    lines = ["### Measured with `adaspec-eval`", "",
-             f"On {e.get('task')}/{e.get('split')} (draft `{e.get('draft')}`, gamma "
-             f"{e.get('gamma')}, temperature {e.get('temperature')}):", ""]
-    if "offline" in e:
-        o = e["offline"]
-        lines.append(f"- offline (cache, {o['label_tokens']} label tokens): expected acceptance "
-                     f"in [{o['expected_acceptance_lower']:.4f}, "
-                     f"{o['expected_acceptance_upper']:.4f}], greedy agreement "
-                     f"{o['greedy_agreement']:.4f}")
-    if "exact" in e:
-        x = e["exact"]
-        lines.append(f"- exact (teacher-forced with the target, {x['label_tokens']} label tokens)"
-                     f": expected acceptance {x['expected_acceptance']:.4f}, greedy agreement "
-                     f"{x['greedy_agreement']:.4f}")
-    if "speculative" in e:
-        s = e["speculative"]
-        line = (f"- speculative decoding ({e.get('n_prompts')} prompts): alpha "
-                f"{s['alpha_paper']:.4f} (accepted / (accepted + rejected), the AdaSPEC paper's), "
-                f"draft acceptance rate {s['draft_acceptance_rate_vllm']:.4f} (accepted / "
-                f"drafted, vLLM's), mean accepted length {s['mean_accepted_length']:.3f}")
-        if "speedup" in s:
-            line += (f", speedup {s['speedup']:.2f} ± {s['speedup_spread']:.2f} over "
-                     "target-only decoding (this machine, transformers)")
-        lines.append(line)
-    return lines + [""]
-
-
-def _usage_lines(result: ExportResult, target: TargetInfo, gamma: int) -> list[str]:
-    q = json.dumps
-    out = str(result.out)
-    served = str(Path(target.location) / target.gguf_file) if target.gguf_file else target.location
-    spec_config = json.dumps({"method": "draft_model", "model": out,
-                              "num_speculative_tokens": gamma})
-    target_args = q(target.location) + (f", gguf_file={q(target.gguf_file)}"
-                                        if target.gguf_file else "")
-    lines = ["## How to use it", "", "### transformers (assisted generation)", "", "```python",
-             "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-             f"tokenizer = AutoTokenizer.from_pretrained({q(out)})",
-             f"target = AutoModelForCausalLM.from_pretrained({target_args})",
-             f"draft = AutoModelForCausalLM.from_pretrained({q(out)})",
-             f"inputs = tokenizer({q(EXAMPLE_PROMPT)}, return_tensors=\"pt\")",
-             "out = target.generate(**inputs, assistant_model=draft, do_sample=False, "
-             "max_new_tokens=64)",
-             "print(tokenizer.decode(out[0], skip_special_tokens=True))", "```", "",
-             "### vLLM", "", "```bash",
-             f"vllm serve {shlex.quote(served)} --speculative-config {shlex.quote(spec_config)}",
-             "```", "", "### SGLang", "", "```bash",
-             f"python -m sglang.launch_server --model-path {shlex.quote(served)} \\",
-             "    --speculative-algorithm STANDALONE \\",
-             f"    --speculative-draft-model-path {shlex.quote(out)} \\",
-             f"    --speculative-num-steps {gamma} --speculative-eagle-topk 1 "
-             f"--speculative-num-draft-tokens {gamma + 1}", "```", ""]
-    if target.gguf_file:
-        lines += ["The target was given as a GGUF file; vLLM and SGLang are best served the "
-                  "original (save_pretrained or hub) weights of that model: replace the path.", ""]
-    return lines
-
-
-def model_card(result: ExportResult, model, target: TargetInfo, source: DraftSource,
-               run_config: dict, evaluation: dict | None) -> str:
-    """README.md of the export: YAML front matter (hub metadata and the method's settings), then
-    what the draft is, how it was trained, the acceptance measured for it and how to serve it."""
-    text = model.config.get_text_config()
-    params = sum(p.numel() for p in model.parameters())
-    size = f"{params / 1e6:.1f}M" if params >= 1e5 else f"{params:,}"
-    what = [f"A {text.num_hidden_layers}-layer {text.model_type} draft ({size} "
-            f"parameters) for speculative decoding with the target `{result.target}`, made by "
-            "`adaspec-export`.", "",
-            "- Tokenizer and `generation_config.json` are the target's (the draft's tokenizer "
-            "was checked identical: fingerprint and special-token ids).",
-            f"- `architectures`: {result.architectures}."]
-    if result.rows > result.real_vocab:
-        what.append(
-            f"- Vocabulary: the tokenizer has {result.real_vocab} ids; `vocab_size` is "
-            f"{result.rows}, the target's, because vLLM and transformers pair only drafts of "
-            f"equal size. Rows {result.real_vocab}..{result.rows - 1} hold the mean of the real "
-            "rows, so their logit is the mean of the real logits and never wins an argmax: "
-            "greedy drafting proposes only real ids.")
-    what += [f"- Note: {note}." for note in result.notes]
-    gamma = int(evaluation.get("gamma", DEFAULT_GAMMA)) if evaluation else DEFAULT_GAMMA
-    acceptance = _validation_lines(source) + _eval_lines(evaluation)
-    if not acceptance:
-        acceptance = ["No acceptance was measured for this draft (no validation lines in the "
-                      "run's metrics.jsonl, no --eval-json).", ""]
-    body = ([f"# Draft model for {result.target}", "", "## What it is", "", *what, "",
-             *_training_lines(run_config, source), "## Acceptance", "", *acceptance,
-             *_usage_lines(result, target, gamma)])
-    front = yaml.safe_dump(card_metadata(result, run_config), sort_keys=False).strip()
-    return f"---\n{front}\n---\n\n" + "\n".join(body).rstrip() + "\n"
 
 
 def _readable(folder: Path) -> None:

@@ -241,9 +241,7 @@ def _vocab_guard(vocab_size: int, prompt_width: int, eos: int | None, on_bad: Ca
 def _prompt_batches(cfg: Config, tokenizer) -> list[list[tuple[np.ndarray, int]]]:
     """The split's prompts (ids, source index), longest first, in batches that leave room for
     the responses within --batch-tokens."""
-    examples = tasks.load_examples(
-        cfg.data.task, cfg.data.split, cfg.data.data_files, cfg.data.limit, cfg.data.seed
-    )
+    examples = tasks.load_split(cfg.data)
     budget = max(1, cfg.data.max_length - cfg.cache.gen_max_new_tokens)
     prompts = []
     for ex in examples:

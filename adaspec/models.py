@@ -172,6 +172,15 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device_map: str | 
     return model.eval(), tokenizer
 
 
+def load_frozen(spec: str, dtype: torch.dtype, device, device_map: str | dict | None = None):
+    """(model, tokenizer) of a model that only gives outputs (a target, a reference, a draft
+    being measured): on `device` (or placed by `device_map`), eval mode, no gradients."""
+    model, tokenizer = load_model(spec, dtype=dtype, device_map=device_map)
+    if device_map is None:
+        model.to(device)
+    return model.eval().requires_grad_(False), tokenizer
+
+
 def _decoder_layers(model) -> torch.nn.ModuleList:
     for path in _LAYER_PATHS:
         module = model
@@ -251,16 +260,23 @@ def pad_id(tokenizer, fallback: int = 0) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback
 
 
-def shared_vocab_size(tokenizer_a, tokenizer_b) -> int:
-    """The vocab size both sides use, or UserError if the tokenizers differ."""
-    fingerprint_a = tokenizer_fingerprint(tokenizer_a)
-    fingerprint_b = tokenizer_fingerprint(tokenizer_b)
-    if fingerprint_a != fingerprint_b:
+def check_same_tokenizer(tokenizer, fingerprint: str, what: str, against: str) -> None:
+    """Refuse `what` (a model or its spec) whose tokenizer is not the one `against` (the target,
+    a cache's sequences) was made with: its `fingerprint`. Ids compared across tokenizers are
+    nonsense, so every pairing of models or of a model and a cache checks this."""
+    mine = tokenizer_fingerprint(tokenizer)
+    if mine != fingerprint:
         raise UserError(
-            f"tokenizers differ: {fingerprint_a} vs {fingerprint_b}; "
-            "the draft must share the target's tokenizer"
+            f"{what} uses another tokenizer (fingerprint {mine}) than {against} (fingerprint "
+            f"{fingerprint}); the draft, reference and target must share one tokenizer"
         )
-    return real_vocab_size(tokenizer_a)
+
+
+def shared_vocab_size(tokenizer, other, what: str = "the draft",
+                      against: str = "the target") -> int:
+    """The vocab size both sides use, or UserError if `other`'s tokenizer differs."""
+    check_same_tokenizer(other, tokenizer_fingerprint(tokenizer), what, against)
+    return real_vocab_size(tokenizer)
 
 
 def cut_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -69,11 +69,8 @@ def check_data(cfg: Config, reader: CacheReader) -> None:
 
 def check_tokenizer(reader: CacheReader, tokenizer, what: str = "the model to train") -> None:
     """Refuse a model whose tokenizer is not the one the cache's sequences were made with."""
-    if models.tokenizer_fingerprint(tokenizer) != reader.tokenizer_fingerprint:
-        raise UserError(
-            f"{what} uses another tokenizer than the cache {reader.root}; the draft, reference "
-            "and target must share one tokenizer"
-        )
+    models.check_same_tokenizer(tokenizer, reader.tokenizer_fingerprint, what,
+                                f"the cache {reader.root}")
 
 
 def check_can_record_ref(cfg: Config) -> None:

@@ -74,8 +74,7 @@ def target_quality(cfg: Config, model, tokenizer, n_prompts: int, max_new_tokens
     Prompts are rendered as the cache renders them (`--chat-template` included), so the numbers
     describe the text a cache built with the same settings would hold.
     """
-    examples = tasks.load_examples(cfg.data.task, cfg.data.split, cfg.data.data_files,
-                                   cfg.data.limit, cfg.data.seed)[:n_prompts]
+    examples = tasks.load_split(cfg.data)[:n_prompts]
     device = next(model.parameters()).device
     vocab = models.real_vocab_size(tokenizer)
     scores, lengths, samples = [], [], []

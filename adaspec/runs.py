@@ -46,6 +46,16 @@ def model_dir(run_dir: Path) -> Path:
     return Path(run_dir) / MODEL_DIR
 
 
+def checkpoints_dir(run_dir: Path) -> Path:
+    """Where a run's checkpoints are kept (`step-N` folders, each with its progress file)."""
+    return run_dir / CHECKPOINTS_DIR
+
+
+def metrics_path(run_dir: Path) -> Path:
+    """A run's metrics log (one JSON record per line)."""
+    return run_dir / METRICS_FILE
+
+
 def best_dir(run_dir: Path) -> Path:
     """Where a run's best validated model is kept (--keep-best)."""
     return Path(run_dir) / BEST_DIR
@@ -239,13 +249,13 @@ def read_schedule(run_dir: Path) -> dict:
 
 
 def log_metrics(run_dir: Path, record: dict) -> None:
-    with (run_dir / METRICS_FILE).open("a") as f:
+    with metrics_path(run_dir).open("a") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """Every line of metrics.jsonl: training steps, and `validation` lines (validation.py)."""
-    path = run_dir / METRICS_FILE
+    path = metrics_path(run_dir)
     if not path.exists():
         return []
     records = []

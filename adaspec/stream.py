@@ -76,13 +76,7 @@ class InMemorySequences:
 
 def online_sequences(cfg: Config, tokenizer) -> InMemorySequences:
     """The task's sequences exactly as the cache's sequences stage stores them (same order)."""
-    examples = tasks.load_examples(
-        cfg.data.task, cfg.data.split, cfg.data.data_files, cfg.data.limit, cfg.data.seed
-    )
-    tokenized = tasks.tokenize_examples(
-        examples, tokenizer, cfg.data.max_length, cfg.data.chat_template
-    )
-    input_ids, label_masks, _ = labels.order_sequences(tokenized)
+    input_ids, label_masks, _ = labels.order_sequences(tasks.tokenize_split(cfg.data, tokenizer))
     return InMemorySequences(input_ids, label_masks)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from adaspec import models, provenance, runs, teacher_forced, train
+from adaspec import fit, models, provenance, runs, teacher_forced, train
 from adaspec.config import Config
 from adaspec.errors import UserError
 from adaspec.validation import Validator
@@ -75,7 +75,7 @@ def train_single_pass(cfg: Config, variants: list[Variant], out: Path,
                       progress: bool = True) -> dict[str, float]:
     """Train `variants` (same seed and divergence) over one shared stream of batches.
 
-    It is `train.fit` with one learner per variant: every rule, threshold and accumulation that
+    It is `fit.fit` with one learner per variant: every rule, threshold and accumulation that
     training supports works here. Returns the seconds each variant's run took (the shared pass's
     time split evenly: reading and teaching are shared).
     """
@@ -106,17 +106,17 @@ def train_single_pass(cfg: Config, variants: list[Variant], out: Path,
         if vcfg.train.eval_split is not None and accelerator.is_main_process:
             validators[id(run)] = Validator(vcfg, run.run_dir, tokenizer)
 
-    def validate(run: train.Run, step_done: int, micro_done: int) -> bool:
+    def validate(run: fit.LearnerRun, step_done: int, micro_done: int) -> bool:
         """Each variant measured on the selection split at its epoch ends and its last step."""
         validator = validators.get(id(run))
-        ended = train.epoch_ended(run, step_done, micro_done, per_epoch)
+        ended = fit.epoch_ended(run, step_done, micro_done, per_epoch)
         if validator is not None and (ended or step_done == run.total_steps):
             validator(accelerator.unwrap_model(run.learner.loss_model).model, step_done,
                       micro_done / per_epoch)
         return False
 
     started = time.perf_counter()
-    train.fit(accelerator, learner_runs, stream, teacher, 0,
+    fit.fit(accelerator, learner_runs, stream, teacher, 0,
               max(r.total_steps for r in learner_runs), progress,
               f"single pass x{len(learner_runs)}", validate)
     seconds = (time.perf_counter() - started) / len(learner_runs)

@@ -13,9 +13,10 @@ One process, one model load, the same sequences and the same batch plan for both
 Rounds alternate the order (bare, build / build, bare, ...) so a drift of the machine's load hits
 both sides. The build's pieces are timed by wrapping the public functions it calls (setup:
 reading and tokenising the task, writing the sequences, hashing the model file; per batch: the
-trunk (`LabelLogits` built), the head (`LabelLogits` called), top-K (`sparse.topk_rows`), encode
-(`schema.encode_target_rows`); the shard writes (`StageWriter.write_shard`), which run in the
-writer thread and overlap the next shard's compute). tokens/s counts real (unpadded) tokens run
+trunk (`LabelLogits` built), the head (`LabelLogits` called), top-K (`sparse.topk_rows`), the
+whole batch (`build.target_batch_fn`'s compute); the shard encodes and writes (`StageWriter.encode`,
+`StageWriter.write_stored_shard`), which run in the writer thread and overlap the next shard's
+compute). tokens/s counts real (unpadded) tokens run
 through the model. Commands: bench/README.md.
 """
 
@@ -38,8 +39,7 @@ from cache_tools import schema, store
 
 TOPK_PIECE = "top-K (log_softmax+topk+tail)"
 LOOP_PIECE = "shard loop (open_stage -> finish)"
-IN_COMPUTE = ("forward (trunk)", "head on label rows", TOPK_PIECE, "encode ids (encode_rows)",
-              "encode values")
+IN_COMPUTE = ("forward (trunk)", "head on label rows", TOPK_PIECE)
 
 
 @dataclass
@@ -114,7 +114,7 @@ def instrumented_build(timers: harness.Timers, loaded: tuple, spec: str, data: D
     moment (before even batches, after odd ones), so other jobs slow both alike; its time goes
     to `marks["paired_bare_*"]` and is taken out of the build's.
     """
-    base, encode = labels.LabelLogits, schema.encode_target_rows
+    base, batch_fn = labels.LabelLogits, build.target_batch_fn
     open_stage, finish = store.CacheWriter.open_stage, store.StageWriter.finish
     model = loaded[0]
     marks.update(batches_seen=0, tokens=0)
@@ -143,13 +143,18 @@ def instrumented_build(timers: harness.Timers, loaded: tuple, spec: str, data: D
             finally:
                 timers.add("head on label rows", time.perf_counter() - began)
 
-    def encode_target_rows(*args, **kwargs):  # the last step of a batch's compute
-        out = encode(*args, **kwargs)
-        timers.add("compute_batch (all)", time.perf_counter() - marks["compute_start"])
-        if (marks["batches_seen"] - 1) % 2 == 1:
-            paired_bare(marks["batches_seen"] - 1)
-        marks["last_compute_end"] = time.perf_counter()  # after the paired bare, if any
-        return out
+    def target_batch_fn(*args, **kwargs):
+        compute = batch_fn(*args, **kwargs)
+
+        def timed_compute(batch: int):
+            out = compute(batch)
+            timers.add("compute_batch (all)", time.perf_counter() - marks["compute_start"])
+            if (marks["batches_seen"] - 1) % 2 == 1:
+                paired_bare(marks["batches_seen"] - 1)
+            marks["last_compute_end"] = time.perf_counter()  # after the paired bare, if any
+            return out
+
+        return timed_compute
 
     def timed_open_stage(*args, **kwargs):
         writer = open_stage(*args, **kwargs)
@@ -176,12 +181,12 @@ def instrumented_build(timers: harness.Timers, loaded: tuple, spec: str, data: D
                                                          store.CacheReader.sequence_lists)),
         (labels, "LabelLogits", BuildLabelLogits),
         (sparse, "topk_rows", timers.wrap(TOPK_PIECE, sparse.topk_rows)),
-        (schema, "encode_rows", timers.wrap("encode ids (encode_rows)", schema.encode_rows)),
-        (schema, "encode_logprobs", timers.wrap("encode values", schema.encode_logprobs)),
-        (schema, "encode_target_rows", encode_target_rows),
+        (build, "target_batch_fn", target_batch_fn),
         (store.CacheWriter, "open_stage", timed_open_stage),
-        (store.StageWriter, "write_shard", timers.wrap("write shard (writer thread)",
-                                                       store.StageWriter.write_shard)),
+        (store.StageWriter, "encode", timers.wrap("encode shard (writer thread)",
+                                                  store.StageWriter.encode)),
+        (store.StageWriter, "write_stored_shard", timers.wrap(
+            "write shard (writer thread)", store.StageWriter.write_stored_shard)),
         (store.StageWriter, "finish", timed_finish),
     )
 
@@ -302,7 +307,7 @@ def load(args, cfg) -> tuple[tuple, float, Data]:
     model, tokenizer = models.load_model(args.model, dtype=dtype)
     model.eval()
     load_seconds = time.perf_counter() - start
-    seqs, masks, _ = labels.order_sequences(build.task_examples(cfg, tokenizer))
+    seqs, masks, _ = labels.order_sequences(tasks.tokenize_split(cfg.data, tokenizer))
     batches = labels.plan_batches(np.array([len(s) for s in seqs]), cfg.cache.batch_tokens)
     pad_id = models.pad_id(tokenizer)
     data = Data(seqs, masks, batches, pad_id, models.real_vocab_size(tokenizer))

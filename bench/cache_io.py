@@ -5,8 +5,8 @@
    (Or `--cache DIR`: an existing top-K cache, whose decoded rows become the reference.)
 2. Those rows are written again four ways, value_encoding float16|uint8q x id_encoding
    plain|delta, each into a copy of the cache through `CacheWriter.open_stage(..., rebuild=True)`
-   with the stage's params set accordingly, `schema.encode_target_rows`, `write_shard` and
-   `finish` (the float16/plain rewrite is checked byte-identical to the build's own).
+   with the stage's params set accordingly, `StageWriter.encode` (timed apart), `write_stored_shard`
+   and `finish` (the float16/plain rewrite is checked byte-identical to the build's own).
 3. Size per label token of the target stage (ids, logprobs, tail_logmass; `nbytes_stored`),
    against dense fp16 logits (V * 2 B) and raw uint16 ids + fp16 values (4 * K B).
 4. Fidelity against the float32 rows: max |p error|, KL between the coarse (top-K + tail)
@@ -77,17 +77,15 @@ def rewrite_target(src_root: Path, dst_root: Path, task: str, split: str, rows: 
     writer = store.CacheWriter(str(dst_root), task, split)
     params = {**writer.manifest.target_params, schema.VALUE_ENCODING: value_encoding,
               schema.ID_ENCODING: id_encoding}
-    arrays = schema.target_arrays("topk", rows["ids"].shape[1], value_encoding, vocab_size)
-    stage = writer.open_stage(schema.TARGET, params, arrays, shard_rows, chunk_rows,
+    stage = writer.open_stage(schema.TARGET, params, vocab_size, shard_rows, chunk_rows,
                               create=True, rebuild=True)
     encode = write = 0.0
     for shard in stage.pending_shards():
         a, b = stage.shard_range(shard)
         t0 = time.perf_counter()
-        values = schema.encode_target_rows({name: v[a:b] for name, v in rows.items()},
-                                           value_encoding, id_encoding, vocab_size)
+        values = stage.encode({name: v[a:b] for name, v in rows.items()})
         t1 = time.perf_counter()
-        stage.write_shard(shard, values)
+        stage.write_stored_shard(shard, values)
         encode, write = encode + t1 - t0, write + time.perf_counter() - t1
     if stage.finish() is None:
         raise SystemExit(f"{dst_root}: the rewritten target stage is incomplete")

@@ -132,7 +132,7 @@ def bf16_check(work: Path, m: dict) -> dict:
                       "mixed_precision": precision, "out": str(work / f"moved-{precision}")},
         })
         run = train(cfg, progress=False)  # 8 steps
-        saved = load_file(str(run / "model" / "model.safetensors"))
+        saved = load_file(str(runs.model_dir(run) / "model.safetensors"))
         moved = sum(int((saved[k].float() != init[k].float()).sum()) for k in saved)
         out[precision] = moved / sum(v.numel() for v in saved.values())
     out["bf16_moves_like_fp32"] = out["bf16"] >= 0.99 * out["no"]

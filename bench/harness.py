@@ -7,7 +7,8 @@ processes took meanwhile (`measure`, `OtherLoad`) and writes the raw numbers wit
 description (`write_json`). Benchmarks wrap what the library calls to see where the time goes;
 `patched` refuses a private name, so a bench can only reach the library through its public seams.
 
-Run a benchmark as `python -m bench.NAME` from the repository root (bench/README.md).
+Run a benchmark as `python -m bench.NAME` from the repository root (bench/README.md); the
+studies in `studies/` use these helpers too (`python -m studies.NAME`, studies/README.md).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from adaspec import labels, models
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+STUDY_RESULTS = REPO / "studies" / "results"
 SHARED_DATA = REPO.parent / "shared" / "data"
 DEFAULT_DATA = SHARED_DATA / "gsm8k" / "train.jsonl"
 
@@ -253,12 +255,15 @@ def timed_label_logits(timers: Timers, name_of: Callable[[object], str | None]) 
 
 
 def parser(name: str, doc: str, rounds: int | None = None, data: bool = True,
-           progress: bool = False) -> argparse.ArgumentParser:
-    """The flags every benchmark takes: --out (default bench/results/NAME.json) and --threads;
-    --rounds (alternated rounds), --data-files (task rows) and --progress where they apply."""
-    p = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=doc.split("\n\n")[0])
-    p.add_argument("--out", default=str(RESULTS / f"{name}.json"),
-                   help=f"JSON results file (default bench/results/{name}.json)")
+           progress: bool = False, package: str = "bench") -> argparse.ArgumentParser:
+    """The flags every benchmark takes: --out (default PACKAGE/results/NAME.json) and --threads;
+    --rounds (alternated rounds), --data-files (task rows) and --progress where they apply.
+    `package` is the module's package: "bench" for a benchmark, "studies" for a study."""
+    results = {"bench": RESULTS, "studies": STUDY_RESULTS}[package]
+    p = argparse.ArgumentParser(prog=f"python -m {package}.{name}",
+                                description=doc.split("\n\n")[0])
+    p.add_argument("--out", default=str(results / f"{name}.json"),
+                   help=f"JSON results file (default {package}/results/{name}.json)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     if rounds is not None:
         p.add_argument("--rounds", type=int, default=rounds,

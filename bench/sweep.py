@@ -176,10 +176,10 @@ def online_sweep(cfg, variants, out: Path, eval_split: str, ref_model: str,
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     found: dict[str, torch.Tensor] = {}
-    for path in sorted((run_dir / "model").glob("*.safetensors")):
+    for path in sorted(runs.model_dir(run_dir).glob("*.safetensors")):
         found.update(load_file(path))
     if not found:
-        raise SystemExit(f"no safetensors weights in {run_dir / 'model'}")
+        raise SystemExit(f"no safetensors weights in {runs.model_dir(run_dir)}")
     return found
 
 
@@ -272,7 +272,7 @@ def run_all(args, cfgs: tuple, work: Path, phases: Phases) -> tuple[dict, dict, 
     """Setup, then the cached and online sweeps interleaved with the single pass mid-way;
     (result rows per mode, train-split counts, test-split counts)."""
     cfg, test_cfg, ref_cfg, variants = cfgs
-    ref_model = work / "ref" / "model"
+    ref_model = runs.model_dir(work / "ref")
     progress, n = args.progress, len(variants)
     print("setup (paid once):")
     with phases.phase(SETUP_TRAIN_TARGET):
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"work folder {work}")
     cfgs = configs(args, work)
     cfg, variants = cfgs[0], cfgs[3]
-    ref_model = work / "ref" / "model"
+    ref_model = runs.model_dir(work / "ref")
 
     def role_of(spec: str) -> str:
         if spec == cfg.models.target:

@@ -30,9 +30,9 @@ fresh subprocess per data size, so peaks do not mix; and one online run at 1x fo
 Data: `--limit` task rows are built into a real cache (`build_stage`: the target stage with the
 target, the ref stage with the untrained draft as reference: only the timing matters here). The
 larger sizes (`--scales`) repeat that cache's sequences and stored rows S times, written through
-`CacheWriter` (`write_sequences`, `open_stage`, `write_shard`, `finish`; same encoding, chunks and
-shards), which costs no model time and makes the sizes differ in nothing but size. The timed runs
-use the largest cache. Commands: bench/README.md.
+`CacheWriter` (`write_sequences`, `open_stage`, `write_stored_shard`, `finish`; same encoding,
+chunks and shards), which costs no model time and makes the sizes differ in nothing but size. The
+timed runs use the largest cache. Commands: bench/README.md.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adaspec import build, labels, models, step
+from adaspec import build, labels, models, runs, step
 from adaspec.config import build_config
 from adaspec.stream import BatchStream
 from adaspec.train import train
@@ -114,16 +114,14 @@ def replicate_cache(src: Path, dst: Path, task: str, split: str, times: int) -> 
         if stage == schema.SEQUENCES:
             continue
         stored = {n: a for n, a in reader.group[stage].arrays() if n != schema.DONE}
-        arrays = {n: schema.RowArray(a.dtype, a.shape[1] if a.ndim == 2 else None, a.fill_value)
-                  for n, a in stored.items()}
         rows = reader.stored_rows(stage, 0, reader.n_label_rows)
         values = {n: np.concatenate([v] * times) for n, v in rows.items()}
         first = stored[sorted(stored)[0]]
-        stage_writer = writer.open_stage(stage, entry.params, arrays, first.shards[0],
+        stage_writer = writer.open_stage(stage, entry.params, reader.vocab_size, first.shards[0],
                                          first.chunks[0])
         for shard in stage_writer.pending_shards():
             a, b = stage_writer.shard_range(shard)
-            stage_writer.write_shard(shard, {n: v[a:b] for n, v in values.items()})
+            stage_writer.write_stored_shard(shard, {n: v[a:b] for n, v in values.items()})
         stage_writer.finish()
     for name, record in reader.recorded_refs.items():
         writer.record_ref(name, record)
@@ -187,8 +185,8 @@ def timed_run(mode: str, overrides: dict, run_dir: Path, max_steps: int, batches
         (step.LossModel, "forward", timers.wrap("draft forward + loss", step.LossModel.forward)),
     ), harness.measure() as span:
         train(cfg, progress=False, max_steps=max_steps)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    if (run_dir / "checkpoints").exists():
+    records = runs.read_metrics(run_dir)
+    if runs.checkpoints_dir(run_dir).exists():
         raise SystemExit(f"{mode}: a checkpoint was written inside the timed steps; use a larger "
                          "--limit or fewer steps")
     elapsed = [0.0] + [r["elapsed"] for r in records]
@@ -238,7 +236,7 @@ def rss_child(spec: dict) -> int:
         "peak_rss_steps_mib": steps_peak if state["reset"] else None,
         "rss_end_mib": rss_mib(),
         "steps": len(records),
-        "checkpoint_written": (Path(run_dir) / "checkpoints").exists(),
+        "checkpoint_written": runs.checkpoints_dir(Path(run_dir)).exists(),
         "seconds": time.perf_counter() - started,
     }))
     return 0

@@ -188,15 +188,30 @@ def target_arrays(mode: str, k: int, value_encoding: str, vocab_size: int) -> di
     return arrays
 
 
+def stage_arrays(stage: str, params: dict, vocab_size: int) -> dict[str, RowArray]:
+    """The arrays of a row stage (target or `ref/<name>`) with its `params`."""
+    if stage == TARGET:
+        return target_arrays(params.get(MODE), int(params.get(K, 1)),
+                             params.get(VALUE_ENCODING, "float16"), vocab_size)
+    return ref_arrays()
+
+
+def encode_stage_rows(stage: str, params: dict, rows: dict[str, np.ndarray],
+                      vocab_size: int) -> dict[str, np.ndarray]:
+    """Computed rows of a row stage -> its stored arrays (target: `encode_target_rows` with the
+    stage's encodings; a reference's losses: float32)."""
+    if stage == TARGET:
+        return encode_target_rows(rows, params.get(VALUE_ENCODING, "float16"),
+                                  params.get(ID_ENCODING, "plain"), vocab_size)
+    return {name: np.asarray(values, dtype=np.float32) for name, values in rows.items()}
+
+
 def stage_array_names(stage: str, params: dict, vocab_size: int) -> list[str]:
     """The arrays a complete stage holds, by the format (a listing of the folder would silently
     drop an array whose metadata was deleted); `_done` markers not included."""
     if stage == SEQUENCES:
         return list(SEQUENCE_ARRAYS)
-    if stage == TARGET:
-        return list(target_arrays(params.get(MODE), int(params.get(K, 1)),
-                                  params.get(VALUE_ENCODING, "float16"), vocab_size))
-    return list(ref_arrays())
+    return list(stage_arrays(stage, params, vocab_size))
 
 
 def ref_arrays() -> dict[str, RowArray]:

@@ -25,7 +25,6 @@ from cache_tools.errors import CacheError
 from cache_tools.manifest import Manifest, Stage
 from cache_tools.manifest import write as write_manifest
 from cache_tools.reader import CacheReader
-from cache_tools.schema import RowArray
 from cache_tools.zarr_io import STORE_EVERY_CHUNK, check_params, open_root
 
 
@@ -163,11 +162,13 @@ class CacheWriter:
         return _write_sequence_arrays(self.group, input_ids, label_masks, source_index,
                                       vocab_size)
 
-    def open_stage(self, stage: str, params: dict, arrays: dict[str, RowArray],
+    def open_stage(self, stage: str, params: dict, vocab_size: int,
                    shard_rows: int = schema.DEFAULT_SHARD_ROWS,
                    chunk_rows: int = schema.DEFAULT_CHUNK_ROWS, create: bool = True,
                    rebuild: bool = False, fix: str = "use a new --cache directory") -> StageWriter:
-        """A writer of a row stage over the sequences' label rows, new or resumed.
+        """A writer of a row stage over the sequences' label rows, new or resumed; its arrays
+        and their encoding follow from the stage and its `params` (`schema.stage_arrays`), ids
+        sized for `vocab_size`.
 
         create=True (one process): a stored stage must have the same `params` (else a
         CacheError naming the difference and `fix`), or with `rebuild` it is discarded first.
@@ -194,7 +195,8 @@ class CacheWriter:
             if stage not in manifest.stages:
                 manifest.stages[stage] = Stage(schema.STATUS_BUILDING, params)
                 write_manifest(group, manifest)
-        return StageWriter(self, stage, n_rows, arrays, shard_rows, chunk_rows, create)
+        return StageWriter(self, stage, n_rows, params, vocab_size, shard_rows, chunk_rows,
+                           create)
 
     def record_ref(self, name: str, record: dict) -> None:
         """Record a trained reference model under `refs[name]` (its path, weight hash, ...)."""
@@ -206,6 +208,8 @@ class CacheWriter:
 
 class StageWriter:
     """Shard-by-shard writer of a row stage's arrays, resumable through its `_done` markers.
+    It takes rows as computed (float32 log-probs, int64 ids, ...) and encodes them with the
+    stage's format, like `datasets`' ArrowWriter with its schema.
 
     Made by `CacheWriter.open_stage`.
     """
@@ -215,7 +219,8 @@ class StageWriter:
         writer: CacheWriter,
         stage: str,
         n_rows: int,
-        arrays: dict[str, RowArray],
+        params: dict,
+        vocab_size: int,
         shard_rows: int,
         chunk_rows: int,
         create: bool,
@@ -227,12 +232,14 @@ class StageWriter:
                 f"shard_rows={shard_rows} must be a multiple of chunk_rows={chunk_rows}"
             )
         self.stage = stage
+        self.params = params
+        self.vocab_size = int(vocab_size)
         self.n_rows = int(n_rows)
         self.shard_rows = int(shard_rows)
         self.n_shards = max(1, -(-self.n_rows // self.shard_rows))
         stage_group = group.require_group(stage)
         self.arrays: dict[str, zarr.Array] = {}
-        for name, spec in arrays.items():
+        for name, spec in schema.stage_arrays(stage, params, vocab_size).items():
             shape = (self.n_rows,) if spec.width is None else (self.n_rows, spec.width)
             if create and name not in stage_group:
                 self.arrays[name] = stage_group.create_array(
@@ -267,8 +274,18 @@ class StageWriter:
         done = self.done[:]
         return [s for s in range(self.n_shards) if not done[s] and s % world_size == rank]
 
-    def write_shard(self, shard: int, values: dict[str, np.ndarray]) -> None:
-        """Write every array's rows of one shard, then mark it done (the order is the guarantee)."""
+    def encode(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Computed rows -> this stage's stored arrays (what `write_shard` writes)."""
+        return schema.encode_stage_rows(self.stage, self.params, rows, self.vocab_size)
+
+    def write_shard(self, shard: int, rows: dict[str, np.ndarray]) -> None:
+        """Encode and write one shard's computed rows, then mark it done (the order is the
+        guarantee)."""
+        self.write_stored_shard(shard, self.encode(rows))
+
+    def write_stored_shard(self, shard: int, values: dict[str, np.ndarray]) -> None:
+        """Write one shard of arrays already in this stage's stored encoding (a copy of another
+        store's shard), then mark it done."""
         start, stop = self.shard_range(shard)
         if set(values) != set(self.arrays):
             raise ValueError(f"shard values {sorted(values)} != arrays {sorted(self.arrays)}")

@@ -1,6 +1,8 @@
-"""Shared fixtures: a seed, a tiny byte-level BPE tokenizer and tiny random causal LMs.
+"""Shared fixtures: a seed, one thread, a tiny tokenizer and target, the task files, and `env`
+(a tiny cache with a trained reference) with its validation cache.
 
-Tiny models keep the suite fast; a few tests marked `slow` use the embedded default model.
+Tiny models keep the suite fast; a few tests marked `slow` use the embedded default model. The
+plain helpers these fixtures use, and the test modules share, are in helpers.py.
 """
 
 from __future__ import annotations
@@ -8,63 +10,20 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-
-_CORPUS = [
-    "Natalia sold clips to 48 of her friends in April, and then half as many clips in May.",
-    "How many clips did Natalia sell altogether in April and May? The final answer is: 72",
-    "Give three tips for staying healthy. Eat a balanced diet and get enough sleep.",
-    "Write a python function to find the first repeated character in a given string.",
-    "def first_repeated_char(str1):\n    for index, c in enumerate(str1):\n        return c",
-    "Summarize the following article. The prison link project helps people in Wales.",
-]
-
-
-def make_tiny_tokenizer(vocab_size: int = 300):
-    """A byte-level BPE tokenizer (so it encodes any text) with about `vocab_size` entries."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS * 20, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
-
-
-def make_tiny_model(vocab_size: int, n_layers: int = 2, seed: int = 0, hidden: int = 32):
-    """A randomly initialised Llama-architecture causal LM, fp32, eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg).eval()
+from helpers import (
+    SHARED_DATA,
+    build_split_target,
+    make_tiny_model,
+    make_tiny_tokenizer,
+    save_tiny_model,
+    sharpen_lm_head,
+    train_config,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -94,10 +53,7 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     """A save_pretrained folder holding a tiny random target and the tiny tokenizer."""
-    path = tmp_path_factory.mktemp("tiny_target")
-    make_tiny_model(len(tiny_tokenizer), n_layers=2, seed=1).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_target"), tiny_tokenizer, seed=1)
 
 
 @pytest.fixture(scope="session")
@@ -106,6 +62,38 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         raise FileNotFoundError(f"{SHARED_DATA} is missing: tests need ../shared/data")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A K = V cache of 8 gsm8k rows with a trained, recorded and built reference.
+
+    Its target's lm_head is scaled up so its distributions are peaked (per-token KL of order
+    0.1 instead of 1e-4 for a near-uniform random model), which makes loss comparisons
+    meaningful. `helpers.train_config(env, ...)` gives the settings of a run on it.
+    """
+    from adaspec.build import build_stage
+    from adaspec.train import train
+
+    root = tmp_path_factory.mktemp("train")
+    tok = make_tiny_tokenizer()
+    target_dir = root / "target"
+    model = sharpen_lm_head(make_tiny_model(len(tok), n_layers=2, seed=1), 30.0)
+    model.save_pretrained(target_dir)
+    tok.save_pretrained(target_dir)
+    env = SimpleNamespace(root=root, tok=tok, target=target_dir, cache=root / "cache")
+    build_stage(train_config(env), "target", progress=False)
+    # The reference stage records itself; `adaspec-cache build --model ref` then finds it.
+    env.ref_run = train(train_config(env, stage="ref", epochs=2, lr=1e-3, out=root / "ref"),
+                        progress=False)
+    env.manifest = build_stage(train_config(env), "ref", progress=False)
+    return env
+
+
+@pytest.fixture(scope="module")
+def validation_cache(env):
+    """env's target on 6 validation rows (top-64), built into env's cache; returns its settings."""
+    return build_split_target(env, "validation", 6, {"topk": 64})
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 from adaspec.acceptance import expected_acceptance, greedy_agreement, sparse_acceptance_bounds
 from adaspec.speculative import SpecStats, speculative_generate

@@ -13,9 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, make_tiny_model, make_tiny_tokenizer
+from helpers import (
+    GSM8K,
+    REPO,
+    build_cache,
+    cache_build_config,
+    make_tiny_model,
+    make_tiny_tokenizer,
+    save_tiny_model,
+    stage_file_bytes,
+)
 
-from adaspec.config import build_config
 from adaspec.errors import UserError
 from adaspec.labels import order_sequences, plan_batches
 from adaspec.sparse import sample_rows, topk_rows
@@ -24,47 +32,10 @@ from cache_tools.errors import CacheError
 from cache_tools.manifest import Manifest
 from cache_tools.verify import verify_cache
 
-GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
-
-
-def _cfg(cache, model_dir, **cache_kw):
-    values = {
-        "models": {"target": str(model_dir)},
-        "data": {"task": "gsm8k", "data_files": str(GSM8K), "limit": 8, "max_length": 512},
-        "cache": {
-            "cache": str(cache),
-            "topk": 8,
-            "sparse": "topk",
-            "value_encoding": "float16",
-            "shard_rows": 256,
-            "chunk_rows": 128,
-            "batch_tokens": 512,
-            **cache_kw,
-        },
-    }
-    return build_config(values)
-
-
-def _build(cfg, role="target", spec=None):
-    from adaspec.build import build_stage
-
-    return build_stage(cfg, role, spec, progress=False)
-
-
-def _stage_files(root: Path, stages=("sequences", "target")) -> dict[str, bytes]:
-    """Every file of the given stages' arrays (chunks, shards and array metadata)."""
-    out = {}
-    for stage in stages:
-        base = root / "gsm8k" / "train" / stage
-        for path in sorted(base.rglob("*")):
-            if path.is_file() and schema.DONE not in path.parts:
-                out[str(path.relative_to(root))] = path.read_bytes()
-    return out
-
 
 def test_cached_topk_equals_full_log_softmax(tmp_path, tiny_model_dir, tiny_tokenizer):
-    cfg = _cfg(tmp_path / "c", tiny_model_dir)
-    manifest = _build(cfg)
+    cfg = cache_build_config(tmp_path / "c", tiny_model_dir)
+    manifest = build_cache(cfg)
     assert manifest.is_complete("target")
     reader = store.CacheReader(str(tmp_path / "c"), "gsm8k", "train")
     model = make_tiny_model(len(tiny_tokenizer), n_layers=2, seed=1)
@@ -122,30 +93,28 @@ def test_order_and_batch_plan():
 
 
 def test_mismatched_settings_are_refused_in_one_line(tmp_path, tiny_model_dir):
-    _build(_cfg(tmp_path / "c", tiny_model_dir))
+    build_cache(cache_build_config(tmp_path / "c", tiny_model_dir))
     with pytest.raises(CacheError) as err:
-        _build(_cfg(tmp_path / "c", tiny_model_dir, topk=4))
+        build_cache(cache_build_config(tmp_path / "c", tiny_model_dir, topk=4))
     assert "k=8" in str(err.value) and "k=4" in str(err.value) and "\n" not in str(err.value)
     # Another tokenizer: a model dir whose tokenizer has another vocabulary.
     other = tmp_path / "other"
     tok = make_tiny_tokenizer(vocab_size=280)
-    make_tiny_model(len(tok), seed=3).save_pretrained(other)
-    tok.save_pretrained(other)
+    save_tiny_model(other, tok, seed=3)
     with pytest.raises(CacheError) as err:
-        _build(_cfg(tmp_path / "c", other))
+        build_cache(cache_build_config(tmp_path / "c", other))
     assert "tokenizer_fingerprint" in str(err.value)
     with pytest.raises(UserError, match="--topk 999"):
-        _build(_cfg(tmp_path / "d", tiny_model_dir, topk=999))
+        build_cache(cache_build_config(tmp_path / "d", tiny_model_dir, topk=999))
 
 
 def test_ref_stage_with_k_equal_v_gives_dense_kl(tmp_path, tiny_model_dir, tiny_tokenizer):
     vocab = len(tiny_tokenizer)
-    cfg = _cfg(tmp_path / "c", tiny_model_dir, topk=vocab)
-    _build(cfg)
+    cfg = cache_build_config(tmp_path / "c", tiny_model_dir, topk=vocab)
+    build_cache(cfg)
     ref_dir = tmp_path / "ref"
-    make_tiny_model(vocab, n_layers=1, seed=7).save_pretrained(ref_dir)
-    tiny_tokenizer.save_pretrained(ref_dir)
-    manifest = _build(cfg, "ref", str(ref_dir))
+    save_tiny_model(ref_dir, tiny_tokenizer, n_layers=1, seed=7)
+    manifest = build_cache(cfg, "ref", str(ref_dir))
     assert manifest.is_complete("ref/ref")
     from transformers import AutoModelForCausalLM
 
@@ -184,8 +153,7 @@ def slow_model_dir(tmp_path_factory):
     """A wider tiny model so a build lasts long enough to be killed part way."""
     path = tmp_path_factory.mktemp("wide")
     tok = make_tiny_tokenizer()
-    make_tiny_model(len(tok), n_layers=4, seed=2, hidden=256).save_pretrained(path)
-    tok.save_pretrained(path)
+    save_tiny_model(path, tok, n_layers=4, seed=2, hidden=256)
     return path
 
 
@@ -237,7 +205,7 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path, slow_m
     proc = _cli_build(killed, slow_model_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err.decode()[-2000:]
-    a, b = _stage_files(clean), _stage_files(killed)
+    a, b = stage_file_bytes(clean), stage_file_bytes(killed)
     assert a.keys() == b.keys() and len(a) > 10
     assert [k for k in a if a[k] != b[k]] == []
     assert verify_cache(str(killed)).ok
@@ -287,7 +255,7 @@ def test_two_process_build_equals_one_process_build(tmp_path, tiny_model_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    a, b = _stage_files(tmp_path / "one"), _stage_files(tmp_path / "two")
+    a, b = stage_file_bytes(tmp_path / "one"), stage_file_bytes(tmp_path / "two")
     assert a.keys() == b.keys() and len(a) > 5
     assert [k for k in a if a[k] != b[k]] == []
     group = store.open_root(str(tmp_path / "two"), "r")["gsm8k/train"]
@@ -296,8 +264,8 @@ def test_two_process_build_equals_one_process_build(tmp_path, tiny_model_dir):
 
 
 def test_generate_caches_the_targets_own_samples(tmp_path, tiny_model_dir, tiny_tokenizer):
-    cfg = _cfg(tmp_path / "c", tiny_model_dir, generate=True, gen_max_new_tokens=12)
-    manifest = _build(cfg)
+    cfg = cache_build_config(tmp_path / "c", tiny_model_dir, generate=True, gen_max_new_tokens=12)
+    manifest = build_cache(cfg)
     assert manifest.is_complete("target")
     assert manifest.sequence_params["generate"]["max_new_tokens"] == 12
     reader = store.CacheReader(str(tmp_path / "c"), "gsm8k", "train")
@@ -321,5 +289,5 @@ def test_generate_caches_the_targets_own_samples(tmp_path, tiny_model_dir, tiny_
             rows["logprobs"], full.gather(1, torch.from_numpy(rows["ids"])).numpy(), atol=2e-3
         )
     assert verify_cache(str(tmp_path / "c")).ok
-    again = _build(cfg)  # everything is staged and stored: a no-op that changes nothing
+    again = build_cache(cfg)  # everything is staged and stored: a no-op that changes nothing
     assert again.stage("target") == manifest.stage("target")

@@ -13,8 +13,14 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_model
-from test_build import GSM8K, _build, _cfg, _stage_files
+from helpers import (
+    GSM8K,
+    build_cache,
+    cache_build_config,
+    make_tiny_model,
+    save_tiny_model,
+    stage_file_bytes,
+)
 
 from adaspec import build, generate, labels, models, runs
 from adaspec.errors import UserError
@@ -24,6 +30,12 @@ from cache_tools.manifest import Manifest
 from cache_tools.verify import verify_cache
 
 PADDING_ROWS = 20  # head rows past the tokenizer, as Pythia, Phi-2 and Qwen have
+
+
+def _generate_config(cache, model_dir, temperature: float, **cache_kw):
+    """The settings of a --generate build: 12 new tokens per prompt at `temperature`."""
+    return cache_build_config(cache, model_dir, generate=True, gen_max_new_tokens=12,
+                              gen_temperature=temperature, **cache_kw)
 
 
 def _generations(cache) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
@@ -67,9 +79,8 @@ def test_generate_with_a_padded_head_samples_only_tokenizer_ids(
 ):
     vocab = len(tiny_tokenizer)
     cache = tmp_path / "c"
-    cfg = _cfg(cache, padded_model_dir, generate=True, gen_max_new_tokens=12,
-               gen_temperature=temperature)
-    _build(cfg)
+    cfg = _generate_config(cache, padded_model_dir, temperature)
+    build_cache(cfg)
     generations = _generations(cache)
     tokens = np.concatenate([g for g, _ in generations])
     assert tokens.size > 0 and tokens.max() < vocab
@@ -128,8 +139,7 @@ def test_greedy_generate_ignores_the_models_generation_config(
     tmp_path, configured_model_dir, one_thread
 ):
     cache = tmp_path / "c"
-    _build(_cfg(cache, configured_model_dir, generate=True, gen_max_new_tokens=12,
-                gen_temperature=0.0))
+    build_cache(_generate_config(cache, configured_model_dir, 0.0))
     for generated, rows in _generations(cache):
         # Each token is the argmax of the cached, untempered distribution at its position.
         np.testing.assert_array_equal(generated, rows["ids"][:, 0])
@@ -142,8 +152,7 @@ def test_sampled_generate_draws_from_the_full_cached_distribution(
     most fall outside its 50 likeliest ids (min_p=0.9 or top_k=5 would keep at most ~25)."""
     vocab = len(tiny_tokenizer)
     cache = tmp_path / "c"
-    _build(_cfg(cache, configured_model_dir, generate=True, gen_max_new_tokens=12,
-                gen_temperature=1.0, topk=vocab))
+    build_cache(_generate_config(cache, configured_model_dir, 1.0, topk=vocab))
     ranks = []
     for generated, rows in _generations(cache):
         for token, ids, logprobs in zip(generated, rows["ids"], rows["logprobs"], strict=True):
@@ -162,7 +171,7 @@ def test_staging_from_an_interrupted_build_at_another_temperature_is_not_reused(
     from accelerate import PartialState
 
     cache = tmp_path / "c"
-    hot = _cfg(cache, tiny_model_dir, generate=True, gen_max_new_tokens=12, gen_temperature=3.0)
+    hot = _generate_config(cache, tiny_model_dir, 3.0)
     model, tokenizer = models.load_model(str(tiny_model_dir))
     # An interrupted T=3 build: every batch staged, nothing written to the store yet.
     identity = models.model_identity(str(tiny_model_dir))
@@ -173,8 +182,8 @@ def test_staging_from_an_interrupted_build_at_another_temperature_is_not_reused(
     staging = generate.staging_dir(hot)
     assert len(list(staging.glob("batch-*.npz"))) > 0
 
-    cold = _cfg(cache, tiny_model_dir, generate=True, gen_max_new_tokens=12, gen_temperature=0.0)
-    manifest = _build(cold)
+    cold = _generate_config(cache, tiny_model_dir, 0.0)
+    manifest = build_cache(cold)
     assert manifest.sequence_params["generate"]["temperature"] == 0.0
     assert manifest.is_complete("target")
     for generated, rows in _generations(cache):
@@ -190,7 +199,8 @@ def test_staging_from_an_interrupted_build_at_another_temperature_is_not_reused(
 def clean_uint8q(tmp_path_factory, tiny_model_dir):
     """A clean uint8q build with small shards: the reference the faulty builds resume to."""
     cache = tmp_path_factory.mktemp("clean") / "c"
-    _build(_cfg(cache, tiny_model_dir, value_encoding="uint8q", shard_rows=128, chunk_rows=128))
+    build_cache(cache_build_config(cache, tiny_model_dir, value_encoding="uint8q", shard_rows=128,
+                                   chunk_rows=128))
     reader = store.CacheReader(str(cache), "gsm8k", "train")
     last = reader.n_sequences - 1  # the shortest sequence: in the last batch and shard
     ids, _ = reader.sequence(last)
@@ -229,7 +239,8 @@ def test_nonfinite_target_rows_are_refused_and_the_build_resumes(
 
     clean, poisoned_ids, source = clean_uint8q
     cache = tmp_path / "c"
-    cfg = _cfg(cache, tiny_model_dir, value_encoding="uint8q", shard_rows=128, chunk_rows=128)
+    cfg = cache_build_config(cache, tiny_model_dir, value_encoding="uint8q", shard_rows=128,
+                             chunk_rows=128)
     with (mock.patch.object(labels, "LabelLogits", _poisoned_logits(poisoned_ids, 2, value)),
           pytest.raises(UserError) as err):
         build_stage(cfg, "target", progress=False)
@@ -241,9 +252,9 @@ def test_nonfinite_target_rows_are_refused_and_the_build_resumes(
     done = store.open_root(str(cache), "r")["gsm8k/train/target"][schema.DONE][:]
     assert 0 < done.sum() < len(done)
     # A sound model resumes it to exactly the clean build.
-    manifest = _build(cfg)
+    manifest = build_cache(cfg)
     assert manifest.is_complete("target")
-    a, b = _stage_files(clean), _stage_files(cache)
+    a, b = stage_file_bytes(clean), stage_file_bytes(cache)
     assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
 
 
@@ -253,7 +264,7 @@ def test_generate_refuses_nonfinite_logits_naming_the_example(
     from adaspec.build import build_stage
 
     cache = tmp_path / "c"
-    cfg = _cfg(cache, tiny_model_dir, generate=True, gen_max_new_tokens=12, gen_temperature=0.0)
+    cfg = _generate_config(cache, tiny_model_dir, 0.0)
     model, tokenizer = models.load_model(str(tiny_model_dir))
 
     def first_row_nan(module, inputs, output):
@@ -277,7 +288,8 @@ def test_rows_with_masked_ids_are_kept(tmp_path, tiny_model_dir, clean_uint8q, o
 
     clean, poisoned_ids, _ = clean_uint8q
     cache = tmp_path / "c"
-    cfg = _cfg(cache, tiny_model_dir, value_encoding="uint8q", shard_rows=128, chunk_rows=128)
+    cfg = cache_build_config(cache, tiny_model_dir, value_encoding="uint8q", shard_rows=128,
+                             chunk_rows=128)
     with mock.patch.object(labels, "LabelLogits",
                            _poisoned_logits(poisoned_ids, 2, float("-inf"))):
         manifest = build_stage(cfg, "target", progress=False)
@@ -304,8 +316,7 @@ def test_build_accepts_a_training_run_folder(
     target_run = tmp_path / "target-run"
     shutil.copytree(tiny_model_dir, target_run / "model")
     ref_run = tmp_path / "ref-run"  # what `adaspec-train --stage ref` leaves
-    make_tiny_model(len(tiny_tokenizer), n_layers=1, seed=7).save_pretrained(ref_run / "model")
-    tiny_tokenizer.save_pretrained(ref_run / "model")
+    save_tiny_model(ref_run / "model", tiny_tokenizer, n_layers=1, seed=7)
     (ref_run / "checkpoints").mkdir()
 
     cache = tmp_path / "c"

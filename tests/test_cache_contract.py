@@ -56,24 +56,22 @@ def _write(root, mode, value_encoding, id_encoding, seed=0):
     rows = _rows(rng, counts["label_tokens"], mode)
     params = {schema.MODE: mode, schema.K: K, schema.VALUE_ENCODING: value_encoding,
               schema.ID_ENCODING: id_encoding}
-    stage = writer.open_stage(schema.TARGET, params,
-                              schema.target_arrays(mode, K, value_encoding, VOCAB), 16, 8)
-    stored = schema.encode_target_rows(rows, value_encoding, id_encoding, VOCAB)
-    return writer, stage, stored, rows, (ids, masks)
+    stage = writer.open_stage(schema.TARGET, params, VOCAB, 16, 8)
+    return writer, stage, rows, (ids, masks)
 
 
-def _fill(stage, stored, shards=None):
+def _fill(stage, rows, shards=None):
+    """Hand the writer computed rows, shard by shard: it encodes them with the stage's format."""
     for shard in stage.pending_shards() if shards is None else shards:
         a, b = stage.shard_range(shard)
-        stage.write_shard(shard, {name: v[a:b] for name, v in stored.items()})
+        stage.write_shard(shard, {name: v[a:b] for name, v in rows.items()})
 
 
 @pytest.mark.parametrize("mode, value_encoding, id_encoding", list(itertools.product(
     schema.SPARSE_MODES, schema.VALUE_ENCODINGS, schema.ID_ENCODINGS)))
 def test_what_is_written_is_read_back(tmp_path, mode, value_encoding, id_encoding):
-    writer, stage, stored, rows, (ids, masks) = _write(tmp_path / "c", mode, value_encoding,
-                                                       id_encoding)
-    _fill(stage, stored)
+    writer, stage, rows, (ids, masks) = _write(tmp_path / "c", mode, value_encoding, id_encoding)
+    _fill(stage, rows)
     assert stage.finish() == {"label_tokens": stage.n_rows, "shards": stage.n_shards}
     reader = CacheReader(str(tmp_path / "c"), "toy", "train")
     assert reader.vocab_size == VOCAB and reader.tokenizer_fingerprint == "fp-1"
@@ -104,45 +102,60 @@ def test_what_is_written_is_read_back(tmp_path, mode, value_encoding, id_encodin
     assert plain["toy/train/target/ids"].shape == (reader.n_label_rows, K)
 
 
+def test_the_writer_encodes_computed_rows_as_the_schema_says(tmp_path):
+    """Callers hand the writer computed rows (float32, int64); it stores them encoded with the
+    stage's encodings, the same bytes as a copy of already encoded arrays."""
+    _, computed, rows, _ = _write(tmp_path / "a", "sample", "uint8q", "delta")
+    _fill(computed, rows)
+    _, copied, _, _ = _write(tmp_path / "b", "sample", "uint8q", "delta")
+    encoded = schema.encode_target_rows(rows, "uint8q", "delta", VOCAB)
+    for shard in copied.pending_shards():
+        a, b = copied.shard_range(shard)
+        copied.write_stored_shard(shard, {name: v[a:b] for name, v in encoded.items()})
+    for name, spec in schema.target_arrays("sample", K, "uint8q", VOCAB).items():
+        got = zarr.open_group(str(tmp_path / "a"), mode="r")[f"toy/train/target/{name}"]
+        want = zarr.open_group(str(tmp_path / "b"), mode="r")[f"toy/train/target/{name}"]
+        assert got.dtype == spec.dtype and rows[name].dtype != spec.dtype
+        np.testing.assert_array_equal(got[:], want[:])
+
+
 def test_a_stage_is_complete_only_when_finish_says_so(tmp_path):
-    writer, stage, stored, _, _ = _write(tmp_path / "c", "sample", "uint8q", "delta")
+    writer, stage, rows, _ = _write(tmp_path / "c", "sample", "uint8q", "delta")
     assert stage.n_shards >= 3
-    _fill(stage, stored, shards=[0, 2])
+    _fill(stage, rows, shards=[0, 2])
     assert stage.finish() is None  # shard 1 is missing
     assert not writer.manifest.is_complete(schema.TARGET)
     with pytest.raises(CacheError, match="no complete 'target'"):
         CacheReader(str(tmp_path / "c"), "toy", "train")
     # Another process (a new writer on the same store) resumes the missing shards.
     again = CacheWriter(str(tmp_path / "c"), "toy", "train").open_stage(
-        schema.TARGET, writer.manifest.target_params,
-        schema.target_arrays("sample", K, "uint8q", VOCAB), 16, 8, create=False)
+        schema.TARGET, writer.manifest.target_params, VOCAB, 16, 8, create=False)
     assert again.pending_shards() == [s for s in range(stage.n_shards) if s not in (0, 2)]
-    _fill(again, stored)
+    _fill(again, rows)
     assert again.finish() is not None and writer.manifest.is_complete(schema.TARGET)
 
 
 def test_other_params_are_refused_and_rebuild_replaces(tmp_path):
-    writer, stage, stored, _, _ = _write(tmp_path / "c", "topk", "float16", "plain")
-    _fill(stage, stored)
+    writer, stage, rows, _ = _write(tmp_path / "c", "topk", "float16", "plain")
+    _fill(stage, rows)
     stage.finish()
     params = {**writer.manifest.target_params, schema.K: K + 1}
-    arrays = schema.target_arrays("topk", K + 1, "float16", VOCAB)
     with pytest.raises(CacheError, match=r"was built with k=6 but this run has k=7; fix it"):
-        writer.open_stage(schema.TARGET, params, arrays, 16, 8, fix="fix it")
-    fresh = writer.open_stage(schema.TARGET, params, arrays, 16, 8, rebuild=True)
+        writer.open_stage(schema.TARGET, params, VOCAB, 16, 8, fix="fix it")
+    fresh = writer.open_stage(schema.TARGET, params, VOCAB, 16, 8, rebuild=True)
     assert not writer.manifest.is_complete(schema.TARGET)
     assert writer.manifest.target_params[schema.K] == K + 1
     assert fresh.pending_shards() == list(range(fresh.n_shards))  # nothing trusted
 
 
 def test_recorded_references_and_ref_stages(tmp_path):
-    writer, stage, stored, _, _ = _write(tmp_path / "c", "sample", "uint8q", "delta")
-    _fill(stage, stored)
+    writer, stage, rows, _ = _write(tmp_path / "c", "sample", "uint8q", "delta")
+    _fill(stage, rows)
     stage.finish()
     writer.record_ref("ref", {"path": "/runs/ref/model", "weight_hash": "abc"})
     losses = {name: np.arange(stage.n_rows, dtype=np.float32) for name in schema.ref_arrays()}
     ref = writer.open_stage(schema.ref_group_name("ref"), {"model": {"weight_hash": "abc"}},
-                            schema.ref_arrays(), 16, 8)
+                            VOCAB, 16, 8)
     _fill(ref, losses)
     ref.finish()
     reader = CacheReader(str(tmp_path / "c"), "toy", "train")

@@ -13,10 +13,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import make_tiny_model, make_tiny_tokenizer
-from test_build import GSM8K
-from test_train import _cfg, env  # noqa: F401 - env is a fixture
-from test_train_faults import _corrupt_chunks
+from helpers import (
+    GSM8K,
+    build_split_target,
+    corrupt_chunks,
+    make_tiny_tokenizer,
+    save_tiny_model,
+    train_config,
+)
 
 from adaspec.build import build_stage
 from adaspec.cli import cache, eval, sweep, train
@@ -31,13 +35,11 @@ MAINS = {"cache": cache.main, "train": train.main, "eval": eval.main, "sweep": s
 
 
 @pytest.fixture(scope="module")
-def bad(env, tmp_path_factory):  # noqa: F811
+def bad(env, tmp_path_factory):
     """The tiny env plus: a test-split cache, a stale-reference copy, a corrupt copy, bad files."""
     root = tmp_path_factory.mktemp("cli_errors")
-    build_stage(_cfg(env, {}, ), "target", progress=False)  # already built: a no-op check
-    test_cfg = _cfg(env)
-    test_cfg.data.split, test_cfg.data.limit = "test", 4
-    build_stage(test_cfg, "target", progress=False)
+    build_stage(train_config(env, {}), "target", progress=False)  # already built: a no-op check
+    build_split_target(env, "test", 4)
     stale = root / "stale"
     shutil.copytree(env.cache, stale)
     group = store.open_root(str(stale), "a")["gsm8k/train"]
@@ -46,15 +48,14 @@ def bad(env, tmp_path_factory):  # noqa: F811
     write_manifest(group, manifest)
     corrupt = root / "corrupt"
     shutil.copytree(env.cache, corrupt)
-    _corrupt_chunks(corrupt, "ids")
+    corrupt_chunks(corrupt, "ids")
     malformed = root / "malformed.jsonl"
     malformed.write_text('{"question": "q", "answer": "a"}\n{not json\n')
     yaml_bad = root / "bad.yaml"
     yaml_bad.write_text("data: [unclosed\n")
     other_tok = make_tiny_tokenizer(280)
     other = root / "other-tokenizer"
-    make_tiny_model(len(other_tok), n_layers=1, seed=3).save_pretrained(other)
-    other_tok.save_pretrained(other)
+    save_tiny_model(other, other_tok, n_layers=1, seed=3)
     a_file = root / "a_file"
     a_file.write_text("not a cache")
     return SimpleNamespace(env=env, root=root, stale=stale, corrupt=corrupt, malformed=malformed,

@@ -121,7 +121,8 @@ def test_flags_and_help_come_from_the_config_classes():
 
     from adaspec.cli import cache, eval, sweep, train
     from adaspec.cli.common import config_from_args
-    from adaspec.config import SECTIONS, choices_of, field_docs, flag_of
+    from adaspec.config import SECTIONS
+    from adaspec.config_fields import choices_of, field_docs, flag_of
 
     for section, cls in SECTIONS.items():
         docs = field_docs(cls)
@@ -152,6 +153,7 @@ def test_every_choice_list_is_the_implementations_list():
     """Settings declare their choices (Literal); each implementing module's tuple must agree."""
     from adaspec import config as c
     from adaspec import evaluate, generate, losses, models, selection, step, tasks, validation
+    from adaspec.config_fields import choices_of
     from cache_tools import schema
 
     tied = {
@@ -178,12 +180,12 @@ def test_every_choice_list_is_the_implementations_list():
         (c.SweepConfig, "select_split"): tasks.SPLITS,
     }
     for (cls, name), implemented in tied.items():
-        assert set(c.choices_of(cls, name)) == set(implemented), f"{cls.__name__}.{name}"
+        assert set(choices_of(cls, name)) == set(implemented), f"{cls.__name__}.{name}"
     # the cache stores one reference-loss array per divergence the losses implement
     assert set(schema.DIVERGENCES) == set(losses.DIVERGENCES)
     # and every field with choices is one of the tied ones
     declared = {(cls, f.name) for cls in c.SECTION_OF for f in dataclasses.fields(cls)
-                if c.choices_of(cls, f.name) is not None}
+                if choices_of(cls, f.name) is not None}
     assert declared == set(tied)
 
 

@@ -1,4 +1,4 @@
-"""bench/converged_study.py: a killed study continues, reusing every finished run."""
+"""studies/converged_study.py: a killed study continues, reusing every finished run."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from bench import converged_study
+from studies import converged_study
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

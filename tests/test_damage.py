@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_train import _cfg, env  # noqa: F401 - env is a fixture
+from helpers import GSM8K, train_config
 
 from adaspec.cli import cache as cache_cli
 from adaspec.cli import eval as eval_cli
@@ -57,7 +57,7 @@ def _one_line_error(capsys, main, argv: list[str]) -> str:
 
 @pytest.mark.parametrize("how", DAMAGE)
 @pytest.mark.parametrize("kind", list(CACHE_FILES))
-def test_a_damaged_cache_is_refused_in_one_line(env, tmp_path, capsys, kind, how):  # noqa: F811
+def test_a_damaged_cache_is_refused_in_one_line(env, tmp_path, capsys, kind, how):
     cache = tmp_path / "cache"
     shutil.copytree(env.cache, cache)
     _damage(cache / CACHE_FILES[kind], how)
@@ -84,16 +84,16 @@ RUN_FILES = {
 
 
 @pytest.fixture(scope="module")
-def finished_run(env, tmp_path_factory):  # noqa: F811
+def finished_run(env, tmp_path_factory):
     from adaspec.train import train
 
     out = tmp_path_factory.mktemp("damage_run") / "run"
-    return train(_cfg(env, k=1.0, epochs=1, checkpoint_every=2, out=out), progress=False)
+    return train(train_config(env, k=1.0, epochs=1, checkpoint_every=2, out=out), progress=False)
 
 
 @pytest.mark.parametrize("how", DAMAGE)
 @pytest.mark.parametrize("kind", list(RUN_FILES))
-def test_a_damaged_run_folder_is_refused_in_one_line(env, finished_run, tmp_path, capsys,  # noqa: F811
+def test_a_damaged_run_folder_is_refused_in_one_line(env, finished_run, tmp_path, capsys,
                                                       kind, how):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
@@ -117,7 +117,7 @@ def test_a_damaged_run_folder_is_refused_in_one_line(env, finished_run, tmp_path
 
 
 def test_verify_refuses_a_stage_still_building_and_a_manifest_that_contradicts_its_arrays(
-        env, tmp_path):  # noqa: F811
+        env, tmp_path):
     from cache_tools import store
     from cache_tools.manifest import Manifest
     from cache_tools.manifest import write as write_manifest
@@ -139,11 +139,9 @@ def test_verify_refuses_a_stage_still_building_and_a_manifest_that_contradicts_i
         assert word in report.message or "counts" in report.message, report.message
 
 
-def test_rebuild_repairs_damaged_sequences(env, tmp_path, capsys):  # noqa: F811
+def test_rebuild_repairs_damaged_sequences(env, tmp_path, capsys):
     """--rebuild used to repeat its own advice: the sequences are made again from the data
     (same settings, same sequences), the target stage rebuilt, and the store verifies whole."""
-    from test_build import GSM8K
-
     from cache_tools.verify import verify_cache
 
     cache = tmp_path / "cache"

@@ -9,20 +9,21 @@ import math
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_model
-from test_speculative import (
+from helpers import (
     SMALL_VOCAB,
-    _chi2_pvalue,
-    _pair_counts,
-    _pair_probs,
-    _peaky,
+    SpeculativeSampler,
+    chi2_pvalue,
+    first_two_token_counts,
+    first_two_token_probs,
+    make_tiny_model,
+    sharpen_lm_head,
+    train_config,
 )
-from test_train import _cfg, env  # noqa: F401 - env is a fixture
 
 from adaspec import draft_vocab, labels, models, stream
 from adaspec.build import build_stage
 from adaspec.errors import UserError
-from adaspec.speculative import SpecStats, speculative_generate, target_generate
+from adaspec.speculative import speculative_generate, target_generate
 from adaspec.step import LossModel
 from adaspec.train import train
 from cache_tools.store import CacheReader
@@ -67,7 +68,7 @@ def test_folder_round_trip_and_plain_transformers_argmax(tmp_path, tiny_tokenize
     assert torch.equal(plain.argmax(-1), ours.argmax(-1))  # unmapped rows never win
 
 
-def test_token_map_takes_the_most_mass_plus_specials(env, tmp_path):  # noqa: F811
+def test_token_map_takes_the_most_mass_plus_specials(env, tmp_path):
     reader = CacheReader(str(env.cache), "gsm8k", "train")
     mass = torch.zeros(reader.vocab_size, dtype=torch.float64)
     rows = reader.target_rows(0, reader.n_label_rows)
@@ -80,7 +81,7 @@ def test_token_map_takes_the_most_mass_plus_specials(env, tmp_path):  # noqa: F8
         draft_vocab.token_map(reader, 0, [])
 
 
-def test_training_loss_equals_dense_float64_restricted(env):  # noqa: F811
+def test_training_loss_equals_dense_float64_restricted(env):
     """The K = V cache's loss for a reduced draft equals the divergence computed densely in
     float64 between the target's distribution coarse-grained onto the map + rest and the
     draft's N + 1 softmax."""
@@ -111,50 +112,50 @@ def test_training_loss_equals_dense_float64_restricted(env):  # noqa: F811
         torch.testing.assert_close(got.double(), dense, rtol=1e-4, atol=1e-5)
 
 
-def test_reduced_ref_and_adaspec_draft_end_to_end(env, tmp_path):  # noqa: F811
+def test_reduced_ref_and_adaspec_draft_end_to_end(env, tmp_path):
     cache = tmp_path / "cache"
-    build_stage(_cfg(env, {"cache": str(cache)}), "target", progress=False)
-    ref = train(_cfg(env, {"cache": str(cache)}, stage="ref", epochs=1, lr=1e-3, draft_vocab=24,
-                     out=tmp_path / "ref"), progress=False)
+    build_stage(train_config(env, {"cache": str(cache)}), "target", progress=False)
+    ref = train(train_config(env, {"cache": str(cache)}, stage="ref", epochs=1, lr=1e-3,
+                             draft_vocab=24, out=tmp_path / "ref"), progress=False)
     saved = draft_vocab.read_map(ref / "model")
     assert saved is not None and 24 <= saved["n"] <= 25  # + the EOS id if not among the 24
-    build_stage(_cfg(env, {"cache": str(cache)}), "ref", progress=False)
+    build_stage(train_config(env, {"cache": str(cache)}), "ref", progress=False)
     reader = CacheReader(str(cache), "gsm8k", "train")
     losses = reader.ref_losses("ref", "fkl", 0, reader.n_label_rows)
     assert losses.shape[0] > 0 and torch.isfinite(torch.as_tensor(losses)).all()
-    draft = train(_cfg(env, {"cache": str(cache)}, k=0.5, epochs=1, draft_vocab=24,
-                       out=tmp_path / "draft"), progress=False)
+    draft = train(train_config(env, {"cache": str(cache)}, k=0.5, epochs=1, draft_vocab=24,
+                               out=tmp_path / "draft"), progress=False)
     assert draft_vocab.read_map(draft / "model")["ids"] == saved["ids"]
     metrics = [json.loads(x) for x in (draft / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in metrics if "loss" in r)
     assert yaml.safe_load((draft / "config.yaml").read_text())["train"]["draft_vocab"] == 24
     with pytest.raises(UserError, match="token map"):  # a full-vocabulary draft vs reduced ref
-        train(_cfg(env, {"cache": str(cache)}, k=0.5, epochs=1, out=tmp_path / "full"),
+        train(train_config(env, {"cache": str(cache)}, k=0.5, epochs=1, out=tmp_path / "full"),
               progress=False)
     with pytest.raises(UserError, match="token map"):  # another N
-        train(_cfg(env, {"cache": str(cache)}, k=0.5, epochs=1, draft_vocab=12,
-                   out=tmp_path / "other"), progress=False)
+        train(train_config(env, {"cache": str(cache)}, k=0.5, epochs=1, draft_vocab=12,
+                           out=tmp_path / "other"), progress=False)
 
 
-def test_sft_with_draft_vocab_is_refused(env, tmp_path):  # noqa: F811
+def test_sft_with_draft_vocab_is_refused(env, tmp_path):
     with pytest.raises(UserError, match="--draft-vocab"):
-        _cfg(env, stage="sft", draft_vocab=10, out=tmp_path / "x")
+        train_config(env, stage="sft", draft_vocab=10, out=tmp_path / "x")
 
 
 @pytest.mark.parametrize("k", [1.0, 0.5])
-def test_online_reduced_runs_give_the_cached_losses(env, tmp_path, k):  # noqa: F811
+def test_online_reduced_runs_give_the_cached_losses(env, tmp_path, k):
     """K = V cache: the online (dense) and cached restricted losses, with a reduced reference
     for AdaSPEC, give the same training run (the dense pair of the study)."""
     cache = tmp_path / "cache"
-    build_stage(_cfg(env, {"cache": str(cache)}), "target", progress=False)
-    ref = train(_cfg(env, {"cache": str(cache)}, stage="ref", epochs=1, lr=1e-3, draft_vocab=24,
-                     out=tmp_path / "ref"), progress=False)
-    build_stage(_cfg(env, {"cache": str(cache)}), "ref", progress=False)
+    build_stage(train_config(env, {"cache": str(cache)}), "target", progress=False)
+    ref = train(train_config(env, {"cache": str(cache)}, stage="ref", epochs=1, lr=1e-3,
+                             draft_vocab=24, out=tmp_path / "ref"), progress=False)
+    build_stage(train_config(env, {"cache": str(cache)}), "ref", progress=False)
     runs = {}
     for online in (False, True):
-        runs[online] = train(_cfg(env, {"cache": str(cache)}, ref=str(ref / "model"), k=k,
-                                  epochs=1, draft_vocab=24, online=online,
-                                  out=tmp_path / f"d{online}"), progress=False)
+        runs[online] = train(train_config(env, {"cache": str(cache)}, ref=str(ref / "model"), k=k,
+                                          epochs=1, draft_vocab=24, online=online,
+                                          out=tmp_path / f"d{online}"), progress=False)
     cached, live = ([json.loads(x) for x in (runs[o] / "metrics.jsonl").read_text().splitlines()]
                     for o in (False, True))
     assert [round(r["loss"], 3) for r in cached] == [round(r["loss"], 3) for r in live]
@@ -177,24 +178,16 @@ def test_speculative_greedy_with_reduced_draft_equals_target_greedy(gamma):
 
 
 def test_speculative_sampling_with_reduced_draft_follows_the_target():
-    target = _peaky(make_tiny_model(SMALL_VOCAB, n_layers=2, seed=0), 10.0)
-    draft = _peaky(make_tiny_model(SMALL_VOCAB, n_layers=2, seed=0), 10.0)
+    target = sharpen_lm_head(make_tiny_model(SMALL_VOCAB, n_layers=2, seed=0), 10.0)
+    draft = sharpen_lm_head(make_tiny_model(SMALL_VOCAB, n_layers=2, seed=0), 10.0)
     _reduced(draft, [0, 2, 3, 5, 6])  # ids 1, 4, 7 can only come from the target's correction
     prompt, temperature, runs = [1, 2, 3], 0.8, 1000
     ids = torch.tensor([prompt])
-    probs = _pair_probs(target, prompt, temperature)
-    gen = torch.Generator().manual_seed(0)
-    total = SpecStats()
-
-    def spec():
-        nonlocal total
-        out, stats = speculative_generate(target, draft, ids, 3, 2, temperature, generator=gen)
-        total = total.merge(stats)
-        return out
-
-    counts = _pair_counts(spec, runs)
-    assert _chi2_pvalue(counts, probs) > 1e-3
-    assert 0.1 < total.alpha() < 0.95
+    probs = first_two_token_probs(target, prompt, temperature)
+    spec = SpeculativeSampler(target, draft, ids, temperature, torch.Generator().manual_seed(0))
+    counts = first_two_token_counts(spec, runs)
+    assert chi2_pvalue(counts, probs) > 1e-3
+    assert 0.1 < spec.stats.alpha() < 0.95
     unmapped_first = sum(int(counts[a * SMALL_VOCAB:(a + 1) * SMALL_VOCAB].sum())
                          for a in (1, 4, 7))
     assert unmapped_first > 0  # the target still emits ids outside the map

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, make_tiny_model
+from helpers import GSM8K, REPO, make_tiny_model, save_tiny_model
 
 from adaspec import evaluate as evaluate_module
 from adaspec import models, speculative
@@ -18,15 +18,12 @@ from adaspec.config import build_config
 from adaspec.errors import UserError
 from adaspec.evaluate import evaluate
 
-GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
     base = tmp_path_factory.mktemp("eval")
     draft_dir = base / "draft"
-    make_tiny_model(len(tiny_tokenizer), n_layers=1, seed=11).save_pretrained(draft_dir)
-    tiny_tokenizer.save_pretrained(draft_dir)
+    save_tiny_model(draft_dir, tiny_tokenizer, n_layers=1, seed=11)
     values = {
         "models": {"target": str(tiny_model_dir)},
         "data": {"task": "gsm8k", "split": "test", "data_files": str(GSM8K), "limit": 6,
@@ -180,10 +177,7 @@ def test_asking_for_offline_without_a_cache_names_the_fix(setup, tmp_path):
 
 @pytest.fixture(scope="module")
 def second_draft(tmp_path_factory, tiny_tokenizer):
-    path = tmp_path_factory.mktemp("draft2")
-    make_tiny_model(len(tiny_tokenizer), n_layers=1, seed=12).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("draft2"), tiny_tokenizer, n_layers=1, seed=12)
 
 
 def _spy_decoding(monkeypatch) -> list[tuple]:

@@ -8,7 +8,7 @@ import shlex
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_model, make_tiny_tokenizer
+from helpers import make_tiny_model, make_tiny_tokenizer
 
 from adaspec.cli.common import run
 from adaspec.cli.export import main as export_main

@@ -8,21 +8,21 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, make_tiny_model
+from helpers import REPO, make_tiny_model
 
 from adaspec import labels, models, selection
 from adaspec.build import build_stage
 from adaspec.config import CacheConfig, build_config
-from bench import fidelity_measures as fidelity
 from cache_tools.store import CacheReader
+from studies import fidelity_measures as fidelity
 
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 # Selection agreement (Jaccard, k = 0.4) of the default cache (8 draws, uint8q) with dense
 # losses. Measured 0.886 on the fixed sample of test_default_cache_selects_like_dense_losses,
-# and by `python -m bench.fidelity` 0.909 (gsm8k) and 0.860 (alpaca) on 40-row samples
-# (bench/results/fidelity.json); the floor sits just under the lowest. The former default (top-64
-# + tail, float16) measured 0.985 here, top-8 + tail 0.77 on alpaca.
+# and by `python -m studies.fidelity` 0.909 (gsm8k) and 0.860 (alpaca) on 40-row samples
+# (studies/results/fidelity.json); the floor sits just under the lowest. The former default
+# (top-64 + tail, float16) measured 0.985 here, top-8 + tail 0.77 on alpaca.
 DEFAULT_SELECTION_FLOOR = 0.85
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_model
-from test_build import _build, _cfg
+from helpers import build_cache, cache_build_config, save_tiny_model
 
 from adaspec import models, speculative
 from cache_tools.store import CacheReader
@@ -16,19 +15,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def draft_dir(tmp_path_factory, tiny_tokenizer):
-    path = tmp_path_factory.mktemp("gen_draft")
-    make_tiny_model(len(tiny_tokenizer), n_layers=1, seed=5).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("gen_draft"), tiny_tokenizer, n_layers=1, seed=5)
 
 
 def test_a_draft_generated_cache_holds_the_targets_distributions_on_the_drafts_tokens(
         tmp_path, tiny_model_dir, tiny_tokenizer, draft_dir):
     vocab = len(tiny_tokenizer)
-    cfg = _cfg(tmp_path / "c", tiny_model_dir, generate=True, generator="draft",
-               gen_max_new_tokens=8, gen_temperature=0.0, topk=vocab)
+    cfg = cache_build_config(tmp_path / "c", tiny_model_dir, generate=True, generator="draft",
+                             gen_max_new_tokens=8, gen_temperature=0.0, topk=vocab)
     cfg.models.draft = str(draft_dir)
-    manifest = _build(cfg)
+    manifest = build_cache(cfg)
     generate = manifest.sequence_params["generate"]
     assert generate["generator"] == "draft"
     assert generate["model"]["path"] == str(draft_dir.resolve())

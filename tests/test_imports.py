@@ -69,7 +69,7 @@ def test_no_module_imports_another_modules_private_names():
     ours = {p.stem for p in (REPO / "adaspec").rglob("*.py")} | {
         p.stem for p in (REPO / "cache_tools").rglob("*.py")} | {"adaspec", "cache_tools"}
     files = [*(REPO / "adaspec").rglob("*.py"), *(REPO / "cache_tools").rglob("*.py"),
-             *(REPO / "bench").rglob("*.py")]
+             *(REPO / "bench").rglob("*.py"), *(REPO / "studies").rglob("*.py")]
     assert files
     for path in files:
         for use in _private_uses(path):
@@ -152,3 +152,13 @@ def test_the_readme_module_table_lists_every_module():
             assert listed, f"README's module table does not list {root}/{path.name}"
     for package in ("adaspec/tasks/", "adaspec/cli/"):
         assert f"`{package}`" in table
+
+
+def test_test_modules_share_code_through_conftest_and_helpers_only():
+    """Fixtures live in conftest.py and shared helpers in helpers.py: a test module importing
+    another test module (or conftest) runs that module's tests' setup twice and hides the
+    dependency."""
+    for path in sorted((REPO / "tests").glob("*.py")):
+        bad = sorted(name for name in _imports(path)
+                     if name.split(".")[0].startswith("test_") or name.split(".")[0] == "conftest")
+        assert bad == [], f"{path.name} imports {bad}"

@@ -307,6 +307,12 @@ def _token_map(gen, v, n):
     return ids, to_draft
 
 
+def _restricted_problem(gen, v, n_map, n, scale):
+    """A token map of n_map ids of v, then (n, n_map + 1) draft and (n, v) target logits."""
+    ids, to_draft = _token_map(gen, v, n_map)
+    return ids, to_draft, _logits(gen, n, n_map + 1), _logits(gen, n, v, scale=scale)
+
+
 def _restricted_reference(draft_logits, target_logits, ids, divergence, beta):
     """Dense float64: the target's probabilities on the map's ids and their summed rest, against
     the draft's N + 1 softmax (the plain formula of `_reference`)."""
@@ -320,10 +326,9 @@ def _restricted_reference(draft_logits, target_logits, ids, divergence, beta):
 @pytest.mark.parametrize("divergence,beta", CASES, ids=CASE_IDS)
 def test_restricted_full_topk_equals_dense_restricted_in_value_and_gradient(divergence, beta):
     gen = _gen(11)
-    v, n_map = 90, 25
-    ids, to_draft = _token_map(gen, v, n_map)
-    draft_logits = _logits(gen, 30, n_map + 1).requires_grad_()
-    target_logits = _logits(gen, 30, v, scale=5.0)
+    v = 90
+    ids, to_draft, draft_logits, target_logits = _restricted_problem(gen, v, 25, 30, scale=5.0)
+    draft_logits.requires_grad_()
     got = restricted_divergence(draft_logits, _topk_target(target_logits, v), to_draft,
                                 divergence, beta)
     # the same computation as a dense divergence over the N + 1 coarse-grained outcomes
@@ -347,9 +352,7 @@ def test_restricted_full_topk_equals_dense_restricted_in_value_and_gradient(dive
 @pytest.mark.parametrize("divergence,beta", CASES[:5], ids=CASE_IDS[:5])
 def test_restricted_topk_is_a_lower_bound_of_the_restricted_dense(divergence, beta):
     gen = _gen(12)
-    v, n_map = 200, 40
-    ids, to_draft = _token_map(gen, v, n_map)
-    draft_logits, target_logits = _logits(gen, 50, n_map + 1), _logits(gen, 50, v, scale=3.0)
+    ids, to_draft, draft_logits, target_logits = _restricted_problem(gen, 200, 40, 50, scale=3.0)
     dense = _restricted_reference(draft_logits, target_logits, ids, divergence, beta)
     for k in (1, 8, 60):
         got = restricted_divergence(draft_logits, _topk_target(target_logits, k), to_draft,
@@ -398,9 +401,7 @@ def test_restricted_chunked_equals_unchunked(mode):
 @pytest.mark.parametrize("divergence,beta", CASES, ids=CASE_IDS)
 def test_dense_restricted_equals_the_plain_formula(divergence, beta):
     gen = _gen(15)
-    v, n_map = 70, 20
-    ids, _ = _token_map(gen, v, n_map)
-    draft_logits, target_logits = _logits(gen, 25, n_map + 1), _logits(gen, 25, v, scale=3.0)
+    ids, _, draft_logits, target_logits = _restricted_problem(gen, 70, 20, 25, scale=3.0)
     got = dense_restricted_divergence(draft_logits, target_logits, ids, divergence, beta)
     torch.testing.assert_close(
         got, _restricted_reference(draft_logits, target_logits, ids, divergence, beta),

@@ -12,8 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import REPO, make_tiny_model, make_tiny_tokenizer
-from test_build import GSM8K
+from helpers import GSM8K, REPO, make_tiny_tokenizer, save_tiny_model
 from transformers import AutoModelForCausalLM
 
 from adaspec import runs
@@ -29,8 +28,7 @@ def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("run_contract")
     tok = make_tiny_tokenizer()
     target = root / "target"
-    make_tiny_model(len(tok), n_layers=2, seed=1).save_pretrained(target)
-    tok.save_pretrained(target)
+    save_tiny_model(target, tok, n_layers=2, seed=1)
     env = SimpleNamespace(root=root, cfg=lambda **t: build_config({
         "models": {"target": str(target), "draft": f"{target}@layers=1"},
         "data": {"task": "gsm8k", "data_files": str(GSM8K), "limit": 6, "max_length": 512},

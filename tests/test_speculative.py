@@ -9,22 +9,23 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from helpers import (
+    SMALL_VOCAB,
+    SpeculativeSampler,
+    chi2_pvalue,
+    first_two_token_counts,
+    first_two_token_probs,
+    make_tiny_model,
+    sharpen_lm_head,
+)
 from transformers.generation.candidate_generator import AssistedCandidateGenerator
 
 from adaspec.speculative import SpecStats, speculative_generate, target_generate
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 64
 PROMPTS = [[1, 2, 3], [5, 9, 11, 40, 7], [63, 17]]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and oversubscribed threads make them slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -177,79 +178,29 @@ def test_matches_transformers_assisted_generation(target, drafts, gamma, monkeyp
 
 # --- sampling ---------------------------------------------------------------------------------
 
-SMALL_VOCAB = 8
-
-
-def _peaky(model: torch.nn.Module, scale: float) -> torch.nn.Module:
-    """Random tiny models are nearly uniform; a larger LM head gives distinct distributions."""
-    with torch.no_grad():
-        model.lm_head.weight.mul_(scale)
-    return model
-
-
-def _chi2_pvalue(observed: torch.Tensor, expected_probs: torch.Tensor) -> float:
-    """Pearson chi-square goodness of fit; cells expected below 5 are pooled into one."""
-    n = observed.sum()
-    expected = expected_probs.double() * n
-    small = expected < 5
-    obs = torch.cat([observed[~small].double(), observed[small].double().sum().view(1)])
-    exp = torch.cat([expected[~small], expected[small].sum().view(1)])
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    stat = ((obs - exp) ** 2 / exp).sum()
-    dof = len(exp) - 1
-    # chi-square survival function: regularized upper incomplete gamma Q(dof / 2, stat / 2)
-    return float(torch.special.gammaincc(torch.tensor(dof / 2.0).double(), stat / 2))
-
-
-def _pair_probs(target, prompt: list[int], temperature: float) -> torch.Tensor:
-    """Exact law of the first two sampled tokens, by enumeration: (V * V,) float64."""
-    v = SMALL_VOCAB
-    rows = torch.tensor([[*prompt, x] for x in range(v)])  # (V, T + 1)
-    with torch.no_grad():
-        logits = target(input_ids=rows).logits.double()  # (V, T + 1, V)
-    first = torch.softmax(logits[0, -2, :v] / temperature, dim=-1)  # (V,)
-    second = torch.softmax(logits[:, -1, :v] / temperature, dim=-1)  # (V, V)
-    return (first[:, None] * second).flatten()
-
-
-def _pair_counts(sample, runs: int) -> torch.Tensor:
-    counts = torch.zeros(SMALL_VOCAB * SMALL_VOCAB, dtype=torch.long)
-    for _ in range(runs):
-        first, second = sample()[:2].tolist()
-        counts[first * SMALL_VOCAB + second] += 1
-    return counts
-
 
 def test_sampling_follows_target_distribution():
-    target = _peaky(make_tiny_model(SMALL_VOCAB, n_layers=2, seed=0), 10.0)
-    draft = _peaky(make_tiny_model(SMALL_VOCAB, n_layers=1, seed=3), 10.0)
+    target = sharpen_lm_head(make_tiny_model(SMALL_VOCAB, n_layers=2, seed=0), 10.0)
+    draft = sharpen_lm_head(make_tiny_model(SMALL_VOCAB, n_layers=1, seed=3), 10.0)
     prompt, temperature, runs = [1, 2, 3], 0.8, 1000
     ids = torch.tensor([prompt])
-    probs = _pair_probs(target, prompt, temperature)
+    probs = first_two_token_probs(target, prompt, temperature)
     assert probs.max() < 0.5  # the law is spread out enough for the test to have power
 
     gen = torch.Generator().manual_seed(0)
-    total = SpecStats()
-
-    def spec():
-        nonlocal total
-        # 3 tokens with gamma 2: the first step drafts 2, so rejection at either position counts
-        out, stats = speculative_generate(target, draft, ids, 3, 2, temperature, generator=gen)
-        total = total.merge(stats)
-        return out
-
-    assert _chi2_pvalue(_pair_counts(spec, runs), probs) > 1e-3
-    assert 0.1 < total.alpha() < 0.9  # both accepting and rejecting paths were exercised
-    base = _pair_counts(lambda: target_generate(target, ids, 2, temperature, generator=gen), 500)
-    assert _chi2_pvalue(base, probs) > 1e-3
+    spec = SpeculativeSampler(target, draft, ids, temperature, gen)
+    assert chi2_pvalue(first_two_token_counts(spec, runs), probs) > 1e-3
+    assert 0.1 < spec.stats.alpha() < 0.9  # both accepting and rejecting paths were exercised
+    base = first_two_token_counts(
+        lambda: target_generate(target, ids, 2, temperature, generator=gen), 500)
+    assert chi2_pvalue(base, probs) > 1e-3
     # the test can fail: a different law is rejected
-    wrong = _pair_probs(draft, prompt, temperature)
-    assert _chi2_pvalue(_pair_counts(spec, 300), wrong) < 1e-3
+    wrong = first_two_token_probs(draft, prompt, temperature)
+    assert chi2_pvalue(first_two_token_counts(spec, 300), wrong) < 1e-3
 
 
 def test_sampling_identical_draft_accepts_everything():
-    target = _peaky(make_tiny_model(SMALL_VOCAB, n_layers=2, seed=0), 10.0)
+    target = sharpen_lm_head(make_tiny_model(SMALL_VOCAB, n_layers=2, seed=0), 10.0)
     gen = torch.Generator().manual_seed(0)
     total = SpecStats()
     for prompt in PROMPTS:

@@ -10,7 +10,7 @@ from unittest import mock
 
 import pytest
 import torch
-from test_train import _cfg, _metrics, env  # noqa: F401 - env is a fixture
+from helpers import run_metrics, train_config
 
 from adaspec import selection, step
 from adaspec.train import train
@@ -64,21 +64,21 @@ def counting_syncs():
     dict(k=1.0),
     dict(stage="sft"),
 ])
-def test_no_host_sync_per_micro_batch(env, tmp_path, values):  # noqa: F811
-    cfg = _cfg(env, grad_accum=4, batch_size=1, epochs=1.0, log_every=2, out=tmp_path / "r",
-               **values)
+def test_no_host_sync_per_micro_batch(env, tmp_path, values):
+    cfg = train_config(env, grad_accum=4, batch_size=1, epochs=1.0, log_every=2, out=tmp_path / "r",
+                       **values)
     with counting_syncs() as counts:
         train(cfg, progress=False)
     assert counts["micro"] == 0, counts
-    steps = len(_metrics(tmp_path / "r")) * 2  # 8 micro-batches / 4 = 2 steps, logged once
+    steps = len(run_metrics(tmp_path / "r")) * 2  # 8 micro-batches / 4 = 2 steps, logged once
     assert steps == 2
     # Outside the micro-batches: a few per logged step (the metrics) and per run (saving).
     assert counts["other"] < 200, counts
 
 
-def test_the_global_threshold_needs_no_sync_either(env, tmp_path):  # noqa: F811
-    cfg = _cfg(env, k=0.5, threshold="global", grad_accum=2, batch_size=1, epochs=0.5,
-               out=tmp_path / "g")
+def test_the_global_threshold_needs_no_sync_either(env, tmp_path):
+    cfg = train_config(env, k=0.5, threshold="global", grad_accum=2, batch_size=1, epochs=0.5,
+                       out=tmp_path / "g")
     with counting_syncs() as counts:
         train(cfg, progress=False)
     assert counts["micro"] == 0, counts

@@ -38,16 +38,14 @@ def _write_split(root, n_seq=7, k=4, vocab=300, shard_rows=16, chunk_rows=8, enc
         "tail_logmass": tail.astype(np.float32),
     }
     params = {schema.MODE: "topk", schema.K: k, schema.VALUE_ENCODING: encoding}
-    writer = cache_writer.open_stage(schema.TARGET, params,
-                                     schema.target_arrays("topk", k, encoding, vocab),
-                                     shard_rows, chunk_rows)
+    writer = cache_writer.open_stage(schema.TARGET, params, vocab, shard_rows, chunk_rows)
     return cache_writer.group, writer, rows, cache_writer
 
 
 def _finish(group, writer, rows, cache_writer):
     for shard in writer.pending_shards():
         a, b = writer.shard_range(shard)
-        writer.write_shard(shard, {name: v[a:b] for name, v in rows.items()})
+        writer.write_stored_shard(shard, {name: v[a:b] for name, v in rows.items()})
     assert writer.finish() == {"label_tokens": writer.n_rows, "shards": writer.n_shards}
 
 
@@ -70,7 +68,7 @@ def test_pending_shards_resume_and_split_between_processes(tmp_path):
     all_shards = writer.pending_shards()
     assert sorted(writer.pending_shards(0, 2) + writer.pending_shards(1, 2)) == all_shards
     a, b = writer.shard_range(1)
-    writer.write_shard(1, {name: v[a:b] for name, v in rows.items()})
+    writer.write_stored_shard(1, {name: v[a:b] for name, v in rows.items()})
     assert 1 not in writer.pending_shards() and not writer.all_done()
     # A reader refuses the stage until its status is complete.
     with pytest.raises(CacheError, match="no complete 'target'"):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, make_tiny_model
-from test_build import GSM8K
+from helpers import GSM8K, REPO, save_tiny_model
 
 from adaspec import labels
 from adaspec.build import build_stage
@@ -29,8 +28,7 @@ def cache(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
     })
     build_stage(cfg, "target", progress=False)
     ref_dir = root / "ref"
-    make_tiny_model(len(tiny_tokenizer), n_layers=1, seed=4).save_pretrained(ref_dir)
-    tiny_tokenizer.save_pretrained(ref_dir)
+    save_tiny_model(ref_dir, tiny_tokenizer, n_layers=1, seed=4)
     build_stage(cfg, "ref", str(ref_dir), progress=False)
     return cfg
 
@@ -278,11 +276,10 @@ def test_peak_memory_of_a_stream_over_a_cache_ten_times_its_budget(tmp_path):
                                     {schema.TOKENIZER_FINGERPRINT: "toy"})
     params = {schema.MODE: "sample", schema.K: k, schema.VALUE_ENCODING: "uint8q",
               schema.ID_ENCODING: "plain"}
-    stage = writer.open_stage(schema.TARGET, params,
-                              schema.target_arrays("sample", k, "uint8q", vocab), 65536, 4096)
+    stage = writer.open_stage(schema.TARGET, params, vocab, 65536, 4096)
     for shard in stage.pending_shards():
         a, b = stage.shard_range(shard)
-        stage.write_shard(shard, {
+        stage.write_stored_shard(shard, {
             "ids": rng.integers(0, vocab, size=(b - a, k)).astype(np.uint16),
             "logprobs": rng.integers(0, 255, size=(b - a, k)).astype(np.uint8),
             "counts": np.ones((b - a, k), dtype=np.uint16)})

@@ -6,8 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_train import _cfg, _weights
-from test_train import env as train_env  # noqa: F401  (module fixture: tiny cache with a ref)
+from helpers import build_split_target, run_weights, train_config
 
 from adaspec.build import build_stage
 from adaspec.sweep import grid, run_sweep
@@ -16,16 +15,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def env(train_env):  # noqa: F811
-    # The evaluation cache: the target on the test split of the same file.
-    cfg = _cfg(train_env)
-    test_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split="test", limit=4))
-    build_stage(test_cfg, "target", progress=False)
-    return train_env
+def env(env):
+    """conftest's env plus the evaluation cache: the target on 4 rows of the test split."""
+    build_split_target(env, "test", 4)
+    return env
 
 
 def test_sweep_writes_table_plots_and_reruns_as_a_no_op(env, tmp_path):
-    cfg = _cfg(env, epochs=1.0)
+    cfg = train_config(env, epochs=1.0)
     variants = grid([0.5, 1.0], [1.0], ["fkl"], [0])
     rows = run_sweep(cfg, variants, tmp_path / "s", "test", progress=False)
     assert [r["k"] for r in rows] == [0.5, 1.0]
@@ -42,12 +39,13 @@ def test_sweep_writes_table_plots_and_reruns_as_a_no_op(env, tmp_path):
 
 
 def test_single_pass_equals_one_by_one(env, tmp_path):
-    cfg = _cfg(env, epochs=1.0)
+    cfg = train_config(env, epochs=1.0)
     variants = grid([0.5, 1.0], [1.0, 2.0], ["fkl"], [0])
     one = run_sweep(cfg, variants, tmp_path / "one", "test", progress=False)
     many = run_sweep(cfg, variants, tmp_path / "many", "test", single_pass=True, progress=False)
     for a, b in zip(one, many, strict=True):
-        wa, wb = _weights(tmp_path / "one" / a["name"]), _weights(tmp_path / "many" / b["name"])
+        wa = run_weights(tmp_path / "one" / a["name"])
+        wb = run_weights(tmp_path / "many" / b["name"])
         assert wa.keys() == wb.keys()
         for key in wa:
             torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6)
@@ -57,7 +55,7 @@ def test_single_pass_equals_one_by_one(env, tmp_path):
 def test_best_epoch_column_single_pass_and_the_html_report(env, tmp_path):
     """Variants keep their best epoch on a selection split (one by one and in a single pass,
     alike); report.html holds the table, the plots inline, the cache's settings and links."""
-    cfg = _cfg(env, epochs=1.0, lr=3e-3)
+    cfg = train_config(env, epochs=1.0, lr=3e-3)
     val = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split="validation",
                                                             limit=4))
     build_stage(val, "target", progress=False)
@@ -90,7 +88,7 @@ def test_an_interrupted_sweep_resumes_by_the_runs_rules(env, tmp_path, capsys):
     from adaspec.sweep import variant_config
     from adaspec.train import train
 
-    cfg = _cfg(env, epochs=1.0, checkpoint_every=2)
+    cfg = train_config(env, epochs=1.0, checkpoint_every=2)
     variants = grid([0.5, 1.0], [1.0], ["fkl"], [0])
     whole = run_sweep(cfg, variants, tmp_path / "whole", "test", progress=False)
     out = tmp_path / "cut"
@@ -102,7 +100,7 @@ def test_an_interrupted_sweep_resumes_by_the_runs_rules(env, tmp_path, capsys):
     rows = run_sweep(cfg, variants, out, "test", progress=False)
     for done, again in zip(whole, rows, strict=True):
         assert again["alpha_lower"] == pytest.approx(done["alpha_lower"], abs=1e-6)
-        wa, wb = _weights(tmp_path / "whole" / done["name"]), _weights(out / again["name"])
+        wa, wb = run_weights(tmp_path / "whole" / done["name"]), run_weights(out / again["name"])
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
     (out / a.name / "result.json").unlink()  # killed while evaluating: evaluated again only
     stamp = (runs.model_dir(out / a.name) / "model.safetensors").stat().st_mtime_ns

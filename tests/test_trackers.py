@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import pytest
-from test_train import _cfg, _metrics, env  # noqa: F401 - env is a fixture
-from test_validation import validation_cache  # noqa: F401 - a fixture
+from helpers import run_metrics, train_config
 
 from adaspec.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_tensorboard_events_hold_the_metrics_and_the_config(env, validation_cache,  # noqa: F811
+def test_tensorboard_events_hold_the_metrics_and_the_config(env, validation_cache,
                                                             tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir = train(_cfg(env, k=1.0, epochs=2.0, lr=3e-3, report_to="tensorboard",
-                         eval_split="validation", out=tmp_path / "run"), progress=False)
+    run_dir = train(train_config(env, k=1.0, epochs=2.0, lr=3e-3, report_to="tensorboard",
+                                 eval_split="validation", out=tmp_path / "run"), progress=False)
     events = sorted((run_dir / "logs").rglob("events.out.tfevents.*"))
     assert events, list((run_dir / "logs").rglob("*"))
     scalars: dict[str, list] = {}
@@ -25,13 +24,13 @@ def test_tensorboard_events_hold_the_metrics_and_the_config(env, validation_cach
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
             scalars.setdefault(tag, []).extend(acc.Scalars(tag))
-    train_lines = [m for m in _metrics(run_dir) if "loss" in m]  # not validation, plateau
+    train_lines = [m for m in run_metrics(run_dir) if "loss" in m]  # not validation, plateau
     loss = sorted(scalars["train/loss"], key=lambda e: e.step)
     assert [e.step for e in loss] == [m["step"] for m in train_lines]
     assert [e.value for e in loss] == pytest.approx([m["loss"] for m in train_lines], rel=1e-6)
     for tag in ("train/selected_fraction", "train/lr", "train/tokens_per_s"):
         assert len(scalars[tag]) == len(train_lines), tag
-    validation = [m["validation"] for m in _metrics(run_dir) if "validation" in m]
+    validation = [m["validation"] for m in run_metrics(run_dir) if "validation" in m]
     got = sorted(scalars["validation/expected_acceptance"], key=lambda e: e.step)
     assert [e.value for e in got] == pytest.approx(
         [v["expected_acceptance"] for v in validation], rel=1e-6)

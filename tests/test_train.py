@@ -6,25 +6,20 @@ The tiny target's lm_head is scaled up so its distributions are peaked (per-toke
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, make_tiny_model, make_tiny_tokenizer
-from safetensors.torch import load_file
-from test_build import GSM8K
+from helpers import GSM8K, REPO, run_metrics, run_weights, train_config
 
-from adaspec.build import build_stage
 from adaspec.cli.common import run
 from adaspec.cli.train import main as cli_main
-from adaspec.config import RUN_SECTIONS, build_config
+from adaspec.config import RUN_SECTIONS
 from adaspec.errors import UserError
 from adaspec.step import lr_factor
 from adaspec.train import resolve_config, train
@@ -32,47 +27,6 @@ from cache_tools import store
 from cache_tools.manifest import Manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A K = V cache of 8 gsm8k rows with a trained, recorded and built reference."""
-    root = tmp_path_factory.mktemp("train")
-    tok = make_tiny_tokenizer()
-    target_dir = root / "target"
-    model = make_tiny_model(len(tok), n_layers=2, seed=1)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30.0)
-    model.save_pretrained(target_dir)
-    tok.save_pretrained(target_dir)
-    env = SimpleNamespace(root=root, tok=tok, target=target_dir, cache=root / "cache")
-    build_stage(_cfg(env), "target", progress=False)
-    # The reference stage records itself; `adaspec-cache build --model ref` then finds it.
-    env.ref_run = train(_cfg(env, stage="ref", epochs=2, lr=1e-3, out=root / "ref"), progress=False)
-    env.manifest = build_stage(_cfg(env), "ref", progress=False)
-    return env
-
-
-def _cfg(env, cache_values: dict | None = None, ref: str | None = None, **train_values):
-    train_values = {"batch_size": 2, "lr": 1e-4, "epochs": 2.0, **train_values}
-    if "out" in train_values:
-        train_values["out"] = str(train_values["out"])
-    return build_config({
-        "models": {"target": str(env.target), "draft": f"{env.target}@layers=1", "ref": ref},
-        "data": {"task": "gsm8k", "data_files": str(GSM8K), "limit": 8, "max_length": 512},
-        "cache": {"cache": str(env.cache), "topk": len(env.tok), "shard_rows": 256,
-                  "chunk_rows": 128, "batch_tokens": 1024, "sparse": "topk",
-                  "value_encoding": "float16", **(cache_values or {})},
-        "train": train_values,
-    })
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "model" / "model.safetensors")
 
 
 def test_ref_stage_records_itself_and_the_ref_build_finds_it(env):
@@ -83,7 +37,7 @@ def test_ref_stage_records_itself_and_the_ref_build_finds_it(env):
     assert stage.complete
     assert stage.params["model"]["path"] == recorded["path"]
     assert yaml.safe_load((env.ref_run / "config.yaml").read_text())["train"]["k"] == 1.0
-    assert env.ref_run.name == "ref" and len(_metrics(env.ref_run)) == 8
+    assert env.ref_run.name == "ref" and len(run_metrics(env.ref_run)) == 8
 
 
 @pytest.mark.parametrize("k,selection", [(1.0, "adaspec"), (0.5, "adaspec"), (0.5, "speckd")])
@@ -99,13 +53,14 @@ def test_cached_and_online_runs_give_the_same_losses(env, k, selection):
     swap moves a micro-batch loss by (l_i - l_j) / N, up to ~1% here: rtol 1e-2.
     """
     name = f"{k}-{selection}"
-    cached = train(_cfg(env, k=k, selection=selection, out=env.root / f"c{name}"), progress=False)
+    cached = train(train_config(env, k=k, selection=selection, out=env.root / f"c{name}"),
+                   progress=False)
     # AdaSPEC online reads its sequences and the recorded reference from the cache; the others
     # run without any cache, tokenizing the task themselves.
     no_cache = None if selection == "adaspec" and k < 1 else {"cache": str(env.root / "none")}
-    online = train(_cfg(env, no_cache, k=k, selection=selection, online=True,
-                        out=env.root / f"o{name}"), progress=False)
-    a, b = _metrics(cached), _metrics(online)
+    online = train(train_config(env, no_cache, k=k, selection=selection, online=True,
+                                out=env.root / f"o{name}"), progress=False)
+    a, b = run_metrics(cached), run_metrics(online)
     assert len(a) == len(b) == 8
     np.testing.assert_allclose([m["loss"] for m in a], [m["loss"] for m in b],
                                rtol=2e-3 if k == 1.0 else 1e-2)
@@ -124,8 +79,8 @@ def test_cached_and_online_runs_give_the_same_losses(env, k, selection):
 def test_outputs_config_metrics_and_assistant_model(env):
     from transformers import AutoModelForCausalLM
 
-    run_dir = train(_cfg(env, k=1.0, epochs=0.5, out=env.root / "outputs"), progress=False)
-    metrics = _metrics(run_dir)
+    run_dir = train(train_config(env, k=1.0, epochs=0.5, out=env.root / "outputs"), progress=False)
+    metrics = run_metrics(run_dir)
     assert len(metrics) == 2  # half of 4 batches
     assert set(metrics[0]) == {"step", "epoch", "loss", "selected_fraction", "nonfinite_tokens",
                                "lr", "tokens_per_s", "elapsed"}
@@ -133,7 +88,7 @@ def test_outputs_config_metrics_and_assistant_model(env):
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     schedule = saved.pop("schedule")  # what the settings made of the data
     assert (schedule["optimizer_steps"], schedule["micro_batches_per_epoch"]) == (2, 4)
-    assert saved == resolve_config(_cfg(env, k=1.0, epochs=0.5, out=run_dir)).to_dict(
+    assert saved == resolve_config(train_config(env, k=1.0, epochs=0.5, out=run_dir)).to_dict(
         RUN_SECTIONS)
     draft = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
     target = AutoModelForCausalLM.from_pretrained(env.target).eval()
@@ -143,7 +98,7 @@ def test_outputs_config_metrics_and_assistant_model(env):
     assisted = target.generate(prompt, max_new_tokens=8, do_sample=False, assistant_model=draft)
     assert torch.equal(plain, assisted)
     with pytest.raises(UserError, match="--resume"):
-        train(_cfg(env, k=1.0, epochs=0.5, out=run_dir), progress=False)
+        train(train_config(env, k=1.0, epochs=0.5, out=run_dir), progress=False)
 
 
 def test_draft_without_reference_stage_is_one_line_error(env, capsys):
@@ -158,8 +113,8 @@ def test_draft_without_reference_stage_is_one_line_error(env, capsys):
     assert "\n" not in err and "Traceback" not in err
     assert "adaspec-train --stage ref" in err and "adaspec-cache build --model ref" in err
     # Online, with no cache to find a recorded reference in and no --ref.
-    cfg = _cfg(env, {"cache": str(env.root / "nocache")}, k=0.4, online=True,
-               out=env.root / "noref2")
+    cfg = train_config(env, {"cache": str(env.root / "nocache")}, k=0.4, online=True,
+                       out=env.root / "noref2")
     with pytest.raises(UserError, match="adaspec-train --stage ref"):
         train(cfg, progress=False)
     assert not (env.root / "nocache").exists()
@@ -182,30 +137,30 @@ def _mean_ce(model_dir: Path, cache: Path) -> float:
 
 
 def test_sft_stage_lowers_cross_entropy_on_its_data(env):
-    run_dir = train(_cfg(env, stage="sft", epochs=3, lr=3e-3, out=env.root / "sft"),
+    run_dir = train(train_config(env, stage="sft", epochs=3, lr=3e-3, out=env.root / "sft"),
                     progress=False)
     before, after = _mean_ce(env.target, env.cache), _mean_ce(run_dir / "model", env.cache)
     assert after < 0.8 * before
     # CE of the first step is that of the untrained target on the first batch.
-    assert _metrics(run_dir)[0]["loss"] > _metrics(run_dir)[-1]["loss"]
+    assert run_metrics(run_dir)[0]["loss"] > run_metrics(run_dir)[-1]["loss"]
 
 
 def test_resume_after_interruption_gives_identical_weights(env):
     values = dict(k=0.5, threshold="global", grad_accum=2, batch_size=1, epochs=1.5,
                   lr_schedule="cosine", warmup_steps=1, checkpoint_every=2, lr=1e-3)
-    whole = train(_cfg(env, **values, out=env.root / "whole"), progress=False)
+    whole = train(train_config(env, **values, out=env.root / "whole"), progress=False)
     cut = env.root / "cut"
-    train(_cfg(env, **values, out=cut), progress=False, max_steps=5)  # dies after step 5
+    train(train_config(env, **values, out=cut), progress=False, max_steps=5)  # dies after step 5
     assert not (cut / "model").exists()
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-00000004"]
-    assert len(_metrics(cut)) == 5
+    assert len(run_metrics(cut)) == 5
     with pytest.raises(UserError, match="train.lr"):
-        train(_cfg(env, **{**values, "lr": 1e-2}, out=cut), resume=True, progress=False)
-    train(_cfg(env, **values, out=cut), resume=True, progress=False)
-    a, b = _weights(whole), _weights(cut)
+        train(train_config(env, **{**values, "lr": 1e-2}, out=cut), resume=True, progress=False)
+    train(train_config(env, **values, out=cut), resume=True, progress=False)
+    a, b = run_weights(whole), run_weights(cut)
     assert a.keys() == b.keys()
     assert [name for name in a if not torch.equal(a[name], b[name])] == []
-    ma, mb = _metrics(whole), _metrics(cut)
+    ma, mb = run_metrics(whole), run_metrics(cut)
     assert len(ma) == 6  # 8 batches/epoch * 1.5 = 12 micro-batches, 2 per step
     assert [(m["step"], m["loss"], m["lr"]) for m in ma] == [(m["step"], m["loss"], m["lr"])
                                                              for m in mb]
@@ -243,12 +198,12 @@ def test_two_processes_train_like_one_process_with_the_combined_batch(env):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "model")
-    assert len(_metrics(out)) == 4  # 4 batches per epoch shared by 2 processes, 2 epochs
+    assert len(run_metrics(out)) == 4  # 4 batches per epoch shared by 2 processes, 2 epochs
     saved = os.listdir(out / "checkpoints" / "step-00000004")  # the end of epoch 2
     assert {"random_states_1.pkl", "window_1.pt", "progress.json"} <= set(saved)
-    single = train(_cfg(env, k=1.0, batch_size=4, lr=1e-3, out=env.root / "single"),
+    single = train(train_config(env, k=1.0, batch_size=4, lr=1e-3, out=env.root / "single"),
                    progress=False)
-    a, b = _weights(out), _weights(single)
+    a, b = run_weights(out), run_weights(single)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
 
@@ -285,7 +240,7 @@ def test_sigkill_mid_run_then_resume_gives_identical_weights(env):
     resumed = cli(cut)
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err.decode()[-2000:]
-    a, b = _weights(env.root / "sig-whole"), _weights(cut)
+    a, b = run_weights(env.root / "sig-whole"), run_weights(cut)
     assert [name for name in a if not torch.equal(a[name], b[name])] == []
 
 
@@ -293,10 +248,10 @@ def test_official_schedule_gives_k_the_optimizer_steps_of_plain_kd(env, tmp_path
     """8 rows, b = 2, E = 2: k = 1 takes 8 steps of 2 sequences; k = 0.5 on the official
     schedule takes 4 epochs at batch 4, also 8 steps, and keeps half the tokens of each step;
     --scale-epochs-by-k keeps the batch and takes twice the steps."""
-    plain = train(_cfg(env, k=1.0, epochs=2, out=tmp_path / "r"), progress=False)
-    official = train(_cfg(env, k=0.5, epochs=2, official_schedule=True, out=tmp_path / "a"),
+    plain = train(train_config(env, k=1.0, epochs=2, out=tmp_path / "r"), progress=False)
+    official = train(train_config(env, k=0.5, epochs=2, official_schedule=True, out=tmp_path / "a"),
                      progress=False)
-    scaled = train(_cfg(env, k=0.5, epochs=2, scale_epochs_by_k=True, out=tmp_path / "s"),
+    scaled = train(train_config(env, k=0.5, epochs=2, scale_epochs_by_k=True, out=tmp_path / "s"),
                    progress=False)
     sched = {name: yaml.safe_load((run / "config.yaml").read_text())["schedule"]
              for name, run in (("plain", plain), ("official", official), ("scaled", scaled))}
@@ -305,7 +260,7 @@ def test_official_schedule_gives_k_the_optimizer_steps_of_plain_kd(env, tmp_path
     assert (sched["official"]["epochs"], sched["official"]["batch_size"]) == (4.0, 4)
     assert (sched["scaled"]["epochs"], sched["scaled"]["batch_size"]) == (4.0, 2)
     assert sched["official"]["rule"] == "official" and sched["plain"]["rule"] == "fixed"
-    steps = [r for r in _metrics(official) if "loss" in r]
+    steps = [r for r in run_metrics(official) if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 9))
     assert steps[-1]["epoch"] == pytest.approx(4.0)
     assert all(0.4 <= r["selected_fraction"] <= 0.6 for r in steps)
@@ -316,26 +271,26 @@ def test_official_schedule_gives_k_the_optimizer_steps_of_plain_kd(env, tmp_path
 
 def test_official_schedule_and_scaled_epochs_are_exclusive(env, tmp_path):
     with pytest.raises(UserError, match="two schedules"):
-        _cfg(env, k=0.5, official_schedule=True, scale_epochs_by_k=True, out=tmp_path / "x")
+        train_config(env, k=0.5, official_schedule=True, scale_epochs_by_k=True, out=tmp_path / "x")
 
 
 def test_a_finished_run_extended_to_more_epochs_equals_the_longer_run(env, tmp_path):
     """Under a constant learning rate, --resume with more --epochs continues the same training
     past its old end: the weights equal a run trained that long from the start."""
     values = {"k": 0.5, "lr": 1e-3, "batch_size": 2}
-    whole = train(_cfg(env, **values, epochs=2.0, out=tmp_path / "whole"), progress=False)
-    short = train(_cfg(env, **values, epochs=1.0, out=tmp_path / "ext"), progress=False)
-    assert [m["step"] for m in _metrics(short)] == [1, 2, 3, 4]
+    whole = train(train_config(env, **values, epochs=2.0, out=tmp_path / "whole"), progress=False)
+    short = train(train_config(env, **values, epochs=1.0, out=tmp_path / "ext"), progress=False)
+    assert [m["step"] for m in run_metrics(short)] == [1, 2, 3, 4]
     # killed while being extended: no longer finished (its model was the shorter run's)
-    train(_cfg(env, **values, epochs=2.0, out=tmp_path / "ext"), resume=True, progress=False,
-          max_steps=6)
+    train(train_config(env, **values, epochs=2.0, out=tmp_path / "ext"), resume=True,
+          progress=False, max_steps=6)
     assert not (short / "model").exists()
     assert yaml.safe_load((short / "config.yaml").read_text())["schedule"]["optimizer_steps"] == 8
-    extended = train(_cfg(env, **values, epochs=2.0, out=tmp_path / "ext"), resume=True,
+    extended = train(train_config(env, **values, epochs=2.0, out=tmp_path / "ext"), resume=True,
                      progress=False)
-    a, b = _weights(whole), _weights(extended)
+    a, b = run_weights(whole), run_weights(extended)
     assert [name for name in a if not torch.equal(a[name], b[name])] == []
-    assert [m["loss"] for m in _metrics(whole)] == [m["loss"] for m in _metrics(extended)]
+    assert [m["loss"] for m in run_metrics(whole)] == [m["loss"] for m in run_metrics(extended)]
     with pytest.raises(UserError, match="constant learning rate"):
-        train(_cfg(env, **values, epochs=3.0, lr_schedule="cosine", out=tmp_path / "ext"),
+        train(train_config(env, **values, epochs=3.0, lr_schedule="cosine", out=tmp_path / "ext"),
               resume=True, progress=False)

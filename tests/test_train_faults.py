@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import REPO
+from helpers import GSM8K, REPO, corrupt_chunks, run_metrics, run_weights, train_config
 from safetensors.torch import load_file
-from test_build import GSM8K
-from test_train import _cfg, _metrics, _weights, env  # noqa: F401 - env is a fixture
 
 from adaspec import models
 from adaspec.cli.cache import main as cache_main
@@ -36,7 +34,7 @@ def _moved_fraction(run_dir, init_spec: str) -> tuple[float, dict]:
     """Fraction of the saved weights' elements that differ from the initialisation."""
     init, _ = models.load_model(init_spec, dtype=torch.float32)
     start = {name: p.detach() for name, p in init.state_dict().items()}
-    saved = _weights(run_dir)
+    saved = run_weights(run_dir)
     moved = total = 0
     for name, value in saved.items():
         moved += int((value.float() != start[name].float()).sum())
@@ -48,15 +46,15 @@ def _moved_fraction(run_dir, init_spec: str) -> tuple[float, dict]:
     {"models": {"dtype": "bfloat16"}},  # what `auto` does on CUDA for frozen models
     {"train": {"mixed_precision": "bf16"}},
 ])
-def test_bf16_training_moves_every_weight_like_fp32(env, tmp_path, values):  # noqa: F811
+def test_bf16_training_moves_every_weight_like_fp32(env, tmp_path, values):
     """AdamW on bf16 weights drops updates smaller than bf16's spacing; fp32 masters keep them."""
-    cfg = _cfg(env, k=1.0, lr=1e-5, epochs=1.0, out=tmp_path / "run")  # 4 steps
+    cfg = train_config(env, k=1.0, lr=1e-5, epochs=1.0, out=tmp_path / "run")  # 4 steps
     for section, changes in values.items():
         for key, value in changes.items():
             setattr(getattr(cfg, section), key, value)
     assert mixed_precision(cfg.train.mixed_precision, cfg.models.dtype) == "bf16"
     run_dir = train(cfg, progress=False)
-    assert len(_metrics(run_dir)) == 4
+    assert len(run_metrics(run_dir)) == 4
     fraction, saved = _moved_fraction(run_dir, f"{env.target}@layers=1")
     assert fraction >= 0.99
     assert {v.dtype for v in saved.values()} == {torch.float32}  # model/ holds the fp32 masters
@@ -74,31 +72,31 @@ def test_mixed_precision_policy():
         mixed_precision("fp16", "auto")
 
 
-def _copy_cache(env, tmp_path):  # noqa: F811
+def _copy_cache(env, tmp_path):
     cache = tmp_path / "cache"
     shutil.copytree(env.cache, cache)
     return cache
 
 
-def test_stale_reference_losses_are_refused(env, tmp_path):  # noqa: F811
+def test_stale_reference_losses_are_refused(env, tmp_path):
     cache = _copy_cache(env, tmp_path)
     values = {"cache": str(cache)}
     # Retrain the reference: the manifest now records ref2, the stored losses are ref1's.
-    ref2 = train(_cfg(env, values, stage="ref", epochs=1, lr=3e-3, out=tmp_path / "ref2"),
+    ref2 = train(train_config(env, values, stage="ref", epochs=1, lr=3e-3, out=tmp_path / "ref2"),
                  progress=False)
     with pytest.raises(UserError) as err:
-        train(_cfg(env, values, k=0.5, out=tmp_path / "d1"), progress=False)
+        train(train_config(env, values, k=0.5, out=tmp_path / "d1"), progress=False)
     message = str(err.value)
     assert "\n" not in message and "adaspec-cache build --model ref" in message
     assert "--rebuild" in message and str(ref2 / "model") in message
     # An explicit --ref is no longer ignored: ref2's weights are not what the stage scored.
     with pytest.raises(UserError, match="were built from"):
-        train(_cfg(env, values, ref=str(ref2 / "model"), k=0.5, out=tmp_path / "d2"),
+        train(train_config(env, values, ref=str(ref2 / "model"), k=0.5, out=tmp_path / "d2"),
               progress=False)
     # ... while the reference that was scored passes the check (its losses are current).
     assert not (tmp_path / "d3").exists()
-    train(_cfg(env, values, ref=str(env.ref_run / "model"), k=0.5, epochs=0.25,
-               out=tmp_path / "d3"), progress=False)
+    train(train_config(env, values, ref=str(env.ref_run / "model"), k=0.5, epochs=0.25,
+                       out=tmp_path / "d3"), progress=False)
     # The command the message names rebuilds the losses from ref2; the draft then trains.
     command = re.search(r"`adaspec-cache build (.*?)`", message).group(1).split()
     assert command[:2] == ["--model", "ref"]
@@ -106,11 +104,11 @@ def test_stale_reference_losses_are_refused(env, tmp_path):  # noqa: F811
     built = Manifest.read(store.open_root(str(cache), "r")["gsm8k/train"])
     assert built.stage("ref/ref").params["model"]["path"] == str((ref2 / "model").resolve())
     assert built.is_complete("ref/ref")
-    train(_cfg(env, values, k=0.5, epochs=0.25, out=tmp_path / "d4"), progress=False)
+    train(train_config(env, values, k=0.5, epochs=0.25, out=tmp_path / "d4"), progress=False)
 
 
-def test_draft_must_start_where_the_reference_started(env, tmp_path):  # noqa: F811
-    cfg = _cfg(env, k=0.5, out=tmp_path / "d")
+def test_draft_must_start_where_the_reference_started(env, tmp_path):
+    cfg = train_config(env, k=0.5, out=tmp_path / "d")
     cfg.models.draft = f"{env.target}@layers=2"  # the reference was trained from layers=1
     with pytest.raises(UserError, match="trained from .*@layers=1 but this draft starts from"):
         train(cfg, progress=False)
@@ -121,8 +119,8 @@ def test_draft_must_start_where_the_reference_started(env, tmp_path):  # noqa: F
     ({"max_length": 256}, "--max-length"),
     ({"data_files": str(REPO / "README.md")}, "--data-files"),
 ])
-def test_data_flags_that_disagree_with_the_cache_are_refused(env, tmp_path, data, flag):  # noqa: F811
-    cfg = _cfg(env, k=1.0, out=tmp_path / "r")
+def test_data_flags_that_disagree_with_the_cache_are_refused(env, tmp_path, data, flag):
+    cfg = train_config(env, k=1.0, out=tmp_path / "r")
     for key, value in data.items():
         setattr(cfg.data, key, value)
     with pytest.raises(UserError) as err:
@@ -131,7 +129,7 @@ def test_data_flags_that_disagree_with_the_cache_are_refused(env, tmp_path, data
     assert not (tmp_path / "r").exists()
 
 
-def test_unset_data_flags_mean_as_cached(env, tmp_path):  # noqa: F811
+def test_unset_data_flags_mean_as_cached(env, tmp_path):
     """A config that names no data flags trains on the cache as built."""
     from adaspec.config import build_config
 
@@ -143,41 +141,21 @@ def test_unset_data_flags_mean_as_cached(env, tmp_path):  # noqa: F811
     })
     assert cfg.data.limit is None and "data.limit" not in cfg.explicit
     train(cfg, progress=False)
-    assert len(_metrics(tmp_path / "r")) == 1
+    assert len(run_metrics(tmp_path / "r")) == 1
 
 
-def _corrupt_chunks(cache, array: str, only_first: bool = False) -> None:
-    """Flip bytes inside stored chunks of target/<array> (every chunk, or chunk 0 only).
-
-    A shard file is its chunks then an index of (offset, nbytes) uint64 pairs per chunk and a
-    crc32c; the index says where each chunk's bytes are.
-    """
-    folder = cache / "gsm8k" / "train" / "target" / array / "c"
-    for shard in sorted(p for p in folder.rglob("*") if p.is_file()):
-        data = bytearray(shard.read_bytes())
-        n_chunks = 2  # shard_rows 256 / chunk_rows 128 in these caches
-        index = np.frombuffer(bytes(data[-(16 * n_chunks + 4):-4]), dtype="<u8").reshape(-1, 2)
-        for offset, nbytes in index[:1] if only_first else index:
-            if offset != 2**64 - 1:  # an empty chunk has no bytes
-                for i in range(int(offset) + int(nbytes) // 2, int(offset) + int(nbytes) // 2 + 8):
-                    data[i] ^= 0xFF
-        shard.write_bytes(bytes(data))
-        if only_first:
-            return
-
-
-def test_corrupt_chunk_is_one_line_and_resume_works_after_repair(env, tmp_path, capsys):  # noqa: F811
+def test_corrupt_chunk_is_one_line_and_resume_works_after_repair(env, tmp_path, capsys):
     cache = _copy_cache(env, tmp_path)
     good = tmp_path / "good"
     shutil.copytree(cache, good)
     def cfg(cache_dir, out):
-        return _cfg(env, {"cache": str(cache_dir)}, k=0.5, batch_size=1, epochs=1, lr=1e-3,
-                    checkpoint_every=2, out=out)
+        return train_config(env, {"cache": str(cache_dir)}, k=0.5, batch_size=1, epochs=1, lr=1e-3,
+                            checkpoint_every=2, out=out)
 
     whole = train(cfg(good, tmp_path / "whole"), progress=False)
     # Two good checkpoints, then the store breaks under the run.
     train(cfg(cache, tmp_path / "run"), progress=False, max_steps=4)
-    _corrupt_chunks(cache, "logprobs")
+    corrupt_chunks(cache, "logprobs")
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:  # as the CLI reports it
         run(lambda argv: train(cfg(cache, tmp_path / "run"), resume=True, progress=False), [])
@@ -196,11 +174,11 @@ def test_corrupt_chunk_is_one_line_and_resume_works_after_repair(env, tmp_path, 
                 "--batch-tokens", "1024", "--no-progress"])
     assert verify_cache(str(cache)).ok
     train(cfg(cache, tmp_path / "run"), resume=True, progress=False)
-    a, b = _weights(whole), _weights(tmp_path / "run")
+    a, b = run_weights(whole), run_weights(tmp_path / "run")
     assert [name for name in a if not torch.equal(a[name], b[name])] == []
 
 
-def test_non_finite_losses_are_counted_and_never_learned(env, tmp_path):  # noqa: F811
+def test_non_finite_losses_are_counted_and_never_learned(env, tmp_path):
     cache = _copy_cache(env, tmp_path)
     logprobs = zarr.open_group(str(cache), mode="a")["gsm8k/train/target/logprobs"]
     rows = np.asarray(logprobs[:])
@@ -208,20 +186,20 @@ def test_non_finite_losses_are_counted_and_never_learned(env, tmp_path):  # noqa
     logprobs[:] = rows
     poisoned = int(np.isnan(rows[:, 0]).sum())
     for k in (1.0, 0.5):
-        run_dir = train(_cfg(env, {"cache": str(cache)}, k=k, epochs=1, lr=1e-3,
-                             out=tmp_path / f"k{k}"), progress=False)
-        metrics = _metrics(run_dir)
+        run_dir = train(train_config(env, {"cache": str(cache)}, k=k, epochs=1, lr=1e-3,
+                                     out=tmp_path / f"k{k}"), progress=False)
+        metrics = run_metrics(run_dir)
         assert sum(m["nonfinite_tokens"] for m in metrics) == poisoned
         assert all(np.isfinite(m["loss"]) and m["selected_fraction"] > 0 for m in metrics)
         weights = load_file(run_dir / "model" / "model.safetensors")
         assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-def test_corrupt_chunk_names_the_array_on_read(env, tmp_path):  # noqa: F811
+def test_corrupt_chunk_names_the_array_on_read(env, tmp_path):
     from cache_tools.store import CacheReader
 
     cache = _copy_cache(env, tmp_path)
-    _corrupt_chunks(cache, "ids", only_first=True)
+    corrupt_chunks(cache, "ids", only_first=True)
     reader = CacheReader(str(cache), "gsm8k", "train")
     assert len(reader.target_rows(130, 140)["ids"]) == 10  # chunk 1 reads fine
     with pytest.raises(CacheError, match=r"target/ids chunk 0 \(rows 0-128\)"):
@@ -244,7 +222,7 @@ def _cli_error(capsys, call) -> str:
 
 @pytest.mark.parametrize("array", ["target/logprobs", "ref/ref/loss_fkl",
                                    "sequences/input_ids"])
-def test_a_missing_chunk_file_is_damage_not_zeros(env, tmp_path, capsys, array):  # noqa: F811
+def test_a_missing_chunk_file_is_damage_not_zeros(env, tmp_path, capsys, array):
     """A partial copy (rsync) loses chunk files; Zarr reads an absent chunk as its fill value."""
     from adaspec.evaluate import evaluate
 
@@ -254,12 +232,12 @@ def test_a_missing_chunk_file_is_damage_not_zeros(env, tmp_path, capsys, array):
     chunks[0].unlink()
     report = verify_cache(str(cache))
     assert not report.ok and array in report.message and "c/0" in report.message
-    cfg = _cfg(env, {"cache": str(cache)}, k=0.5, epochs=1, out=tmp_path / "run")
+    cfg = train_config(env, {"cache": str(cache)}, k=0.5, epochs=1, out=tmp_path / "run")
     err = _cli_error(capsys, lambda: train(cfg, progress=False))
     assert array in err and "missing chunk file" in err
     assert not (tmp_path / "run" / "model").exists()
     if array != "ref/ref/loss_fkl":  # offline evaluation reads sequences and target rows
-        ev = _cfg(env, {"cache": str(cache)})
+        ev = train_config(env, {"cache": str(cache)})
         err = _cli_error(capsys, lambda: evaluate(ev, [str(env.ref_run)], ("offline",),
                                                   progress=False))
         assert array in err
@@ -268,8 +246,9 @@ def test_a_missing_chunk_file_is_damage_not_zeros(env, tmp_path, capsys, array):
 @pytest.mark.parametrize("train_values", [{"lr": 1e6, "max_grad_norm": 0.0},
                                           {"lr": 1e9, "max_grad_norm": 0.0, "log_every": 4}])
 def test_a_diverged_run_stops_in_one_line_and_saves_nothing_non_finite(
-        env, tmp_path, capsys, train_values):  # noqa: F811
-    cfg = _cfg(env, k=1.0, epochs=2, checkpoint_every=1, out=tmp_path / "run", **train_values)
+        env, tmp_path, capsys, train_values):
+    cfg = train_config(env, k=1.0, epochs=2, checkpoint_every=1, out=tmp_path / "run",
+                       **train_values)
     err = _cli_error(capsys, lambda: train(cfg, progress=False))
     assert re.search(r"training diverged at step \d+", err) and "--lr" in err
     run_dir = tmp_path / "run"
@@ -279,7 +258,7 @@ def test_a_diverged_run_stops_in_one_line_and_saves_nothing_non_finite(
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-def test_saving_and_exporting_refuse_non_finite_weights(env, tmp_path):  # noqa: F811
+def test_saving_and_exporting_refuse_non_finite_weights(env, tmp_path):
     model, tokenizer = models.load_model(f"{env.target}@layers=1")
     with torch.no_grad():
         next(model.parameters()).view(-1)[0] = float("nan")
@@ -288,14 +267,14 @@ def test_saving_and_exporting_refuse_non_finite_weights(env, tmp_path):  # noqa:
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_train_owns_its_out_folder(env, tmp_path, capsys):  # noqa: F811
+def test_train_owns_its_out_folder(env, tmp_path, capsys):
     # a folder that is not a run: refused, left as it was
     foreign = tmp_path / "foreign"
     (foreign / "checkpoints" / "step-1").mkdir(parents=True)
     (foreign / "notes.txt").write_text("mine")
     (foreign / "model").mkdir()
     before = sorted(str(p.relative_to(foreign)) for p in foreign.rglob("*"))
-    err = _cli_error(capsys, lambda: train(_cfg(env, k=1.0, epochs=1, out=foreign),
+    err = _cli_error(capsys, lambda: train(train_config(env, k=1.0, epochs=1, out=foreign),
                                            progress=False))
     assert "not empty and not a run folder" in err
     assert sorted(str(p.relative_to(foreign)) for p in foreign.rglob("*")) == before
@@ -307,8 +286,9 @@ def test_train_owns_its_out_folder(env, tmp_path, capsys):  # noqa: F811
     (killed / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
     (killed / "checkpoints" / "step-00000001").mkdir(parents=True)  # an unfinished save
     for resume in (True, False):
-        run_dir = train(_cfg(env, k=1.0, epochs=1, out=killed), resume=resume, progress=False)
-        assert [m["step"] for m in _metrics(run_dir) if "loss" in m] == [1, 2, 3, 4]
+        run_dir = train(train_config(env, k=1.0, epochs=1, out=killed), resume=resume,
+                        progress=False)
+        assert [m["step"] for m in run_metrics(run_dir) if "loss" in m] == [1, 2, 3, 4]
         if not resume:
             break
         shutil.rmtree(killed / "model")
@@ -318,12 +298,12 @@ def test_train_owns_its_out_folder(env, tmp_path, capsys):  # noqa: F811
     from adaspec import runs
 
     with runs.owned(tmp_path / "busy"):
-        err = _cli_error(capsys, lambda: train(_cfg(env, k=1.0, epochs=1, out=tmp_path / "busy"),
-                                               progress=False))
+        err = _cli_error(capsys, lambda: train(
+            train_config(env, k=1.0, epochs=1, out=tmp_path / "busy"), progress=False))
     assert "another training is writing" in err
 
 
-def test_a_reference_into_a_read_only_cache_is_refused_before_training(env, tmp_path,  # noqa: F811
+def test_a_reference_into_a_read_only_cache_is_refused_before_training(env, tmp_path,
                                                                        monkeypatch, capsys):
     """It used to train to the end and then die with a traceback while recording itself.
     (As root nothing is read-only: the permission is simulated.)"""
@@ -333,13 +313,13 @@ def test_a_reference_into_a_read_only_cache_is_refused_before_training(env, tmp_
     cache = str(env.cache)
     monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if (
         mode == os.W_OK and str(p).startswith(cache)) else real(p, mode, *a, **k))
-    cfg = _cfg(env, stage="ref", epochs=1, out=tmp_path / "ref")
+    cfg = train_config(env, stage="ref", epochs=1, out=tmp_path / "ref")
     err = _cli_error(capsys, lambda: train(cfg, progress=False))
     assert "not writable" in err and "--stage ref" in err
     assert not (tmp_path / "ref").exists()
 
 
-def test_a_reference_built_with_model_path_is_checked_against_its_runs_init(env, tmp_path):  # noqa: F811
+def test_a_reference_built_with_model_path_is_checked_against_its_runs_init(env, tmp_path):
     """No manifest record (built with --model-path from a run folder): the run folder still
     says which draft it started from."""
     from cache_tools.manifest import write as write_manifest
@@ -349,24 +329,24 @@ def test_a_reference_built_with_model_path_is_checked_against_its_runs_init(env,
     manifest = Manifest.read(group)
     manifest.refs = {}
     write_manifest(group, manifest)
-    cfg = _cfg(env, {"cache": str(cache)}, k=0.5, out=tmp_path / "d")
+    cfg = train_config(env, {"cache": str(cache)}, k=0.5, out=tmp_path / "d")
     cfg.models.draft = f"{env.target}@layers=2"  # the reference run started from layers=1
     with pytest.raises(UserError, match="trained from .*@layers=1 but this draft starts from"):
         train(cfg, progress=False)
 
 
-def test_a_run_cannot_resume_against_another_reference(env, tmp_path, capsys):  # noqa: F811
+def test_a_run_cannot_resume_against_another_reference(env, tmp_path, capsys):
     """Extending (or resuming) an AdaSPEC run after its reference was retrained would mix two
     references' selections in one run."""
     from adaspec.build import build_stage
 
     cache = _copy_cache(env, tmp_path)
-    run_dir = train(_cfg(env, {"cache": str(cache)}, k=0.5, epochs=1, out=tmp_path / "d"),
+    run_dir = train(train_config(env, {"cache": str(cache)}, k=0.5, epochs=1, out=tmp_path / "d"),
                     progress=False)
-    other_ref = train(_cfg(env, {"cache": str(cache)}, stage="ref", epochs=1, lr=3e-3,
-                           out=tmp_path / "ref2"), progress=False)
-    build_stage(_cfg(env, {"cache": str(cache)}), "ref", model_spec=str(other_ref),
+    other_ref = train(train_config(env, {"cache": str(cache)}, stage="ref", epochs=1, lr=3e-3,
+                                   out=tmp_path / "ref2"), progress=False)
+    build_stage(train_config(env, {"cache": str(cache)}), "ref", model_spec=str(other_ref),
                 progress=False, rebuild=True)
-    cfg = _cfg(env, {"cache": str(cache)}, k=0.5, epochs=2, out=run_dir)
+    cfg = train_config(env, {"cache": str(cache)}, k=0.5, epochs=2, out=run_dir)
     err = _cli_error(capsys, lambda: train(cfg, resume=True, progress=False))
     assert "selected its tokens against the reference" in err

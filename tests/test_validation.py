@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_train import _cfg, env  # noqa: F401 - env is a fixture
+from helpers import build_split_target, save_tiny_model, train_config
 
 from adaspec.build import build_stage
 from adaspec.evaluate import evaluate
@@ -15,18 +15,10 @@ from adaspec.validation import plateau, validation_records
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def validation_cache(env):  # noqa: F811
-    cfg = _cfg(env, {"topk": 64})
-    cfg.data.split, cfg.data.limit = "validation", 6
-    build_stage(cfg, "target", progress=False)
-    return cfg
-
-
 def test_validation_per_epoch_equals_offline_eval_and_best_is_the_argmax(
-        env, validation_cache, tmp_path):  # noqa: F811
-    run_dir = train(_cfg(env, k=1.0, epochs=3.0, lr=3e-3, eval_split="validation",
-                         keep_best=True, out=tmp_path / "run"), progress=False)
+        env, validation_cache, tmp_path):
+    run_dir = train(train_config(env, k=1.0, epochs=3.0, lr=3e-3, eval_split="validation",
+                                 keep_best=True, out=tmp_path / "run"), progress=False)
     records = validation_records(run_dir)
     assert [r["epoch"] for r in records] == [1.0, 2.0, 3.0]
     assert [r["step"] for r in records] == [4, 8, 12]
@@ -47,30 +39,27 @@ def test_validation_per_epoch_equals_offline_eval_and_best_is_the_argmax(
     assert len(set(scores)) > 1  # the draft changed between epochs
 
 
-def test_keep_best_needs_an_eval_split(env, tmp_path):  # noqa: F811
+def test_keep_best_needs_an_eval_split(env, tmp_path):
     from adaspec.errors import UserError
 
     with pytest.raises(UserError, match="--keep-best"):
-        _cfg(env, keep_best=True, out=tmp_path / "x")
+        train_config(env, keep_best=True, out=tmp_path / "x")
 
 
 @pytest.fixture(scope="module")
-def continuations_cache(env, tmp_path_factory):  # noqa: F811
+def continuations_cache(env, tmp_path_factory):
     """The target's own greedy continuations of 4 validation prompts, in their own cache."""
-    cfg = _cfg(env, {"topk": 64, "generate": True, "gen_temperature": 0.0,
-                     "gen_max_new_tokens": 6,
-                     "cache": str(tmp_path_factory.mktemp("cont") / "cache")})
-    cfg.data.split, cfg.data.limit = "validation", 4
-    build_stage(cfg, "target", progress=False)
-    return cfg
+    return build_split_target(env, "validation", 4, {
+        "topk": 64, "generate": True, "gen_temperature": 0.0, "gen_max_new_tokens": 6,
+        "cache": str(tmp_path_factory.mktemp("cont") / "cache")})
 
 
 def test_eval_cache_validates_on_its_split_and_keeps_best_by_greedy_agreement(
-        env, continuations_cache, tmp_path):  # noqa: F811
-    run_dir = train(_cfg(env, k=1.0, epochs=3.0, lr=3e-3, eval_split="validation",
-                         eval_cache=continuations_cache.cache.cache, keep_best=True,
-                         best_metric="greedy_agreement", eval_every=2,
-                         out=tmp_path / "run"), progress=False)
+        env, continuations_cache, tmp_path):
+    run_dir = train(train_config(env, k=1.0, epochs=3.0, lr=3e-3, eval_split="validation",
+                                 eval_cache=continuations_cache.cache.cache, keep_best=True,
+                                 best_metric="greedy_agreement", eval_every=2,
+                                 out=tmp_path / "run"), progress=False)
     records = validation_records(run_dir)
     assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12]
     final = evaluate(continuations_cache, [str(run_dir / "model")], ("offline",),
@@ -89,21 +78,18 @@ def test_eval_cache_validates_on_its_split_and_keeps_best_by_greedy_agreement(
     assert len(reported) == 1 and reported[0] == plateau(records, "greedy_agreement")
 
 
-def test_eval_cache_of_another_target_is_refused(env, continuations_cache, tmp_path):  # noqa: F811
-    from conftest import make_tiny_model
-
+def test_eval_cache_of_another_target_is_refused(env, continuations_cache, tmp_path):
     from adaspec.errors import UserError
 
     other = tmp_path / "other"
-    make_tiny_model(len(env.tok), n_layers=2, seed=7).save_pretrained(other)
-    env.tok.save_pretrained(other)
-    cfg = _cfg(env, {"cache": str(tmp_path / "c2"), "topk": 64})
+    save_tiny_model(other, env.tok, seed=7)
+    cfg = train_config(env, {"cache": str(tmp_path / "c2"), "topk": 64})
     cfg.models.target = str(other)
     cfg.data.split, cfg.data.limit = "validation", 4
     build_stage(cfg, "target", progress=False)
     with pytest.raises(UserError, match="built with the target"):
-        train(_cfg(env, k=1.0, epochs=1.0, eval_split="validation", eval_cache=str(tmp_path / "c2"),
-                   out=tmp_path / "run"), progress=False)
+        train(train_config(env, k=1.0, epochs=1.0, eval_split="validation",
+                           eval_cache=str(tmp_path / "c2"), out=tmp_path / "run"), progress=False)
 
 
 @pytest.mark.parametrize("values,reached,change", [

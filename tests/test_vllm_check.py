@@ -10,7 +10,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from adaspec import evaluate as evaluate_module
 from bench.vllm_check import merge, prepare

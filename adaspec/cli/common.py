@@ -9,7 +9,8 @@ import sys
 import typing
 from collections.abc import Callable
 
-from adaspec.config import SECTIONS, Config, choices_of, field_docs, flag_of, load_config
+from adaspec.config import SECTIONS, Config, load_config
+from adaspec.config_fields import choices_of, field_docs, flag_of
 from adaspec.errors import UserError
 from cache_tools.errors import CacheError
 

@@ -29,11 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     from accelerate import PartialState
 
+    from adaspec import runs
     from adaspec.train import train
 
     run_dir = train(cfg, resume=args.resume, progress=not args.no_progress)
     if PartialState().is_main_process:
-        print(f"saved {run_dir / 'model'} (metrics: {run_dir / 'metrics.jsonl'})")
+        print(f"saved {runs.model_dir(run_dir)} (metrics: {runs.metrics_path(run_dir)})")
     return 0
 
 

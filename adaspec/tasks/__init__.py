@@ -11,9 +11,11 @@ The package, one job per module (each module's docstring holds the details):
 - `templates`: the prompt templates, `Example` and the row parsers with their field checks.
 - `splits`: `SPLITS` and the split rules (mbpp's task_id ranges, blocks of 20 carved by seed).
 - `files`: reading local .jsonl / .json / .csv files, `data_files_hash`.
-- `sources`: `load_examples`: rows from local files, the hub or a generator, one split of them.
+- `sources`: `load_examples`: rows from local files, the hub or a generator, one split of them;
+  `load_split` for a config's data section.
 - `arith`: the generator of the synthetic arith task, `arith_row`.
-- `tokenize`: `render` (with the chat template), label masks, truncation, `tokenize_example(s)`.
+- `tokenize`: `render` (with the chat template), label masks, truncation, `tokenize_example(s)`,
+  `tokenize_split`.
 - `preview`: `preview`, the first examples decoded as they will be trained on.
 
 Use the names below (`from adaspec import tasks; tasks.load_examples(...)`); the modules'
@@ -24,7 +26,7 @@ from adaspec.tasks.arith import ARITH_DEFAULT_ROWS, arith_row
 from adaspec.tasks.files import check_files, data_files_hash
 from adaspec.tasks.preview import preview
 from adaspec.tasks.registry import TASK_NAMES, template_version
-from adaspec.tasks.sources import load_examples
+from adaspec.tasks.sources import load_examples, load_split
 from adaspec.tasks.splits import SPLITS
 from adaspec.tasks.templates import (
     ALPACA_PROMPT_NO_INPUT,
@@ -43,6 +45,7 @@ from adaspec.tasks.tokenize import (
     render,
     tokenize_example,
     tokenize_examples,
+    tokenize_split,
 )
 
 __all__ = [
@@ -59,14 +62,16 @@ __all__ = [
     "XSUM_PROMPT",
     "Example",
     "TokenizedExample",
-    "prompt_ids",
     "arith_row",
     "check_files",
     "data_files_hash",
     "load_examples",
+    "load_split",
     "preview",
+    "prompt_ids",
     "render",
     "template_version",
     "tokenize_example",
     "tokenize_examples",
+    "tokenize_split",
 ]

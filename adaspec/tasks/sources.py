@@ -181,3 +181,9 @@ def _hub_examples(spec: Task, split: str, seed: int, limit: int | None) -> list[
             examples.append(spec.row_to_example(dict(row), offsets[name] + i, where))
     examples.sort(key=lambda example: example.source_index)
     return examples
+
+
+def load_split(data) -> list[Example]:
+    """The examples of the split `data` (a config's data section: task, split, data_files,
+    limit, seed) names, as every reader of a task's split loads them."""
+    return load_examples(data.task, data.split, data.data_files, data.limit, data.seed)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from adaspec.errors import UserError
+from adaspec.tasks.sources import load_split
 from adaspec.tasks.templates import Example
 
 IGNORE_INDEX = -100
@@ -187,3 +188,9 @@ def tokenize_examples(
             f"no example keeps a response token within max_length={max_length}; raise --max-length"
         )
     return kept
+
+
+def tokenize_split(data, tokenizer: Any) -> list[TokenizedExample]:
+    """The split `data` (a config's data section) names, tokenized as a cache stores it
+    (`max_length`, `chat_template` from the same section)."""
+    return tokenize_examples(load_split(data), tokenizer, data.max_length, data.chat_template)

@@ -1,4 +1,4 @@
-"""What moves AdaSPEC's gap to plain KD? One factor at a time, from `bench.paper_table`'s setup.
+"""What moves AdaSPEC's gap to plain KD? One factor at a time, from `studies.paper_table`'s setup.
 
 Each variant changes one thing of AdaSPEC's official arm (k = 0.4, E / k epochs) and is compared
 with the plain-KD run trained for as many epochs on the same data (the compute-matched control):
@@ -15,10 +15,10 @@ with the plain-KD run trained for as many epochs on the same data (the compute-m
 Every run keeps its best epoch on the validation split (offline). Each variant and its control
 are measured on the test split, teacher-forced with the target, on the dataset's answers and on
 the target's own greedy continuations; the difference comes with its standard error clustered
-by sequence. It reuses `bench.paper_table`'s work folder (caches, the seed's runs).
+by sequence. It reuses `studies.paper_table`'s work folder (caches, the seed's runs).
 
-    python -m bench.ablation --task gsm8k --seed 0                     # the committed study
-    python -m bench.ablation --task arith --variants k=0.8,depth=1 ... # see bench/README.md
+    python -m studies.ablation --task gsm8k --seed 0                     # the committed study
+    python -m studies.ablation --task arith --variants k=0.8,depth=1 ... # see studies/README.md
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from adaspec.build import build_stage
 from adaspec.config import Config
 from adaspec.evaluate import evaluate
 from adaspec.statistics import clustered_difference
-from bench import harness, paper_table
-from bench.paper_table import base_config, ensure_run, split_config
+from bench import harness
+from studies import paper_table
+from studies.paper_table import base_config, ensure_run, split_config
 
 EVALUATION = {"sparse": "topk", "topk": 64, "value_encoding": "float16"}
 VARIANTS = ("k=0.2", "k=0.6", "k=0.8", "normalize=selected", "threshold=global",
@@ -166,7 +167,8 @@ def markdown(payload: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = harness.parser("ablation", __doc__, data=False, progress=True)
+    p = harness.parser("ablation", __doc__, data=False, progress=True,
+                       package="studies")
     p.add_argument("--task", default="gsm8k")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", default=",".join(VARIANTS))

@@ -29,8 +29,8 @@ Decision rule, fixed before running: A beats C only if A - C > 0 in every seed a
 95% t-interval of A - C (greedy agreement on the test continuations) excludes 0, with C's
 validation curve flat at its end (plateau: < 0.5 pt gain over its last quarter of steps).
 
-    python -m bench.converged_study --progress                     # the study (hours, resumable)
-    python -m bench.converged_study --train-rows 8 --val-rows 4 --test-rows 4 --prompts 2 \\
+    python -m studies.converged_study --progress                     # the study (hours, resumable)
+    python -m studies.converged_study --train-rows 8 --val-rows 4 --test-rows 4 --prompts 2 \\
         --epochs 1 --batch-size 2 --k 0.5 --eval-every 2 --sft-epochs 0.5 --seeds 0 \\
         --dense-seed 0 --max-new-tokens 6 --target TINY --draft TINY@layers=1 --raw-prompts \\
         --work /tmp/cs --out /tmp/cs/s.json --doc /tmp/cs/s.md          # smoke (tiny model)
@@ -57,8 +57,8 @@ from adaspec.statistics import clustered_difference, t_interval
 from adaspec.train import train
 from adaspec.validation import plateau, validation_records
 from bench import harness
-from bench.paper_table import split_config
 from cache_tools import schema
+from studies.paper_table import split_config
 
 ARMS = ("R", "A", "C")
 DENSE = ("A-dense", "C-dense")
@@ -406,7 +406,8 @@ def markdown(payload: dict, plot_name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = harness.parser("converged_study", __doc__, data=False, progress=True)
+    p = harness.parser("converged_study", __doc__, data=False, progress=True,
+                       package="studies")
     p.add_argument("--task", default="arith")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--dense-seed", type=int, default=0, help="seed of the --online pair (-1: none)")

@@ -1,5 +1,5 @@
 """How faithful a sparse cache is to the dense target it was built from: the fidelity study's
-measures (`python -m bench.fidelity`; tested in tests/test_fidelity.py).
+measures (`python -m studies.fidelity`; tested in tests/test_fidelity.py).
 
 Two questions, asked of the same label tokens:
 

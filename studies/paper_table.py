@@ -18,8 +18,8 @@ is what speculative decoding sees), and by real greedy speculative decoding (gam
 test prompts: the paper's alpha and the mean accepted length. Differences between arms come
 with paired standard errors clustered by sequence (tokens) or prompt (decoding), seeds pooled.
 
-    python -m bench.paper_table --tasks gsm8k,alpaca,xsum     # the committed study (hours)
-    python -m bench.paper_table --tasks arith --seeds 0 --train-rows 8 --val-rows 4 \\
+    python -m studies.paper_table --tasks gsm8k,alpaca,xsum     # the committed study (hours)
+    python -m studies.paper_table --tasks arith --seeds 0 --train-rows 8 --val-rows 4 \\
         --test-rows 4 --prompts 2 --epochs 1 --work /tmp/pt-smoke --out /tmp/pt-smoke/p.json \\
         --doc /tmp/pt-smoke/p.md                               # smoke
 
@@ -365,7 +365,8 @@ def verdict(tasks: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = harness.parser("paper_table", __doc__, data=False, progress=True)
+    p = harness.parser("paper_table", __doc__, data=False, progress=True,
+                       package="studies")
     p.add_argument("--tasks", default="gsm8k,alpaca,xsum")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--train-rows", type=int, default=48)

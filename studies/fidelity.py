@@ -21,11 +21,11 @@ held-out test split from the same file; never ../shared/holdout) and each cache 
 
 Then the default is the setting with the smallest bytes per label token whose acceptance gap to
 dense stays under --max-gap (0.5 pt) for both k on every task. The measures themselves live in
-`bench/fidelity_measures.py`.
+`studies/fidelity_measures.py`.
 
 Work goes to --work (default /tmp/adaspec-fidelity); a re-run reuses what is finished there
 (complete caches, trained drafts with their evaluation), so an interrupted study continues.
-Commands: bench/README.md.
+Commands: studies/README.md.
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adaspec import acceptance, build, labels, losses, models, teacher_forced, train
+from adaspec import acceptance, build, labels, losses, models, tasks, teacher_forced, train
 from adaspec.config import build_config
-from bench import fidelity_measures as measures
 from bench import harness
 from cache_tools.info import cache_summary
 from cache_tools.store import CacheReader
+from studies import fidelity_measures as measures
 
 DATA = harness.SHARED_DATA
 DOCS = harness.REPO / "docs" / "fidelity"
@@ -218,7 +218,7 @@ class HeldOut:
 
     def __init__(self, cfg, target, tokenizer, batch_tokens: int, progress: bool):
         # The split's sequences as a cache would store them (longest first).
-        self.ids, self.masks, _ = labels.order_sequences(build.task_examples(cfg, tokenizer))
+        self.ids, self.masks, _ = labels.order_sequences(tasks.tokenize_split(cfg.data, tokenizer))
         self.pad_id = models.pad_id(tokenizer)
         self.vocab_size = models.real_vocab_size(tokenizer)
         self.plan = labels.plan_batches(np.array([len(x) for x in self.ids]), batch_tokens)
@@ -665,7 +665,8 @@ def plot(records: list[dict], out_dir: Path, chosen: str | None) -> list[Path]:
 
 
 def parse_args(argv: list[str] | None):
-    p = harness.parser("fidelity", __doc__, data=False, progress=True)
+    p = harness.parser("fidelity", __doc__, data=False, progress=True,
+                       package="studies")
     p.add_argument("--tasks", default="gsm8k,alpaca")
     p.add_argument("--topks", default="8,16,32,64,128",
                    help="K: top-K of topk settings, draws of sample settings")
