@@ -100,7 +100,12 @@ class CacheConfig(Checked):
     section: ClassVar[str] = "cache"
 
     cache: str = field(default="./cache", metadata=meta("--cache"))
-    """Cache root: a local folder or an fsspec URL that zarr supports."""
+    """Cache root: a local folder or an object store URL (s3://bucket/prefix; see README)."""
+    local_cache_mb: int = 4096
+    """Local disk kept of a remote cache's shard files by what reads it (MB; 0: read the store
+    directly); the least recently used shards are dropped past it."""
+    local_cache_dir: str | None = None
+    """Where those shard files are kept (default ~/.cache/adaspec/shards/<hash of --cache>)."""
     # Defaults chosen by studies/fidelity.py (docs/fidelity.md): the smallest tested cache whose
     # drafts stay within 0.5 pt of dense-loss drafts in held-out acceptance.
     sparse: SparseMode = "sample"
@@ -140,6 +145,7 @@ class CacheConfig(Checked):
 
     def check(self) -> None:
         self._range("draws", self.draws >= 1, "must be >= 1")
+        self._range("local_cache_mb", self.local_cache_mb >= 0, "must be >= 0")
         self._range("topk", self.topk >= 1, "must be >= 1")
         self._range("batch_tokens", self.batch_tokens >= 8, "must be >= 8")
         self._range("chunk_rows", self.chunk_rows >= 1, "must be >= 1")
@@ -387,6 +393,9 @@ SECTIONS: dict[str, type] = {
 SECTION_OF: dict[type, str] = {cls: name for name, cls in SECTIONS.items()}
 # Sections a run folder's config.yaml holds (what the training run used).
 RUN_SECTIONS = ("models", "data", "cache", "train")
+# Keys of those sections that say how a run reads its data, not what it trains on: a run is
+# resumed whatever they are.
+READING_KEYS = (("cache", "local_cache_mb"), ("cache", "local_cache_dir"))
 
 
 def _renamed(merged: dict[str, dict[str, Any]]) -> None:

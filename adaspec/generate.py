@@ -45,15 +45,15 @@ STAGING_VERSION = 1  # bump when what a staged batch holds changes
 
 
 def staging_dir(cfg: Config) -> Path:
-    """Where a split's staged generations live: beside the cache's groups."""
+    """Where a split's staged generations live: in a folder beside the cache's
+    (`<cache>.staging/<task>-<split>`), so the cache stays a clean Zarr hierarchy and the
+    processes of a build (all of whom see the cache's folder) share it."""
     if not store.is_local(cfg.cache.cache):
         raise UserError(
             "--generate needs a local --cache folder (its staging files live beside it)"
         )
-    return (
-        Path(cfg.cache.cache.removeprefix("file://"))
-        / f".generate-{cfg.data.task}-{cfg.data.split}"
-    )
+    root = Path(cfg.cache.cache.removeprefix("file://")).resolve()
+    return root.with_name(root.name + ".staging") / f"{cfg.data.task}-{cfg.data.split}"
 
 
 def generation_params(cfg: Config, identity: dict) -> dict:

@@ -9,13 +9,14 @@ training stage records itself for these checks (`record_ref`).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 from adaspec import draft_vocab, models, runs, tasks
 from adaspec.config import Config
 from adaspec.errors import UserError
-from cache_tools import schema
+from cache_tools import schema, store
 from cache_tools.errors import CacheError
 from cache_tools.store import CacheReader, CacheWriter
 
@@ -27,7 +28,19 @@ def reader_of(cfg: Config, split: str | None = None,
               require: tuple[str, ...] = (schema.TARGET,)) -> CacheReader:
     """The reader of cfg's cache for its task and `split` (default: cfg's split), with the
     stages in `require` complete (a one-line CacheError otherwise)."""
-    return CacheReader(cfg.cache.cache, cfg.data.task, split or cfg.data.split, require=require)
+    return CacheReader(cfg.cache.cache, cfg.data.task, split or cfg.data.split, require=require,
+                       local_cache=local_cache_of(cfg))
+
+
+def local_cache_of(cfg: Config) -> tuple[str, int] | None:
+    """(folder, bytes) of the local shard cache readers of a remote cache keep, or None."""
+    c = cfg.cache
+    if store.is_local(c.cache) or c.local_cache_mb == 0:
+        return None
+    folder = c.local_cache_dir or str(
+        Path.home() / ".cache" / "adaspec" / "shards"
+        / hashlib.sha256(c.cache.encode()).hexdigest()[:16])
+    return folder, c.local_cache_mb * 2**20
 
 
 def open_split(cfg: Config, require: tuple[str, ...] = ()) -> CacheReader | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from adaspec.config import RUN_SECTIONS, Config
+from adaspec.config import READING_KEYS, RUN_SECTIONS, Config
 from adaspec.errors import UserError, check_output
 
 PROGRESS_FILE = "progress.json"
@@ -148,7 +148,8 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, clear: bool = True) 
     for section in asked:
         for key in sorted(set(asked[section]) | set(stored.get(section, {}))):
             before, now = stored.get(section, {}).get(key), asked[section].get(key)
-            if before == now or extends(section, key, before, now, cfg):
+            if (before == now or (section, key) in READING_KEYS
+                    or extends(section, key, before, now, cfg)):
                 continue
             raise UserError(
                 f"{run_dir} was run with {section}.{key}={before!r} but this run has {now!r}; "

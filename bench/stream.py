@@ -12,6 +12,13 @@ built here from the same rows with the embedded target unless `--cache` names ex
   ratio, and the fraction of a GPU step that would wait on data if the stream were the only
   producer (prefetching hides the rest).
 
+Object store (unless `--no-object-store`): the first cache copied into a bucket of a local S3
+server (moto's, on 127.0.0.1, the test suite's server: no network in the way, so this is the
+client's and the format's cost, a floor for a real store), then the stream read from
+`s3://...` cold (empty local shard cache), warm (the local shard cache filled by the cold pass)
+and without a local cache, beside the local warm rate; with the local cache's hit rate
+(requests served from local files) and bytes fetched.
+
 Then one training step of a draft, in this process, split into wait-for-batch / host->device /
 forward (+ selection and reduction) / backward / optimizer (synchronised at each boundary on
 CUDA), over `--steps` steps after `--warmup` untimed ones.
@@ -73,20 +80,71 @@ def bulk_rate(reader: CacheReader) -> dict:
 
 
 def stream_rate(root: str, task: str, split: str, batch_size: int, batches: int,
-                rank: int = 0, world: int = 1, cold: bool = False) -> dict:
-    """Label rows/s of a fresh reader and stream over `batches` batches (this process's share)."""
-    if cold:
+                rank: int = 0, world: int = 1, cold: bool = False,
+                local_cache: tuple[str, int] | None = None) -> dict:
+    """Label rows/s of a fresh reader and stream over `batches` batches (this process's share);
+    a remote root is read through `local_cache` (folder, bytes) when given."""
+    if cold and "://" not in root:
         _drop_page_cache(Path(root))
     start = time.perf_counter()
-    reader = CacheReader(root, task, split)
+    reader = CacheReader(root, task, split, local_cache=local_cache)
     stream = BatchStream(reader, batch_size, 0, 0, with_target=True, ref=_ref(reader),
                          rank=rank, world_size=world)
     rows = 0
     for batch in stream.batches(0, batches):
         rows += batch.n_labels
     seconds = time.perf_counter() - start
-    return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds,
-            "batches": batches, "whole_split_in_memory": stream.blocks.whole}
+    out = {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds,
+           "batches": batches, "whole_split_in_memory": stream.blocks.whole}
+    stats = getattr(reader.group.store, "stats", None)  # a LocalShardCache's counters
+    if stats is not None:
+        requests = stats["hits"] + stats["misses"]
+        out["local_cache"] = {**stats, "hit_rate": stats["hits"] / max(requests, 1)}
+    return out
+
+
+def object_store_rates(root: str, task: str, split: str, args, local_warm: float) -> dict:
+    """The stream from a copy of `root` in a local S3 server's bucket: cold and warm local
+    shard cache, and no local cache; with the local warm rate measured beside it."""
+    import logging
+
+    import boto3
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://{host}:{port}")
+    try:
+        boto3.client("s3").create_bucket(Bucket="adaspec-bench")
+        s3fs.S3FileSystem(skip_instance_cache=True).put(root, "adaspec-bench/cache",
+                                                        recursive=True)
+        remote = "s3://adaspec-bench/cache"
+        per_epoch = -(-CacheReader(root, task, split).n_sequences // args.batch_size)
+        n = min(args.batches, per_epoch * 20)
+        with tempfile.TemporaryDirectory() as shards:
+            local_cache = (shards, args.local_cache_mb * 2**20)
+            cold = stream_rate(remote, task, split, args.batch_size, n, local_cache=local_cache)
+            warm = stream_rate(remote, task, split, args.batch_size, n, local_cache=local_cache)
+        direct = stream_rate(remote, task, split, args.batch_size, n)
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return {"server": "moto (local, 127.0.0.1)", "local_cache_mb": args.local_cache_mb,
+            "cold": cold, "warm": warm, "no_local_cache": direct,
+            "local_warm_rows_per_s": local_warm,
+            "cold_over_local": cold["rows_per_s"] / local_warm,
+            "warm_over_local": warm["rows_per_s"] / local_warm,
+            "no_local_cache_over_local": direct["rows_per_s"] / local_warm}
 
 
 def step_split(root: str, task: str, split: str, draft: str, device: torch.device,
@@ -207,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps of the step split")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--step-batch-size", type=int, default=4)
+    p.add_argument("--no-object-store", action="store_true",
+                   help="skip the stream from a local S3 server")
+    p.add_argument("--local-cache-mb", type=int, default=256,
+                   help="local shard cache of the object-store measure")
     args = p.parse_args(argv)
     machine = harness.start(args)
     with tempfile.TemporaryDirectory() as tmp:
@@ -215,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         caches = {name: measure_cache(root, args.task, args.split, args)
                   for name, root in roots.items()}
         first = next(iter(roots.values()))
+        remote = None if args.no_object_store else object_store_rates(
+            first, args.task, args.split, args, next(iter(caches.values()))["warm_rows_per_s"])
         split = step_split(first, args.task, args.split, args.draft, torch.device(args.device),
                            args.step_batch_size, args.steps, args.warmup)
     rows = [[name, c["label_rows"], c["bulk"]["rows_per_s"], c["warm_rows_per_s"],
@@ -225,6 +289,16 @@ def main(argv: list[str] | None = None) -> int:
     print(harness.format_table(
         ["cache", "rows", "bulk rows/s", "stream warm", "cold", "2-proc share", "stream/bulk",
          f"stream/GPU {args.gpu_rate:.0e}", "GPU wait"], rows))
+    if remote is not None:
+        print(harness.format_table(
+            [f"{next(iter(roots))} from S3 (moto, local)", "rows/s", "vs local warm",
+             "local-cache hit rate", "MB fetched"],
+            [[name, r["rows_per_s"], r["rows_per_s"] / remote["local_warm_rows_per_s"],
+              r.get("local_cache", {}).get("hit_rate", float("nan")),
+              r.get("local_cache", {}).get("bytes_fetched", float("nan")) / 2**20]
+             for name, r in (("cold local cache", remote["cold"]),
+                             ("warm local cache", remote["warm"]),
+                             ("no local cache", remote["no_local_cache"]))]))
     s = split["seconds_per_step"]
     print(harness.format_table(
         ["step on " + split["device"], "wait", "h2d", "forward", "backward", "optimizer",
@@ -233,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
           split["step_seconds"], split["label_tokens_per_s"], split["share_waiting_on_data"]]]))
     harness.write_json(args.out, {"benchmark": "stream", "machine": machine,
                                   "settings": vars(args), "caches": caches,
-                                  "step_split": split})
+                                  "object_store": remote, "step_split": split})
     return 0
 
 

@@ -32,8 +32,9 @@ class CacheReader:
     (corrupt, truncated) raises a one-line CacheError naming it.
     """
 
-    def __init__(self, root: str, task: str, split: str, require: Sequence[str] = (schema.TARGET,)):
-        root_group = open_root(root, mode="r")
+    def __init__(self, root: str, task: str, split: str, require: Sequence[str] = (schema.TARGET,),
+                 local_cache: tuple[str, int] | None = None):
+        root_group = open_root(root, mode="r", local_cache=local_cache)
         path = split_path(task, split)
         try:
             present = path in root_group

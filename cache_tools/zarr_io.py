@@ -1,6 +1,6 @@
 """Zarr-level access to a cache store: opening the root (refusing folders that are not caches),
 finding its splits, reading rows and checking chunks and metadata with one-line errors that
-name what is damaged, and the build lock.
+name what is damaged, and the build lock (a lease object: `lease.py`).
 
 Every chunk of a stage is stored, also one equal to the fill value (`STORE_EVERY_CHUNK`): Zarr
 reads an absent chunk as the fill value, so a lost chunk file would read as zeros; here it is
@@ -10,8 +10,6 @@ an error (`check_stored`).
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,12 +19,14 @@ import zarr
 
 from cache_tools import schema
 from cache_tools.errors import CacheError
+from cache_tools.lease import build_lease
+from cache_tools.location import location_of
 
-# Lock and staging files sit beside the groups on purpose; Zarr warns about any such file.
-warnings.filterwarnings(
-    "ignore", message=".*is not recognized as a component of a Zarr hierarchy", category=UserWarning
-)
-
+# Generation staging (`.generate-*`, local --generate builds) sits beside the groups, and caches
+# built before the lease (`lease.py`) may still hold `.build-*.lock` files; Zarr warns about
+# such entries when it walks the root. Nothing else of ours is a stray file.
+warnings.filterwarnings("ignore", message=r"Object at \.(generate-|build-).* is not recognized "
+                        "as a component of a Zarr hierarchy", category=UserWarning)
 
 # Zarr skips writing a chunk that equals the fill value, and reads an absent chunk as the fill
 # value: a deleted chunk file would then read as zeros. Every chunk is written, so an absent one
@@ -42,7 +42,7 @@ def local_path(root: str) -> Path:
     return Path(str(root).removeprefix("file://"))
 
 
-OWN_HIDDEN = (".build-", ".generate-")  # lock files and generation staging beside the groups
+OWN_HIDDEN = (".generate-",)  # generation staging beside the groups (local builds only)
 
 
 def check_local_root(root: str) -> None:
@@ -63,8 +63,11 @@ def check_local_root(root: str) -> None:
                          "); use a new or empty --cache folder")
 
 
-def open_root(root: str, mode: str = "a") -> zarr.Group:
-    """Open (or with mode "a", create) a cache root group; refuse folders that are not caches."""
+def open_root(root: str, mode: str = "a", local_cache: tuple[str, int] | None = None
+              ) -> zarr.Group:
+    """Open (or with mode "a", create) a cache root group; refuse folders that are not caches.
+    `local_cache` (folder, bytes): read a remote root's shard files through a bounded local
+    disk cache (`shard_cache.LocalShardCache`)."""
     if mode == "r" and is_local(root) and not local_path(root).exists():
         raise CacheError(f"no cache at {root}; build one with `adaspec-cache build`")
     if is_local(root):
@@ -72,13 +75,19 @@ def open_root(root: str, mode: str = "a") -> zarr.Group:
     if is_local(root):  # zarr's size queries resolve a relative store path against nothing
         root = str(local_path(root).resolve())
     try:
-        group = zarr.open_group(root, mode=mode, zarr_format=3)
+        group = zarr.open_group(_store_of(root, mode, local_cache), mode=mode, zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
-        raise CacheError(f"no cache at {root}; build one with `adaspec-cache build`") from err
+        if not is_local(root) and mode != "r":
+            raise unreachable(root, err) from None
+        raise CacheError(f"no cache at {root}; build one with `adaspec-cache build`") from None
     except (ValueError, zarr.errors.ContainsArrayError) as err:
         reason = (str(err).splitlines() or [""])[0][:100]
         raise CacheError(f"{root} is not a Zarr v3 logit cache, or its zarr.json is damaged "
                          f"({type(err).__name__}: {reason})") from None
+    except Exception as err:  # an object store's client: connection, bucket, credentials
+        if is_local(root):
+            raise
+        raise unreachable(root, err) from None
     attrs = dict(group.attrs)
     if not attrs and mode != "r":
         if len(list(group.keys())) > 0:
@@ -92,6 +101,28 @@ def open_root(root: str, mode: str = "a") -> zarr.Group:
             f"{schema.FORMAT_VERSION}; rebuild it"
         )
     return group
+
+
+def _store_of(root: str, mode: str, local_cache: tuple[str, int] | None):
+    """What zarr opens: the root itself, or a read-only remote store seen through the local
+    shard cache."""
+    if local_cache is None or mode != "r" or is_local(root):
+        return root
+    from zarr.storage import FsspecStore
+
+    from cache_tools.shard_cache import LocalShardCache
+
+    folder, max_bytes = local_cache
+    return LocalShardCache(FsspecStore.from_url(root, read_only=True), folder, max_bytes)
+
+
+def unreachable(root: str, err: BaseException) -> CacheError:
+    """A one-line error for an object store that cannot be reached or written (a wrong endpoint,
+    a missing bucket, missing credentials: the store client's first line says which)."""
+    reason = (str(err).splitlines() or [""])[0][:160] or type(err).__name__
+    return CacheError(f"cannot open the cache {root} ({type(err).__name__}: {reason}); check the "
+                      "URL, that the bucket exists, and the store's credentials and endpoint "
+                      "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)")
 
 
 def split_path(task: str, split: str) -> str:
@@ -129,40 +160,17 @@ def check_params(where: str, stored: dict, asked: dict, fix: str) -> None:
 
 @contextlib.contextmanager
 def build_lock(root: str, task: str, split: str, rank: int = 0) -> Iterator[None]:
-    """Refuse a second build into the same `<task>/<split>` while one runs (local stores only).
-
-    Each process of a build holds its own lock file; the kernel drops it when the process dies,
-    so a killed build never leaves a stale lock behind.
-    """
-    if not is_local(root):
-        yield
-        return
-    # Beside the groups, not inside them: a folder without zarr.json confuses Zarr readers.
-    lock_dir = local_path(root)
-    check_local_root(root)  # before the lock file: a foreign folder is left as it was
+    """Refuse a second build into the same `<task>/<split>` while one runs, on a local folder
+    or an object store: each process of a build holds a lease object in the store (`lease.py`);
+    a lease whose holder died (on this host) or stopped renewing it is taken over."""
+    location = location_of(root)
     try:
-        lock_dir.mkdir(parents=True, exist_ok=True)
+        open_root(root, "a")  # a foreign folder is refused untouched; the lease sits in a cache
+        with build_lease(location, task, split, rank):
+            yield
     except OSError as err:
-        raise CacheError(f"cannot create the cache {root} ({err.strerror})") from None
-    lock_path = lock_dir / f".build-{task}-{split}-rank{rank}.lock"
-    try:
-        handle = open(lock_path, "a+")  # noqa: SIM115 - held for the duration of the context
-    except OSError as err:
-        raise CacheError(f"cannot write the cache {root} ({err.strerror}); a build needs a "
-                         "writable --cache") from None
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as err:
-            raise CacheError(
-                f"another build is writing {root}/{task}/{split} (lock {lock_path.name}); "
-                "wait for it to finish or use another --cache"
-            ) from err
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield
-    finally:
-        handle.close()
+        raise CacheError(f"cannot write the cache {root} ({err.strerror or err}); a build needs "
+                         "a writable --cache") from None
 
 
 # ---------------------------------------------------------------------------------------------

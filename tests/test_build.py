@@ -215,9 +215,9 @@ def test_a_concurrent_second_build_is_refused(tmp_path, slow_model_dir):
     first = _cli_build(
         tmp_path / "c", slow_model_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    lock = tmp_path / "c" / ".build-gsm8k-train-rank0.lock"
+    lease = tmp_path / "c" / "_leases" / "gsm8k.train.rank0" / "zarr.json"  # the build's lease
     deadline = time.time() + 120
-    while not (lock.exists() and lock.read_text().strip()) and time.time() < deadline:
+    while not lease.exists() and time.time() < deadline:
         time.sleep(0.2)
     second = _cli_build(
         tmp_path / "c", slow_model_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

@@ -205,18 +205,16 @@ def test_a_folder_that_is_not_a_cache_is_refused_untouched(tmp_path):
 
 
 def test_a_cache_that_cannot_be_written_is_one_line_at_the_lock(tmp_path, monkeypatch):
-    """A read-only cache: build died with a traceback opening its lock file. (As root nothing is
-    read-only: the refusal is simulated.)"""
-    import builtins
+    """A read-only cache: build died with a traceback writing its lock. (As root nothing is
+    read-only: the refusal of the lease's write is simulated.)"""
+    from cache_tools import lease
 
-    real_open = builtins.open
+    def refusing(self, key, data):
+        raise PermissionError(13, "Permission denied", str(self.root / key))
 
-    def refusing(path, *args, **kwargs):
-        if str(path).endswith(".lock"):
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", refusing)
-    with pytest.raises(CacheError, match="cannot write the cache"):
+    store.open_root(str(tmp_path / "cache"), "a")
+    monkeypatch.setattr(lease.LocalObjects, "create", refusing)
+    with pytest.raises(CacheError, match="cannot write the cache") as err:
         with store.build_lock(str(tmp_path / "cache"), "gsm8k", "train"):
             pass
+    assert "\n" not in str(err.value)

@@ -1,0 +1,252 @@
+"""A cache on an object store (issue 21): S3's API served by moto's standalone server on
+127.0.0.1, as zarr-python's and s3fs's own tests do. Credentials and the endpoint reach every
+client through the usual AWS environment variables."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import zarr
+from helpers import GSM8K, REPO, build_cache, cache_build_config, run_weights
+
+from adaspec.config import build_config
+from adaspec.stream import BatchStream
+from adaspec.train import train
+from cache_tools import lease, store
+from cache_tools.errors import CacheError
+from cache_tools.location import location_of
+from cache_tools.verify import verify_cache
+
+BUCKET = "adaspec-test"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """The S3 endpoint of a local moto server, with the environment that points clients at it."""
+    moto_server = pytest.importorskip("moto.server")  # a test dependency: .ci/run installs it
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    yield env
+    server.stop()
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _arrays(root: str) -> dict[str, np.ndarray]:
+    group = zarr.open_group(root, mode="r")
+    return {path: member[:] for path, member in group.members(max_depth=None)
+            if isinstance(member, zarr.Array)}
+
+
+def _manifest(root: str) -> dict:
+    return dict(store.open_root(root, "r")["gsm8k/train"].attrs)["manifest"]
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "adaspec.cli.cache", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def built(s3, tiny_model_dir, tmp_path_factory):
+    """The same top-8 target stage built into the bucket and into a local folder."""
+    local = tmp_path_factory.mktemp("local") / "cache"
+    remote = f"s3://{BUCKET}/built"
+    build_cache(cache_build_config(local, tiny_model_dir))
+    build_cache(cache_build_config(remote, tiny_model_dir))
+    return str(local), remote
+
+
+def test_a_build_into_the_store_equals_a_local_build(built):
+    local, remote = built
+    a, b = _arrays(local), _arrays(remote)
+    rows = [p for p in a if p.startswith("gsm8k/train/")]
+    assert set(rows) <= set(b) and len(rows) >= 8
+    assert [p for p in rows if not np.array_equal(a[p], b[p])] == []
+    assert _manifest(local) == _manifest(remote)
+    assert verify_cache(remote).ok
+
+
+def test_info_and_verify_work_on_an_s3_cache(built):
+    _, remote = built
+    info = _cli("info", "--cache", remote)
+    assert info.returncode == 0, info.stderr[-2000:]
+    assert "gsm8k/train" in info.stdout and "target       complete" in info.stdout
+    verified = _cli("verify", "--cache", remote)
+    assert verified.returncode == 0 and "all good" in verified.stdout
+
+
+def test_training_from_the_store_equals_training_from_a_local_copy(built, tiny_model_dir,
+                                                                   tmp_path):
+    weights = []
+    for name, cache in zip(("local", "remote"), built, strict=True):
+        cfg = build_config({
+            "models": {"target": str(tiny_model_dir), "draft": f"{tiny_model_dir}@layers=1"},
+            "data": {"task": "gsm8k", "data_files": str(GSM8K), "limit": 8, "max_length": 512},
+            "cache": {"cache": cache, "local_cache_dir": str(tmp_path / "shards")},
+            "train": {"k": 1.0, "batch_size": 2, "lr": 1e-3, "epochs": 1.0,
+                      "out": str(tmp_path / name)},
+        })
+        weights.append(run_weights(train(cfg, progress=False)))
+    a, b = weights
+    assert a.keys() == b.keys()
+    assert [k for k in a if not np.array_equal(a[k].numpy(), b[k].numpy())] == []
+
+
+def test_a_second_build_into_the_same_split_is_refused_in_one_line(s3, tiny_model_dir):
+    remote = f"s3://{BUCKET}/busy"
+    with store.build_lock(remote, "gsm8k", "train"):  # another build, still running
+        with pytest.raises(CacheError, match="another build is writing") as err:
+            build_cache(cache_build_config(remote, tiny_model_dir))
+        assert "\n" not in str(err.value)
+        second = _cli("build", "--model", "target", "--target", str(tiny_model_dir),
+                      "--task", "gsm8k", "--data-files", str(GSM8K), "--limit", "8",
+                      "--cache", remote, "--sparse", "topk", "--topk", "8")
+        assert second.returncode == 2
+        assert "another build is writing" in second.stderr and "Traceback" not in second.stderr
+    with store.build_lock(remote, "gsm8k", "train"):  # released: the next build takes it
+        pass
+
+
+def test_a_lease_whose_holder_stopped_renewing_is_taken_over(s3, monkeypatch):
+    root = f"s3://{BUCKET}/leases"
+    store.open_root(root, "a")
+    objects = lease.objects_of(location_of(root))
+    stale = {"host": "another-host", "pid": 1, "token": "x", "renewed": 0.0, "expires": 1.0,
+             "released": False}
+    key = f"{lease.LEASES}/toy.train.rank0/zarr.json"
+    objects.create(f"{lease.LEASES}/zarr.json", lease._group_json(None))
+    objects.create(key, lease._group_json({"adaspec_lease": stale}))
+    with store.build_lock(root, "toy", "train"):
+        held = json.loads(objects.read(key)[0])["attributes"]["adaspec_lease"]
+        assert held["pid"] == os.getpid() and not held["released"]
+    live = {**stale, "expires": 4e9}  # another host's build, renewing
+    data, tag = objects.read(key)
+    objects.replace(key, lease._group_json({"adaspec_lease": live}), tag)
+    with pytest.raises(CacheError, match="another-host pid 1"):
+        with store.build_lock(root, "toy", "train"):
+            pass
+
+
+def test_a_build_that_dies_midway_resumes_to_an_identical_store(built, tiny_model_dir,
+                                                                monkeypatch):
+    local, _ = built
+    remote = f"s3://{BUCKET}/resumed"
+    cfg = cache_build_config(remote, tiny_model_dir, shard_rows=256, chunk_rows=128)
+    real = store.StageWriter.write_shard
+    written = []
+
+    def dies_after_two(self, shard, rows):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # the process is stopped mid-build
+        written.append(shard)
+        real(self, shard, rows)
+
+    monkeypatch.setattr(store.StageWriter, "write_shard", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(cfg)
+    monkeypatch.setattr(store.StageWriter, "write_shard", real)
+    with pytest.raises(CacheError, match="no complete 'target'"):
+        store.CacheReader(remote, "gsm8k", "train")
+    build_cache(cfg)
+    a, b = _arrays(local), _arrays(remote)
+    rows = [p for p in a if p.startswith("gsm8k/train/")]
+    assert [p for p in rows if not np.array_equal(a[p], b[p])] == []
+
+
+def test_an_unreachable_endpoint_or_a_missing_bucket_is_one_line(s3):
+    for root, env in ((f"s3://{BUCKET}/built", {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}),
+                      ("s3://no-such-bucket/cache", None)):
+        done = _cli("info", "--cache", root, env=env)
+        assert done.returncode == 2, done.stderr[-2000:]
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in done.stderr
+        assert root in lines[0]
+
+
+def test_a_local_cache_walked_by_zarr_has_no_stray_files(tmp_path, tiny_model_dir):
+    """The build lease is a Zarr group of the store, not a lock file beside it, and --generate's
+    staged batches live in a folder beside the cache's."""
+    root = tmp_path / "cache"
+    build_cache(cache_build_config(root, tiny_model_dir, generate=True, gen_max_new_tokens=8))
+    assert list((tmp_path / "cache.staging" / "gsm8k-train").glob("batch-*.npz"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        members = [path for path, _ in zarr.open_group(str(root), mode="r").members(
+            max_depth=None)]
+    assert [str(w.message) for w in caught] == []
+    assert "gsm8k/train/target/ids" in members and f"{lease.LEASES}" in members
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".")]
+
+
+def test_the_stream_through_a_small_local_shard_cache_equals_the_local_stream(built, tmp_path):
+    """Shards are fetched whole into a bounded local folder (least recently used dropped):
+    the batches, their order and a resumed stream are the local ones."""
+    local, remote = built
+    bound = 12_000  # bytes: a few shard files, so reading the split evicts some
+    reader = store.CacheReader(remote, "gsm8k", "train", local_cache=(str(tmp_path), bound))
+    cache = reader.group.store
+    here = store.CacheReader(local, "gsm8k", "train")
+
+    def batches(source, start=0):
+        stream = BatchStream(source, 2, 0, 0, with_target=True, ref=None, memory_budget_mb=0.01)
+        return [(b.input_ids.numpy(), b.target.ids.numpy(), b.target.logprobs.numpy())
+                for b in stream.batches(start, 8)]
+
+    got, want = batches(reader), batches(here)
+    assert len(got) == len(want) == 8
+    for a, b in zip(got, want, strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+    resumed = batches(store.CacheReader(remote, "gsm8k", "train",
+                                        local_cache=(str(tmp_path), bound)), start=5)
+    for a, b in zip(resumed, want[5:], strict=True):
+        np.testing.assert_array_equal(a[1], b[1])
+    assert cache.stats["misses"] > 0 and cache.stats["evicted"] > 0
+    files = [p for p in tmp_path.iterdir() if p.is_file()]
+    assert files and all(p.suffix == ".shard" for p in files)  # no partial download left
+    assert sum(p.stat().st_size for p in files) <= bound + max(p.stat().st_size for p in files)
+
+
+def test_a_two_process_build_into_the_store_equals_one_process(built, tiny_model_dir):
+    local, _ = built
+    remote = f"s3://{BUCKET}/two-process"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "adaspec.cli.cache", "build", "--model", "target",
+           "--target", str(tiny_model_dir), "--task", "gsm8k", "--data-files", str(GSM8K),
+           "--limit", "8", "--max-length", "512", "--cache", remote, "--sparse", "topk",
+           "--topk", "8", "--value-encoding", "float16", "--shard-rows", "256",
+           "--chunk-rows", "128", "--batch-tokens", "512"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[rank 1]" in done.stderr  # two processes really ran
+    a, b = _arrays(local), _arrays(remote)
+    rows = [p for p in a if p.startswith("gsm8k/train/")]
+    assert [p for p in rows if not np.array_equal(a[p], b[p])] == []
+    leases = [p for p in b if p.startswith(lease.LEASES)]
+    assert leases == []  # leases are groups, not arrays
+    held = zarr.open_group(remote, mode="r")[lease.LEASES]
+    assert sorted(name for name, _ in held.groups()) == ["gsm8k.train.rank0",
+                                                        "gsm8k.train.rank1"]
