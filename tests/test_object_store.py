@@ -250,3 +250,110 @@ def test_a_two_process_build_into_the_store_equals_one_process(built, tiny_model
     held = zarr.open_group(remote, mode="r")[lease.LEASES]
     assert sorted(name for name, _ in held.groups()) == ["gsm8k.train.rank0",
                                                         "gsm8k.train.rank1"]
+
+
+class DroppingProxy:
+    """A proxy to the S3 server that cuts the first response to each chunk GET mid-body (a
+    dropped connection), then serves it whole when the client asks again."""
+
+    def __init__(self, upstream: str):
+        import socket
+        import threading
+
+        host, port = upstream.removeprefix("http://").split(":")
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.dropped: list[str] = []
+        self._seen: set[str] = set()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    @staticmethod
+    def _head(sock, buffer: bytes) -> tuple[bytes, bytes]:
+        while b"\r\n\r\n" not in buffer:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed")
+            buffer += data
+        head, _, rest = buffer.partition(b"\r\n\r\n")
+        return head + b"\r\n\r\n", rest
+
+    @staticmethod
+    def _length(head: bytes) -> int:
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                return int(value)
+        return 0
+
+    def _relay(self, client) -> None:
+        import socket
+
+        upstream = socket.create_connection(self.upstream)
+        pending = b""
+        try:
+            while True:
+                request, pending = self._head(client, pending)
+                body_len = self._length(request)
+                while len(pending) < body_len:
+                    pending += client.recv(65536)
+                upstream.sendall(request + pending[:body_len])
+                pending = pending[body_len:]
+                response, extra = self._head(upstream, b"")
+                n = self._length(response)
+                body = extra
+                while len(body) < n and not request.startswith(b"HEAD"):
+                    body += upstream.recv(65536)
+                line = request.split(b"\r\n")[0].decode()
+                if line.startswith("GET") and "/c/" in line and line not in self._seen and n > 8:
+                    self._seen.add(line)
+                    self.dropped.append(line)
+                    client.sendall(response + body[: n // 2])
+                    return  # the connection drops mid-body
+                client.sendall(response + body)
+        except (ConnectionError, OSError):
+            return
+        finally:
+            client.close()
+            upstream.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+READ_ROWS = """
+import hashlib, sys
+from cache_tools.store import CacheReader
+reader = CacheReader(sys.argv[1], "gsm8k", "train")
+rows = reader.target_rows(0, reader.n_label_rows)
+digest = hashlib.sha256(b"".join(rows[k].tobytes() for k in sorted(rows)))
+print(digest.hexdigest())
+"""
+
+
+def test_a_connection_dropped_mid_read_is_retried(built, s3):
+    local, remote = built
+    proxy = DroppingProxy(s3["AWS_ENDPOINT_URL"])
+    try:
+        digests = []
+        for root, env in ((local, None),
+                          (remote, {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})):
+            done = subprocess.run([sys.executable, "-c", READ_ROWS, root], cwd=REPO,
+                                  capture_output=True, text=True, timeout=300,
+                                  env={**os.environ, **(env or {})})
+            assert done.returncode == 0, done.stderr[-2000:]
+            digests.append(done.stdout.strip())
+    finally:
+        proxy.close()
+    assert proxy.dropped, "the proxy dropped no connection: the test tested nothing"
+    assert digests[0] == digests[1]
