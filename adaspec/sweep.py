@@ -347,7 +347,8 @@ def plot_results(rows: list[dict], out: Path) -> None:
     ax.set_title("expected acceptance (solid, bounds shaded); greedy agreement (dashed)",
                  fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing plotted yet: no empty legend
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "alpha_vs_k.png", dpi=120)
     plt.close(fig)
@@ -360,7 +361,8 @@ def plot_results(rows: list[dict], out: Path) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=120)
     plt.close(fig)
