@@ -113,6 +113,25 @@ def test_training_from_the_store_equals_training_from_a_local_copy(built, tiny_m
     assert [k for k in a if not np.array_equal(a[k].numpy(), b[k].numpy())] == []
 
 
+def test_offline_evaluation_from_the_store_equals_it_from_the_local_copy(built, tiny_model_dir,
+                                                                       tmp_path):
+    from adaspec.evaluate import evaluate
+
+    results = []
+    for cache in built:
+        cfg = build_config({
+            "models": {"target": str(tiny_model_dir)},
+            "data": {"task": "gsm8k", "data_files": str(GSM8K), "limit": 8, "max_length": 512},
+            "cache": {"cache": cache, "local_cache_dir": str(tmp_path / "shards")},
+        })
+        [result] = evaluate(cfg, [f"{tiny_model_dir}@layers=1"], ("offline",), progress=False)
+        results.append(result["offline"])
+    local, remote = results
+    assert local["label_tokens"] == remote["label_tokens"] > 0
+    for key in ("expected_acceptance_lower", "expected_acceptance_upper", "greedy_agreement"):
+        assert local[key] == remote[key], key
+
+
 def test_a_second_build_into_the_same_split_is_refused_in_one_line(s3, tiny_model_dir):
     remote = f"s3://{BUCKET}/busy"
     with store.build_lock(remote, "gsm8k", "train"):  # another build, still running
