@@ -94,18 +94,22 @@ def build_stage(cfg: Config, role: str, model_spec: str | None = None, progress:
     tasks.check_files(cfg.data.data_files)  # before a model loads (a minute for a GGUF target)
     # cpu=True on a CPU-only machine: otherwise a torchrun launch is not seen as distributed
     state = PartialState(cpu=not torch.cuda.is_available())
+    # The root is created once, before every process takes its lease in it.
+    processes.on_main(state, lambda: store.open_root(cfg.cache.cache, "a"))
     lock_error: BaseException | None = None
     lock = store.build_lock(cfg.cache.cache, cfg.data.task, cfg.data.split, state.process_index)
+    lease = None
     try:
-        lock.__enter__()
+        lease = lock.__enter__()
     except CacheError as err:
         lock_error = _busy_error(cfg, role, err)
-    processes.raise_if_any(state, lock_error)
     try:
+        processes.raise_if_any(state, lock_error)
         build = _build_target if role == "target" else _build_ref
-        return build(cfg, model_spec, state, progress, rebuild)
+        return build(cfg, model_spec, state, progress, rebuild, lease.check)
     finally:
-        lock.__exit__(None, None, None)
+        if lease is not None:
+            lock.__exit__(None, None, None)
 
 
 def _busy_error(cfg: Config, role: str, err: CacheError) -> CacheError:
@@ -160,7 +164,7 @@ def _load(cfg: Config, spec: str, state: PartialState, device_map: str | None) -
 
 
 def _build_target(cfg: Config, model_spec: str | None, state: PartialState, progress: bool,
-                  rebuild: bool) -> Manifest:
+                  rebuild: bool, guard: Callable[[], None]) -> Manifest:
     loaded = _load(cfg, model_spec or cfg.models.target, state, cfg.models.device_map)
     if cfg.cache.k > loaded.vocab_size:
         flag = "--topk" if cfg.cache.sparse == "topk" else "--draws"
@@ -220,11 +224,11 @@ def _build_target(cfg: Config, model_spec: str | None, state: PartialState, prog
     else:  # the task's data, or another model's responses: the target scores them now
         compute = target_batch_fn(cfg, loaded, seqs, masks, layout)
     return _write_stage(cfg, state, writer, schema.TARGET, params, loaded.vocab_size, fix,
-                        rebuild, layout, compute, reader, progress)
+                        rebuild, layout, compute, reader, progress, guard)
 
 
 def _build_ref(cfg: Config, model_spec: str | None, state: PartialState, progress: bool,
-               rebuild: bool) -> Manifest:
+               rebuild: bool, guard: Callable[[], None]) -> Manifest:
     spec = model_spec or cfg.models.ref or _recorded_ref(cfg)
     loaded = _load(cfg, spec, state, None)
     # A reference is scored on the sequences the target stage was built on, whatever flags say.
@@ -255,13 +259,15 @@ def _build_ref(cfg: Config, model_spec: str | None, state: PartialState, progres
     compute = _ref_batch_fn(loaded, seqs, masks, layout, reader)
     writer = CacheWriter(cfg.cache.cache, cfg.data.task, cfg.data.split)
     return _write_stage(cfg, state, writer, schema.ref_group_name(cfg.cache.ref_name), params,
-                        loaded.vocab_size, fix, rebuild, layout, compute, reader, progress)
+                        loaded.vocab_size, fix, rebuild, layout, compute, reader, progress,
+                        guard)
 
 
 def _write_stage(cfg: Config, state: PartialState, writer: CacheWriter, stage: str, params: dict,
                  vocab_size: int, fix: str, rebuild: bool, layout: BatchLayout, compute,
-                 reader: CacheReader, progress: bool) -> Manifest:
-    """Open (or resume) a row stage, compute this process's pending shards, finish it."""
+                 reader: CacheReader, progress: bool, guard: Callable[[], None]) -> Manifest:
+    """Open (or resume) a row stage, compute this process's pending shards, finish it;
+    `guard()` (the build lease's check) runs before each shard is written and before finishing."""
     c = cfg.cache
 
     def open_stage(create: bool) -> StageWriter:
@@ -281,7 +287,8 @@ def _write_stage(cfg: Config, state: PartialState, writer: CacheWriter, stage: s
 
     def run() -> None:
         try:
-            run_shards(stage_writer, layout, shards, compute, desc, disable_bar=not progress)
+            run_shards(stage_writer, layout, shards, compute, desc, disable_bar=not progress,
+                       before_write=guard)
         except sparse.NonFiniteRow as err:  # name the example; shards already written stay done
             s = int(np.searchsorted(reader.label_offsets, err.row, side="right")) - 1
             token = err.row - int(reader.label_offsets[s])
@@ -290,7 +297,11 @@ def _write_stage(cfg: Config, state: PartialState, writer: CacheWriter, stage: s
 
     processes.together(state, run)
     state.wait_for_everyone()
-    processes.on_main(state, lambda: stage_writer.finish())
+    def finish() -> None:
+        guard()
+        stage_writer.finish()
+
+    processes.on_main(state, finish)
     state.wait_for_everyone()
     return writer.manifest
 

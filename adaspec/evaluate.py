@@ -84,7 +84,8 @@ def _continuations_reader(cfg: Config, cache: str | None) -> CacheReader | None:
     if cache is None:
         return None
     try:
-        reader = CacheReader(cache, cfg.data.task, cfg.data.split)
+        reader = CacheReader(cache, cfg.data.task, cfg.data.split,
+                             local_cache=provenance.local_cache_of(cfg, cache))
     except CacheError as err:
         raise UserError(
             f"{err}; --continuations-cache holds the target's own greedy continuations: "

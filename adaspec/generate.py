@@ -53,6 +53,9 @@ def staging_dir(cfg: Config) -> Path:
             "--generate needs a local --cache folder (its staging files live beside it)"
         )
     root = Path(cfg.cache.cache.removeprefix("file://")).resolve()
+    legacy = root / f".generate-{cfg.data.task}-{cfg.data.split}"  # where earlier versions staged
+    if legacy.is_dir():
+        return legacy
     return root.with_name(root.name + ".staging") / f"{cfg.data.task}-{cfg.data.split}"
 
 
@@ -93,7 +96,12 @@ def _prepare_staging(cfg: Config, staging: Path, params: dict) -> None:
     Batches of other settings are deleted (nothing complete depends on them) unless the split's
     sequences stage was written from them: then regenerating would break that stage, so refuse.
     """
-    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the generation staging folder {staging} "
+                        f"({err.strerror}); --generate stages beside the --cache folder, which "
+                        "must be writable there") from None
     path = staging / STAGING_PARAMS
     try:
         stored = json.loads(path.read_text()) if path.is_file() else None

@@ -32,14 +32,16 @@ def reader_of(cfg: Config, split: str | None = None,
                        local_cache=local_cache_of(cfg))
 
 
-def local_cache_of(cfg: Config) -> tuple[str, int] | None:
-    """(folder, bytes) of the local shard cache readers of a remote cache keep, or None."""
+def local_cache_of(cfg: Config, root: str | None = None) -> tuple[str, int] | None:
+    """(folder, bytes) of the local shard cache kept by readers of a remote cache (`root`,
+    default cfg's), or None for a local one or with --local-cache-mb 0."""
     c = cfg.cache
-    if store.is_local(c.cache) or c.local_cache_mb == 0:
+    root = root or c.cache
+    if store.is_local(root) or c.local_cache_mb == 0:
         return None
     folder = c.local_cache_dir or str(
         Path.home() / ".cache" / "adaspec" / "shards"
-        / hashlib.sha256(c.cache.encode()).hexdigest()[:16])
+        / hashlib.sha256(root.encode()).hexdigest()[:16])
     return folder, c.local_cache_mb * 2**20
 
 

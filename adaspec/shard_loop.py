@@ -51,6 +51,7 @@ def run_shards(
     compute_batch: Callable[[int], tuple[dict[str, np.ndarray], int]],
     desc: str,
     disable_bar: bool,
+    before_write: Callable[[], None] = lambda: None,
 ) -> None:
     """Compute and write each shard; writing overlaps the next shard's compute.
 
@@ -91,6 +92,7 @@ def run_shards(
                 bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}")
             if failure:
                 raise failure[0]
+            before_write()  # e.g. the build lease still held
             writes.put((shard, {name: np.concatenate(p) for name, p in parts.items()}))
     finally:
         writes.put(None)

@@ -297,7 +297,7 @@ def _train(cfg: Config, accelerator, run_dir: Path, resume: bool, progress: bool
     owner.enter_context(runs.owned(run_dir, hold=accelerator.is_main_process))
     if accelerator.is_main_process:  # a run killed before its first checkpoint is cleared now
         runs.check_run_dir(run_dir, cfg, resume)
-        if start_step < stop_step:
+        if start_step < run.total_steps:  # trained further: the saved model is not its end
             runs.reopen_run(run_dir)
     accelerator.wait_for_everyone()  # every process has checked the run folder before it is written
     if accelerator.is_main_process:

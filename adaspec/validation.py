@@ -30,8 +30,9 @@ class Validator:
 
     def __init__(self, cfg: Config, run_dir: Path, tokenizer):
         t = cfg.train
-        self.reader = CacheReader(t.eval_cache or cfg.cache.cache, cfg.data.task, t.eval_split,
-                                  require=(schema.TARGET,))
+        root = t.eval_cache or cfg.cache.cache
+        self.reader = CacheReader(root, cfg.data.task, t.eval_split, require=(schema.TARGET,),
+                                  local_cache=provenance.local_cache_of(cfg, root))
         provenance.check_tokenizer(self.reader, tokenizer)
         if t.eval_cache is not None:
             provenance.check_same_target(cfg, self.reader, t.eval_cache)

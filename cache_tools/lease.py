@@ -28,7 +28,6 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 from cache_tools.errors import CacheError
@@ -122,8 +121,10 @@ class S3Objects:
     def create(self, key: str, data: bytes) -> str:
         try:
             self.fs.pipe_file(f"{self.prefix}/{key}", data, mode="create")
-        except FileExistsError:
-            raise Changed(key) from None
+        except OSError as err:  # s3fs: FileExistsError only when the server names the condition
+            if isinstance(err, FileExistsError) or _precondition_failed(err):
+                raise Changed(key) from None
+            raise
         found = self.read(key)
         if found is None:
             raise Changed(key)
@@ -153,8 +154,8 @@ class S3Objects:
         try:
             response = self.fs.call_s3("put_object", Bucket=bucket, Key=path, Body=data,
                                        IfMatch=tag)
-        except (OSError, FileNotFoundError) as err:
-            if _precondition_failed(err):
+        except OSError as err:
+            if isinstance(err, FileNotFoundError) or _precondition_failed(err):
                 raise Changed(key) from None
             raise
         self.fs.invalidate_cache(f"{self.prefix}/{key}")
@@ -185,9 +186,24 @@ def objects_of(location: Location):
 # The lease
 
 
+def _machine() -> dict:
+    """What makes a pid meaningful: the host, its boot and the pid namespace (containers that
+    share a hostname do not share pids)."""
+    def read(path: str, link: bool = False) -> str | None:
+        try:
+            return os.readlink(path) if link else Path(path).read_text().strip()
+        except OSError:
+            return None
+
+    return {"host": socket.gethostname(), "boot_id": read("/proc/sys/kernel/random/boot_id"),
+            "pid_ns": read("/proc/self/ns/pid", link=True)}
+
+
 def _alive_here(holder: dict) -> bool:
-    """False only when the holder is a process on this host that no longer exists."""
-    if holder.get("host") != socket.gethostname():
+    """False only when the holder is a process of this machine's pid namespace (same host,
+    boot and namespace) that no longer exists."""
+    here = _machine()
+    if any(holder.get(k) != here[k] for k in here) or here["pid_ns"] is None:
         return True
     try:
         os.kill(int(holder.get("pid", -1)), 0)
@@ -212,10 +228,10 @@ class Lease:
         self.key = f"{LEASES}/{task}.{split}.rank{rank}/zarr.json"
         self.what = f"{location.url}/{task}/{split}"
         self.seconds = lease_seconds()
-        self.holder = {"host": socket.gethostname(), "pid": os.getpid(),
-                       "token": uuid.uuid4().hex}
+        self.holder = {**_machine(), "pid": os.getpid(), "token": uuid.uuid4().hex}
         self.tag = None
         self.lost: str | None = None
+        self.renewed = 0.0  # when the store last accepted our lease
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._guard = threading.Lock()
@@ -226,12 +242,24 @@ class Lease:
                  "released": released}
         return _group_json({"adaspec_lease": lease})
 
+    def _ours(self) -> bool:
+        """Whether the stored lease is ours (a conditional write whose answer was lost and that
+        the client retried reads as a conflict with itself); adopts its tag if so."""
+        found = self.objects.read(self.key)
+        if found is None or _lease_record(found[0]).get("token") != self.holder["token"]:
+            return False
+        self.tag = found[1]
+        return True
+
     def acquire(self) -> None:
         self._ensure_parent()
+        started = time.time()
         try:
             self.tag = self.objects.create(self.key, self._record())
         except Changed:
-            self._take_over()
+            if not self._ours():
+                self._take_over()
+        self.renewed = started
         self._thread = threading.Thread(target=self._renew_loop, daemon=True,
                                         name="adaspec-lease")
         self._thread.start()
@@ -261,6 +289,8 @@ class Lease:
                 self.tag = self.objects.replace(self.key, self._record(), tag)
                 return
             except Changed:
+                if self._ours():
+                    return
                 continue
         raise CacheError(f"could not take the build lease of {self.what}: other builders keep "
                          "changing it; run one build at a time")
@@ -268,13 +298,27 @@ class Lease:
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.seconds / 4):
             with self._guard:
+                started = time.time()
                 try:
                     self.tag = self.objects.replace(self.key, self._record(), self.tag)
+                    self.renewed = started
                 except Changed:
+                    if self._ours():
+                        self.renewed = started
+                        continue
                     self.lost = "another builder took the lease over"
                     return
                 except Exception:  # noqa: BLE001 - a network error: try at the next renewal
                     continue
+
+    def check(self) -> None:
+        """Refuse to write on once the lease is lost, or unrenewed past its expiry (another
+        builder may hold it now): called before each shard is written and before finishing."""
+        if self.lost is None and time.time() > self.renewed + self.seconds:
+            self.lost = f"not renewed for {self.seconds:.0f} s (the store unreachable?)"
+        if self.lost is not None:
+            raise CacheError(f"the build of {self.what} lost its lease ({self.lost}); stopped "
+                             "before writing more: run it again (written shards stay done)")
 
     def release(self) -> None:
         self._stop.set()
@@ -293,17 +337,3 @@ def _lease_record(data: bytes) -> dict:
     except (ValueError, KeyError, TypeError):
         return {"released": True}  # a damaged lease holds nothing
     return record if isinstance(record, dict) else {"released": True}
-
-
-@contextlib.contextmanager
-def build_lease(location: Location, task: str, split: str, rank: int = 0) -> Iterator[Lease]:
-    """Hold the build lease of `<task>/<split>` for process `rank` while the block runs."""
-    lease = Lease(location, task, split, rank)
-    lease.acquire()
-    try:
-        yield lease
-    finally:
-        lease.release()
-    if lease.lost:
-        raise CacheError(f"the build of {lease.what} lost its lease ({lease.lost}); its shards "
-                         "are identical to the other build's: run it again to check")

@@ -5,10 +5,10 @@ object store (as MosaicML Streaming and WebDataset keep recently used shards loc
 fetched whole, once, into a local folder, and every byte range Zarr asks of it (a shard's index,
 its chunks) is served from that file; metadata (`zarr.json`) and listings go to the store, so a
 reader always sees the current manifest. When the folder holds more than `max_bytes`, the least
-recently used files are dropped. Files are written whole (temporary name, then rename), so a
-killed reader leaves no partial file; files are keyed by the remote object's path and size, and
-a shard is never rewritten in place by a build (a rebuild writes a stage anew under the same
-keys only after its `_done` markers are cleared: readers refuse an incomplete stage).
+recently used files are dropped. Files are written whole (temporary name, then rename; leftovers
+of a killed reader are removed on open), and named by the store's URL, the object's key and its
+version (the ETag, else size and modification time, asked once per object and process), so two
+caches can share a folder and a rebuilt stage is fetched anew.
 
 Reading ahead is the stream's (its prefetch thread reads the next batches' blocks, and Zarr
 fetches a block's shards concurrently). `stats` counts requests served from local files (hits),
@@ -29,6 +29,8 @@ from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Suf
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.storage import WrapperStore
 
+from cache_tools.errors import CacheError
+
 
 def is_chunk_key(key: str) -> bool:
     return "/c/" in f"/{key}"
@@ -42,7 +44,7 @@ def _slice(data: bytes, byte_range: ByteRequest | None) -> bytes:
     if isinstance(byte_range, OffsetByteRequest):
         return data[byte_range.offset:]
     if isinstance(byte_range, SuffixByteRequest):
-        return data[len(data) - byte_range.suffix:] if byte_range.suffix else b""
+        return data[-byte_range.suffix:] if byte_range.suffix else b""
     raise TypeError(f"unknown byte request {byte_range!r}")
 
 
@@ -52,7 +54,16 @@ class LocalShardCache(WrapperStore):
     def __init__(self, store, folder: str | Path, max_bytes: int):
         super().__init__(store)
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CacheError(f"cannot create the local shard cache {self.folder} "
+                             f"({err.strerror}); set --local-cache-dir, or --local-cache-mb 0"
+                             ) from None
+        for leftover in self.folder.glob(".*.shard.*"):  # a reader killed mid-download
+            leftover.unlink(missing_ok=True)
+        self.url = f"{getattr(store.fs, 'protocol', ('?',))[0]}://{store.path}"
+        self._versions: dict[str, str] = {}
         self.max_bytes = int(max_bytes)
         self.stats = {"hits": 0, "misses": 0, "bytes_fetched": 0, "evicted": 0}
         self._lock = threading.Lock()
@@ -64,8 +75,19 @@ class LocalShardCache(WrapperStore):
     def _with_store(self, store):
         return type(self)(store, self.folder, self.max_bytes)
 
-    def _name(self, key: str) -> str:
-        return hashlib.sha256(key.encode()).hexdigest()[:32] + ".shard"
+    async def _name(self, key: str) -> str | None:
+        """The local file name of the object's current version; None if the object is absent."""
+        version = self._versions.get(key)
+        if version is None:
+            try:
+                info = await self._store.fs._info(f"{self._store.path}/{key}")
+            except FileNotFoundError:
+                return None
+            version = str(info.get("ETag") or (info.get("size"), info.get("LastModified"),
+                                                info.get("mtime")))
+            self._versions[key] = version
+        blob = f"{self.url}\n{key}\n{version}".encode()
+        return hashlib.sha256(blob).hexdigest()[:32] + ".shard"
 
     def _touch(self, name: str, size: int) -> None:
         with self._lock:
@@ -83,7 +105,9 @@ class LocalShardCache(WrapperStore):
 
     async def _whole(self, key: str) -> bytes | None:
         """The object's bytes, from the local file or fetched into it."""
-        name = self._name(key)
+        name = await self._name(key)
+        if name is None:
+            return None
         path = self.folder / name
         try:
             data = path.read_bytes()

@@ -19,12 +19,12 @@ import zarr
 
 from cache_tools import schema
 from cache_tools.errors import CacheError
-from cache_tools.lease import build_lease
+from cache_tools.lease import LEASES, Lease
 from cache_tools.location import location_of
 
-# Generation staging (`.generate-*`, local --generate builds) sits beside the groups, and caches
-# built before the lease (`lease.py`) may still hold `.build-*.lock` files; Zarr warns about
-# such entries when it walks the root. Nothing else of ours is a stray file.
+# Caches built by earlier versions may hold `.generate-*` staging folders and `.build-*.lock`
+# files beside their groups (staging now lives beside the cache folder, the lock is a lease
+# group); Zarr warns about such entries when it walks the root. Nothing else of ours is stray.
 warnings.filterwarnings("ignore", message=r"Object at \.(generate-|build-).* is not recognized "
                         "as a component of a Zarr hierarchy", category=UserWarning)
 
@@ -42,7 +42,7 @@ def local_path(root: str) -> Path:
     return Path(str(root).removeprefix("file://"))
 
 
-OWN_HIDDEN = (".generate-",)  # generation staging beside the groups (local builds only)
+OWN_HIDDEN = (".generate-", ".build-")  # what earlier versions left beside the groups
 
 
 def check_local_root(root: str) -> None:
@@ -74,8 +74,9 @@ def open_root(root: str, mode: str = "a", local_cache: tuple[str, int] | None = 
         check_local_root(root)
     if is_local(root):  # zarr's size queries resolve a relative store path against nothing
         root = str(local_path(root).resolve())
+    store = _store_of(root, mode, local_cache)
     try:
-        group = zarr.open_group(_store_of(root, mode, local_cache), mode=mode, zarr_format=3)
+        group = zarr.open_group(store, mode=mode, zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
         if not is_local(root) and mode != "r":
             raise unreachable(root, err) from None
@@ -84,13 +85,15 @@ def open_root(root: str, mode: str = "a", local_cache: tuple[str, int] | None = 
         reason = (str(err).splitlines() or [""])[0][:100]
         raise CacheError(f"{root} is not a Zarr v3 logit cache, or its zarr.json is damaged "
                          f"({type(err).__name__}: {reason})") from None
+    except ImportError as err:
+        raise missing_client(root, err) from None
     except Exception as err:  # an object store's client: connection, bucket, credentials
         if is_local(root):
             raise
         raise unreachable(root, err) from None
     attrs = dict(group.attrs)
     if not attrs and mode != "r":
-        if len(list(group.keys())) > 0:
+        if set(group.keys()) - {LEASES}:  # another build's process may have leased already
             raise CacheError(f"{root} holds a Zarr group that is not a logit cache")
         group.attrs.update({"format": schema.FORMAT_NAME, "format_version": schema.FORMAT_VERSION})
     elif attrs.get("format") != schema.FORMAT_NAME:
@@ -113,7 +116,16 @@ def _store_of(root: str, mode: str, local_cache: tuple[str, int] | None):
     from cache_tools.shard_cache import LocalShardCache
 
     folder, max_bytes = local_cache
-    return LocalShardCache(FsspecStore.from_url(root, read_only=True), folder, max_bytes)
+    try:
+        remote = FsspecStore.from_url(root, read_only=True)
+    except ImportError as err:
+        raise missing_client(root, err) from None
+    return LocalShardCache(remote, folder, max_bytes)
+
+
+def missing_client(root: str, err: ImportError) -> CacheError:
+    return CacheError(f"{root} needs the store's fsspec client ({err.name or err}): for s3:// "
+                      "install it with `pip install -e '.[s3]'` (s3fs)")
 
 
 def unreachable(root: str, err: BaseException) -> CacheError:
@@ -159,18 +171,23 @@ def check_params(where: str, stored: dict, asked: dict, fix: str) -> None:
 
 
 @contextlib.contextmanager
-def build_lock(root: str, task: str, split: str, rank: int = 0) -> Iterator[None]:
+def build_lock(root: str, task: str, split: str, rank: int = 0) -> Iterator[Lease]:
     """Refuse a second build into the same `<task>/<split>` while one runs, on a local folder
     or an object store: each process of a build holds a lease object in the store (`lease.py`);
-    a lease whose holder died (on this host) or stopped renewing it is taken over."""
+    a lease whose holder died (on this machine) or stopped renewing it is taken over. Yields
+    the lease: call its `check()` before writing (it raises once the lease is lost)."""
     location = location_of(root)
     try:
         open_root(root, "a")  # a foreign folder is refused untouched; the lease sits in a cache
-        with build_lease(location, task, split, rank):
-            yield
+        held = Lease(location, task, split, rank)
+        held.acquire()
     except OSError as err:
         raise CacheError(f"cannot write the cache {root} ({err.strerror or err}); a build needs "
                          "a writable --cache") from None
+    try:
+        yield held
+    finally:
+        held.release()
 
 
 # ---------------------------------------------------------------------------------------------

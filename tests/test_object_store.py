@@ -376,3 +376,40 @@ def test_a_connection_dropped_mid_read_is_retried(built, s3):
         proxy.close()
     assert proxy.dropped, "the proxy dropped no connection: the test tested nothing"
     assert digests[0] == digests[1]
+
+
+def test_a_lease_lost_or_unrenewed_stops_the_writer(tmp_path, monkeypatch):
+    root = str(tmp_path / "cache")
+    with store.build_lock(root, "toy", "train") as held:
+        held.check()  # held and renewed: writing goes on
+        held.renewed -= 2 * held.seconds  # renewals failed past the expiry
+        with pytest.raises(CacheError, match="lost its lease .*not renewed"):
+            held.check()
+    # A create whose answer was lost and retried conflicts with itself: still ours.
+    objects = lease.LocalObjects(tmp_path / "cache")
+    real = lease.LocalObjects.create
+
+    def answer_lost(self, key, data):
+        real(self, key, data)
+        raise lease.Changed(key)
+
+    monkeypatch.setattr(lease.LocalObjects, "create", answer_lost)
+    with store.build_lock(root, "toy", "other") as held:
+        record = json.loads(objects.read(held.key)[0])["attributes"]["adaspec_lease"]
+        assert record["token"] == held.holder["token"]
+
+
+def test_two_remote_caches_share_a_local_shard_folder_without_mixing(built, tiny_model_dir,
+                                                                     tmp_path):
+    _, first = built
+    second = f"s3://{BUCKET}/other"  # the same keys, other arrays (top-4, not top-8)
+    build_cache(cache_build_config(second, tiny_model_dir, topk=4))
+    shared = (str(tmp_path / "shards"), 10 * 2**20)
+    for root in (first, second, first):
+        through = store.CacheReader(root, "gsm8k", "train", local_cache=shared)
+        direct = store.CacheReader(root, "gsm8k", "train")
+        a = through.target_rows(0, through.n_label_rows)
+        b = direct.target_rows(0, direct.n_label_rows)
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
