@@ -287,6 +287,36 @@ def start(args: argparse.Namespace) -> dict:
     return machine_info()
 
 
+@contextlib.contextmanager
+def local_s3_server(bucket: str) -> Iterator[dict]:
+    """A local S3 server (moto's standalone server on 127.0.0.1) with `bucket` made, and the
+    AWS environment pointing every client at it while the block runs (restored after); yields
+    that environment (for subprocesses). Shared by bench/stream.py and the object-store tests."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        boto3.client("s3").create_bucket(Bucket=bucket)
+        yield env
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def format_table(header: list[str], rows: list[list]) -> str:
     """A plain-text table; numbers with 4 significant digits, the first column left-aligned."""
     cells = [header] + [[c if isinstance(c, str) else f"{c:,.4g}" for c in r] for r in rows]

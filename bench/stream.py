@@ -106,22 +106,9 @@ def stream_rate(root: str, task: str, split: str, batch_size: int, batches: int,
 def object_store_rates(root: str, task: str, split: str, args, local_warm: float) -> dict:
     """The stream from a copy of `root` in a local S3 server's bucket: cold and warm local
     shard cache, and no local cache; with the local warm rate measured beside it."""
-    import logging
-
-    import boto3
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                            "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://{host}:{port}")
-    try:
-        boto3.client("s3").create_bucket(Bucket="adaspec-bench")
+    with harness.local_s3_server("adaspec-bench"):
         s3fs.S3FileSystem(skip_instance_cache=True).put(root, "adaspec-bench/cache",
                                                         recursive=True)
         remote = "s3://adaspec-bench/cache"
@@ -132,13 +119,6 @@ def object_store_rates(root: str, task: str, split: str, args, local_warm: float
             cold = stream_rate(remote, task, split, args.batch_size, n, local_cache=local_cache)
             warm = stream_rate(remote, task, split, args.batch_size, n, local_cache=local_cache)
         direct = stream_rate(remote, task, split, args.batch_size, n)
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return {"server": "moto (local, 127.0.0.1)", "local_cache_mb": args.local_cache_mb,
             "cold": cold, "warm": warm, "no_local_cache": direct,
             "local_warm_rows_per_s": local_warm,

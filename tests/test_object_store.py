@@ -5,7 +5,6 @@ client through the usual AWS environment variables."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -29,26 +28,11 @@ BUCKET = "adaspec-test"
 
 @pytest.fixture(scope="module")
 def s3():
-    """The S3 endpoint of a local moto server, with the environment that points clients at it."""
-    moto_server = pytest.importorskip("moto.server")  # a test dependency: .ci/run installs it
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
+    """The AWS environment of a local S3 server (moto's) holding the test bucket."""
+    from bench import harness  # moto is a test dependency (.ci/run installs it): no skipping
 
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    yield env
-    server.stop()
-    for key, value in before.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with harness.local_s3_server(BUCKET) as env:
+        yield env
 
 
 def _arrays(root: str) -> dict[str, np.ndarray]:
