@@ -19,7 +19,7 @@ target, its first 2 layers as the draft):
      E/k epochs at batch b/k, the same optimizer steps as R);
    - C: plain KD (k = 1) at batch b/k for E/k epochs: the same sequences and steps as A.
    For seed 0 also A and C with `--online` (dense target and reference): the sparse cache must
-   not be what decides the sign.
+   not be what decides the sign. They run after every seed's R, A and C (the verdict first).
 4. Endpoints on the test split's target continuations (teacher-forced, exact with the target):
    greedy agreement and expected acceptance; and real greedy speculative decoding (gamma 4)
    on the test prompts: mean accepted length. Per seed values, the seed-level mean with a
@@ -173,15 +173,18 @@ def ensure_caches(args, cfg: Config, folder: Path) -> None:
                     "target", progress=p)
 
 
-def run_seed(args, work: Path, tuned: str, seed: int) -> dict:
-    """Caches, arms and test endpoints of one seed (cached in seed-S/eval.json)."""
+def run_seed(args, work: Path, tuned: str, seed: int, dense: bool = False) -> dict:
+    """Caches, arms (R, A, C; with `dense` also the --online pair) and test endpoints of one
+    seed (cached in seed-S/eval.json)."""
     folder = work / f"seed-{seed}"
     done = folder / "eval.json"
-    if done.is_file() and json.loads(done.read_text()).get("epochs") == args.epochs:
-        return json.loads(done.read_text())  # (a seed of a shorter study is extended instead)
+    arms = list(ARMS) + (list(DENSE) if dense else [])
+    if done.is_file():
+        stored = json.loads(done.read_text())
+        if stored.get("epochs") == args.epochs and set(arms) <= set(stored["arms"]):
+            return stored  # (a seed of a shorter study is extended instead)
     cfg = base_config(args, seed, tuned, folder)
     ensure_caches(args, cfg, folder)
-    arms = list(ARMS) + (list(DENSE) if seed == args.dense_seed else [])
     ref = ensure_run(arm_config(args, cfg, "R", folder / "R", None), args.progress)
     identity = models.model_identity(str(runs.model_dir(ref)))
     ref_cfg = dataclasses.replace(cfg, models=dataclasses.replace(
@@ -447,19 +450,24 @@ def main(argv: list[str] | None = None) -> int:
         quality_path = work / "quality.json"
         payload["quality"] = json.loads(quality_path.read_text()) if quality_path.is_file() \
             else {}
-        payload["in_progress"] = in_progress(work, [s for s, f in zip(seeds, done, strict=True)
-                                                    if not f.is_file()])
+        unfinished = [s for s, f in zip(seeds, done, strict=True) if not f.is_file()
+                      or (s == args.dense_seed
+                          and not set(DENSE) <= set(json.loads(f.read_text())["arms"]))]
+        payload["in_progress"] = in_progress(work, unfinished)
         report(args, payload, finished)
         return 0
     tuned = ensure_target(args, work)
     payload["quality"] = target_quality(args, work, tuned) if args.sft_epochs else {}
     payload["in_progress"] = in_progress(work, seeds)
     report(args, payload, [])  # the tuned target's quality, before any seed
-    finished = []
-    for i, seed in enumerate(seeds):
-        finished.append(run_seed(args, work, tuned, seed))
+    finished: dict[int, dict] = {}
+    for i, seed in enumerate(seeds):  # every seed's R, A and C: the verdict first
+        finished[seed] = run_seed(args, work, tuned, seed)
         payload["in_progress"] = in_progress(work, seeds[i + 1:])
-        report(args, payload, finished)  # partial results after every seed
+        report(args, payload, list(finished.values()))  # partial results after every seed
+    if args.dense_seed in seeds:  # then the --online pair of one seed
+        finished[args.dense_seed] = run_seed(args, work, tuned, args.dense_seed, dense=True)
+        report(args, payload, list(finished.values()))
     return 0
 
 

@@ -78,3 +78,18 @@ def test_a_longer_study_extends_finished_runs(tiny_model_dir, tmp_path):
     assert runs.read_config(seed / "A")["reference"]["weight_hash"] == r_hash
     result = json.loads((work / "s.json").read_text())
     assert result["seeds"][0]["runs"]["R"]["schedule"]["epochs"] == 2.0
+
+
+def test_the_dense_pair_runs_after_every_seeds_main_arms(tiny_model_dir, tmp_path):
+    """The verdict (R, A, C of every seed) comes first; the --online pair of one seed last."""
+    work = tmp_path / "study"
+    args = _args(str(tiny_model_dir), work, "0,1")
+    args[args.index("--dense-seed") + 1] = "0"
+    assert converged_study.main(args) == 0
+    started = {(seed, arm): (work / f"seed-{seed}" / arm / "config.yaml").stat().st_mtime_ns
+               for seed in (0, 1) for arm in ("R", "A", "C")}
+    dense = (work / "seed-0" / "A-dense" / "config.yaml").stat().st_mtime_ns
+    assert dense > max(started.values())
+    result = json.loads((work / "s.json").read_text())
+    assert result["seeds"][0]["arms"] == ["R", "A", "C", "A-dense", "C-dense"]
+    assert "A-dense - C-dense" in result["summary"]["comparisons"]
