@@ -112,7 +112,7 @@ def read_config(run_dir: Path | None) -> dict:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint whose progress file was written (an unfinished save is ignored)."""
-    done = sorted((run_dir / CHECKPOINTS_DIR).glob(f"step-*/{PROGRESS_FILE}"))
+    done = sorted(checkpoints_dir(run_dir).glob(f"step-*/{PROGRESS_FILE}"))
     return done[-1].parent if done else None
 
 
@@ -180,7 +180,7 @@ def discard_run(run_dir: Path) -> None:
     check_owner(run_dir)
     for folder in (CHECKPOINTS_DIR, BEST_DIR, LOGS_DIR, MODEL_DIR):
         shutil.rmtree(run_dir / folder, ignore_errors=True)
-    (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    metrics_path(run_dir).unlink(missing_ok=True)
     (run_dir / CONFIG_FILE).unlink(missing_ok=True)
 
 
@@ -235,7 +235,7 @@ def start_run_dir(run_dir: Path, cfg: Config, start_step: int,
         saved["reference"] = reference
     (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
     kept = [record for record in read_metrics(run_dir) if record["step"] <= start_step]
-    (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    metrics_path(run_dir).write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_schedule(run_dir: Path) -> dict:
@@ -284,14 +284,14 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, progress: dict, windo
     The progress file is written last, by the main process after every process has saved, so a
     checkpoint without it is incomplete and ignored.
     """
-    path = run_dir / CHECKPOINTS_DIR / f"step-{step:08d}"
+    path = checkpoints_dir(run_dir) / f"step-{step:08d}"
     # Not safetensors: tied embeddings share storage, which safetensors refuses.
     accelerator.save_state(str(path), safe_serialization=False)
     torch.save(list(window), path / f"window_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (path / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
-        for old in (run_dir / CHECKPOINTS_DIR).glob("step-*"):
+        for old in checkpoints_dir(run_dir).glob("step-*"):
             if old != path:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
