@@ -36,10 +36,11 @@ validation curve flat at its end (plateau: < 0.5 pt gain over its last quarter o
         --work /tmp/cs --out /tmp/cs/s.json --doc /tmp/cs/s.md          # smoke (tiny model)
 
 Work goes to --work; every step is skipped when its output exists and a killed run resumes
-from its last checkpoint, so a re-run continues where the study stopped (across sessions if
-the work folder survives). A larger --epochs extends finished runs (see `ensure_run`). Results
-are written after every seed; `--report-only` re-makes the table and plots from the work
-folder.
+from its last checkpoint, so a re-run continues where the study stopped. A larger --epochs
+extends finished runs (see `ensure_run`). Results are written after every seed; the results
+JSON (--out) also carries the study across sessions whose work folder is gone: its finished
+seeds are reused (`earlier_results`). `--report-only` re-makes the table and plots from the
+work folder and the results JSON.
 """
 
 from __future__ import annotations
@@ -173,16 +174,23 @@ def ensure_caches(args, cfg: Config, folder: Path) -> None:
                     "target", progress=p)
 
 
-def run_seed(args, work: Path, tuned: str, seed: int, dense: bool = False) -> dict:
+def run_seed(args, work: Path, tuned: str, seed: int, dense: bool = False,
+             restored: dict | None = None) -> dict:
     """Caches, arms (R, A, C; with `dense` also the --online pair) and test endpoints of one
-    seed (cached in seed-S/eval.json)."""
+    seed (cached in seed-S/eval.json). `restored`: the seed's record from the results JSON of
+    an earlier session whose work folder is gone; its arms are not trained again, only the
+    missing ones (with R again where one needs it as reference) are trained, evaluated and
+    added to it."""
     folder = work / f"seed-{seed}"
     done = folder / "eval.json"
     arms = list(ARMS) + (list(DENSE) if dense else [])
-    if done.is_file():
-        stored = json.loads(done.read_text())
-        if stored.get("epochs") == args.epochs and set(arms) <= set(stored["arms"]):
-            return stored  # (a seed of a shorter study is extended instead)
+    stored = json.loads(done.read_text()) if done.is_file() else None
+    if stored is not None and stored.get("epochs") != args.epochs:
+        stored = None  # a seed of a shorter study: its runs are extended
+    stored = stored or restored
+    if stored is not None and set(arms) <= set(stored["arms"]):
+        return stored
+    new = [arm for arm in arms if stored is None or arm not in stored["arms"]]
     cfg = base_config(args, seed, tuned, folder)
     ensure_caches(args, cfg, folder)
     ref = ensure_run(arm_config(args, cfg, "R", folder / "R", None), args.progress)
@@ -194,18 +202,24 @@ def run_seed(args, work: Path, tuned: str, seed: int, dense: bool = False) -> di
     stale = stage is not None and (stage.params.get("model") or {}).get("weight_hash") != \
         identity["weight_hash"]  # R was extended: its losses are rebuilt
     build_stage(ref_cfg, "ref", progress=args.progress, rebuild=stale)
-    for arm in arms[1:]:
-        uses_ref = arm.startswith("A")
-        ensure_run(arm_config(args, cfg, arm, folder / arm, ref), args.progress,
-                   identity if uses_ref else None)
+    for arm in new:
+        if arm != "R":
+            ensure_run(arm_config(args, cfg, arm, folder / arm, ref), args.progress,
+                       identity if arm.startswith("A") else None)
     test = split_config(cfg, "test", args.test_rows, **EVAL_CACHE)
-    drafts = [args.draft] + [str(folder / arm / "best") for arm in arms]
+    drafts = ([args.draft] if stored is None else []) + [str(folder / a / "best") for a in new]
     teacher_forced = evaluate(test, drafts, ("exact",), progress=args.progress,
                               continuations_cache=str(folder / "continuations"), per_token=True)
     decoding = evaluate(test, drafts, ("speculative",), progress=args.progress)
-    out = {"seed": seed, "epochs": args.epochs, "arms": arms, "drafts": drafts,
-           "teacher_forced": teacher_forced,
-           "decoding": decoding, "runs": {arm: run_record(folder / arm) for arm in arms}}
+    if stored is None:
+        stored = {"seed": seed, "epochs": args.epochs, "arms": [], "drafts": [],
+                  "teacher_forced": [], "decoding": [], "runs": {}, "differences": {}}
+    out = {**stored, "arms": stored["arms"] + new, "drafts": stored["drafts"] + drafts,
+           "teacher_forced": stored["teacher_forced"] + teacher_forced,
+           "decoding": stored["decoding"] + decoding,
+           "runs": {**stored["runs"], **{arm: run_record(folder / arm) for arm in new}}}
+    out["differences"] = {**stored.get("differences", {}), **differences(out, new)}
+    done.parent.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(out))
     return out
 
@@ -238,13 +252,26 @@ def endpoints(seed: dict, index: int) -> dict:
                 "expected_acceptance"]}
 
 
-def seed_difference(seed: dict, a: str, b: str, measure: str) -> tuple[float, float]:
-    """a - b on one seed's test continuations, with its standard error clustered by sequence
-    (holds the two trained models fixed)."""
-    ia, ib = 1 + seed["arms"].index(a), 1 + seed["arms"].index(b)
-    ta = seed["teacher_forced"][ia]["exact_continuations"]["per_token"]
-    tb = seed["teacher_forced"][ib]["exact_continuations"]["per_token"]
-    return clustered_difference([ta[measure]], [tb[measure]], ta["sequence_lengths"])
+COMPARISONS = (("A", "C"), ("A", "R"), ("C", "R"), ("A-dense", "C-dense"))
+MEASURES = ("greedy_agreement", "expected_acceptance")
+
+
+def differences(seed: dict, arms: list[str]) -> dict:
+    """a - b per measure on one seed's test continuations, with its standard error clustered
+    by sequence (holds the two trained models fixed), for the comparisons whose two arms are
+    both in `arms` (evaluated together, with per-token values). Stored in the seed's record,
+    so a seed restored without its per-token values still counts."""
+    out = {}
+    for a, b in COMPARISONS:
+        if a not in arms or b not in arms:
+            continue
+        ia, ib = 1 + seed["arms"].index(a), 1 + seed["arms"].index(b)
+        ta = seed["teacher_forced"][ia]["exact_continuations"]["per_token"]
+        tb = seed["teacher_forced"][ib]["exact_continuations"]["per_token"]
+        out[f"{a} - {b}"] = {m: list(clustered_difference([ta[m]], [tb[m]],
+                                                          ta["sequence_lengths"]))
+                             for m in MEASURES}
+    return out
 
 
 def summarize(seeds: list[dict]) -> dict:
@@ -255,13 +282,13 @@ def summarize(seeds: list[dict]) -> dict:
         if rows:
             per_arm[arm] = rows
     comparisons = {}
-    for a, b in (("A", "C"), ("A", "R"), ("C", "R"), ("A-dense", "C-dense")):
-        both = [s for s in seeds if a in s["arms"] and b in s["arms"]]
+    for a, b in COMPARISONS:
+        both = [s for s in seeds if f"{a} - {b}" in s["differences"]]
         if not both:
             continue
         row = {}
-        for measure in ("greedy_agreement", "expected_acceptance"):
-            diffs = [seed_difference(s, a, b, measure) for s in both]
+        for measure in MEASURES:
+            diffs = [s["differences"][f"{a} - {b}"][measure] for s in both]
             values = [d for d, _ in diffs]
             row[measure] = {"per_seed": values, "per_seed_clustered_se": [se for _, se in diffs],
                             "pooled_clustered_se": math.sqrt(sum(se ** 2 for _, se in diffs))
@@ -443,32 +470,82 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     machine = harness.start(args)
     seeds = [int(s) for s in args.seeds.split(",")]
+    earlier = earlier_results(args)
+    restored = {s["seed"]: s for s in earlier.get("seeds", []) if s["seed"] in seeds}
     payload = {"benchmark": "converged_study", "machine": machine, "settings": vars(args)}
     if args.report_only:
-        done = [work / f"seed-{s}" / "eval.json" for s in seeds]
-        finished = [json.loads(f.read_text()) for f in done if f.is_file()]
+        done = {s: work / f"seed-{s}" / "eval.json" for s in seeds}
+        records = {s: json.loads(f.read_text()) if f.is_file() else restored.get(s)
+                   for s, f in done.items()}
+        finished = [r for r in records.values() if r is not None]
         quality_path = work / "quality.json"
         payload["quality"] = json.loads(quality_path.read_text()) if quality_path.is_file() \
-            else {}
-        unfinished = [s for s, f in zip(seeds, done, strict=True) if not f.is_file()
-                      or (s == args.dense_seed
-                          and not set(DENSE) <= set(json.loads(f.read_text())["arms"]))]
-        payload["in_progress"] = in_progress(work, unfinished)
+            else earlier.get("quality", {})
+        payload["tuned_target"] = earlier.get("tuned_target")
+        payload["in_progress"] = in_progress(work, unfinished(args, records))
         report(args, payload, finished)
         return 0
     tuned = ensure_target(args, work)
+    payload["tuned_target"] = models.model_identity(tuned)["weight_hash"]
+    if restored and earlier.get("tuned_target") not in (None, payload["tuned_target"]):
+        raise SystemExit(f"{args.out}: its seeds were distilled from another tuned target "
+                         f"(weight hash {earlier['tuned_target'][:12]}, this one "
+                         f"{payload['tuned_target'][:12]}); give another --out to start over")
     payload["quality"] = target_quality(args, work, tuned) if args.sft_epochs else {}
-    payload["in_progress"] = in_progress(work, seeds)
-    report(args, payload, [])  # the tuned target's quality, before any seed
-    finished: dict[int, dict] = {}
-    for i, seed in enumerate(seeds):  # every seed's R, A and C: the verdict first
-        finished[seed] = run_seed(args, work, tuned, seed)
-        payload["in_progress"] = in_progress(work, seeds[i + 1:])
-        report(args, payload, list(finished.values()))  # partial results after every seed
+    finished: dict[int, dict] = {s: restored[s] for s in seeds if s in restored}
+
+    def write() -> None:  # partial results: the finished seeds, the others as they stand
+        payload["in_progress"] = in_progress(work, unfinished(args, finished))
+        report(args, payload, [finished[s] for s in seeds if s in finished])
+
+    write()  # the tuned target's quality, before a seed
+    for seed in seeds:  # every seed's R, A and C: the verdict first
+        finished[seed] = run_seed(args, work, tuned, seed, restored=restored.get(seed))
+        write()
     if args.dense_seed in seeds:  # then the --online pair of one seed
-        finished[args.dense_seed] = run_seed(args, work, tuned, args.dense_seed, dense=True)
-        report(args, payload, list(finished.values()))
+        finished[args.dense_seed] = run_seed(args, work, tuned, args.dense_seed, dense=True,
+                                             restored=finished[args.dense_seed])
+        write()
     return 0
+
+
+def unfinished(args, records: dict) -> list[int]:
+    """The seeds without a record, and the dense seed while its --online pair is missing."""
+    return [s for s in (int(x) for x in args.seeds.split(","))
+            if records.get(s) is None
+            or (s == args.dense_seed and not set(DENSE) <= set(records[s]["arms"]))]
+
+
+# Settings that do not change what a seed measures: a seed finished under other values of these
+# is reused from the results JSON.
+NOT_PROTOCOL = ("out", "threads", "progress", "seeds", "dense_seed", "work", "doc", "report_only")
+
+
+def earlier_results(args) -> dict:
+    """The results JSON (--out) an earlier session wrote, when it was made by this study under
+    the same protocol: its finished seeds are reused even where the work folder is gone (a new
+    machine), so the study runs across sessions. Other settings: nothing is reused (said)."""
+    path = Path(args.out)
+    if not path.is_file():
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SystemExit(f"{path}: not a readable results file ({e}); give another --out") \
+            from None
+    if not isinstance(earlier, dict) or earlier.get("benchmark") != "converged_study":
+        raise SystemExit(f"{path}: not this study's results file; give another --out")
+    ours = {k: v for k, v in vars(args).items() if k not in NOT_PROTOCOL}
+    theirs = {k: v for k, v in earlier.get("settings", {}).items() if k not in NOT_PROTOCOL}
+    if ours != theirs:
+        changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        print(f"{path}: its seeds ran with other settings ({', '.join(changed)}); none reused")
+        return {}
+    for seed in earlier.get("seeds", []):
+        if "differences" not in seed:
+            raise SystemExit(f"{path}: seed {seed.get('seed')} has no stored differences "
+                             "(written before they were); give another --out")
+    return earlier
 
 
 def in_progress(work: Path, seeds: list[int]) -> dict:

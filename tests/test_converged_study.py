@@ -39,9 +39,11 @@ def test_killed_study_resumes_and_reuses_finished_runs(tiny_model_dir, tmp_path)
         work / "target" / "model" / "model.safetensors", seed / "R" / "model" / "model.safetensors",
         seed / "A" / "model" / "model.safetensors")}
     # Kill: C lost its model (as if killed after a checkpoint), the seed its evaluation, and a
-    # second seed's R was killed before its first checkpoint (config.yaml only).
+    # second seed's R was killed before its first checkpoint (config.yaml only); the results
+    # JSON was last written before the seed ended.
     shutil.rmtree(seed / "C" / "model")
     (seed / "eval.json").unlink()
+    (work / "s.json").unlink()
     # between sessions: --report-only shows the unfinished seed's arms as they stand
     assert converged_study.main([*_args(str(tiny_model_dir), work), "--report-only"]) == 0
     standing = json.loads((work / "s.json").read_text())["in_progress"]["0"]
@@ -93,3 +95,48 @@ def test_the_dense_pair_runs_after_every_seeds_main_arms(tiny_model_dir, tmp_pat
     result = json.loads((work / "s.json").read_text())
     assert result["seeds"][0]["arms"] == ["R", "A", "C", "A-dense", "C-dense"]
     assert "A-dense - C-dense" in result["summary"]["comparisons"]
+
+
+def test_a_study_continues_from_its_results_when_the_work_folder_is_gone(tiny_model_dir,
+                                                                         tmp_path, capsys):
+    """A new machine: the work folder is gone, the results JSON (committed) is not. Its finished
+    seeds are reused, not trained again; the dense pair of a restored seed trains R (its
+    reference) and the pair only; other settings reuse nothing; another tuned target refuses."""
+    work, out = tmp_path / "study", tmp_path / "results.json"
+
+    def args(seeds: str, dense: int = -1) -> list[str]:
+        a = _args(str(tiny_model_dir), work, seeds)
+        a[a.index("--out") + 1] = str(out)
+        a[a.index("--dense-seed") + 1] = str(dense)
+        return a
+
+    assert converged_study.main(args("0")) == 0
+    first = json.loads(out.read_text())
+    assert first["tuned_target"]
+    shutil.rmtree(work)
+    assert converged_study.main(args("0,1", dense=0)) == 0
+    assert not (work / "seed-0" / "A").exists() and not (work / "seed-0" / "C").exists()
+    assert (work / "seed-0" / "R").is_dir() and (work / "seed-1" / "A").is_dir()
+    result = json.loads(out.read_text())
+    assert [s["seed"] for s in result["seeds"]] == [0, 1]
+    seed0 = result["seeds"][0]
+    assert seed0["arms"] == ["R", "A", "C", "A-dense", "C-dense"]
+    assert len(seed0["drafts"]) == len(seed0["teacher_forced"]) == len(seed0["decoding"]) == 6
+    assert seed0["differences"]["A - C"] == first["seeds"][0]["differences"]["A - C"]
+    ac = result["summary"]["comparisons"]["A - C"]["greedy_agreement"]["per_seed"]
+    assert ac[0] == first["seeds"][0]["differences"]["A - C"]["greedy_agreement"][0]
+    assert len(ac) == 2 and "A-dense - C-dense" in result["summary"]["comparisons"]
+    # --report-only from the results alone (work folder gone again) keeps every seed
+    shutil.rmtree(work)
+    assert converged_study.main([*args("0,1", dense=0), "--report-only"]) == 0
+    assert json.loads(out.read_text())["summary"] == result["summary"]
+
+    capsys.readouterr()
+    changed = [*args("0"), "--lr", "1e-3", "--report-only"]
+    assert converged_study.main(changed) == 0
+    assert "other settings (lr); none reused" in capsys.readouterr().out
+    assert json.loads(out.read_text())["seeds"] == []
+
+    out.write_text(json.dumps({**result, "tuned_target": "0" * 64}))
+    with pytest.raises(SystemExit, match="another tuned target"):
+        converged_study.main(args("0"))
