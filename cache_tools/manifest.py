@@ -14,18 +14,26 @@ interprets only the few fields it needs to decode rows (see `schema.TARGET_PARAM
 sequences' tokenizer fingerprint. `refs` records trained reference models by name (where they
 are and their weight hash) for the tools that score them.
 
+Beside it, under "manifest_sha256", the SHA-256 of its canonical JSON: the chunks carry
+checksums, and this is the manifest's, so a manifest damaged where it still parses (a garbled
+weight hash, a count) is refused on reading rather than believed.
+
 Only `store.CacheWriter` writes a manifest; everyone else reads it through this class.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from cache_tools import schema
+from cache_tools.errors import CacheError
 
 KEY = "manifest"  # the group attribute holding the manifest
+DIGEST_KEY = "manifest_sha256"  # the group attribute holding its digest
 
 
 @dataclass
@@ -83,7 +91,16 @@ class Manifest:
 
     @classmethod
     def read(cls, group) -> Manifest:
-        return cls.from_json(group.attrs.get(KEY, {}))
+        """The group's manifest (an empty one for a group that has none yet); a CacheError when
+        it does not match its digest."""
+        data, stored = group.attrs.get(KEY), group.attrs.get(DIGEST_KEY)
+        if data is None and stored is None:
+            return cls()
+        if data is None or stored != digest(data):
+            raise CacheError(
+                f"split group {group.path}: its manifest does not match its digest "
+                f"({DIGEST_KEY}): the store is damaged (or was edited by hand); rebuild the split")
+        return cls.from_json(data)
 
     def stage(self, name: str) -> Stage | None:
         return self.stages.get(name)
@@ -114,6 +131,14 @@ class Manifest:
                       if name.startswith(prefix) and (stage.complete or not complete_only))
 
 
+def digest(data: dict) -> str:
+    """SHA-256 of a manifest's canonical JSON (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
 def write(group, manifest: Manifest) -> None:
-    """Store the manifest (for `store.CacheWriter` only: it decides what a stage's status is)."""
-    group.attrs.update({KEY: manifest.to_json()})
+    """Store the manifest and its digest (for `store.CacheWriter` only: it decides what a
+    stage's status is)."""
+    data = manifest.to_json()
+    group.attrs.update({KEY: data, DIGEST_KEY: digest(data)})

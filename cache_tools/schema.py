@@ -3,7 +3,8 @@
 Layout of a cache root (a Zarr v3 group; any Zarr v3 reader can open it):
 
     <root>/                         attrs: {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
-      <task>/<split>/               attrs: {"manifest": {...}}  (see `new_manifest`)
+      <task>/<split>/               attrs: {"manifest": {...}, "manifest_sha256": "<hex>"}
+                                    (see `new_manifest`; the digest: `manifest.digest`)
         sequences/                  ragged token sequences, no padding stored
           input_ids     (T,)   uint16|uint32   all sequences concatenated
           label_mask    (T,)   bool            True where the token is a response (label) token

@@ -73,6 +73,36 @@ def test_a_damaged_cache_is_refused_in_one_line(env, tmp_path, capsys, kind, how
             "--no-progress"])
 
 
+@pytest.mark.parametrize("field", ["count", "weight hash"])
+def test_a_manifest_damaged_where_it_still_parses_is_refused(env, tmp_path, capsys, field):
+    """Garbling that leaves valid JSON (a count, a hex digit of a weight hash) is caught by the
+    manifest's digest: not believed by verify, train or eval."""
+    import json
+
+    cache = tmp_path / "cache"
+    shutil.copytree(env.cache, cache)
+    meta = cache / CACHE_FILES["manifest (split group)"]
+    data = json.loads(meta.read_text())
+    stages = data["attributes"]["manifest"]["stages"]
+    if field == "count":
+        stages["sequences"]["counts"]["label_tokens"] += 1
+    else:
+        model = stages["target"]["params"]["model"]
+        model["weight_hash"] = model["weight_hash"][:-1] + \
+            ("0" if model["weight_hash"][-1] != "0" else "1")
+    meta.write_text(json.dumps(data))
+    common = ["--cache", str(cache), "--task", "gsm8k", "--target", str(env.target)]
+    for main, argv in (
+            (cache_cli.main, ["verify", "--cache", str(cache)]),
+            (train_cli.main, [*common, "--draft", f"{env.target}@layers=1", "--k", "1.0",
+                              "--batch-size", "2", "--epochs", "1", "--out",
+                              str(tmp_path / "run"), "--no-progress"]),
+            (eval_cli.main, [*common, "--split", "train", "--draft", str(env.ref_run),
+                             "--modes", "offline", "--no-progress"])):
+        assert "digest" in _one_line_error(capsys, main, argv)
+    assert not (tmp_path / "run" / "model").exists()
+
+
 RUN_FILES = {
     "config": "config.yaml",
     "metrics": "metrics.jsonl",
