@@ -96,6 +96,10 @@ class Manifest:
         data, stored = group.attrs.get(KEY), group.attrs.get(DIGEST_KEY)
         if data is None and stored is None:
             return cls()
+        if stored is None:
+            raise CacheError(
+                f"split group {group.path}: its manifest has no digest ({DIGEST_KEY}): written "
+                "by an adaspec older than the digest, or damaged; rebuild the split")
         if data is None or stored != digest(data):
             raise CacheError(
                 f"split group {group.path}: its manifest does not match its digest "

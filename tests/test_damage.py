@@ -73,7 +73,7 @@ def test_a_damaged_cache_is_refused_in_one_line(env, tmp_path, capsys, kind, how
             "--no-progress"])
 
 
-@pytest.mark.parametrize("field", ["count", "weight hash"])
+@pytest.mark.parametrize("field", ["count", "weight hash", "no digest"])
 def test_a_manifest_damaged_where_it_still_parses_is_refused(env, tmp_path, capsys, field):
     """Garbling that leaves valid JSON (a count, a hex digit of a weight hash) is caught by the
     manifest's digest: not believed by verify, train or eval."""
@@ -86,6 +86,8 @@ def test_a_manifest_damaged_where_it_still_parses_is_refused(env, tmp_path, caps
     stages = data["attributes"]["manifest"]["stages"]
     if field == "count":
         stages["sequences"]["counts"]["label_tokens"] += 1
+    elif field == "no digest":  # or a cache from before manifests had one
+        del data["attributes"]["manifest_sha256"]
     else:
         model = stages["target"]["params"]["model"]
         model["weight_hash"] = model["weight_hash"][:-1] + \
