@@ -322,6 +322,26 @@ def decision(comparisons: dict, plateaus: dict, n_seeds: int) -> dict:
             "complete": n_seeds >= 3}
 
 
+def verdict_sentence(payload: dict) -> str:
+    """The decision in one sentence with its numbers (for this study's doc and the small
+    study's, docs/paper_table.md)."""
+    d = payload["summary"]["decision"]
+    ac = payload["summary"].get("comparisons", {}).get("A - C", {}).get(HEADLINE)
+    if ac is None:
+        return "no seed has finished yet."
+    n = ac["n"]
+    if n >= 2:
+        size = (f"{ac['mean'] * 100:+.2f} pt, 95% t-interval [{ac['low'] * 100:+.2f}, "
+                f"{ac['high'] * 100:+.2f}]")
+    else:
+        size = f"{ac['mean'] * 100:+.2f} pt, one seed"
+    seeds = ", ".join(f"{v * 100:+.2f}" for v in ac["per_seed"])
+    return (f"**{d['outcome']}** after {n} seed(s){'' if d.get('complete') else ' (incomplete)'}"
+            f": AdaSPEC minus the compute-matched control in greedy agreement on the test "
+            f"continuations {size} (per seed {seeds}); the control's validation curve flat at "
+            f"its end in every seed: {'yes' if d['C plateaued in every seed'] else 'no'}.")
+
+
 # ---------------------------------------------------------------------------------------------
 # Report: table, learning curves
 
@@ -424,11 +444,10 @@ def markdown(payload: dict, plot_name: str) -> str:
             lines.append(f"| {name} | {measure} | {per_seed} | {interval} | "
                          f"{'-' if pooled is None else f'{pooled * scale:.2f}'} |")
     d = s["decision"]
-    lines += ["", "## Decision", "", f"**{d['outcome']}** ({d.get('seeds', 0)} seed(s)"
-              f"{'' if d.get('complete') else ', study incomplete'}): "
-              + ", ".join(f"{k}: {v}" for k, v in d.items()
-                          if k not in ("outcome", "seeds", "complete")) + ".", "",
-              f"![learning curves]({plot_name})", ""]
+    lines += ["", "## Decision", "", verdict_sentence(payload), "",
+              "The rule's parts: " + ", ".join(f"{k}: {v}" for k, v in d.items()
+                                               if k not in ("outcome", "seeds", "complete"))
+              + ".", "", f"![learning curves]({plot_name})", ""]
     return "\n".join(lines)
 
 

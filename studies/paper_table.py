@@ -279,6 +279,9 @@ def markdown(payload: dict) -> str:
         "the target's own greedy continuations of the test prompts (what speculative decoding "
         "sees). `best-epoch` models were chosen on the validation split, offline, from the cache.",
         "",
+        f"This is the small regime ({args['train_rows']} training rows, drafts still improving "
+        f"at their last epoch). {converged_verdict()}",
+        "",
     ]
     for task, t in payload["tasks"].items():
         lines += _task_lines(task, t)
@@ -337,6 +340,23 @@ def _task_lines(task: str, t: dict) -> list[str]:
 def _cell(value: float | None, digits: int) -> str:
     """A table cell: "-" where an arm has no such measurement (decoding runs best/ only)."""
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def converged_verdict(path: Path = harness.STUDY_RESULTS / "converged_study.json") -> str:
+    """The decisive study's verdict sentence, from its committed results."""
+    from studies.converged_study import verdict_sentence  # it imports this module
+
+    if not path.is_file():
+        return "The decisive study (docs/converged_study.md) has not run yet."
+    payload = json.loads(path.read_text())
+    a = payload["settings"]
+    steps = [s["runs"]["R"]["schedule"]["optimizer_steps"] for s in payload["seeds"]][:1]
+    return (f"The decisive comparison, on the official schedule with a compute-matched control, "
+            f"a target fine-tuned on the task, {a['train_rows']} {a['task']} training rows, "
+            f"E = {a['epochs']:g} epochs ({steps[0] if steps else '?'} optimizer steps per arm) "
+            "and "
+            f"{len(a['seeds'].split(','))} seeds, is [converged_study.md](converged_study.md): "
+            f"{verdict_sentence(payload)}")
 
 
 def verdict(tasks: dict) -> str:

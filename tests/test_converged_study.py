@@ -140,3 +140,17 @@ def test_a_study_continues_from_its_results_when_the_work_folder_is_gone(tiny_mo
     out.write_text(json.dumps({**result, "tuned_target": "0" * 64}))
     with pytest.raises(SystemExit, match="another tuned target"):
         converged_study.main(args("0"))
+
+
+def test_the_verdict_sentence_states_the_rule_outcome_and_the_interval():
+    from adaspec.statistics import t_interval
+
+    per_seed = [-0.016, -0.010, -0.022]
+    comparisons = {"A - C": {"greedy_agreement": {"per_seed": per_seed, **t_interval(per_seed)}}}
+    summary = {"comparisons": comparisons,
+               "decision": converged_study.decision(comparisons, {"C": [False] * 3}, 3)}
+    text = converged_study.verdict_sentence({"summary": summary})
+    interval = comparisons["A - C"]["greedy_agreement"]
+    assert summary["decision"]["outcome"] == "C beats A" and "**C beats A** after 3" in text
+    assert f"[{interval['low'] * 100:+.2f}, {interval['high'] * 100:+.2f}]" in text
+    assert "(incomplete)" not in text and "-1.60, -1.00, -2.20" in text and text.endswith("no.")
