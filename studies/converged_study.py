@@ -37,15 +37,17 @@ validation curve flat at its end (plateau: < 0.5 pt gain over its last quarter o
 
 Work goes to --work; every step is skipped when its output exists and a killed run resumes
 from its last checkpoint, so a re-run continues where the study stopped. A larger --epochs
-extends finished runs (see `ensure_run`). Results are written after every seed; the results
-JSON (--out) also carries the study across sessions whose work folder is gone: its finished
-seeds are reused (`earlier_results`). `--report-only` re-makes the table and plots from the
-work folder and the results JSON.
+extends finished runs (see `ensure_run`). Results are written after every arm: the results
+JSON (--out) and the per-token values beside it (`tokens_path`) carry the study across
+sessions whose work folder is gone (a new machine): every arm in them is reused
+(`earlier_results`), R trained again only where an A arm needs it as reference (the same R,
+by weight hash). `--report-only` re-makes the table and plots from the results JSON.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import math
 from pathlib import Path
@@ -174,27 +176,54 @@ def ensure_caches(args, cfg: Config, folder: Path) -> None:
                     "target", progress=p)
 
 
-def run_seed(args, work: Path, tuned: str, seed: int, dense: bool = False,
-             restored: dict | None = None) -> dict:
-    """Caches, arms (R, A, C; with `dense` also the --online pair) and test endpoints of one
-    seed (cached in seed-S/eval.json). `restored`: the seed's record from the results JSON of
-    an earlier session whose work folder is gone; its arms are not trained again, only the
-    missing ones (with R again where one needs it as reference) are trained, evaluated and
-    added to it."""
+def run_seed(args, work: Path, tuned: str, seed: int, arms: list[str], record: dict | None,
+             save) -> dict:
+    """Caches, then each of `arms` missing from the seed's `record` (None: nothing yet; the
+    untrained draft is evaluated first) in turn: trained (R first where an A arm selects
+    against it), evaluated on the test split and added to the record, which `save(record,
+    tokens)` stores after every arm, so a session that ends mid-seed keeps its finished arms."""
     folder = work / f"seed-{seed}"
-    done = folder / "eval.json"
-    arms = list(ARMS) + (list(DENSE) if dense else [])
-    stored = json.loads(done.read_text()) if done.is_file() else None
-    if stored is not None and stored.get("epochs") != args.epochs:
-        stored = None  # a seed of a shorter study: its runs are extended
-    stored = stored or restored
-    if stored is not None and set(arms) <= set(stored["arms"]):
-        return stored
-    new = [arm for arm in arms if stored is None or arm not in stored["arms"]]
+    todo = [arm for arm in arms if record is None or arm not in record["arms"]]
+    if record is not None and not todo:
+        return record
     cfg = base_config(args, seed, tuned, folder)
     ensure_caches(args, cfg, folder)
+    test = split_config(cfg, "test", args.test_rows, **EVAL_CACHE)
+    tokens = read_tokens(tokens_path(args, seed))
+    if record is None:
+        record = {"seed": seed, "epochs": args.epochs, "arms": [], "drafts": [],
+                  "teacher_forced": [], "decoding": [], "runs": {}, "differences": {}}
+        add_draft(args, record, test, folder, args.draft)
+        save(record, tokens)
+    for arm in todo:
+        ref = identity = None
+        if arm == "R" or arm.startswith("A"):
+            ref, identity = ensure_reference(args, cfg, folder, record)
+        if arm != "R":
+            ensure_run(arm_config(args, cfg, arm, folder / arm, ref), args.progress,
+                       identity if arm.startswith("A") else None)
+        tokens[arm] = add_draft(args, record, test, folder, str(folder / arm / "best"))
+        record["arms"].append(arm)
+        record["runs"][arm] = run_record(folder / arm)
+        if arm == "R":
+            record["runs"]["R"]["reference_hash"] = identity["weight_hash"]
+        record["differences"].update(differences(tokens, arm))
+        save(record, tokens)
+    return record
+
+
+def ensure_reference(args, cfg: Config, folder: Path, record: dict) -> tuple[Path, dict]:
+    """R trained (again, in a session whose work folder is gone: the training is
+    deterministic, and its weight hash must be the one the seed's record holds) and its
+    per-token losses in the training cache."""
     ref = ensure_run(arm_config(args, cfg, "R", folder / "R", None), args.progress)
     identity = models.model_identity(str(runs.model_dir(ref)))
+    recorded = record["runs"].get("R", {}).get("reference_hash")
+    if recorded is not None and recorded != identity["weight_hash"]:
+        raise SystemExit(
+            f"seed {record['seed']}: R trained again is not the R of its record (weight hash "
+            f"{identity['weight_hash'][:12]}, recorded {recorded[:12]}): an arm selecting "
+            "against it would not be comparable; start the seed over with another --out")
     ref_cfg = dataclasses.replace(cfg, models=dataclasses.replace(
         cfg.models, ref=str(runs.model_dir(ref))))
     reader = provenance.open_split(cfg)
@@ -202,26 +231,47 @@ def run_seed(args, work: Path, tuned: str, seed: int, dense: bool = False,
     stale = stage is not None and (stage.params.get("model") or {}).get("weight_hash") != \
         identity["weight_hash"]  # R was extended: its losses are rebuilt
     build_stage(ref_cfg, "ref", progress=args.progress, rebuild=stale)
-    for arm in new:
-        if arm != "R":
-            ensure_run(arm_config(args, cfg, arm, folder / arm, ref), args.progress,
-                       identity if arm.startswith("A") else None)
-    test = split_config(cfg, "test", args.test_rows, **EVAL_CACHE)
-    drafts = ([args.draft] if stored is None else []) + [str(folder / a / "best") for a in new]
-    teacher_forced = evaluate(test, drafts, ("exact",), progress=args.progress,
-                              continuations_cache=str(folder / "continuations"), per_token=True)
-    decoding = evaluate(test, drafts, ("speculative",), progress=args.progress)
-    if stored is None:
-        stored = {"seed": seed, "epochs": args.epochs, "arms": [], "drafts": [],
-                  "teacher_forced": [], "decoding": [], "runs": {}, "differences": {}}
-    out = {**stored, "arms": stored["arms"] + new, "drafts": stored["drafts"] + drafts,
-           "teacher_forced": stored["teacher_forced"] + teacher_forced,
-           "decoding": stored["decoding"] + decoding,
-           "runs": {**stored["runs"], **{arm: run_record(folder / arm) for arm in new}}}
-    out["differences"] = {**stored.get("differences", {}), **differences(out, new)}
-    done.parent.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps(out))
-    return out
+    return ref, identity
+
+
+def add_draft(args, record: dict, test: Config, folder: Path, spec: str) -> dict:
+    """Evaluate one draft on the test split (teacher-forced, exact, on the answers and on the
+    target's continuations; real speculative decoding) and append it to the record; returns
+    its per-token values on the continuations (kept apart from the record)."""
+    [tf] = evaluate(test, [spec], ("exact",), progress=args.progress,
+                    continuations_cache=str(folder / "continuations"), per_token=True)
+    [decoding] = evaluate(test, [spec], ("speculative",), progress=args.progress)
+    per_token = tf["exact_continuations"]["per_token"]
+    for section in tf.values():
+        if isinstance(section, dict):
+            section.pop("per_token", None)
+    record["drafts"].append(spec)
+    record["teacher_forced"].append(tf)
+    record["decoding"].append(decoding)
+    return per_token
+
+
+def tokens_path(args, seed: int) -> Path:
+    """Where a seed's per-token values live: beside the results JSON (--out), committed with
+    it, so a difference whose two arms ran in different sessions can still be computed."""
+    out = Path(args.out)
+    return out.parent / out.stem / f"seed-{seed}.tokens.json.gz"
+
+
+def read_tokens(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(gzip.decompress(path.read_bytes()))
+    except (OSError, EOFError, ValueError) as e:
+        raise SystemExit(f"{path}: not readable per-token values ({e})") from None
+
+
+def write_tokens(path: Path, tokens: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    part.write_bytes(gzip.compress(json.dumps(tokens).encode(), mtime=0))
+    part.replace(path)
 
 
 def run_record(run: Path) -> dict:
@@ -256,31 +306,30 @@ COMPARISONS = (("A", "C"), ("A", "R"), ("C", "R"), ("A-dense", "C-dense"))
 MEASURES = ("greedy_agreement", "expected_acceptance")
 
 
-def differences(seed: dict, arms: list[str]) -> dict:
+def differences(tokens: dict, arm: str) -> dict:
     """a - b per measure on one seed's test continuations, with its standard error clustered
-    by sequence (holds the two trained models fixed), for the comparisons whose two arms are
-    both in `arms` (evaluated together, with per-token values). Stored in the seed's record,
-    so a seed restored without its per-token values still counts."""
+    by sequence (holds the two trained models fixed), for the comparisons that `arm` completes
+    (`tokens`: per-token values by arm). Stored in the seed's record, so a seed restored
+    without its per-token values still counts."""
     out = {}
     for a, b in COMPARISONS:
-        if a not in arms or b not in arms:
-            continue
-        ia, ib = 1 + seed["arms"].index(a), 1 + seed["arms"].index(b)
-        ta = seed["teacher_forced"][ia]["exact_continuations"]["per_token"]
-        tb = seed["teacher_forced"][ib]["exact_continuations"]["per_token"]
-        out[f"{a} - {b}"] = {m: list(clustered_difference([ta[m]], [tb[m]],
-                                                          ta["sequence_lengths"]))
-                             for m in MEASURES}
+        if arm in (a, b) and a in tokens and b in tokens:
+            ta, tb = tokens[a], tokens[b]
+            out[f"{a} - {b}"] = {m: list(clustered_difference([ta[m]], [tb[m]],
+                                                              ta["sequence_lengths"]))
+                                 for m in MEASURES}
     return out
 
 
-def summarize(seeds: list[dict]) -> dict:
-    """Per-seed endpoints, seed-level t-intervals of A - C and A - R, the decision rule."""
-    per_arm: dict = {"untrained": [endpoints(s, 0) for s in seeds]}
+def summarize(records: list[dict]) -> dict:
+    """Per-seed endpoints (every seed, finished or not), and over the seeds with every main
+    arm (R, A, C): seed-level t-intervals of the differences and the decision rule."""
+    per_arm: dict = {"untrained": [endpoints(s, 0) for s in records]}
     for arm in ARMS + DENSE:
-        rows = [endpoints(s, 1 + s["arms"].index(arm)) for s in seeds if arm in s["arms"]]
+        rows = [endpoints(s, 1 + s["arms"].index(arm)) for s in records if arm in s["arms"]]
         if rows:
             per_arm[arm] = rows
+    seeds = [s for s in records if set(ARMS) <= set(s["arms"])]
     comparisons = {}
     for a, b in COMPARISONS:
         both = [s for s in seeds if f"{a} - {b}" in s["differences"]]
@@ -367,7 +416,8 @@ def plot_curves(seeds: list[dict], path: Path) -> None:
     ax.set_ylabel("validation greedy agreement (target continuations)")
     ax.set_title("Learning curves per arm and seed")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:  # no curve yet: a seed with the untrained draft only
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -490,49 +540,40 @@ def main(argv: list[str] | None = None) -> int:
     machine = harness.start(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     earlier = earlier_results(args)
-    restored = {s["seed"]: s for s in earlier.get("seeds", []) if s["seed"] in seeds}
+    records = {s["seed"]: s for s in earlier.get("seeds", []) if s["seed"] in seeds}
     payload = {"benchmark": "converged_study", "machine": machine, "settings": vars(args)}
+
+    def write() -> None:  # the seeds' records, finished or not; the arms still training
+        payload["in_progress"] = in_progress(work, args, records)
+        report(args, payload, [records[s] for s in seeds if s in records])
+
     if args.report_only:
-        done = {s: work / f"seed-{s}" / "eval.json" for s in seeds}
-        records = {s: json.loads(f.read_text()) if f.is_file() else restored.get(s)
-                   for s, f in done.items()}
-        finished = [r for r in records.values() if r is not None]
         quality_path = work / "quality.json"
         payload["quality"] = json.loads(quality_path.read_text()) if quality_path.is_file() \
             else earlier.get("quality", {})
         payload["tuned_target"] = earlier.get("tuned_target")
-        payload["in_progress"] = in_progress(work, unfinished(args, records))
-        report(args, payload, finished)
+        write()
         return 0
     tuned = ensure_target(args, work)
     payload["tuned_target"] = models.model_identity(tuned)["weight_hash"]
-    if restored and earlier.get("tuned_target") not in (None, payload["tuned_target"]):
+    if records and earlier.get("tuned_target") not in (None, payload["tuned_target"]):
         raise SystemExit(f"{args.out}: its seeds were distilled from another tuned target "
                          f"(weight hash {earlier['tuned_target'][:12]}, this one "
                          f"{payload['tuned_target'][:12]}); give another --out to start over")
     payload["quality"] = target_quality(args, work, tuned) if args.sft_epochs else {}
-    finished: dict[int, dict] = {s: restored[s] for s in seeds if s in restored}
 
-    def write() -> None:  # partial results: the finished seeds, the others as they stand
-        payload["in_progress"] = in_progress(work, unfinished(args, finished))
-        report(args, payload, [finished[s] for s in seeds if s in finished])
+    def save(record: dict, tokens: dict) -> None:
+        write_tokens(tokens_path(args, record["seed"]), tokens)
+        records[record["seed"]] = record
+        write()
 
     write()  # the tuned target's quality, before a seed
     for seed in seeds:  # every seed's R, A and C: the verdict first
-        finished[seed] = run_seed(args, work, tuned, seed, restored=restored.get(seed))
-        write()
+        run_seed(args, work, tuned, seed, list(ARMS), records.get(seed), save)
     if args.dense_seed in seeds:  # then the --online pair of one seed
-        finished[args.dense_seed] = run_seed(args, work, tuned, args.dense_seed, dense=True,
-                                             restored=finished[args.dense_seed])
-        write()
+        run_seed(args, work, tuned, args.dense_seed, list(ARMS + DENSE),
+                 records.get(args.dense_seed), save)
     return 0
-
-
-def unfinished(args, records: dict) -> list[int]:
-    """The seeds without a record, and the dense seed while its --online pair is missing."""
-    return [s for s in (int(x) for x in args.seeds.split(","))
-            if records.get(s) is None
-            or (s == args.dense_seed and not set(DENSE) <= set(records[s]["arms"]))]
 
 
 # Settings that do not change what a seed measures: a seed finished under other values of these
@@ -542,7 +583,7 @@ NOT_PROTOCOL = ("out", "threads", "progress", "seeds", "dense_seed", "work", "do
 
 def earlier_results(args) -> dict:
     """The results JSON (--out) an earlier session wrote, when it was made by this study under
-    the same protocol: its finished seeds are reused even where the work folder is gone (a new
+    the same protocol: its seeds' arms are reused even where the work folder is gone (a new
     machine), so the study runs across sessions. Other settings: nothing is reused (said)."""
     path = Path(args.out)
     if not path.is_file():
@@ -567,37 +608,29 @@ def earlier_results(args) -> dict:
     return earlier
 
 
-def in_progress(work: Path, seeds: list[int]) -> dict:
-    """The arms of unfinished seeds as they stand: schedule, steps done, validation curve and
-    plateau so far (what a study that runs across sessions has to show between them)."""
+def in_progress(work: Path, args, records: dict) -> dict:
+    """The arms trained or training in --work that no seed's record holds yet: schedule,
+    steps done, validation curve and plateau so far (what a study that runs across sessions
+    has to show between them)."""
     out = {}
-    for seed in seeds:
+    for seed in (int(x) for x in args.seeds.split(",")):
         folder = work / f"seed-{seed}"
+        done = records[seed]["arms"] if seed in records else []
         arms = {arm: run_record(folder / arm) for arm in (*ARMS, *DENSE)
-                if (folder / arm / runs.CONFIG_FILE).is_file()}
+                if arm not in done and (folder / arm / runs.CONFIG_FILE).is_file()}
         if arms:
             out[str(seed)] = arms
     return out
 
 
-def without_tokens(seed: dict) -> dict:
-    """A seed's record without per-token values (they stay in the work folder's eval.json)."""
-    light = json.loads(json.dumps(seed))
-    for result in light["teacher_forced"]:
-        for section in result.values():
-            if isinstance(section, dict):
-                section.pop("per_token", None)
-    return light
-
-
 def report(args, payload: dict, seeds: list[dict]) -> None:
-    """JSON after every seed (before any: the target's quality and "no result yet"), and the
-    table and plot once a seed is done."""
+    """JSON after every arm (before any: the target's quality and "no result yet"), and the
+    table and plot once a seed has one."""
     payload["summary"] = summarize(seeds) if seeds else {"decision": decision({}, {}, 0)}
-    payload["seeds"] = [without_tokens(s) for s in seeds]
+    payload["seeds"] = seeds
     if not seeds:
         harness.write_json(args.out, payload)
-        print("no finished seed yet")
+        print("no seed evaluated yet")
         return
     doc = Path(args.doc)
     plot = doc.with_suffix(".png")

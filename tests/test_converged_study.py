@@ -40,9 +40,8 @@ def test_killed_study_resumes_and_reuses_finished_runs(tiny_model_dir, tmp_path)
         seed / "A" / "model" / "model.safetensors")}
     # Kill: C lost its model (as if killed after a checkpoint), the seed its evaluation, and a
     # second seed's R was killed before its first checkpoint (config.yaml only); the results
-    # JSON was last written before the seed ended.
+    # JSON was lost.
     shutil.rmtree(seed / "C" / "model")
-    (seed / "eval.json").unlink()
     (work / "s.json").unlink()
     # between sessions: --report-only shows the unfinished seed's arms as they stand
     assert converged_study.main([*_args(str(tiny_model_dir), work), "--report-only"]) == 0
@@ -154,3 +153,58 @@ def test_the_verdict_sentence_states_the_rule_outcome_and_the_interval():
     assert summary["decision"]["outcome"] == "C beats A" and "**C beats A** after 3" in text
     assert f"[{interval['low'] * 100:+.2f}, {interval['high'] * 100:+.2f}]" in text
     assert "(incomplete)" not in text and "-1.60, -1.00, -2.20" in text and text.endswith("no.")
+
+
+def test_a_session_that_ends_mid_seed_keeps_its_finished_arms(tiny_model_dir, tmp_path,
+                                                              monkeypatch):
+    """Each arm is in the results (and its per-token values beside them) once evaluated: a new
+    machine continues with the next arm; R is trained again only for an A arm, and must be the
+    same R (weight hash); a pair whose arms ran in two sessions gets its difference."""
+    from pathlib import Path
+
+    work, out = tmp_path / "study", tmp_path / "results.json"
+    args = _args(str(tiny_model_dir), work)
+    args[args.index("--out") + 1] = str(out)
+    args[args.index("--dense-seed") + 1] = "0"
+    real = converged_study.ensure_run
+
+    def killed_at(arm: str):
+        def ensure_run(cfg, progress, reference=None):
+            if Path(cfg.train.out).name == arm:
+                raise KeyboardInterrupt  # the session ends while this arm trains
+            return real(cfg, progress, reference)
+        return ensure_run
+
+    monkeypatch.setattr(converged_study, "ensure_run", killed_at("C"))
+    with pytest.raises(KeyboardInterrupt):
+        converged_study.main(args)
+    first = json.loads(out.read_text())
+    [seed] = first["seeds"]
+    assert seed["arms"] == ["R", "A"] and set(seed["differences"]) == {"A - R"}
+    assert first["summary"]["decision"]["seeds"] == 0 and "A" in first["summary"]["per_arm"]
+    assert (tmp_path / "results" / "seed-0.tokens.json.gz").is_file()
+
+    shutil.rmtree(work)  # a new machine
+    monkeypatch.setattr(converged_study, "ensure_run", killed_at("C-dense"))
+    with pytest.raises(KeyboardInterrupt):
+        converged_study.main(args)
+    second = json.loads(out.read_text())
+    [seed] = second["seeds"]
+    assert seed["arms"] == ["R", "A", "C", "A-dense"]
+    assert seed["teacher_forced"][:3] == first["seeds"][0]["teacher_forced"]  # not redone
+    assert not (work / "seed-0" / "A").exists() and (work / "seed-0" / "R").is_dir()
+    assert second["summary"]["decision"]["seeds"] == 1
+    assert set(seed["differences"]) == {"A - R", "A - C", "C - R"}
+
+    shutil.rmtree(work)
+    monkeypatch.setattr(converged_study, "ensure_run", real)
+    assert converged_study.main(args) == 0
+    [seed] = json.loads(out.read_text())["seeds"]
+    assert seed["arms"] == ["R", "A", "C", "A-dense", "C-dense"]
+    assert "A-dense - C-dense" in seed["differences"]  # A-dense's tokens from the last session
+    assert not (work / "seed-0" / "R").exists()  # C-dense selects against nothing
+
+    tokens = tmp_path / "results" / "seed-0.tokens.json.gz"
+    tokens.write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match="not readable per-token values"):
+        converged_study.read_tokens(tokens)
