@@ -332,5 +332,7 @@ def write_json(path: str | Path, payload: dict) -> None:
     """Write the results (numpy/torch scalars as floats); prints where."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    part = path.with_name(path.name + ".part")  # a kill mid-write leaves the old file whole
+    part.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    part.replace(path)
     print(f"wrote {path}")

@@ -189,33 +189,51 @@ def run_seed(args, work: Path, tuned: str, seed: int, arms: list[str], record: d
     cfg = base_config(args, seed, tuned, folder)
     ensure_caches(args, cfg, folder)
     test = split_config(cfg, "test", args.test_rows, **EVAL_CACHE)
-    tokens = read_tokens(tokens_path(args, seed))
+    tokens = {} if record is None else {  # (a file's arms beyond the record: not this study's)
+        arm: v for arm, v in read_tokens(tokens_path(args, seed)).items() if arm in record["arms"]}
     if record is None:
         record = {"seed": seed, "epochs": args.epochs, "arms": [], "drafts": [],
                   "teacher_forced": [], "decoding": [], "runs": {}, "differences": {}}
         add_draft(args, record, test, folder, args.draft)
         save(record, tokens)
     for arm in todo:
+        check_partners(args, record, tokens, arm)
         ref = identity = None
         if arm == "R" or arm.startswith("A"):
-            ref, identity = ensure_reference(args, cfg, folder, record)
+            ref, identity = ensure_reference(args, cfg, folder, record,
+                                             losses=not arm.endswith("dense"))
         if arm != "R":
             ensure_run(arm_config(args, cfg, arm, folder / arm, ref), args.progress,
                        identity if arm.startswith("A") else None)
         tokens[arm] = add_draft(args, record, test, folder, str(folder / arm / "best"))
         record["arms"].append(arm)
         record["runs"][arm] = run_record(folder / arm)
-        if arm == "R":
-            record["runs"]["R"]["reference_hash"] = identity["weight_hash"]
+        if identity is not None:  # R itself, or the R an A arm selected against
+            record["runs"][arm]["reference_hash"] = identity["weight_hash"]
         record["differences"].update(differences(tokens, arm))
         save(record, tokens)
     return record
 
 
-def ensure_reference(args, cfg: Config, folder: Path, record: dict) -> tuple[Path, dict]:
+def check_partners(args, record: dict, tokens: dict, arm: str) -> None:
+    """Refuse to train an arm whose comparison partner was evaluated but whose per-token values
+    are missing (the file beside --out not committed or moved): the difference could never be
+    computed, and the seed would silently drop out of it."""
+    for a, b in COMPARISONS:
+        partner = b if arm == a else a if arm == b else None
+        if partner in record["arms"] and partner not in tokens:
+            raise SystemExit(
+                f"seed {record['seed']}: {partner}'s per-token values are not in "
+                f"{tokens_path(args, record['seed'])}, so {a} - {b} cannot be computed; "
+                "restore that file (it is committed beside the results)")
+
+
+def ensure_reference(args, cfg: Config, folder: Path, record: dict, losses: bool = True
+                     ) -> tuple[Path, dict]:
     """R trained (again, in a session whose work folder is gone: the training is
-    deterministic, and its weight hash must be the one the seed's record holds) and its
-    per-token losses in the training cache."""
+    deterministic, and its weight hash must be the one the seed's record holds, where it holds
+    one) and, with `losses`, its per-token losses in the training cache (an --online arm
+    computes them itself)."""
     ref = ensure_run(arm_config(args, cfg, "R", folder / "R", None), args.progress)
     identity = models.model_identity(str(runs.model_dir(ref)))
     recorded = record["runs"].get("R", {}).get("reference_hash")
@@ -224,6 +242,8 @@ def ensure_reference(args, cfg: Config, folder: Path, record: dict) -> tuple[Pat
             f"seed {record['seed']}: R trained again is not the R of its record (weight hash "
             f"{identity['weight_hash'][:12]}, recorded {recorded[:12]}): an arm selecting "
             "against it would not be comparable; start the seed over with another --out")
+    if not losses:
+        return ref, identity
     ref_cfg = dataclasses.replace(cfg, models=dataclasses.replace(
         cfg.models, ref=str(runs.model_dir(ref))))
     reader = provenance.open_split(cfg)
@@ -357,6 +377,7 @@ def decision(comparisons: dict, plateaus: dict, n_seeds: int) -> dict:
     ac = comparisons.get("A - C", {}).get(HEADLINE)
     if ac is None:
         return {"outcome": "no result yet", "seeds": 0}
+    n_seeds = ac["n"]  # the seeds with R, A and C
     every_seed = all(v > 0 for v in ac["per_seed"])
     excludes_zero = n_seeds >= 2 and ac["low"] > 0
     c_flat = bool(plateaus["C"]) and all(plateaus["C"])
@@ -540,12 +561,12 @@ def main(argv: list[str] | None = None) -> int:
     machine = harness.start(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     earlier = earlier_results(args)
-    records = {s["seed"]: s for s in earlier.get("seeds", []) if s["seed"] in seeds}
+    records = {s["seed"]: s for s in earlier.get("seeds", [])}  # (--seeds' or not: all kept)
     payload = {"benchmark": "converged_study", "machine": machine, "settings": vars(args)}
 
     def write() -> None:  # the seeds' records, finished or not; the arms still training
         payload["in_progress"] = in_progress(work, args, records)
-        report(args, payload, [records[s] for s in seeds if s in records])
+        report(args, payload, [records[s] for s in sorted(records)])
 
     if args.report_only:
         quality_path = work / "quality.json"
@@ -556,9 +577,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     tuned = ensure_target(args, work)
     payload["tuned_target"] = models.model_identity(tuned)["weight_hash"]
-    if records and earlier.get("tuned_target") not in (None, payload["tuned_target"]):
+    if records and earlier.get("tuned_target") != payload["tuned_target"]:
         raise SystemExit(f"{args.out}: its seeds were distilled from another tuned target "
-                         f"(weight hash {earlier['tuned_target'][:12]}, this one "
+                         f"(weight hash {str(earlier.get('tuned_target'))[:12]}, this one "
                          f"{payload['tuned_target'][:12]}); give another --out to start over")
     payload["quality"] = target_quality(args, work, tuned) if args.sft_epochs else {}
 
@@ -584,7 +605,8 @@ NOT_PROTOCOL = ("out", "threads", "progress", "seeds", "dense_seed", "work", "do
 def earlier_results(args) -> dict:
     """The results JSON (--out) an earlier session wrote, when it was made by this study under
     the same protocol: its seeds' arms are reused even where the work folder is gone (a new
-    machine), so the study runs across sessions. Other settings: nothing is reused (said)."""
+    machine), so the study runs across sessions. One with seeds of other settings is refused
+    (a study writes only its own results)."""
     path = Path(args.out)
     if not path.is_file():
         return {}
@@ -599,7 +621,9 @@ def earlier_results(args) -> dict:
     theirs = {k: v for k, v in earlier.get("settings", {}).items() if k not in NOT_PROTOCOL}
     if ours != theirs:
         changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-        print(f"{path}: its seeds ran with other settings ({', '.join(changed)}); none reused")
+        if earlier.get("seeds"):  # never overwritten by a study it does not belong to
+            raise SystemExit(f"{path}: holds seeds run with other settings ({', '.join(changed)})"
+                             "; give another --out to run these")
         return {}
     for seed in earlier.get("seeds", []):
         if "differences" not in seed:

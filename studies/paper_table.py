@@ -350,12 +350,14 @@ def converged_verdict(path: Path = harness.STUDY_RESULTS / "converged_study.json
         return "The decisive study (docs/converged_study.md) has not run yet."
     payload = json.loads(path.read_text())
     a = payload["settings"]
-    steps = [s["runs"]["R"]["schedule"]["optimizer_steps"] for s in payload["seeds"]][:1]
+    steps = [s["runs"]["R"]["schedule"]["optimizer_steps"] for s in payload["seeds"]
+             if "R" in s["runs"]][:1]
     return (f"The decisive comparison, on the official schedule with a compute-matched control, "
             f"a target fine-tuned on the task, {a['train_rows']} {a['task']} training rows, "
             f"E = {a['epochs']:g} epochs ({steps[0] if steps else '?'} optimizer steps per arm) "
             "and "
-            f"{len(a['seeds'].split(','))} seeds, is [converged_study.md](converged_study.md): "
+            f"{len(a['seeds'].split(','))} seeds planned, is [converged_study.md]"
+            "(converged_study.md): "
             f"{verdict_sentence(payload)}")
 
 

@@ -71,13 +71,16 @@ def test_a_longer_study_extends_finished_runs(tiny_model_dir, tmp_path):
     seed = work / "seed-0"
     longer = _args(str(tiny_model_dir), work)
     longer[longer.index("--epochs") + 1] = "2"
+    with pytest.raises(SystemExit, match=r"other settings \(epochs\)"):  # not its results
+        converged_study.main(longer)
+    longer[longer.index("--out") + 1] = str(work / "longer.json")
     assert converged_study.main(longer) == 0
     steps = {arm: [m["step"] for m in runs.training_metrics(seed / arm)] for arm in "RAC"}
     assert steps["R"] == list(range(1, 9)) and steps["C"] == list(range(1, 9))
     assert steps["A"] == list(range(1, 9))
     r_hash = models.model_identity(str(runs.model_dir(seed / "R")))["weight_hash"]
     assert runs.read_config(seed / "A")["reference"]["weight_hash"] == r_hash
-    result = json.loads((work / "s.json").read_text())
+    result = json.loads((work / "longer.json").read_text())
     assert result["seeds"][0]["runs"]["R"]["schedule"]["epochs"] == 2.0
 
 
@@ -97,7 +100,7 @@ def test_the_dense_pair_runs_after_every_seeds_main_arms(tiny_model_dir, tmp_pat
 
 
 def test_a_study_continues_from_its_results_when_the_work_folder_is_gone(tiny_model_dir,
-                                                                         tmp_path, capsys):
+                                                                         tmp_path):
     """A new machine: the work folder is gone, the results JSON (committed) is not. Its finished
     seeds are reused, not trained again; the dense pair of a restored seed trains R (its
     reference) and the pair only; other settings reuse nothing; another tuned target refuses."""
@@ -130,11 +133,15 @@ def test_a_study_continues_from_its_results_when_the_work_folder_is_gone(tiny_mo
     assert converged_study.main([*args("0,1", dense=0), "--report-only"]) == 0
     assert json.loads(out.read_text())["summary"] == result["summary"]
 
-    capsys.readouterr()
-    changed = [*args("0"), "--lr", "1e-3", "--report-only"]
-    assert converged_study.main(changed) == 0
-    assert "other settings (lr); none reused" in capsys.readouterr().out
-    assert json.loads(out.read_text())["seeds"] == []
+    kept = out.read_bytes()
+    with pytest.raises(SystemExit, match=r"other settings \(lr\)"):
+        converged_study.main([*args("0"), "--lr", "1e-3", "--report-only"])
+    with pytest.raises(SystemExit, match=r"other settings \(lr\)"):
+        converged_study.main([*args("0"), "--lr", "1e-3"])
+    assert out.read_bytes() == kept
+    # a run of one seed keeps the others' records
+    assert converged_study.main([*args("1"), "--report-only"]) == 0
+    assert [s["seed"] for s in json.loads(out.read_text())["seeds"]] == [0, 1]
 
     out.write_text(json.dumps({**result, "tuned_target": "0" * 64}))
     with pytest.raises(SystemExit, match="another tuned target"):
@@ -184,7 +191,14 @@ def test_a_session_that_ends_mid_seed_keeps_its_finished_arms(tiny_model_dir, tm
     assert first["summary"]["decision"]["seeds"] == 0 and "A" in first["summary"]["per_arm"]
     assert (tmp_path / "results" / "seed-0.tokens.json.gz").is_file()
 
-    shutil.rmtree(work)  # a new machine
+    shutil.rmtree(work)  # a new machine, first without the per-token values: C's
+    tokens = tmp_path / "results" / "seed-0.tokens.json.gz"  # differences could not be made
+    kept = tokens.read_bytes()
+    tokens.unlink()
+    with pytest.raises(SystemExit, match="per-token values are not in"):
+        converged_study.main(args)
+    assert not (work / "seed-0" / "C").exists()
+    tokens.write_bytes(kept)
     monkeypatch.setattr(converged_study, "ensure_run", killed_at("C-dense"))
     with pytest.raises(KeyboardInterrupt):
         converged_study.main(args)
@@ -204,7 +218,6 @@ def test_a_session_that_ends_mid_seed_keeps_its_finished_arms(tiny_model_dir, tm
     assert "A-dense - C-dense" in seed["differences"]  # A-dense's tokens from the last session
     assert not (work / "seed-0" / "R").exists()  # C-dense selects against nothing
 
-    tokens = tmp_path / "results" / "seed-0.tokens.json.gz"
     tokens.write_bytes(b"garbage")
     with pytest.raises(SystemExit, match="not readable per-token values"):
         converged_study.read_tokens(tokens)
