@@ -355,8 +355,9 @@ def converged_verdict(path: Path = harness.STUDY_RESULTS / "converged_study.json
     return (f"The decisive comparison, on the official schedule with a compute-matched control, "
             f"a target fine-tuned on the task, {a['train_rows']} {a['task']} training rows, "
             f"E = {a['epochs']:g} epochs ({steps[0] if steps else '?'} optimizer steps per arm) "
-            "and "
-            f"{len(a['seeds'].split(','))} seeds planned, is [converged_study.md]"
+            f"and {len(a['seeds'].split(','))} seeds"
+            f"{'' if payload['summary']['decision'].get('complete') else ' planned'}, is "
+            "[converged_study.md]"
             "(converged_study.md): "
             f"{verdict_sentence(payload)}")
 

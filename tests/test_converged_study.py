@@ -162,6 +162,25 @@ def test_the_verdict_sentence_states_the_rule_outcome_and_the_interval():
     assert "(incomplete)" not in text and "-1.60, -1.00, -2.20" in text and text.endswith("no.")
 
 
+@pytest.mark.parametrize("per_seed, c_flat, outcome", [
+    ([0.02, 0.018, 0.022], [True] * 3, "A beats C"),
+    ([0.02, 0.018, 0.022], [True, False, True], "no difference shown"),  # C still rising
+    ([0.02, -0.001, 0.03], [True] * 3, "no difference shown"),  # one seed the other way
+    ([0.02], [True], "no difference shown"),  # one seed: no interval
+    ([-0.016, -0.011, -0.016], [False] * 3, "C beats A"),  # C rising only widens the gap
+    ([-0.03, 0.001, -0.02], [True] * 3, "no difference shown"),
+])
+def test_the_decision_rule(per_seed, c_flat, outcome):
+    from adaspec.statistics import t_interval
+
+    ac = {"per_seed": per_seed, **t_interval(per_seed)}
+    d = converged_study.decision({"A - C": {"greedy_agreement": ac}}, {"C": c_flat},
+                                 len(per_seed))
+    assert d["outcome"] == outcome
+    assert d["interval above 0"] == (len(per_seed) >= 2 and ac["low"] > 0)
+    assert d["interval below 0"] == (len(per_seed) >= 2 and ac["high"] < 0)
+
+
 def test_a_session_that_ends_mid_seed_keeps_its_finished_arms(tiny_model_dir, tmp_path,
                                                               monkeypatch):
     """Each arm is in the results (and its per-token values beside them) once evaluated: a new
