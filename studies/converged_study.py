@@ -381,18 +381,19 @@ def decision(comparisons: dict, plateaus: dict, n_seeds: int) -> dict:
         return {"outcome": "no result yet", "seeds": 0}
     n_seeds = ac["n"]  # the seeds with R, A and C
     every_seed = all(v > 0 for v in ac["per_seed"])
+    every_seed_negative = all(v < 0 for v in ac["per_seed"])
     above_zero = n_seeds >= 2 and ac["low"] > 0
     below_zero = n_seeds >= 2 and ac["high"] < 0
     c_flat = bool(plateaus["C"]) and all(plateaus["C"])
     if every_seed and above_zero and c_flat:
         outcome = "A beats C"
-    elif below_zero and all(v < 0 for v in ac["per_seed"]):
+    elif below_zero and every_seed_negative:
         # C's flatness is not required here: a C still improving would only widen the gap
         outcome = "C beats A"
     else:
         outcome = "no difference shown"
     return {"outcome": outcome, "seeds": n_seeds, "A-C positive in every seed": every_seed,
-            "A-C negative in every seed": all(v < 0 for v in ac["per_seed"]),
+            "A-C negative in every seed": every_seed_negative,
             "interval above 0": above_zero, "interval below 0": below_zero,
             "C plateaued in every seed": c_flat,
             "complete": n_seeds >= 3}
@@ -500,7 +501,12 @@ def markdown(payload: dict, plot_name: str) -> str:
               "|---|---|---|---|---|---|"]
     for arm, rows in s["per_arm"].items():
         seeds = [x["seed"] for x in payload["seeds"] if arm == "untrained" or arm in x["arms"]]
-        for seed, r in zip(seeds, rows, strict=True):
+        measures = ("greedy_agreement", "expected_acceptance", "mean_accepted_length",
+                    "exact_acceptance_answers")
+        labelled = list(zip(map(str, seeds), rows, strict=True))
+        if len(rows) >= 2:  # and the seed mean
+            labelled.append(("mean", {m: sum(r[m] for r in rows) / len(rows) for m in measures}))
+        for seed, r in labelled:
             lines.append(f"| {ARM_NAMES.get(arm, arm)} | {seed} | {r['greedy_agreement']:.4f} | "
                          f"{r['expected_acceptance']:.4f} | {r['mean_accepted_length']:.3f} | "
                          f"{r['exact_acceptance_answers']:.4f} |")

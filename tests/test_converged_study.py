@@ -58,6 +58,10 @@ def test_killed_study_resumes_and_reuses_finished_runs(tiny_model_dir, tmp_path)
     assert [s["seed"] for s in again["seeds"]] == [0, 1]
     assert again["summary"]["decision"]["seeds"] == 2
     assert len(again["summary"]["comparisons"]["A - C"]["greedy_agreement"]["per_seed"]) == 2
+    c = again["summary"]["per_arm"]["C"]
+    mean_row = next(line for line in (work / "s.md").read_text().splitlines()
+                    if line.startswith("| C: ") and "| mean |" in line)
+    assert f"| {(c[0]['greedy_agreement'] + c[1]['greedy_agreement']) / 2:.4f} |" in mean_row
 
 
 def test_a_longer_study_extends_finished_runs(tiny_model_dir, tmp_path):
