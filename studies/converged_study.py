@@ -452,6 +452,31 @@ def plot_curves(seeds: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def cache_check_sentence(payload: dict) -> str | None:
+    """The cache check in one sentence: on the seed with the --online pair, A - C from the
+    sparse cache beside A-dense - C-dense (each ± its clustered SE), whether the sign holds,
+    and how far each arm moved between cached and dense; None until both pairs are done."""
+    for seed in payload["seeds"]:
+        diffs = seed["differences"]
+        if "A - C" in diffs and "A-dense - C-dense" in diffs:
+            break
+    else:
+        return None
+    (cached, cached_se), (dense, dense_se) = (diffs[k][HEADLINE]
+                                              for k in ("A - C", "A-dense - C-dense"))
+    def value(arm: str) -> float:
+        return endpoints(seed, 1 + seed["arms"].index(arm))[HEADLINE]
+
+    moved = ", ".join(f"{arm} {(value(arm + '-dense') - value(arm)) * 100:+.2f} pt"
+                      for arm in ("A", "C"))
+    same = "yes" if cached * dense > 0 else "no"
+    return (f"The cache check (seed {seed['seed']}, --online: dense target and reference every "
+            f"step): A-dense - C-dense {dense * 100:+.2f} ± {dense_se * 100:.2f} pt in greedy "
+            f"agreement on the test continuations, against {cached * 100:+.2f} ± "
+            f"{cached_se * 100:.2f} pt from the sparse cache on the same seed; same sign: "
+            f"{same}. Dense minus cached, per arm: {moved}.")
+
+
 def markdown(payload: dict, plot_name: str) -> str:
     a = payload["settings"]
     s = payload["summary"]
@@ -532,7 +557,11 @@ def markdown(payload: dict, plot_name: str) -> str:
     lines += ["", "## Decision", "", verdict_sentence(payload), "",
               "The rule's parts: " + ", ".join(f"{k}: {v}" for k, v in d.items()
                                                if k not in ("outcome", "seeds", "complete"))
-              + ".", "", f"![learning curves]({plot_name})", ""]
+              + "."]
+    check = cache_check_sentence(payload)
+    if check:
+        lines += ["", check]
+    lines += ["", f"![learning curves]({plot_name})", ""]
     return "\n".join(lines)
 
 

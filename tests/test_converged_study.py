@@ -166,6 +166,27 @@ def test_the_verdict_sentence_states_the_rule_outcome_and_the_interval():
     assert "(incomplete)" not in text and "-1.60, -1.00, -2.20" in text and text.endswith("no.")
 
 
+def test_the_cache_check_sentence_sets_the_dense_pair_beside_the_cached_one():
+    arms = ["R", "A", "C", "A-dense", "C-dense"]
+    agreement = [0.02, 0.90, 0.91, 0.93, 0.905, 0.94]  # untrained, then the arms
+
+    def draft(g):
+        return {"exact_continuations": {"greedy_agreement": g, "expected_acceptance": g},
+                "exact": {"expected_acceptance": g}}
+
+    seed = {"seed": 0, "arms": arms, "teacher_forced": [draft(g) for g in agreement],
+            "decoding": [{"speculative": {"mean_accepted_length": 4.0}}] * 6,
+            "differences": {"A - C": {"greedy_agreement": [-0.02, 0.003]}}}
+    payload = {"seeds": [seed]}
+    assert converged_study.cache_check_sentence(payload) is None  # no dense pair yet
+    seed["differences"]["A-dense - C-dense"] = {"greedy_agreement": [-0.035, 0.004]}
+    text = converged_study.cache_check_sentence(payload)
+    assert "A-dense - C-dense -3.50 ± 0.40 pt" in text and "-2.00 ± 0.30 pt" in text
+    assert "same sign: yes" in text and "A -0.50 pt, C +1.00 pt" in text
+    seed["differences"]["A-dense - C-dense"] = {"greedy_agreement": [0.01, 0.004]}
+    assert "same sign: no" in converged_study.cache_check_sentence(payload)
+
+
 @pytest.mark.parametrize("per_seed, c_flat, outcome", [
     ([0.02, 0.018, 0.022], [True] * 3, "A beats C"),
     ([0.02, 0.018, 0.022], [True, False, True], "no difference shown"),  # C still rising
