@@ -464,6 +464,7 @@ def cache_check_sentence(payload: dict) -> str | None:
         return None
     (cached, cached_se), (dense, dense_se) = (diffs[k][HEADLINE]
                                               for k in ("A - C", "A-dense - C-dense"))
+
     def value(arm: str) -> float:
         return endpoints(seed, 1 + seed["arms"].index(arm))[HEADLINE]
 
