@@ -617,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         payload["quality"] = json.loads(quality_path.read_text()) if quality_path.is_file() \
             else earlier.get("quality", {})
         payload["tuned_target"] = earlier.get("tuned_target")
+        payload["machine"] = earlier.get("machine", machine)  # the one that ran the study
         write()
         return 0
     tuned = ensure_target(args, work)

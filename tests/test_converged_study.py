@@ -132,10 +132,13 @@ def test_a_study_continues_from_its_results_when_the_work_folder_is_gone(tiny_mo
     ac = result["summary"]["comparisons"]["A - C"]["greedy_agreement"]["per_seed"]
     assert ac[0] == first["seeds"][0]["differences"]["A - C"]["greedy_agreement"][0]
     assert len(ac) == 2 and "A-dense - C-dense" in result["summary"]["comparisons"]
-    # --report-only from the results alone (work folder gone again) keeps every seed
+    # --report-only from the results alone (work folder gone again) keeps every seed, and
+    # the machine that ran the study (not the one making the report)
     shutil.rmtree(work)
+    out.write_text(json.dumps({**result, "machine": {**result["machine"], "cpu": "the study's"}}))
     assert converged_study.main([*args("0,1", dense=0), "--report-only"]) == 0
-    assert json.loads(out.read_text())["summary"] == result["summary"]
+    reported = json.loads(out.read_text())
+    assert reported["summary"] == result["summary"] and reported["machine"]["cpu"] == "the study's"
 
     kept = out.read_bytes()
     with pytest.raises(SystemExit, match=r"other settings \(lr\)"):
