@@ -525,10 +525,10 @@ def markdown(payload: dict, plot_name: str) -> str:
               "| arm | seed | greedy agreement (cont.) | expected acceptance (cont.) | "
               "mean accepted length (real, g=4) | exact acceptance (answers) |",
               "|---|---|---|---|---|---|"]
+    measures = ("greedy_agreement", "expected_acceptance", "mean_accepted_length",
+                "exact_acceptance_answers")
     for arm, rows in s["per_arm"].items():
         seeds = [x["seed"] for x in payload["seeds"] if arm == "untrained" or arm in x["arms"]]
-        measures = ("greedy_agreement", "expected_acceptance", "mean_accepted_length",
-                    "exact_acceptance_answers")
         labelled = list(zip(map(str, seeds), rows, strict=True))
         if len(rows) >= 2:  # and the seed mean
             labelled.append(("mean", {m: sum(r[m] for r in rows) / len(rows) for m in measures}))
