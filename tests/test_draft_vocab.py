@@ -158,7 +158,9 @@ def test_online_reduced_runs_give_the_cached_losses(env, tmp_path, k):
                                           out=tmp_path / f"d{online}"), progress=False)
     cached, live = ([json.loads(x) for x in (runs[o] / "metrics.jsonl").read_text().splitlines()]
                     for o in (False, True))
-    assert [round(r["loss"], 3) for r in cached] == [round(r["loss"], 3) for r in live]
+    # The same losses up to float summation order (dense and restricted paths differ in it).
+    assert [r["loss"] for r in cached] == pytest.approx([r["loss"] for r in live], rel=1e-3,
+                                                        abs=1e-4)
     assert [r["selected_fraction"] for r in cached] == [r["selected_fraction"] for r in live]
 
 
