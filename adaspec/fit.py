@@ -190,8 +190,7 @@ class EpochHooks:
                     "batch_in_epoch": micro_done % self.per_epoch,
                     "elapsed": run.elapsed_before + time.perf_counter() - self.started}
         check_weights(self.accelerator, run, step_done)
-        runs.save_checkpoint(self.accelerator, run.run_dir, step_done, position,
-                             run.learner.window)
+        runs.save_checkpoint(self.accelerator, run.run_dir, step_done, position, run.learner)
         return True
 
     def validate(self, step_done: int, epoch: float) -> None:

@@ -169,6 +169,12 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device_map: str | 
         keep_first_layers(model, parsed.layers)
     if parsed.kind == "dir":
         draft_vocab.restore(model, Path(location))  # a reduced-vocabulary draft's head
+    # The saved hash describes that folder's files, not whatever this model is saved as next.
+    model.config.__dict__.pop(CONFIG_HASH_KEY, None)
+    bad = nonfinite_parameter(model)
+    if bad is not None:
+        raise UserError(f"model {spec}: parameter {bad} holds nan/inf; its weights are damaged "
+                        "or come from a diverged run: retrain or restore them")
     return model.eval(), tokenizer
 
 
@@ -372,17 +378,43 @@ WEIGHTS_HASH_FILE = "adaspec-weights.sha256"
 """Written beside the weights of every model adaspec saves: their sha256 (as model_identity's
 weight_hash), checked when the folder is loaded, so a garbled weight file is refused instead of
 decoding with damaged weights."""
+CONFIG_HASH_KEY = "adaspec_weights_sha256"
+"""The same hash inside the folder's config.json: a copy that drops the small file still says
+that adaspec saved it, so the check cannot be turned off by losing it."""
 
 
 def write_weights_hash(folder: Path) -> None:
-    (folder / WEIGHTS_HASH_FILE).write_text(_combined_hash(_weight_files(folder)) + "\n")
+    digest = _combined_hash(_weight_files(folder))
+    (folder / WEIGHTS_HASH_FILE).write_text(digest + "\n")
+    config = folder / "config.json"
+    if config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        data[CONFIG_HASH_KEY] = digest
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _config_hash(folder: Path) -> str | None:
+    try:
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # transformers names a missing or broken config.json itself
+    return data.get(CONFIG_HASH_KEY) if isinstance(data, dict) else None
 
 
 def check_saved_weights(folder: Path) -> None:
-    """A folder adaspec saved: its weight files must hash to what was recorded when saved."""
+    """A folder adaspec saved: its weight files must hash to what was recorded when saved, and
+    one whose config.json says adaspec saved it must still hold its hash file."""
     record = folder / WEIGHTS_HASH_FILE
+    in_config = _config_hash(folder)
     if not record.is_file():
+        if in_config is not None:
+            raise UserError(f"model folder {folder} was saved by adaspec but its "
+                            f"{WEIGHTS_HASH_FILE} is missing (a partial copy?); copy the whole "
+                            "folder, or retrain")
         return  # saved elsewhere (a hub snapshot, another tool): nothing recorded to check
+    if in_config is not None and in_config != record.read_text().strip():
+        raise UserError(f"model folder {folder}: {WEIGHTS_HASH_FILE} and config.json record "
+                        "different weights (files mixed from two saves); restore the folder")
     files = _weight_files(folder)
     if not files:
         raise UserError(f"model folder {folder} has no weight files (deleted?); its "

@@ -2,7 +2,8 @@
 
     <run>/config.yaml       the resolved config, and the schedule it makes (`schedule:`)
     <run>/metrics.jsonl     one line per logged optimizer step
-    <run>/checkpoints/      step-N/: accelerate state + window + progress.json (the latest kept)
+    <run>/checkpoints/      step-N/: weights, optimizer, scheduler, RNG and window state in
+                            safetensors and JSON (`checkpoint.py`), progress.json (the latest kept)
     <run>/model/            save_pretrained folder (loads in plain transformers)
     <run>/best/             the best validated model (--keep-best), with best.json: its step,
                             epoch and validation numbers
@@ -12,21 +13,29 @@
 This module owns those names: everything else asks it for a run's parts.
 
 A checkpoint without its progress file is an unfinished save and is ignored, so a run killed at
-any moment resumes from the last whole checkpoint.
+any moment resumes from the last whole checkpoint. A checkpoint carries its run's identity (the
+run id config.yaml records, and the hash of the settings that define the training) and is
+resumed only by that run: a checkpoint copied in from another run is refused.
+
+What training deletes is only what it made: its own names inside the folder, never through a
+link (a run folder whose own parts are symlinks is refused), and only `step-*` folders that hold
+a checkpoint's files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 import yaml
 
+from adaspec import checkpoint as state
 from adaspec.config import READING_KEYS, RUN_SECTIONS, Config
 from adaspec.errors import UserError, check_output
 
@@ -39,6 +48,11 @@ BEST_FILE = "best.json"
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"
 LOCK_FILE = ".adaspec-run.lock"
+RUN_KEY = "run"  # config.yaml's record of the run's identity: {"id": <hex>}
+OWN_PARTS = (CONFIG_FILE, METRICS_FILE, MODEL_DIR, BEST_DIR, CHECKPOINTS_DIR, LOGS_DIR, LOCK_FILE)
+# Settings a run may change on --resume (how it reads data; more epochs under a constant rate,
+# see `extends`; where the folder now is): left out of the identity a checkpoint carries.
+NOT_IDENTITY = (*READING_KEYS, ("train", "out"), ("train", "epochs"))
 
 
 def model_dir(run_dir: Path) -> Path:
@@ -110,6 +124,33 @@ def read_config(run_dir: Path | None) -> dict:
     return config
 
 
+def identity(config: dict) -> dict:
+    """A run's identity as a checkpoint records it: the run id of its config.yaml and the
+    SHA-256 of the settings that define what it trains (`NOT_IDENTITY` left out)."""
+    settings = {section: {key: value for key, value in (config.get(section) or {}).items()
+                          if (section, key) not in NOT_IDENTITY}
+                for section in RUN_SECTIONS}
+    blob = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return {"run_id": (config.get(RUN_KEY) or {}).get("id"),
+            "config_sha256": hashlib.sha256(blob.encode()).hexdigest()}
+
+
+def check_checkpoint_identity(run_dir: Path, checkpoint: Path) -> None:
+    """Refuse a checkpoint written by another run (copied in) or under other settings."""
+    mine = identity(read_config(run_dir))
+    theirs = state.read_identity(checkpoint)
+    if mine["run_id"] is None or theirs.get("run_id") != mine["run_id"]:
+        raise UserError(
+            f"checkpoint {checkpoint} was written by another run (run id "
+            f"{theirs.get('run_id')!r}, this run {mine['run_id']!r}); remove it, or resume "
+            "the run that wrote it")
+    if theirs.get("config_sha256") != mine["config_sha256"]:
+        raise UserError(
+            f"checkpoint {checkpoint} was written under other settings than {run_dir}/"
+            f"{CONFIG_FILE} records (config hash differs: the file was edited or replaced); "
+            "restore it, or start a new run")
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint whose progress file was written (an unfinished save is ignored)."""
     done = sorted(checkpoints_dir(run_dir).glob(f"step-*/{PROGRESS_FILE}"))
@@ -149,6 +190,7 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, clear: bool = True) 
         for key in sorted(set(asked[section]) | set(stored.get(section, {}))):
             before, now = stored.get(section, {}).get(key), asked[section].get(key)
             if (before == now or (section, key) in READING_KEYS
+                    or (section, key) == ("train", "out")  # a moved run folder resumes
                     or extends(section, key, before, now, cfg)):
                 continue
             raise UserError(
@@ -156,6 +198,7 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, clear: bool = True) 
                 "resume with the same settings"
                 + (" (a run is extended only under a constant learning rate)"
                    if (section, key) == ("train", "epochs") else ""))
+    check_checkpoint_identity(run_dir, checkpoint)
     return checkpoint
 
 
@@ -171,7 +214,17 @@ def reopen_run(run_dir: Path) -> None:
     """A finished run trained further (`extends`) is unfinished again: its model is the shorter
     run's, so it goes before the config records the longer schedule, and a run killed while
     being extended reads as one to resume, never as finished at the new length."""
-    shutil.rmtree(run_dir / MODEL_DIR, ignore_errors=True)
+    check_owner(run_dir)
+    _remove_tree(run_dir / MODEL_DIR)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a folder training made; never a link (`check_owner` refuses those first)."""
+    if path.is_symlink():
+        raise UserError(f"{path} is a symlink; adaspec never deletes through a link: replace "
+                        "it with a folder, or use a new --out")
+    if path.is_dir():
+        shutil.rmtree(path)
 
 
 def discard_run(run_dir: Path) -> None:
@@ -179,7 +232,7 @@ def discard_run(run_dir: Path) -> None:
     half-cleared folder is still recognised as a run."""
     check_owner(run_dir)
     for folder in (CHECKPOINTS_DIR, BEST_DIR, LOGS_DIR, MODEL_DIR):
-        shutil.rmtree(run_dir / folder, ignore_errors=True)
+        _remove_tree(run_dir / folder)
     metrics_path(run_dir).unlink(missing_ok=True)
     (run_dir / CONFIG_FILE).unlink(missing_ok=True)
 
@@ -189,6 +242,11 @@ def check_owner(run_dir: Path) -> list[Path]:
     marker); returns what it holds (nothing for a new or empty one)."""
     check_output(run_dir, "--out", folder=True)
     entries = [p for p in run_dir.iterdir() if p.name != LOCK_FILE] if run_dir.is_dir() else []
+    linked = sorted(p.name for p in entries if p.name in OWN_PARTS and p.is_symlink())
+    if linked:
+        raise UserError(f"--out {run_dir}: its {linked[0]} is a symlink; training writes and "
+                        "deletes a run's parts itself and never through a link: replace it "
+                        "with a folder, or use a new --out")
     if entries and not (run_dir / CONFIG_FILE).is_file():
         shown = ", ".join(sorted(p.name for p in entries)[:3])
         raise UserError(f"--out {run_dir} is not empty and not a run folder (it holds {shown}); "
@@ -228,7 +286,8 @@ def start_run_dir(run_dir: Path, cfg: Config, start_step: int,
     metrics of steps up to `start_step` (main process): an interrupted run may have logged
     steps past its last checkpoint; they are redone."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved = cfg.to_dict(RUN_SECTIONS)
+    run_id = (read_config(run_dir).get(RUN_KEY) or {}).get("id") if start_step else None
+    saved = {RUN_KEY: {"id": run_id or uuid.uuid4().hex}, **cfg.to_dict(RUN_SECTIONS)}
     if schedule is not None:
         saved["schedule"] = schedule
     if reference is not None:
@@ -278,27 +337,59 @@ def training_metrics(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir) if "loss" in r]
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, progress: dict, window) -> None:
-    """accelerate state (model, optimizer, scheduler, RNG) + data position; keep only the latest.
+def is_checkpoint(path: Path) -> bool:
+    """A `step-*` folder training wrote (a real folder holding a checkpoint's own files)."""
+    return (path.is_dir() and not path.is_symlink() and path.name.startswith("step-")
+            and any((path / name).is_file() for name in (
+                PROGRESS_FILE, state.TRAINER_FILE, state.MODEL_FILE, state.process_files(0)[0])))
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, progress: dict, learner) -> None:
+    """The learner's weights, optimizer and scheduler, every process's RNG and window, and the
+    data position (`checkpoint.py`: safetensors and JSON); keep only the latest.
 
     The progress file is written last, by the main process after every process has saved, so a
     checkpoint without it is incomplete and ignored.
     """
     path = checkpoints_dir(run_dir) / f"step-{step:08d}"
-    # Not safetensors: tied embeddings share storage, which safetensors refuses.
-    accelerator.save_state(str(path), safe_serialization=False)
-    torch.save(list(window), path / f"window_{accelerator.process_index}.pt")
+    run_identity = identity(read_config(run_dir)) if accelerator.is_main_process else {}
+    state.save(accelerator, path, accelerator.unwrap_model(learner.loss_model),
+               learner.optimizer, learner.scheduler, learner.window, run_identity)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (path / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
+    if accelerator.is_main_process:  # what every process wrote, as written
+        files = {p.name: file_sha256(p) for p in sorted(path.iterdir())
+                 if p.is_file() and p.name != PROGRESS_FILE}
+        (path / PROGRESS_FILE).write_text(json.dumps({**progress, "files": files}, indent=2))
         for old in checkpoints_dir(run_dir).glob("step-*"):
-            if old != path:
-                shutil.rmtree(old, ignore_errors=True)
+            if old != path and is_checkpoint(old):
+                shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator, checkpoint: Path, window) -> dict:
-    """Restore a checkpoint's accelerate state and window; returns its progress record."""
-    accelerator.load_state(str(checkpoint))  # model, optimizer, scheduler and RNG states
-    window.extend(torch.load(checkpoint / f"window_{accelerator.process_index}.pt"))
-    return json.loads((checkpoint / PROGRESS_FILE).read_text())
+def load_checkpoint(accelerator, checkpoint: Path, learner) -> dict:
+    """Restore a checkpoint into the learner (weights, optimizer, scheduler) and this process's
+    RNG and window; returns its progress record."""
+    try:
+        progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise state.damaged(checkpoint / PROGRESS_FILE, err) from None
+    if not isinstance(progress, dict) or not isinstance(progress.get("step"), int) \
+            or not isinstance(progress.get("files"), dict):
+        raise state.damaged(checkpoint / PROGRESS_FILE, "no step or no file digests")
+    needed = {state.MODEL_FILE, state.OPTIMIZER_FILE, state.TRAINER_FILE,
+              *state.process_files(accelerator.process_index)}
+    for name in sorted(needed | set(progress["files"])):
+        path = checkpoint / name
+        if not path.is_file() or file_sha256(path) != progress["files"].get(name):
+            raise state.damaged(path, "missing, or not the file the checkpoint wrote (SHA-256)")
+    state.load(accelerator, checkpoint, accelerator.unwrap_model(learner.loss_model),
+               learner.optimizer, learner.scheduler, learner.window)
+    return progress
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -182,7 +182,8 @@ def make_learner(accelerator, model, cfg: Config, vocab_size: int, total_steps: 
         optimizer, lambda s: step.lr_factor(s, total_steps, t.lr_schedule, t.warmup_steps)
     )
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    # The scheduler is checkpointed by `runs.save_checkpoint` as JSON; registered with accelerate
+    # it would be pickled (and unpickled, code and all, on --resume).
     rule = t.selection if t.stage == "draft" else "adaspec"
     return Learner(loss_model, optimizer, scheduler, rule, t.k, t.threshold, t.normalize)
 
@@ -292,8 +293,8 @@ def _train(cfg: Config, accelerator, run_dir: Path, resume: bool, progress: bool
         validator = Validator(cfg, run_dir, tokenizer)
     start_step = 0
     if checkpoint is not None:
-        saved = runs.load_checkpoint(accelerator, checkpoint, run.learner.window)
-        start_step, run.elapsed_before = saved["step"], saved["elapsed"]
+        saved = runs.load_checkpoint(accelerator, checkpoint, run.learner)
+        start_step, run.elapsed_before = saved["step"], float(saved.get("elapsed", 0.0))
     owner.enter_context(runs.owned(run_dir, hold=accelerator.is_main_process))
     if accelerator.is_main_process:  # a run killed before its first checkpoint is cleared now
         runs.check_run_dir(run_dir, cfg, resume)

@@ -111,7 +111,11 @@ RUN_FILES = {
     "model weights": "model/model.safetensors",
     "model config": "model/config.json",
     "checkpoint progress": "checkpoints/*/progress.json",
-    "checkpoint state": "checkpoints/*/pytorch_model.bin",
+    "checkpoint weights": "checkpoints/*/model.safetensors",
+    "checkpoint optimizer": "checkpoints/*/optimizer.safetensors",
+    "checkpoint trainer state": "checkpoints/*/trainer.json",
+    "checkpoint process state": "checkpoints/*/process-0.safetensors",
+    "checkpoint RNG": "checkpoints/*/process-0.json",
 }
 
 

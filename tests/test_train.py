@@ -87,6 +87,7 @@ def test_outputs_config_metrics_and_assistant_model(env):
     assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["epoch"] == 0.5
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     schedule = saved.pop("schedule")  # what the settings made of the data
+    assert len(saved.pop("run")["id"]) == 32  # the run's identity, which checkpoints carry
     assert (schedule["optimizer_steps"], schedule["micro_batches_per_epoch"]) == (2, 4)
     assert saved == resolve_config(train_config(env, k=1.0, epochs=0.5, out=run_dir)).to_dict(
         RUN_SECTIONS)
@@ -200,7 +201,7 @@ def test_two_processes_train_like_one_process_with_the_combined_batch(env):
     AutoModelForCausalLM.from_pretrained(out / "model")
     assert len(run_metrics(out)) == 4  # 4 batches per epoch shared by 2 processes, 2 epochs
     saved = os.listdir(out / "checkpoints" / "step-00000004")  # the end of epoch 2
-    assert {"random_states_1.pkl", "window_1.pt", "progress.json"} <= set(saved)
+    assert {"process-1.safetensors", "process-1.json", "progress.json"} <= set(saved)
     single = train(train_config(env, k=1.0, batch_size=4, lr=1e-3, out=env.root / "single"),
                    progress=False)
     a, b = run_weights(out), run_weights(single)

@@ -254,7 +254,7 @@ def test_a_diverged_run_stops_in_one_line_and_saves_nothing_non_finite(
     run_dir = tmp_path / "run"
     assert not (run_dir / "model").exists()
     for checkpoint in (run_dir / "checkpoints").glob("step-*"):  # what was kept is finite
-        state = torch.load(checkpoint / "pytorch_model.bin", weights_only=True)
+        state = load_file(checkpoint / "model.safetensors")
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
