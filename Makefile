@@ -30,21 +30,37 @@ CONTINUATIONS := --cache $(DEMO_DIR)/continuations --generate --gen-temperature 
 	--gen-max-new-tokens 40 --sparse topk --topk 64 --value-encoding float16
 VALIDATE := --eval-cache $(DEMO_DIR)/continuations
 RUNS := $(DEMO_DIR)/runs
-demo: setup
-	$(BIN)/adaspec-cache preview --task arith --limit 1 --chat-template
-	$(BIN)/adaspec-cache build --model target $(DEMO) --generate --gen-temperature 0
-	$(BIN)/adaspec-cache build --model target $(DEMO) --split validation --limit 8 $(CONTINUATIONS)
-	$(BIN)/adaspec-cache build --model target $(DEMO) --split test --limit 8 $(CONTINUATIONS)
-	$(BIN)/adaspec-train $(DEMO) $(VALIDATE) --stage ref --out $(RUNS)/ref-k1.0
-	$(BIN)/adaspec-cache build --model ref $(DEMO)
-	$(BIN)/adaspec-train $(DEMO) $(VALIDATE) --stage draft --k 0.4 --official-schedule \
+# Each step runs as a named phase (adaspec/phase_times.py, standard library only, so it runs
+# before .venv exists); the demo ends with the table of where its time went.
+PHASES := $(DEMO_DIR)/phases.jsonl
+PHASE := $(PYTHON) -m adaspec.phase_times run --log $(PHASES) --name
+demo:
+	@mkdir -p $(DEMO_DIR) && rm -f $(PHASES)
+	@$(PHASE) "setup (.venv, packages)" -- $(MAKE) --no-print-directory setup
+	@$(PHASE) "data: preview a prompt" -- \
+		$(BIN)/adaspec-cache preview --task arith --limit 1 --chat-template
+	@$(PHASE) "cache: target, training responses" -- \
+		$(BIN)/adaspec-cache build --model target $(DEMO) --generate --gen-temperature 0
+	@$(PHASE) "cache: validation continuations" -- \
+		$(BIN)/adaspec-cache build --model target $(DEMO) --split validation --limit 8 $(CONTINUATIONS)
+	@$(PHASE) "cache: test continuations" -- \
+		$(BIN)/adaspec-cache build --model target $(DEMO) --split test --limit 8 $(CONTINUATIONS)
+	@$(PHASE) "train: reference (plain KD)" -- \
+		$(BIN)/adaspec-train $(DEMO) $(VALIDATE) --stage ref --out $(RUNS)/ref-k1.0
+	@$(PHASE) "cache: reference losses" -- $(BIN)/adaspec-cache build --model ref $(DEMO)
+	@$(PHASE) "train: AdaSPEC draft" -- \
+		$(BIN)/adaspec-train $(DEMO) $(VALIDATE) --stage draft --k 0.4 --official-schedule \
 		--out $(RUNS)/adaspec-k0.4
-	$(BIN)/adaspec-cache verify --cache $(DEMO_DIR)/cache
-	$(BIN)/adaspec-eval $(DEMO) --split test --limit 8 --modes speculative --compare \
+	@$(PHASE) "cache: verify" -- $(BIN)/adaspec-cache verify --cache $(DEMO_DIR)/cache
+	@$(PHASE) "eval: speculative decoding, timed" -- \
+		$(BIN)/adaspec-eval $(DEMO) --split test --limit 8 --modes speculative --compare \
 		--continuations-cache $(DEMO_DIR)/continuations \
 		--draft $(RUNS)/adaspec-k0.4/best $(RUNS)/ref-k1.0/best --json $(DEMO_DIR)/eval.json
-	$(BIN)/adaspec-export $(RUNS)/adaspec-k0.4 --best --out $(DEMO_DIR)/export \
+	@$(PHASE) "export: AdaSPEC draft" -- \
+		$(BIN)/adaspec-export $(RUNS)/adaspec-k0.4 --best --out $(DEMO_DIR)/export \
 		--eval-json $(DEMO_DIR)/eval.json --overwrite
+	@echo "where the demo's time went ($(PHASES)):"
+	@$(PYTHON) -m adaspec.phase_times table --log $(PHASES)
 
 test: setup
 	$(BIN)/python -m pytest -q

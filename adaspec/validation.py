@@ -78,23 +78,30 @@ def validation_records(run_dir: Path) -> list[dict]:
 
 def plateau(records: list[dict], metric: str = "expected_acceptance",
             tolerance: float = PLATEAU_TOLERANCE) -> dict:
-    """Whether a run had stopped improving: its best `metric` over the last quarter of its
-    steps beats its best before that by less than `tolerance` (0.5 pt).
+    """Whether a run had stopped improving: the mean `metric` of its evaluations in the last
+    quarter of its steps beats the mean of those in the quarter before by less than `tolerance`
+    (0.5 pt).
 
-    `records` are `validation_records` (step, metric). Returns {"reached", "change" (best of
-    the last quarter minus best before it; None without evaluations on both sides), "since_step"
-    (where the last quarter starts), "metric", "tolerance"}.
+    Means, not maxima: one lucky evaluation neither makes a rising curve look flat nor a flat one
+    rising, and a curve that keeps creeping up moves its mean. `records` are
+    `validation_records` (step, metric). Returns {"reached", "change" (last-quarter mean minus
+    the previous quarter's; None without evaluations in both), "since_step" (where the last
+    quarter starts), "previous_from_step" (where the quarter before starts), "means" ([previous,
+    last]), "evaluations" ([previous, last] counts), "metric", "tolerance", "rule"}.
     """
     out = {"metric": metric, "tolerance": tolerance, "reached": False, "change": None,
-           "since_step": None}
+           "since_step": None, "previous_from_step": None, "means": None, "evaluations": None,
+           "rule": "mean of the last quarter of steps minus mean of the quarter before"}
     if not records:
         return out
     last = max(r["step"] for r in records)
-    since = 0.75 * last
-    before = [r[metric] for r in records if r["step"] <= since]
+    since, previous_from = 0.75 * last, 0.5 * last
+    previous = [r[metric] for r in records if previous_from < r["step"] <= since]
     window = [r[metric] for r in records if r["step"] > since]
-    out["since_step"] = since
-    if before and window:
-        out["change"] = max(window) - max(before)
+    out.update(since_step=since, previous_from_step=previous_from,
+               evaluations=[len(previous), len(window)])
+    if previous and window:
+        means = [sum(previous) / len(previous), sum(window) / len(window)]
+        out.update(means=means, change=means[1] - means[0])
         out["reached"] = out["change"] < tolerance
     return out

@@ -349,3 +349,40 @@ def test_smollm2_identity():
     assert identity["layers"] == 2
     assert len(identity["weight_hash"]) == 64
     assert model_identity(DEFAULT_ALIAS)["weight_hash"] == identity["weight_hash"]
+
+
+def test_embedded_model_is_converted_once_into_a_folder_named_by_its_gguf(
+        tmp_path, monkeypatch, tiny_tokenizer):
+    """The alias loads from a save_pretrained folder made from its GGUF on first use: made once
+    (a second load does not read the GGUF), named by the GGUF's sha256, equal in logits to what
+    the GGUF gave, and converted again when its weights were damaged."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"stand-in for the embedded GGUF")
+    conversions = []
+
+    def fake_gguf_load(path):
+        conversions.append(path)
+        return make_tiny_model(len(tiny_tokenizer), n_layers=2, seed=4), tiny_tokenizer
+
+    monkeypatch.setenv(models.MODEL_CACHE_ENV, str(tmp_path / "models"))
+    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: gguf)
+    monkeypatch.setattr(models, "_load_gguf", fake_gguf_load)
+    first, _ = load_model(DEFAULT_ALIAS)
+    draft, _ = load_model(f"{DEFAULT_ALIAS}@layers=1")
+    assert conversions == [gguf]
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    folder = tmp_path / "models" / f"{DEFAULT_ALIAS}-{digest[:16]}"
+    assert (folder / models.WEIGHTS_HASH_FILE).is_file()
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no staging left
+    ids = torch.tensor([[1, 5, 9, 3]])
+    expected = make_tiny_model(len(tiny_tokenizer), n_layers=2, seed=4)
+    torch.testing.assert_close(_logits(first, ids), _logits(expected.eval(), ids))
+    assert len(draft.model.layers) == 1
+    # identity stays the GGUF's, whichever form it is loaded from
+    assert model_identity(DEFAULT_ALIAS)["weight_hash"] == digest
+
+    weights = next(folder.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    again, _ = load_model(DEFAULT_ALIAS)
+    assert conversions == [gguf, gguf]
+    torch.testing.assert_close(_logits(again, ids), _logits(expected.eval(), ids))

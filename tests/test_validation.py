@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from helpers import build_split_target, save_tiny_model, train_config
@@ -93,20 +94,47 @@ def test_eval_cache_of_another_target_is_refused(env, continuations_cache, tmp_p
 
 
 @pytest.mark.parametrize("values,reached,change", [
-    # steps 10..40: the last quarter starts after step 30
-    ([0.10, 0.20, 0.30, 0.40], False, 0.10),   # still rising
-    ([0.10, 0.30, 0.301, 0.303], True, 0.002),  # flat: +0.2 pt over the last quarter
-    ([0.10, 0.30, 0.31, 0.25], True, -0.06),   # falling (over-fitting) is not improving
+    # steps 10..80: the quarter before is steps 41-60, the last quarter 61-80
+    ([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], False, 0.20),          # still rising
+    ([0.1, 0.3, 0.5, 0.6, 0.60, 0.602, 0.601, 0.604], True, 0.0015),  # flat
+    ([0.1, 0.3, 0.5, 0.6, 0.62, 0.60, 0.58, 0.55], True, -0.045),     # falling (over-fitting)
 ])
-def test_plateau_compares_the_last_quarter_with_before(values, reached, change):
+def test_plateau_compares_the_means_of_the_last_two_quarters(values, reached, change):
     records = [{"step": 10 * (i + 1), "greedy_agreement": v} for i, v in enumerate(values)]
     p = plateau(records, "greedy_agreement")
     assert p["reached"] is reached
     assert p["change"] == pytest.approx(change)
-    assert p["since_step"] == 30
+    assert p["since_step"] == 60 and p["previous_from_step"] == 40
+    assert p["evaluations"] == [2, 2]
+
+
+def test_plateau_is_not_fooled_by_one_high_evaluation():
+    """One lucky evaluation decided the maximum-based rule: a rising curve whose best point came
+    before the last quarter looked flat, and a flat one with a late spike looked rising. The
+    means see through both."""
+    rng = random.Random(0)
+    steps = [10 * (i + 1) for i in range(40)]  # quarter before: 210-300, last quarter: 310-400
+
+    rising = [0.5 + 0.004 * i + rng.gauss(0, 0.01) for i in range(40)]
+    rising[25] = 0.80  # step 260
+    records = [{"step": s, "greedy_agreement": v} for s, v in zip(steps, rising, strict=True)]
+    assert max(v for s, v in zip(steps, rising, strict=True) if s > 300) < 0.80  # old rule: flat
+    p = plateau(records, "greedy_agreement")
+    assert p["reached"] is False and p["change"] > 0.01
+
+    flat = [0.7 + rng.gauss(0, 0.003) for _ in range(40)]
+    flat[-1] = 0.73  # step 400, 3 pt above the rest: the old rule: "rising"
+    records = [{"step": s, "greedy_agreement": v} for s, v in zip(steps, flat, strict=True)]
+    p = plateau(records, "greedy_agreement")
+    previous = [v for s, v in zip(steps, flat, strict=True) if 200 < s <= 300]
+    last = [v for s, v in zip(steps, flat, strict=True) if s > 300]
+    assert p["means"] == pytest.approx([sum(previous) / 10, sum(last) / 10])
+    assert p["reached"] is True and abs(p["change"]) < 0.005
 
 
 def test_plateau_without_evaluations_on_both_sides_is_not_reached():
     assert plateau([], "greedy_agreement")["reached"] is False
     one = plateau([{"step": 5, "greedy_agreement": 0.3}], "greedy_agreement")
     assert one["reached"] is False and one["change"] is None
+    early = [{"step": s, "greedy_agreement": 0.3} for s in (1, 2, 40)]  # none in steps 21-30
+    assert plateau(early, "greedy_agreement")["change"] is None
