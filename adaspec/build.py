@@ -14,6 +14,7 @@ the same rows come out whichever process, shard or restart computes them.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,25 +57,50 @@ def sequence_params(cfg: Config, fingerprint: str, generate: dict | None = None)
     }
 
 
+# how a conversation's tokenization or regeneration was cut -> its count in the manifest
+_CONVERSATION_COUNTS = {"turns": "conversations_cut", "too_long": "conversations_skipped",
+                        "regenerated_cut": "regenerated_cut",
+                        "regenerated_empty": "regenerated_skipped"}
+
+
+def _texts(tokenized: list, source_index: list[int]) -> list[str] | None:
+    """Each stored sequence's text record (conversations), in stored order; None for a task
+    that keeps none."""
+    by_source = {t.source_index: t.text for t in tokenized}
+    texts = [by_source[s] for s in source_index]
+    return None if any(text is None for text in texts) else texts
+
+
 def ensure_sequences(writer: CacheWriter, cfg: Config, tokenizer, params: dict,
-                     tokenized_fn: Callable[[], list], rebuild: bool = False) -> None:
+                     tokenized_fn: Callable[[], list], rebuild: bool = False,
+                     notes: Counter | None = None) -> None:
     """Write the sequences (or check the stored ones match `params`); main process only.
 
     tokenized_fn() -> list of TokenizedExample, called only when the sequences must be written.
     With `rebuild`, stored sequences that cannot be read (a damaged or missing chunk) are
     written again from the data: the same settings make the same sequences, so the row stages
     built on them stay valid (the counts are checked before anything is overwritten).
+    `notes`, filled by tokenized_fn (conversations), become counts of the sequences stage.
     """
     if writer.check_sequences(params, SEQUENCES_FIX):
         if rebuild and not writer.sequences_readable():
-            ids, masks, source_index = labels.order_sequences(tokenized_fn())
-            writer.repair_sequences(ids, masks, source_index, models.real_vocab_size(tokenizer))
+            tokenized = tokenized_fn()
+            ids, masks, source_index = labels.order_sequences(tokenized)
+            writer.repair_sequences(ids, masks, source_index, models.real_vocab_size(tokenizer),
+                                    _texts(tokenized, source_index))
         return
-    input_ids, label_masks, source_index = labels.order_sequences(tokenized_fn())
+    tokenized = tokenized_fn()
+    input_ids, label_masks, source_index = labels.order_sequences(tokenized)
     if not input_ids:
         raise UserError(f"task {cfg.data.task} split {cfg.data.split} gave no sequence with labels")
+    texts = _texts(tokenized, source_index)
+    extra = None
+    if texts is not None:
+        extra = {name: int((notes or {}).get(note, 0))
+                 for note, name in _CONVERSATION_COUNTS.items()}
     writer.write_sequences(input_ids, label_masks, source_index,
-                           models.real_vocab_size(tokenizer), params, adaspec.__version__)
+                           models.real_vocab_size(tokenizer), params, adaspec.__version__,
+                           texts=texts, extra_counts=extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +198,8 @@ def _build_target(cfg: Config, model_spec: str | None, state: PartialState, prog
     writer = CacheWriter(cfg.cache.cache, cfg.data.task, cfg.data.split)
     fingerprint = models.tokenizer_fingerprint(loaded.tokenizer)
     generated = gen_identity = None
+    conversations = tasks.lookup(cfg.data.task).conversations
+    notes: Counter = Counter()  # how conversations were cut (`ensure_sequences`)
     if cfg.cache.generate:
         writer_model = loaded
         if cfg.cache.generator != "target":  # on-policy: another model writes the responses
@@ -183,19 +211,29 @@ def _build_target(cfg: Config, model_spec: str | None, state: PartialState, prog
         gen_identity = writer_model.identity
         gen_params = generate.generation_params(cfg, gen_identity)
         seq_params = sequence_params(cfg, fingerprint, gen_params)
-        processes.together(state, lambda: generate.generate_batches(
-            cfg, writer_model.model, writer_model.tokenizer, state, progress, gen_identity,
-            sequence_params(cfg, fingerprint)))
-        state.wait_for_everyone()
-        del writer_model
-        generated = generate.load_generated(cfg)
-        processes.on_main(state, lambda: ensure_sequences(
-            writer, cfg, loaded.tokenizer, seq_params,
-            lambda: generate.generated_examples(generated), rebuild))
+        if conversations:  # every assistant turn rewritten; the target scores them below
+            processes.together(state, lambda: generate.regenerate_conversations(
+                cfg, writer_model.model, writer_model.tokenizer, state, progress, gen_identity,
+                sequence_params(cfg, fingerprint)))
+            state.wait_for_everyone()
+            del writer_model
+            processes.on_main(state, lambda: ensure_sequences(
+                writer, cfg, loaded.tokenizer, seq_params,
+                lambda: generate.regenerated_split(cfg, loaded.tokenizer, notes), rebuild, notes))
+        else:
+            processes.together(state, lambda: generate.generate_batches(
+                cfg, writer_model.model, writer_model.tokenizer, state, progress, gen_identity,
+                sequence_params(cfg, fingerprint)))
+            state.wait_for_everyone()
+            del writer_model
+            generated = generate.load_generated(cfg)
+            processes.on_main(state, lambda: ensure_sequences(
+                writer, cfg, loaded.tokenizer, seq_params,
+                lambda: generate.generated_examples(generated), rebuild))
     else:
         processes.on_main(state, lambda: ensure_sequences(
             writer, cfg, loaded.tokenizer, sequence_params(cfg, fingerprint),
-            lambda: tasks.tokenize_split(cfg.data, loaded.tokenizer), rebuild))
+            lambda: tasks.tokenize_split(cfg.data, loaded.tokenizer, notes), rebuild, notes))
     state.wait_for_everyone()
     reader = provenance.reader_of(cfg, require=())
     models.check_same_tokenizer(loaded.tokenizer, reader.tokenizer_fingerprint, loaded.spec,

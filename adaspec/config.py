@@ -28,7 +28,7 @@ from adaspec.errors import UserError
 # The allowed values of every setting with choices. The implementing modules keep their own
 # tuples (losses.DIVERGENCES, selection.RULES, ...); tests/test_config.py ties each to these.
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-TaskName = Literal["gsm8k", "alpaca", "mbpp", "cnn_dailymail", "xsum", "arith"]
+TaskName = Literal["gsm8k", "alpaca", "mbpp", "cnn_dailymail", "xsum", "arith", "chat"]
 Split = Literal["train", "validation", "test", "all"]
 SparseMode = Literal["topk", "sample"]
 ValueEncoding = Literal["float16", "uint8q"]
@@ -76,7 +76,7 @@ class DataConfig(Checked):
     section: ClassVar[str] = "data"
 
     task: TaskName = "gsm8k"
-    """Task name (arith: offline, generated)."""
+    """Task name (arith: offline, generated; chat: your own conversations, --data-files)."""
     split: Split = "train"
     """Split of the task's data."""
     data_files: str | None = None

@@ -22,6 +22,7 @@ generations would no longer match the stored sequences.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -109,7 +110,7 @@ def _prepare_staging(cfg: Config, staging: Path, params: dict) -> None:
         stored = None
     if stored == params:
         return
-    batches = sorted(staging.glob("batch-*.npz"))
+    batches = sorted(staging.glob("batch-*"))  # .npz, or .json for conversations
     writer = CacheWriter(cfg.cache.cache, cfg.data.task, cfg.data.split)
     if writer.manifest.is_complete(schema.SEQUENCES):
         if stored is not None:
@@ -387,3 +388,147 @@ def check_generated(cfg: Config, generated: dict, seqs: list[np.ndarray], source
                 f"{s} (source index {source}); its target rows cannot be rebuilt from them: build "
                 "into a new --cache directory"
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversations (task chat): every assistant turn rewritten, turn by turn
+
+
+def _conversation_batches(cfg: Config) -> list[list[tasks.Example]]:
+    """The split's conversations in source order, in batches of --batch-tokens / --max-length
+    conversations (a fixed plan: batch i's seed and members never change)."""
+    examples = tasks.load_split(cfg.data)
+    per_batch = max(1, cfg.cache.batch_tokens // cfg.data.max_length)
+    return [examples[i : i + per_batch] for i in range(0, len(examples), per_batch)]
+
+
+def _generate_replies(cfg: Config, model, tokenizer, prompts: list[list[int]],
+                      sources: list[int], seed: int, stops: list[int]) -> list[list[int]]:
+    """One sampled (or greedy) reply per prompt, cut before its first stop token."""
+    vocab_size = models.real_vocab_size(tokenizer)
+    pad_id = models.pad_id(tokenizer, stops[0])
+    device = next(model.parameters()).device
+    longest = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for b, ids in enumerate(prompts):  # left padding: generation continues every row
+        input_ids[b, longest - len(ids) :] = torch.tensor(ids)
+        attention_mask[b, longest - len(ids) :] = 1
+
+    def on_bad(row: int, step: int) -> None:
+        raise nonfinite_error(cfg, sources[row], step, "response token")
+
+    config = _generation_config(cfg, stops, pad_id)
+    config.output_logits = False  # the target scores the finished conversations itself
+    torch.manual_seed(seed)
+    with _own_generation_defaults(model):
+        out = model.generate(input_ids=input_ids.to(device),
+                             attention_mask=attention_mask.to(device), generation_config=config,
+                             logits_processor=_vocab_guard(vocab_size, longest, stops[0], on_bad))
+    replies = []
+    for tokens in out.sequences[:, longest:].cpu().tolist():
+        ends = [i for i, token in enumerate(tokens) if token in stops]
+        replies.append(tokens[: ends[0]] if ends else tokens)
+    return replies
+
+
+def _regenerate_batch(cfg: Config, model, tokenizer, batch: list[tasks.Example], index: int,
+                      stops: list[int]) -> list[dict]:
+    """Rewrite every assistant turn of a batch's conversations, turn by turn: turn t of each
+    conversation is generated from its turns before t as regenerated so far. A conversation
+    stops at the first turn whose context fills --max-length or whose reply is empty (the turns
+    from there on are dropped). Returns one staged record per conversation."""
+    turns = [list(ex.conversation.turns) for ex in batch]
+    positions = [[i for i, turn in enumerate(t) if turn.role == "assistant"] for t in turns]
+    kept = [0] * len(batch)  # assistant turns regenerated so far
+    going = [True] * len(batch)
+    for t in range(max(len(p) for p in positions)):
+        rows, prompts = [], []
+        for b, ex in enumerate(batch):
+            if not going[b] or t >= len(positions[b]):
+                continue
+            conversation = dataclasses.replace(ex.conversation, turns=tuple(turns[b]))
+            ids = tasks.chat.generation_prompt_ids(conversation, positions[b][t], tokenizer)
+            if len(ids) >= cfg.data.max_length:
+                going[b] = False
+                continue
+            rows.append(b)
+            prompts.append(ids)
+        if not rows:
+            break
+        seed = (cfg.cache.seed * 1_000_003 + index) * 1_009 + t
+        replies = _generate_replies(cfg, model, tokenizer, prompts,
+                                    [batch[b].source_index for b in rows], seed, stops)
+        for b, prompt, reply in zip(rows, prompts, replies, strict=True):
+            text = tokenizer.decode(reply, skip_special_tokens=False,
+                                    clean_up_tokenization_spaces=False)
+            if not text.strip():
+                going[b] = False
+                continue
+            turns[b][positions[b][t]] = tasks.Turn("assistant", text)
+            kept[b] += 1
+            if len(prompt) + len(reply) + 1 >= cfg.data.max_length:
+                going[b] = False  # the next turn could not fit
+    records = []
+    for b, ex in enumerate(batch):
+        cut = positions[b][kept[b] - 1] + 1 if kept[b] else 0
+        records.append({"source_index": ex.source_index,
+                        "turns": [[turn.role, turn.content] for turn in turns[b][:cut]],
+                        "cut": kept[b] < len(positions[b])})
+    return records
+
+
+@torch.no_grad()
+def regenerate_conversations(cfg: Config, model, tokenizer, state: PartialState, progress: bool,
+                             identity: dict, sequence_params: dict) -> None:
+    """Rewrite the split's conversations with `model` and stage them, a batch of conversations
+    per file (`batch-NNNNNN.json`, written atomically): resumable, and split across processes
+    like `generate_batches`."""
+    staging = staging_dir(cfg)
+    dtype = next(model.parameters()).dtype
+    params = _staging_params(cfg, identity, tokenizer, dtype, sequence_params)
+    processes.on_main(state, lambda: _prepare_staging(cfg, staging, params))
+    state.wait_for_everyone()
+    batches = _conversation_batches(cfg)
+    stops = tasks.chat.stop_ids(tokenizer)
+    mine = [i for i in range(len(batches)) if i % state.num_processes == state.process_index]
+    todo = [i for i in mine if not (staging / f"batch-{i:06d}.json").exists()]
+    bar = tqdm(total=len(todo), desc=f"regenerate {cfg.data.task}/{cfg.data.split}",
+               unit="batch", disable=not progress, dynamic_ncols=True)
+    for i in todo:
+        records = _regenerate_batch(cfg, model, tokenizer, batches[i], i, stops)
+        tmp = staging / f"batch-{i:06d}.json.tmp"
+        tmp.write_text(json.dumps(records, ensure_ascii=False))
+        os.replace(tmp, staging / f"batch-{i:06d}.json")  # atomic: a staged batch is whole
+        bar.update(1)
+    bar.close()
+
+
+def regenerated_split(cfg: Config, tokenizer, notes) -> list[tasks.TokenizedExample]:
+    """The split's conversations with their staged regenerated turns, tokenized as a cache
+    stores them; `notes` (a Counter) counts conversations cut short while regenerating
+    ('regenerated_cut') or left with no assistant turn ('regenerated_empty'), and how
+    tokenization cut them."""
+    staged: dict[int, dict] = {}
+    for path in sorted(staging_dir(cfg).glob("batch-*[0-9].json")):
+        for record in json.loads(path.read_text()):
+            staged[record["source_index"]] = record
+    examples = []
+    for ex in tasks.load_split(cfg.data):
+        record = staged.get(ex.source_index)
+        if record is None:
+            raise CacheError(f"the staged conversations in {staging_dir(cfg)} lack source "
+                             f"index {ex.source_index}; rerun the build to finish them")
+        if not record["turns"]:
+            notes["regenerated_empty"] += 1
+            continue
+        notes["regenerated_cut"] += int(record["cut"])
+        turns = tuple(tasks.Turn(role, content) for role, content in record["turns"])
+        conversation = dataclasses.replace(ex.conversation, turns=turns)
+        examples.append(dataclasses.replace(ex, response=turns[-1].content,
+                                            conversation=conversation))
+    if not examples:
+        raise UserError(f"no conversation of {cfg.data.task}/{cfg.data.split} kept an assistant "
+                        "turn when regenerated (each context filled --max-length or the first "
+                        "reply was empty); raise --max-length")
+    return tasks.tokenize_examples(examples, tokenizer, cfg.data.max_length, False, notes)

@@ -126,6 +126,19 @@ class CacheReader:
     def n_label_rows(self) -> int:
         return int(self.label_offsets[-1])
 
+    def texts(self) -> list[str] | None:
+        """Each sequence's text record (in sequence order) when the builder stored them (task
+        chat: its conversation row as JSON), else None."""
+        sequences = member(self.group, schema.SEQUENCES, self.root)
+        if schema.TEXT_ARRAYS[0] not in sequences:
+            return None
+        arrays = [member(sequences, name, self.root) for name in schema.TEXT_ARRAYS]
+        for array in arrays:
+            check_stored(array, self.root)
+        data, offsets = (read_rows(a, 0, a.shape[0], self.root) for a in arrays)
+        raw = data.tobytes()
+        return [raw[a:b].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+
     # Rows ---------------------------------------------------------------------------------------
 
     def all_tokens(self) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,9 @@ Layout of a cache root (a Zarr v3 group; any Zarr v3 reader can open it):
           offsets       (S+1,) int64           sequence s is input_ids[offsets[s]:offsets[s+1]]
           label_offsets (S+1,) int64           its label rows: label_offsets[s]:label_offsets[s+1]
           source_index  (S,)   int64           row of the task's split each sequence came from
+          texts         (B,)   uint8           optional: the UTF-8 record each sequence was made
+                                               from (task chat: its conversation row, as JSON)
+          text_offsets  (S+1,) int64           record s: texts[text_offsets[s]:text_offsets[s+1]]
         target/                     one row per label token, in sequence order
           ids           (N, K) uint16|uint32   top-K token ids (or sampled ids, mode "sample");
                                                "delta": first kept, rest sorted, differences
@@ -46,6 +49,7 @@ REF_PREFIX = "ref"
 DONE = "_done"
 
 SEQUENCE_ARRAYS = ("input_ids", "label_mask", "offsets", "label_offsets", "source_index")
+TEXT_ARRAYS = ("texts", "text_offsets")  # optional, both or neither
 SPARSE_MODES = ("topk", "sample")
 VALUE_ENCODINGS = ("float16", "uint8q")
 ID_ENCODINGS = ("plain", "delta")

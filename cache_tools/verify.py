@@ -77,9 +77,15 @@ def _check_sequences(group, path: str, vocab_size: int) -> tuple[int, np.ndarray
     per_seq = np.add.reduceat(arrays["label_mask"].astype(np.int64), offsets[:-1])
     if not np.array_equal(np.diff(label_offsets), per_seq) or label_offsets[0] != 0:
         raise _Bad(f"{path}/sequences/label_offsets: disagree with label_mask")
-    n_chunks = sum(
-        -(-seq[name].shape[0] // schema.SEQUENCE_CHUNK) for name in schema.SEQUENCE_ARRAYS
-    )
+    names = list(schema.SEQUENCE_ARRAYS)
+    if schema.TEXT_ARRAYS[0] in seq:  # optional per-sequence records (task chat)
+        texts, text_offsets = (_read(seq[name], 0, seq[name].shape[0], f"{path}/sequences/{name}")
+                               for name in schema.TEXT_ARRAYS)
+        if (len(text_offsets) != len(offsets) or text_offsets[0] != 0
+                or text_offsets[-1] != len(texts) or np.any(np.diff(text_offsets) < 0)):
+            raise _Bad(f"{path}/sequences/text_offsets: not one record per sequence")
+        names += schema.TEXT_ARRAYS
+    n_chunks = sum(-(-seq[name].shape[0] // schema.SEQUENCE_CHUNK) for name in names)
     return n_chunks, label_offsets
 
 

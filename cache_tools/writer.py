@@ -34,8 +34,10 @@ def _write_sequence_arrays(
     label_masks: Sequence[np.ndarray],
     source_index: Sequence[int],
     vocab_size: int,
+    texts: Sequence[str] | None = None,
 ) -> dict:
-    """Write ragged sequences (overwriting any partial earlier attempt); returns their counts.
+    """Write ragged sequences (overwriting any partial earlier attempt), and each one's text
+    record when `texts` is given; returns their counts.
 
     Every id must be one the tokenizer can produce (0 <= id < vocab_size): an id past it (e.g.
     drawn from a padded embedding row) would wrap in the id dtype or index nothing downstream, and
@@ -65,6 +67,11 @@ def _write_sequence_arrays(
         "label_offsets": label_offsets,
         "source_index": np.asarray(source_index, dtype=np.int64),
     }
+    if texts is not None:
+        encoded = [text.encode("utf-8") for text in texts]
+        arrays["texts"] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        arrays["text_offsets"] = np.concatenate(
+            [[0], np.cumsum([len(e) for e in encoded])]).astype(np.int64)
     for name, values in arrays.items():
         array = seq_group.create_array(
             name,
@@ -123,16 +130,21 @@ class CacheWriter:
 
     def write_sequences(self, input_ids: Sequence[np.ndarray], label_masks: Sequence[np.ndarray],
                         source_index: Sequence[int], vocab_size: int, params: dict,
-                        package_version: str | None = None) -> dict:
+                        package_version: str | None = None,
+                        texts: Sequence[str] | None = None,
+                        extra_counts: dict[str, int] | None = None) -> dict:
         """Write the ragged sequences (over any partial attempt) and mark them complete.
 
-        `params` must hold `schema.TOKENIZER_FINGERPRINT`. Returns the counts: sequences,
-        tokens, label_tokens.
+        `params` must hold `schema.TOKENIZER_FINGERPRINT`. `texts`, if given, is one record per
+        sequence (`CacheReader.texts`); `extra_counts` joins the stage's counts (what the builder
+        dropped or cut). Returns the counts: sequences, tokens, label_tokens and the extra ones.
         """
         if schema.TOKENIZER_FINGERPRINT not in params:
             raise ValueError(f"sequence params need {schema.TOKENIZER_FINGERPRINT!r}")
         group = self.group
-        counts = _write_sequence_arrays(group, input_ids, label_masks, source_index, vocab_size)
+        counts = _write_sequence_arrays(group, input_ids, label_masks, source_index, vocab_size,
+                                        texts)
+        counts.update(extra_counts or {})
         manifest = Manifest(task=self.task, split=self.split, vocab_size=int(vocab_size),
                             package_version=package_version,
                             stages={schema.SEQUENCES: Stage(schema.STATUS_COMPLETE, params,
@@ -149,7 +161,8 @@ class CacheWriter:
         return True
 
     def repair_sequences(self, input_ids: Sequence[np.ndarray], label_masks: Sequence[np.ndarray],
-                         source_index: Sequence[int], vocab_size: int) -> dict:
+                         source_index: Sequence[int], vocab_size: int,
+                         texts: Sequence[str] | None = None) -> dict:
         """Rewrite damaged sequence arrays from the same data; the manifest and every row stage
         stay (they index the same sequences). Refused when the data now makes other counts."""
         stored = self.manifest.stages[schema.SEQUENCES].counts
@@ -160,7 +173,7 @@ class CacheWriter:
                 f"cache {self.task}/{self.split}: the data now makes other sequences ({counts}) "
                 f"than the stored ones ({stored}); they cannot be repaired: use a new --cache")
         return _write_sequence_arrays(self.group, input_ids, label_masks, source_index,
-                                      vocab_size)
+                                      vocab_size, texts)
 
     def open_stage(self, stage: str, params: dict, vocab_size: int,
                    shard_rows: int = schema.DEFAULT_SHARD_ROWS,

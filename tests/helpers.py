@@ -16,6 +16,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 GSM8K = SHARED_DATA / "gsm8k" / "train.jsonl"
+CHAT_FIXTURES = REPO / "tests" / "fixtures" / "chat"  # conversations in both shapes (task chat)
+# A chat template for the tiny tokenizer: each turn "<role>content<|endoftext|>\n", and the
+# generation prompt "<assistant>"; its end of turn is the EOS token.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 # ---------------------------------------------------------------------------------------------
 # Tiny models: a byte-level BPE tokenizer and random Llama-architecture causal LMs

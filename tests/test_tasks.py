@@ -22,6 +22,7 @@ FILES = {
     "cnn_dailymail": "cnn_dailymail/cnn_dailymail_validation_subset.csv",
     "xsum": "xsum/xsum-1000.jsonl",
 }
+SINGLE_TURN = tuple(t for t in tasks.TASK_NAMES if t != "chat")  # chat: tests/test_chat.py
 GSM8K_SHA256 = "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465"  # SOURCES.md
 
 
@@ -40,13 +41,14 @@ def label_ids(tokenized):
 
 
 def test_task_names_and_template_versions():
-    assert tasks.TASK_NAMES == ("gsm8k", "alpaca", "mbpp", "cnn_dailymail", "xsum", "arith")
+    assert tasks.TASK_NAMES == ("gsm8k", "alpaca", "mbpp", "cnn_dailymail", "xsum", "arith",
+                                "chat")
     versions = [tasks.template_version(task) for task in tasks.TASK_NAMES]
     assert all(isinstance(version, str) and version for version in versions)
     assert len(set(versions)) == len(versions)
 
 
-@pytest.mark.parametrize("task", tasks.TASK_NAMES)
+@pytest.mark.parametrize("task", SINGLE_TURN)
 def test_labels_cover_exactly_the_response(task, shared_data, tiny_tokenizer):
     examples = tasks.load_examples(task, "train", data_files(shared_data, task), limit=4)
     tokenized = tasks.tokenize_examples(examples, tiny_tokenizer, max_length=100_000)
@@ -439,7 +441,7 @@ def short_sha256(value) -> str:
     return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
 
 
-@pytest.mark.parametrize("task", tasks.TASK_NAMES)
+@pytest.mark.parametrize("task", SINGLE_TURN)
 def test_examples_splits_and_tokens_match_frozen_digests(task, shared_data, tiny_tokenizer):
     for split in tasks.SPLITS:
         key = f"{tasks.template_version(task)} {split}"

@@ -1,9 +1,11 @@
-"""`adaspec-cache`: build, inspect and verify the offline logit cache; preview task data."""
+"""`adaspec-cache`: build, inspect and verify the offline logit cache; preview task data;
+export the conversations a chat cache holds (regenerated ones included)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from adaspec.cli.common import (
     ArgumentParser,
@@ -49,7 +51,31 @@ def _parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser("verify", help="read every chunk and check the format's promises")
     verify.add_argument("--cache", default="./cache")
+
+    export = sub.add_parser("export-data", help="print a split's conversations as the cache "
+                            "holds them (task chat; regenerated with --generate), one JSON row a "
+                            "line in the input's shape, in source order")
+    export.add_argument("--cache", default="./cache")
+    export.add_argument("--task", default="chat")
+    export.add_argument("--split", default="train")
     return parser
+
+
+def _export_data(cache: str, task: str, split: str) -> None:
+    from cache_tools.store import CacheReader
+
+    reader = CacheReader(cache, task, split, require=())
+    texts = reader.texts()
+    if texts is None:
+        raise CacheError(f"cache {cache} {task}/{split} keeps no rows to export (only task chat "
+                         "caches keep their conversations)")
+    out = sys.stdout.buffer  # UTF-8 whatever the terminal's encoding
+    try:
+        for _, text in sorted(zip(reader.source_index.tolist(), texts, strict=True)):
+            out.write(text.encode("utf-8") + b"\n")
+        out.flush()
+    except BrokenPipeError:  # `| head`: the reader has seen enough
+        sys.stdout = None  # nothing left to flush at exit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
 
         records = cache_summary(args.cache)
         print(json.dumps(records, indent=2) if args.json else format_summary(args.cache, records))
+        return 0
+    if args.command == "export-data":
+        _export_data(args.cache, args.task, args.split)
         return 0
     if args.command == "verify":
         from cache_tools.verify import verify_cache

@@ -14,6 +14,8 @@ The package, one job per module (each module's docstring holds the details):
 - `sources`: `load_examples`: rows from local files, the hub or a generator, one split of them;
   `load_split` for a config's data section.
 - `arith`: the generator of the synthetic arith task, `arith_row`.
+- `chat`: task chat: conversation rows in the OpenAI and ShareGPT shapes, their labels on every
+  assistant turn from the chat template's rendering, turn-boundary truncation, export.
 - `tokenize`: `render` (with the chat template), label masks, truncation, `tokenize_example(s)`,
   `tokenize_split`.
 - `preview`: `preview`, the first examples decoded as they will be trained on.
@@ -22,10 +24,11 @@ Use the names below (`from adaspec import tasks; tasks.load_examples(...)`); the
 other names are the package's own.
 """
 
+from adaspec.tasks import chat
 from adaspec.tasks.arith import ARITH_DEFAULT_ROWS, arith_row
 from adaspec.tasks.files import check_files, data_files_hash
 from adaspec.tasks.preview import preview
-from adaspec.tasks.registry import TASK_NAMES, template_version
+from adaspec.tasks.registry import TASK_NAMES, lookup, template_version
 from adaspec.tasks.sources import load_examples, load_split
 from adaspec.tasks.splits import SPLITS
 from adaspec.tasks.templates import (
@@ -36,7 +39,9 @@ from adaspec.tasks.templates import (
     GSM8K_QUESTION_PROMPT,
     MBPP_PROMPT,
     XSUM_PROMPT,
+    Conversation,
     Example,
+    Turn,
 )
 from adaspec.tasks.tokenize import (
     IGNORE_INDEX,
@@ -60,13 +65,17 @@ __all__ = [
     "SPLITS",
     "TASK_NAMES",
     "XSUM_PROMPT",
+    "Conversation",
     "Example",
     "TokenizedExample",
+    "Turn",
     "arith_row",
+    "chat",
     "check_files",
     "data_files_hash",
     "load_examples",
     "load_split",
+    "lookup",
     "preview",
     "prompt_ids",
     "render",

@@ -35,11 +35,24 @@ def _check_exists(path: Path) -> None:
         raise UserError(f"data file not found: {path}; check the --data-files path")
 
 
+def _not_utf8(name: str, data: bytes, err: UnicodeDecodeError, line: int | None = None
+              ) -> UserError:
+    """The one-line error for bytes that are not UTF-8, naming the line they sit on."""
+    if line is None:
+        line = data.count(b"\n", 0, err.start) + 1
+    return UserError(f"{name} line {line} is not UTF-8 text (byte "
+                     f"{data[err.start:err.start + 1]!r}); data files must be UTF-8")
+
+
 def _jsonl_rows(path: Path) -> Rows:
     rows = []
-    # utf-8-sig: a byte-order mark would otherwise hide the first line's (or column's) name
-    with path.open(encoding="utf-8-sig") as lines:
-        for line_number, line in enumerate(lines, start=1):
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                # utf-8-sig: a byte-order mark would otherwise hide the first line's name
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path.name, raw, err, line_number) from None
             if not line.strip():
                 continue
             try:
@@ -101,9 +114,7 @@ def check_files(data_files: DataFiles | None) -> None:
         try:
             codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
         except UnicodeDecodeError as err:
-            raise UserError(f"{path.name} is not UTF-8 text (byte {err.start}: "
-                            f"{head[err.start:err.start + 1]!r}); data files must be UTF-8"
-                            ) from None
+            raise _not_utf8(path.name, head, err) from None
 
 
 def read_rows(path: Path) -> Rows:
@@ -114,10 +125,13 @@ def read_rows(path: Path) -> Rows:
         raise UserError(f"{path.name}: unsupported file type {suffix!r}; use .jsonl, .json or .csv")
     try:
         return _READERS[suffix](path)
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path.name} is not UTF-8 text (byte {err.start}: "
-                        f"{err.object[err.start:err.start + 1]!r}); data files must be UTF-8"
-                        ) from None
+    except UnicodeDecodeError:  # .json/.csv: find the first bad byte in the whole file
+        data = path.read_bytes()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise _not_utf8(path.name, data, err) from None
+        raise
 
 
 def data_files_hash(data_files: DataFiles | None) -> str | None:

@@ -1,10 +1,11 @@
 """The task registry: one `Task` record per task, holding everything that differs between tasks.
 
 A record names the row parser (`templates`), the template version written to cache manifests,
-the split rule (`splits`) and where rows come from: a hub dataset, or a generator for a task made
-offline (`arith`). Loading, splitting and tokenizing read only these fields, so adding a task is
-adding a record here (plus its parser, and a split rule if none of `splits` fits) and never a
-branch on the task's name elsewhere. `TASK_NAMES` lists the tasks in registry order.
+the split rule (`splits`) and where rows come from: a hub dataset, a generator for a task made
+offline (`arith`), or neither (`chat`: local files only). Loading, splitting and tokenizing read
+only these fields, so adding a task is adding a record here (plus its parser, and a split rule
+if none of `splits` fits) and never a branch on the task's name elsewhere. `TASK_NAMES` lists
+the tasks in registry order.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from adaspec.errors import UserError
 from adaspec.tasks.arith import ARITH_DEFAULT_ROWS, arith_row
+from adaspec.tasks.chat import chat_example
 from adaspec.tasks.splits import CARVED_BLOCKS, MBPP_TASK_ID_RANGES, SplitRule
 from adaspec.tasks.templates import (
     RowParser,
@@ -39,6 +41,8 @@ class Task:
     # is drawn from the first `generated_rows` rows
     generate: Callable[[int, int], dict] | None = None
     generated_rows: int = 0
+    # rows are conversations (`chat`): labelled on every assistant turn, regenerated turn by turn
+    conversations: bool = False
 
 
 _TASKS: dict[str, Task] = {
@@ -71,6 +75,8 @@ _TASKS: dict[str, Task] = {
             generate=arith_row,
             generated_rows=ARITH_DEFAULT_ROWS,
         ),
+        # your own conversations, from --data-files only (no hub dataset)
+        Task("chat", chat_example, "chat-1", CARVED_BLOCKS, conversations=True),
     )
 }
 TASK_NAMES: tuple[str, ...] = tuple(_TASKS)

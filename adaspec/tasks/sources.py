@@ -50,6 +50,8 @@ def load_examples(
         examples = _generated_examples(spec, split, seed, limit)
         source = "generated rows"
     elif data_files is None:
+        if spec.hub_id is None:
+            raise UserError(f"task {task!r} reads your own files; pass --data-files PATH")
         examples = _hub_examples(spec, split, seed, limit)
         source = "the hub"
     else:

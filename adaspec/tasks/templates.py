@@ -70,13 +70,36 @@ _ALPACA_NO_INPUT = {"", "noinput", "n/a", "none"}
 
 
 @dataclass(frozen=True)
+class Turn:
+    """One turn of a conversation: role is 'system', 'user' or 'assistant' whatever the shape."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A multi-turn row (task chat, `chat`): its turns, and what writes them back in its shape."""
+
+    turns: tuple[Turn, ...]
+    row: str  # the source row as JSON: exported rows keep its other fields and turn keys
+    key: str  # "messages" (OpenAI: role/content) or "conversations" (ShareGPT: from/value)
+    where: str  # 'chat.jsonl line 4', for errors the chat template raises
+
+
+@dataclass(frozen=True)
 class Example:
-    """One task row as text: the model is trained to continue `prompt` with `response` + EOS."""
+    """One task row as text: the model is trained to continue `prompt` with `response` + EOS.
+
+    A conversation (`conversation` set) is rendered by the tokenizer's chat template instead and
+    labelled on every assistant turn; its `prompt` is empty and `response` its last assistant
+    turn (what a quality score compares with)."""
 
     prompt: str  # text before the response, template applied
     response: str  # response text without the EOS token
     source_index: int  # row position in the source file(s) or hub splits (provenance)
     document_span: tuple[int, int] | None = None  # [start, end) of the cuttable document in prompt
+    conversation: Conversation | None = None
 
 
 RowParser = Callable[[dict, int, str], Example]  # (row, source_index, where) -> Example

@@ -6,6 +6,9 @@ and label only the positions after the prompt (-100, `IGNORE_INDEX`, elsewhere),
 `max_length`. `TokenizedExample.input_ids` and `.labels` are plain lists of equal length,
 at most `max_length`.
 
+A conversation (task chat) is rendered whole by the tokenizer's chat template and labelled on
+every assistant turn instead, and cut at a turn boundary (`chat`).
+
 With `chat_template=True` the prompt becomes the tokenizer's chat template around one user turn
 holding the task prompt (with the generation prompt); the response and EOS follow as before.
 
@@ -23,11 +26,14 @@ of masking the first response token.
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from adaspec.errors import UserError
+from adaspec.tasks import chat
 from adaspec.tasks.sources import load_split
 from adaspec.tasks.templates import Example
 
@@ -41,10 +47,15 @@ class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
     source_index: int
+    # a conversation (task chat): the row it was made from, as kept, in its shape (JSON)
+    text: str | None = None
 
 
 def render(example: Example, tokenizer: Any, chat_template: bool = False) -> tuple[str, str]:
-    """(prompt_text, full_text) exactly as tokenized: full = prompt + response + eos_token."""
+    """(prompt_text, full_text) exactly as tokenized: full = prompt + response + eos_token.
+    A conversation has no such pair (`chat` renders it)."""
+    if example.conversation is not None:
+        raise UserError("a conversation is rendered turn by turn; use tasks.tokenize_example")
     eos = tokenizer.eos_token
     if eos is None:
         raise UserError("the tokenizer has no eos_token; use a tokenizer that defines one")
@@ -63,7 +74,10 @@ def render(example: Example, tokenizer: Any, chat_template: bool = False) -> tup
 def prompt_ids(example: Example, tokenizer: Any, chat_template: bool = False,
                budget: int | None = None) -> list[int]:
     """The token ids of an example's prompt as caches and decoding see it: rendered (with the
-    chat template when asked), keeping the last `budget` ids (the end asks the question)."""
+    chat template when asked), keeping the last `budget` ids (the end asks the question).
+    A conversation's prompt is itself up to its last assistant turn (`chat.prompt_ids`)."""
+    if example.conversation is not None:
+        return chat.prompt_ids(example, tokenizer, budget)
     prompt_text, _ = render(example, tokenizer, chat_template)
     ids = tokenizer(prompt_text).input_ids
     return ids[-budget:] if budget else ids
@@ -126,7 +140,10 @@ def tokenize_with_note(
     example: Example, tokenizer: Any, max_length: int, chat_template: bool
 ) -> tuple[TokenizedExample, str]:
     """The tokenized example and how it was truncated: 'none', 'document', 'right' or
-    'document+right' (even an empty document left no room)."""
+    'document+right' (even an empty document left no room); a conversation's: 'none', 'turns'
+    or 'too_long' (`chat.tokenize_conversation`)."""
+    if example.conversation is not None:
+        return _conversation(example, tokenizer, max_length)
     prompt_text, full_text = render(example, tokenizer, chat_template)
     prompt_ids, full_ids = _token_ids(tokenizer, [prompt_text, full_text])
     return _truncated(example, tokenizer, max_length, chat_template, prompt_ids, full_ids)
@@ -151,6 +168,13 @@ def _truncated(
     return _labelled(prompt_ids, full_ids, example.source_index, max_length), note
 
 
+def _conversation(example: Example, tokenizer: Any, max_length: int
+                  ) -> tuple[TokenizedExample, str]:
+    ids, labels, kept, note = chat.tokenize_conversation(example, tokenizer, max_length)
+    text = None if kept is None else json.dumps(chat.exported_row(kept), ensure_ascii=False)
+    return TokenizedExample(ids, labels, example.source_index, text), note
+
+
 def check_max_length(max_length: int) -> None:
     if max_length < 1:
         raise UserError(f"max_length must be at least 1, got {max_length}; pass --max-length 512")
@@ -170,18 +194,29 @@ def tokenize_examples(
     tokenizer: Any,
     max_length: int = 512,
     chat_template: bool = False,
+    notes: Counter | None = None,
 ) -> list[TokenizedExample]:
-    """Tokenize many examples (one batched tokenizer call), dropping those with no label token."""
+    """Tokenize many examples (one batched tokenizer call), dropping those with no label token.
+    `notes`, if given, counts how the conversations among them were truncated ('turns',
+    'too_long': `tokenize_with_note`)."""
     check_max_length(max_length)
     if not examples:
         return []
-    texts = [render(example, tokenizer, chat_template) for example in examples]
-    prompt_ids = _token_ids(tokenizer, [prompt for prompt, _ in texts])
-    full_ids = _token_ids(tokenizer, [full for _, full in texts])
-    tokenized = [
-        _truncated(example, tokenizer, max_length, chat_template, prompt, full)[0]
-        for example, prompt, full in zip(examples, prompt_ids, full_ids, strict=True)
-    ]
+    if examples[0].conversation is not None:  # a task's rows are all conversations or none
+        tokenized = []
+        for example in examples:
+            item, note = _conversation(example, tokenizer, max_length)
+            tokenized.append(item)
+            if notes is not None and note != "none":
+                notes[note] += 1
+    else:
+        texts = [render(example, tokenizer, chat_template) for example in examples]
+        prompt_ids = _token_ids(tokenizer, [prompt for prompt, _ in texts])
+        full_ids = _token_ids(tokenizer, [full for _, full in texts])
+        tokenized = [
+            _truncated(example, tokenizer, max_length, chat_template, prompt, full)[0]
+            for example, prompt, full in zip(examples, prompt_ids, full_ids, strict=True)
+        ]
     kept = [item for item in tokenized if any(label != IGNORE_INDEX for label in item.labels)]
     if not kept:
         raise UserError(
@@ -190,7 +225,9 @@ def tokenize_examples(
     return kept
 
 
-def tokenize_split(data, tokenizer: Any) -> list[TokenizedExample]:
+def tokenize_split(data, tokenizer: Any, notes: Counter | None = None
+                   ) -> list[TokenizedExample]:
     """The split `data` (a config's data section) names, tokenized as a cache stores it
-    (`max_length`, `chat_template` from the same section)."""
-    return tokenize_examples(load_split(data), tokenizer, data.max_length, data.chat_template)
+    (`max_length`, `chat_template` from the same section); `notes` as in `tokenize_examples`."""
+    return tokenize_examples(load_split(data), tokenizer, data.max_length, data.chat_template,
+                             notes)
