@@ -232,7 +232,8 @@ def report_plateau(run_dir: Path, total_steps: int, metric: str, progress: bool)
     runs.log_metrics(run_dir, {"step": total_steps, "plateau": p})
     if progress:
         change = "n/a" if p["change"] is None else f"{p['change'] * 100:+.2f} pt"
-        tqdm.write(f"plateau ({metric}, last quarter of steps vs before): {change} -> "
+        tqdm.write(f"plateau ({metric}, mean of the last quarter of steps minus the quarter "
+                   f"before): {change} -> "
                    f"{'reached' if p['reached'] else 'NOT reached (still improving)'}")
     return p
 

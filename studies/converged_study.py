@@ -1,5 +1,5 @@
-"""The decisive study: AdaSPEC against plain KD on the official schedule, trained to a plateau,
-on a target fine-tuned to the task.
+"""The decisive study: AdaSPEC against plain KD on the official schedule, a fixed budget of
+optimizer steps (900 in the committed study), on a target fine-tuned to the task.
 
 Protocol (issue 17), on the embedded pair (SmolLM2-135M-Instruct with its chat template as the
 target, its first 2 layers as the draft):
@@ -27,7 +27,8 @@ target, its first 2 layers as the draft):
 
 Decision rule, fixed before running: A beats C only if A - C > 0 in every seed and the seed-level
 95% t-interval of A - C (greedy agreement on the test continuations) excludes 0, with C's
-validation curve flat at its end (plateau: < 0.5 pt gain over its last quarter of steps); C
+validation curve flat at its end (plateau: the mean of its last quarter of steps < 0.5 pt
+above the mean of the quarter before, `validation.plateau`); C
 beats A if A - C < 0 in every seed and the interval lies below 0 (a C still improving would only
 widen that gap); otherwise no difference is shown.
 
@@ -478,12 +479,20 @@ def cache_check_sentence(payload: dict) -> str | None:
             f"{same}. Dense minus cached, per arm: {moved}.")
 
 
+def _steps(payload: dict) -> str:
+    """The arms' optimizer steps, one number when they share it."""
+    steps = sorted({run["schedule"]["optimizer_steps"] for seed in payload["seeds"]
+                    for run in seed["runs"].values()})
+    return " / ".join(str(n) for n in steps)
+
+
 def markdown(payload: dict, plot_name: str) -> str:
     a = payload["settings"]
     s = payload["summary"]
     head = f" with a {a['draft_vocab']}-id head (--draft-vocab)" if a["draft_vocab"] else ""
     lines = [
-        "# AdaSPEC vs plain KD on the official schedule, trained to a plateau",
+        "# AdaSPEC vs plain KD on the official schedule, a fixed budget of "
+        f"{_steps(payload)} optimizer steps",
         "",
         f"Target {a['target']} fine-tuned on {a['train_rows']} {a['task']} training rows "
         f"(stage sft, lr {a['sft_lr']}, {a['sft_epochs']:g} epochs), "
@@ -499,8 +508,9 @@ def markdown(payload: dict, plot_name: str) -> str:
         "",
         "Decision rule (fixed before running): A beats C only if A - C > 0 in every seed and "
         "the seed-level 95% t-interval of A - C in greedy agreement on the test continuations "
-        "excludes 0, with C's validation curve flat at its end (< 0.5 pt gain over the last "
-        "quarter of its steps); C beats A if A - C < 0 in every seed and the interval lies "
+        "excludes 0, with C's validation curve flat at its end (the mean of the last quarter "
+        "of its steps < 0.5 pt above the mean of the quarter before); C beats A if A - C < 0 "
+        "in every seed and the interval lies "
         "below 0 (a C still improving would only widen that gap); otherwise no difference is "
         "shown.",
         "",
@@ -513,7 +523,8 @@ def markdown(payload: dict, plot_name: str) -> str:
                   for name, v in q.items()]
         lines.append("")
     lines += ["## Schedules", "", "| arm | seed | epochs | batch | optimizer steps | best step | "
-              "plateau (gain over last quarter) |", "|---|---|---|---|---|---|---|"]
+              "plateau (last-quarter mean minus the quarter before) |",
+              "|---|---|---|---|---|---|---|"]
     for seed in payload["seeds"]:
         for arm, run in seed["runs"].items():
             sch, p = run["schedule"], run["plateau"]
@@ -695,6 +706,9 @@ def in_progress(work: Path, args, records: dict) -> dict:
 def report(args, payload: dict, seeds: list[dict]) -> None:
     """JSON after every arm (before any: the target's quality and "no result yet"), and the
     table and plot once a seed has one."""
+    for seed in seeds:  # plateau by the current rule, from each run's stored curve
+        for run in seed["runs"].values():
+            run["plateau"] = plateau(run["validation"], HEADLINE)
     payload["summary"] = summarize(seeds) if seeds else {"decision": decision({}, {}, 0)}
     payload["seeds"] = seeds
     if not seeds:
