@@ -28,7 +28,7 @@ DEFAULT_ALIAS = "smollm2-135m"
 ALIASES = (DEFAULT_ALIAS,)
 KINDS = ("alias", "gguf", "dir", "hub")
 
-_LAYERS_SUFFIX = re.compile(r"layers=(\d+)")
+_LAYERS_SUFFIX = re.compile(r"layers=(\d+|-?\d+(?:,-?\d+)+)")
 # "gpt2" or "org/name"; anything else that is not on disk is taken as a local path.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 # Where the decoder blocks live, per architecture family: (attribute path to the ModuleList).
@@ -107,8 +107,9 @@ class ModelSpec:
 
     source: str
     """The alias, hub id, local folder or `.gguf` path, without the `@layers=N` suffix."""
-    layers: int | None
-    """Keep only the first N decoder layers (a draft), or None for all of them."""
+    layers: int | tuple[int, ...] | None
+    """Keep only the first N decoder layers (a draft), or the layers at these indices (negative
+    ones count from the end: (0, 1, -1) is the first two and the last), or None for all."""
     kind: str
     """One of "alias", "gguf", "dir", "hub": how `source` is loaded."""
 
@@ -123,11 +124,15 @@ def parse_model_spec(spec: str) -> ModelSpec:
         if match is None or not source:
             raise UserError(
                 f"bad model spec {spec!r}: the only suffix is '@layers=N' with N a positive "
-                f"integer, e.g. '{DEFAULT_ALIAS}@layers=4'"
+                f"integer (the first N layers) or '@layers=I,J,...' (layer indices, -1 the last), "
+                f"e.g. '{DEFAULT_ALIAS}@layers=4' or '{DEFAULT_ALIAS}@layers=0,1,-1'"
             )
-        layers = int(match.group(1))
-        if layers < 1:
-            raise UserError(f"bad model spec {spec!r}: @layers must be at least 1")
+        if "," in match.group(1):
+            layers = tuple(int(i) for i in match.group(1).split(","))
+        else:
+            layers = int(match.group(1))
+            if layers < 1:
+                raise UserError(f"bad model spec {spec!r}: @layers must be at least 1")
     if not source:
         raise UserError(f"empty model spec; pass '{DEFAULT_ALIAS}', a hub id, a folder or a .gguf")
     if source.lower() in ALIASES:
@@ -211,7 +216,9 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device_map: str | 
     except SafetensorError as error:  # a truncated or garbled safetensors header
         raise _loading_error(parsed, location, error) from None
     tokenizer = load_tokenizer(spec)
-    if parsed.layers is not None:
+    if isinstance(parsed.layers, tuple):
+        keep_layers(model, layer_indices(parsed.layers, len(_decoder_layers(model)), spec))
+    elif parsed.layers is not None:
         total = len(_decoder_layers(model))
         if parsed.layers > total:
             raise UserError(
@@ -273,6 +280,39 @@ def keep_first_layers(model, n: int):
             setattr(config, key, value[:n])
     # GPT-2 style configs map num_hidden_layers onto n_layer through attribute_map.
     config.num_hidden_layers = n
+    return model
+
+
+def layer_indices(indices: tuple[int, ...], total: int, spec: str) -> list[int]:
+    """`@layers=I,J,...` as increasing indices into `total` layers (negative count from the
+    end); out of range, repeated or out of order is a one-line error."""
+    resolved = [i + total if i < 0 else i for i in indices]
+    if any(not 0 <= i < total for i in resolved):
+        raise UserError(f"{spec!r} names layer indices outside 0..{total - 1} (or -{total}..-1)")
+    if any(b <= a for a, b in zip(resolved, resolved[1:], strict=False)):
+        raise UserError(f"{spec!r}: layer indices must name each layer once, in order "
+                        f"(they resolve to {resolved})")
+    return resolved
+
+
+def keep_layers(model, indices: list[int]):
+    """Keep the decoder layers at `indices` (increasing), in place, as `keep_first_layers` keeps
+    the first N: per-layer config lists are cut to them, and each kept attention block is given
+    its new position (`layer_idx`), which is where the KV cache stores its keys and values."""
+    layers = _decoder_layers(model)
+    total = len(layers)
+    kept = [layers[i] for i in indices]
+    del layers[:]
+    layers.extend(kept)
+    for position, layer in enumerate(kept):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = position
+    config = model.config
+    for key, value in list(vars(config).items()):
+        if "layer" in key and isinstance(value, list | tuple) and len(value) == total:
+            setattr(config, key, [value[i] for i in indices])
+    config.num_hidden_layers = len(indices)
     return model
 
 
@@ -392,7 +432,7 @@ def model_identity(spec: str) -> dict:
         "spec": spec,
         "kind": parsed.kind,
         "path": path,
-        "layers": parsed.layers,
+        "layers": list(parsed.layers) if isinstance(parsed.layers, tuple) else parsed.layers,
         "weight_hash": _combined_hash(files) if files else None,
     }
 

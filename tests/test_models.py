@@ -83,7 +83,8 @@ def test_parse_model_spec_existing_folder_is_dir(tiny_model_dir):
 
 
 @pytest.mark.parametrize(
-    "spec", ["", "@layers=2", "smollm2-135m@layers=0", "smollm2-135m@layers=x", "gpt2@layer=2"]
+    "spec", ["", "@layers=2", "smollm2-135m@layers=0", "smollm2-135m@layers=x", "gpt2@layer=2",
+             "smollm2-135m@layers=0,", "smollm2-135m@layers=0,,1", "smollm2-135m@layers=0;1"]
 )
 def test_parse_model_spec_rejects_bad_specs(spec):
     with pytest.raises(UserError) as excinfo:
@@ -123,6 +124,42 @@ def test_layers_draft_matches_manual_truncation_and_saves(tiny_model_dir, tiny_t
     assert plain.config.num_hidden_layers == 1
     assert len(plain.model.layers) == 1
     torch.testing.assert_close(_logits(plain, input_ids), _logits(draft, input_ids))
+
+
+def test_layer_list_draft_keeps_those_layers_and_decodes_with_a_kv_cache(tiny_tokenizer, tmp_path):
+    """`@layers=0,-1` keeps the first and the last layer: equal to a manual cut, its attention
+    blocks renumbered so the KV cache stores their keys where they are read (cached greedy
+    decoding equals uncached), and it saves and loads as a plain 2-layer model."""
+    source = make_tiny_model(len(tiny_tokenizer), n_layers=3, seed=5)
+    save_model(source, tiny_tokenizer, tmp_path / "three")
+    assert parse_model_spec(f"{tmp_path / 'three'}@layers=0,-1").layers == (0, -1)
+    draft, tokenizer = load_model(f"{tmp_path / 'three'}@layers=0,-1")
+    assert len(draft.model.layers) == 2 and draft.config.num_hidden_layers == 2
+    assert [layer.self_attn.layer_idx for layer in draft.model.layers] == [0, 1]
+
+    manual = make_tiny_model(len(tiny_tokenizer), n_layers=3, seed=5)
+    manual.model.layers = torch.nn.ModuleList([manual.model.layers[0], manual.model.layers[2]])
+    manual.model.layers[1].self_attn.layer_idx = 1
+    manual.config.num_hidden_layers = 2
+    input_ids = tokenizer(TEXT, return_tensors="pt").input_ids
+    torch.testing.assert_close(_logits(draft, input_ids), _logits(manual, input_ids))
+
+    cached = draft.generate(input_ids, max_new_tokens=8, do_sample=False, use_cache=True)
+    uncached = draft.generate(input_ids, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+    save_model(draft, tokenizer, tmp_path / "draft")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "draft").eval()
+    assert plain.config.num_hidden_layers == 2
+    torch.testing.assert_close(_logits(plain, input_ids), _logits(draft, input_ids))
+    assert model_identity(f"{tmp_path / 'three'}@layers=0,-1")["layers"] == [0, -1]
+
+
+@pytest.mark.parametrize("indices", ["0,0", "1,0", "0,3", "0,-4", "2,-1"])
+def test_layer_list_out_of_range_or_order_is_one_line(tiny_model_dir, indices):
+    with pytest.raises(UserError) as excinfo:
+        load_model(f"{tiny_model_dir}@layers={indices}")
+    _one_line_error(excinfo)
 
 
 def _tiny_qwen2():
