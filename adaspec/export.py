@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -189,11 +190,27 @@ def verify_export(folder: Path, model, real: int) -> None:
         raise RuntimeError("export check: a padded vocabulary row wins the argmax")
 
 
-def export_draft(run: str, out: str | Path, target: str | None = None, best: bool = False,
-                 overwrite: bool = False, eval_json: str | None = None,
-                 dtype: str | None = None) -> ExportResult:
-    """Write the serving folder of a run's draft (see the module docstring); returns what was
-    done. The folder is written beside `out` and moved in place only once it checks out."""
+@dataclass
+class ServedDraft:
+    """A draft made ready for engines, before it is written in any format."""
+
+    source: DraftSource
+    run_config: dict
+    target: TargetInfo
+    model: object
+    """Full-vocabulary head (a reduced one replaced), rows padded to the target's, target ids."""
+    reduced: object | None
+    """The draft's `draft_vocab.ReducedHead`, or None for a full-vocabulary draft."""
+    evaluation: dict | None
+    result: ExportResult
+    """What the export did so far; `command` is left to the format."""
+
+
+def prepare_draft(run: str, out: str | Path, target: str | None = None, best: bool = False,
+                  overwrite: bool = False, eval_json: str | None = None) -> ServedDraft:
+    """Load a run's draft and its target and make the draft what engines pair with the target:
+    the same tokenizer (refused otherwise), a full-vocabulary head padded to the target's rows
+    (module docstring), the target's special-token ids. Shared by every export format."""
     out = Path(out).expanduser()
     source = find_draft(run, best)
     check_out_dir(out, overwrite, source)
@@ -202,8 +219,6 @@ def export_draft(run: str, out: str | Path, target: str | None = None, best: boo
     if not target:
         raise UserError(f"{run} has no {runs.CONFIG_FILE} naming its target (not a run folder); "
                         "pass --target SPEC")
-    if dtype is not None and dtype not in EXPORT_DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     evaluation = load_eval_result(eval_json, source.model_spec) if eval_json else None
     info = load_target(target)
     model, tokenizer = models.load_model(source.model_spec)
@@ -216,11 +231,24 @@ def export_draft(run: str, out: str | Path, target: str | None = None, best: boo
     before = pad_vocab(model, rows, real)
     architectures, note = served_architectures(model, info)
     align_config(model, info)
-    if dtype is not None:
-        cast_weights(model, EXPORT_DTYPES[dtype])
     result = ExportResult(out=out.resolve(), draft=source.model_spec, target=info.spec,
                           real_vocab=real, rows_before=before, rows=rows,
                           architectures=architectures, command="", notes=[note] if note else [])
+    return ServedDraft(source=source, run_config=run_config, target=info, model=model,
+                       reduced=reduced, evaluation=evaluation, result=result)
+
+
+def export_draft(run: str, out: str | Path, target: str | None = None, best: bool = False,
+                 overwrite: bool = False, eval_json: str | None = None,
+                 dtype: str | None = None) -> ExportResult:
+    """Write the serving folder of a run's draft (see the module docstring); returns what was
+    done. The folder is written beside `out` and moved in place only once it checks out."""
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    draft = prepare_draft(run, out, target, best, overwrite, eval_json)
+    model, info, reduced, result = draft.model, draft.target, draft.reduced, draft.result
+    if dtype is not None:
+        cast_weights(model, EXPORT_DTYPES[dtype])
     result.command = transformers_command(result.out, info)
     if reduced is not None:
         result.notes.append(
@@ -228,8 +256,9 @@ def export_draft(run: str, out: str | Path, target: str | None = None, best: boo
             "rows of its head are the mean of those rows, so they never win an argmax. The map "
             f"is in {draft_vocab.SGLANG_MAP_FILE} (SGLang's --speculative-token-map), "
             f"{draft_vocab.D2T_FILE} (EAGLE-3 offsets) and {draft_vocab.MAP_FILE} (adaspec)")
-    _write_checked(out, overwrite, model, info, architectures, real,
-                   model_card(result, model, info, source, run_config, evaluation), reduced)
+    card = model_card(result, model, info, draft.source, draft.run_config, draft.evaluation)
+    _write_checked(Path(out).expanduser(), overwrite, model, info, result.architectures,
+                   result.real_vocab, card, reduced)
     return result
 
 

@@ -39,21 +39,36 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class GGUFExport:
+    """What a GGUF export wrote (`adaspec.export_gguf`), for its card."""
+
+    file: str
+    type: str
+    """--gguf-type of the 2-D weights."""
+    tokenizer: str
+    """Where its tokenizer metadata came from."""
+    size_bytes: int
+    tensor_types: dict[str, str] = field(default_factory=dict)
+
+
 def _target_args(target: TargetInfo) -> str:
     """The arguments of `from_pretrained` that load the target, as Python source."""
     q = json.dumps  # a Python string literal (double quotes), so the shell quoting stays simple
     return q(target.location) + (f", gguf_file={q(target.gguf_file)}" if target.gguf_file else "")
 
 
-def transformers_command(out: Path, target: TargetInfo) -> str:
-    """A shell line: transformers assisted generation of the target with the export as draft."""
+def transformers_command(out: Path, target: TargetInfo, draft_gguf: str | None = None) -> str:
+    """A shell line: transformers assisted generation of the target with the export as draft
+    (a folder, or the GGUF file `draft_gguf` in it: the tokenizer is then the target's)."""
     q = json.dumps
     target_args = _target_args(target)
+    draft_args = q(str(out)) + (f", gguf_file={q(draft_gguf)}" if draft_gguf else "")
     code = (
         "from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; "
-        f"tok = T.from_pretrained({q(str(out))}); "
+        f"tok = T.from_pretrained({target_args if draft_gguf else q(str(out))}); "
         f"target = M.from_pretrained({target_args}); "
-        f"draft = M.from_pretrained({q(str(out))}); "
+        f"draft = M.from_pretrained({draft_args}); "
         f"x = tok({q(EXAMPLE_PROMPT)}, return_tensors={q('pt')}); "
         "y = target.generate(**x, assistant_model=draft, do_sample=False, max_new_tokens=64); "
         "print(tok.decode(y[0], skip_special_tokens=True))"
@@ -89,14 +104,14 @@ def cache_settings(run_config: dict) -> dict | None:
             "value_encoding": cache.get("value_encoding")}
 
 
-def card_metadata(result: ExportResult, run_config: dict) -> dict:
+def card_metadata(result: ExportResult, run_config: dict, gguf: GGUFExport | None = None) -> dict:
     """The model card's YAML front matter: hub fields, then the method's settings."""
     train, data = run_config.get("train", {}), run_config.get("data", {})
     meta = {
         "base_model": run_config.get("models", {}).get("draft", result.draft),
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
-        "tags": list(CARD_TAGS),
+        "tags": list(CARD_TAGS) + (["gguf", "llama.cpp"] if gguf else []),
         "target": result.target,
     }
     if train:
@@ -217,23 +232,55 @@ def _usage_lines(result: ExportResult, target: TargetInfo, gamma: int) -> list[s
     return lines
 
 
+def _gguf_usage_lines(result: ExportResult, target: TargetInfo, gamma: int,
+                      gguf: GGUFExport) -> list[str]:
+    draft = shlex.quote(str(result.out / gguf.file))
+    served = (shlex.quote(str(Path(target.location) / target.gguf_file)) if target.gguf_file
+              else "TARGET.gguf")
+    spec = f"--spec-type draft-simple --spec-draft-n-max {gamma} --spec-draft-p-min 0"
+    lines = ["## How to use it", "", "### llama.cpp", "",
+             "llama-server (an OpenAI-compatible endpoint), and the speculative example:", "",
+             "```bash", f"llama-server -m {served} -md {draft} {spec}",
+             f"llama-speculative-simple -m {served} -md {draft} {spec} \\",
+             f"    --temp 0 -n 64 -p {shlex.quote(EXAMPLE_PROMPT)}", "```", "",
+             "Flags of current llama.cpp (the one vendored by llama-cpp-python 0.3.36); older "
+             f"builds name them `--draft-max {gamma} --draft-min 0 --draft-p-min 0`. "
+             "`--spec-draft-p-min 0` drafts all the tokens every step (the default in these "
+             "builds; older ones stopped below 0.75)."]
+    if not target.gguf_file:
+        lines += ["", "TARGET.gguf: the target converted with llama.cpp's convert_hf_to_gguf.py "
+                  "(the draft's tokenizer metadata was built to match what it writes)."]
+    lines += ["", "### transformers (assisted generation)", "", "```bash",
+              transformers_command(result.out, target, draft_gguf=gguf.file), "```", ""]
+    return lines
+
+
 def model_card(result: ExportResult, model, target: TargetInfo, source: DraftSource,
-               run_config: dict, evaluation: dict | None) -> str:
+               run_config: dict, evaluation: dict | None, gguf: GGUFExport | None = None) -> str:
     """README.md of the export: YAML front matter (hub metadata and the method's settings), then
-    what the draft is, how it was trained, the acceptance measured for it and how to serve it."""
+    what the draft is, how it was trained, the acceptance measured for it and how to serve it;
+    with `gguf`, the export is one GGUF file for llama.cpp."""
     text = model.config.get_text_config()
     params = sum(p.numel() for p in model.parameters())
     size = f"{params / 1e6:.1f}M" if params >= 1e5 else f"{params:,}"
     what = [f"A {text.num_hidden_layers}-layer {text.model_type} draft ({size} "
             f"parameters) for speculative decoding with the target `{result.target}`, made by "
-            "`adaspec-export`.", "",
-            "- Tokenizer and `generation_config.json` are the target's (the draft's tokenizer "
-            "was checked identical: fingerprint and special-token ids).",
-            f"- `architectures`: {result.architectures}."]
+            "`adaspec-export`.", ""]
+    if gguf:
+        what += [f"- One GGUF file, `{gguf.file}` ({gguf.type}, {gguf.size_bytes / 1e6:.1f} MB; "
+                 "norms in f32), llama architecture, for llama.cpp's draft models (`-md`).",
+                 f"- Tokenizer metadata {gguf.tokenizer}; the draft's tokenizer was checked "
+                 "identical to the target's (fingerprint and special-token ids), so llama.cpp's "
+                 "draft/target vocabulary check passes."]
+    else:
+        what += ["- Tokenizer and `generation_config.json` are the target's (the draft's "
+                 "tokenizer was checked identical: fingerprint and special-token ids).",
+                 f"- `architectures`: {result.architectures}."]
     if result.rows > result.real_vocab:
         what.append(
             f"- Vocabulary: the tokenizer has {result.real_vocab} ids; `vocab_size` is "
-            f"{result.rows}, the target's, because vLLM and transformers pair only drafts of "
+            f"{result.rows}, the target's, because "
+            f"{'llama.cpp, vLLM' if gguf else 'vLLM'} and transformers pair only drafts of "
             f"equal size. Rows {result.real_vocab}..{result.rows - 1} hold the mean of the real "
             "rows, so their logit is the mean of the real logits and never wins an argmax: "
             "greedy drafting proposes only real ids.")
@@ -245,6 +292,7 @@ def model_card(result: ExportResult, model, target: TargetInfo, source: DraftSou
                       f"run's {runs.METRICS_FILE}, no --eval-json).", ""]
     body = ([f"# Draft model for {result.target}", "", "## What it is", "", *what, "",
              *_training_lines(run_config, source), "## Acceptance", "", *acceptance,
-             *_usage_lines(result, target, gamma)])
-    front = yaml.safe_dump(card_metadata(result, run_config), sort_keys=False).strip()
+             *(_gguf_usage_lines(result, target, gamma, gguf) if gguf
+               else _usage_lines(result, target, gamma))])
+    front = yaml.safe_dump(card_metadata(result, run_config, gguf), sort_keys=False).strip()
     return f"---\n{front}\n---\n\n" + "\n".join(body).rstrip() + "\n"
