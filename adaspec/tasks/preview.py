@@ -43,6 +43,8 @@ def _example_lines(
     example: Example, tokenizer: Any, max_length: int, chat_template: bool
 ) -> list[str]:
     tokenized, truncation = tokenize_with_note(example, tokenizer, max_length, chat_template)
+    if example.conversation is not None:
+        return _conversation_lines(example, tokenized, truncation, tokenizer)
     label_positions = [i for i, label in enumerate(tokenized.labels) if label != IGNORE_INDEX]
     n_prompt = len(tokenized.input_ids) - len(label_positions)
     summary = (
@@ -65,3 +67,27 @@ def _example_lines(
         "--- response (labels) ---",
         tokenizer.decode(label_ids, clean_up_tokenization_spaces=False),
     ]
+
+
+def _conversation_lines(example: Example, tokenized, truncation: str, tokenizer: Any
+                        ) -> list[str]:
+    """A conversation decoded whole, each labelled run of tokens [[in brackets]]."""
+    runs, start = [], 0  # (labelled, ids) runs in order
+    for i in range(1, len(tokenized.labels) + 1):
+        if i == len(tokenized.labels) or ((tokenized.labels[i] == IGNORE_INDEX)
+                                          != (tokenized.labels[start] == IGNORE_INDEX)):
+            runs.append((tokenized.labels[start] != IGNORE_INDEX, tokenized.input_ids[start:i]))
+            start = i
+    text = "".join(
+        ("[[{}]]" if labelled else "{}").format(
+            tokenizer.decode(ids, clean_up_tokenization_spaces=False))
+        for labelled, ids in runs)
+    n_labels = sum(len(ids) for labelled, ids in runs if labelled)
+    summary = (f"tokens: {len(tokenized.input_ids)} total, {n_labels} label in "
+               f"{sum(labelled for labelled, _ in runs)} assistant turns")
+    if truncation == "too_long":
+        summary += "; SKIPPED: its first assistant turn does not fit max_length"
+    elif truncation != "none":
+        summary += "; cut after the last assistant turn that fits"
+    return ["", f"=== source_index {example.source_index} ===", summary,
+            "--- conversation ([[labels]]) ---", text]
