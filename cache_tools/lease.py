@@ -214,8 +214,17 @@ def _alive_here(holder: dict) -> bool:
     return True
 
 
+def _expires(record: dict) -> float:
+    """When the lease runs out; a damaged record (no number) counts as run out: its holder, if
+    any, finds the lease taken when it renews and stops writing."""
+    try:
+        return float(record.get("expires", 0))
+    except (TypeError, ValueError):
+        return 0.0
+
+
 def _free(record: dict, now: float) -> bool:
-    return (record.get("released", False) or float(record.get("expires", 0)) < now
+    return (bool(record.get("released", False)) or _expires(record) < now
             or not _alive_here(record))
 
 
@@ -280,7 +289,7 @@ class Lease:
             data, tag = found
             record = _lease_record(data)
             if not _free(record, time.time()):
-                left = max(0.0, float(record.get("expires", 0)) - time.time())
+                left = max(0.0, _expires(record) - time.time())
                 raise CacheError(
                     f"another build is writing {self.what} (lease held by "
                     f"{record.get('host')} pid {record.get('pid')}, expires in {left:.0f} s "

@@ -5,14 +5,16 @@ It lives as JSON in the group's attributes under "manifest", so any Zarr reader 
     {"format": ..., "format_version": ..., "package_version": ...,
      "task": ..., "split": ..., "vocab_size": V,
      "stages": {"sequences" | "target" | "ref/<name>":
-                    {"status": "building" | "complete", "params": {...}, "counts": {...}}},
+                    {"status": "building" | "complete", "params": {...}, "counts": {...},
+                     "files": {"<stage>/<array>/c/<i>...": "<sha256 hex>"}}},
      "refs": {"<name>": {"path": ..., "weight_hash": ..., ...}}}
 
 A stage's `params` are whatever its builder says made it; they are compared as a whole when a
 build resumes, and stored with the data so that a reader can tell what it reads. cache_tools
 interprets only the few fields it needs to decode rows (see `schema.TARGET_PARAMS`) and the
-sequences' tokenizer fingerprint. `refs` records trained reference models by name (where they
-are and their weight hash) for the tools that score them.
+sequences' tokenizer fingerprint. A complete stage's `files` are the SHA-256 of each of its
+chunk or shard files as written (`integrity.py`: readers check them). `refs` records trained
+reference models by name (where they are and their weight hash) for the tools that score them.
 
 Beside it, under "manifest_sha256", the SHA-256 of its canonical JSON: the chunks carry
 checksums, and this is the manifest's, so a manifest damaged where it still parses (a garbled
@@ -38,11 +40,13 @@ DIGEST_KEY = "manifest_sha256"  # the group attribute holding its digest
 
 @dataclass
 class Stage:
-    """One stage's entry: its status, the parameters it was built with, and its counts."""
+    """One stage's entry: its status, the parameters it was built with, its counts, and the
+    SHA-256 of its files once complete."""
 
     status: str
     params: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -68,7 +72,7 @@ class Manifest:
         data = copy.deepcopy(dict(data))
         stages = {
             name: Stage(entry.get("status", schema.STATUS_BUILDING), entry.get("params", {}),
-                        entry.get("counts") or {})
+                        entry.get("counts") or {}, entry.get("files") or {})
             for name, entry in data.pop("stages", {}).items()
         }
         known = {"task", "split", "vocab_size", "refs", "format", "format_version",
@@ -82,7 +86,8 @@ class Manifest:
             "package_version": self.package_version, "task": self.task, "split": self.split,
             "vocab_size": self.vocab_size,
             "stages": {name: {"status": s.status, "params": s.params,
-                              **({"counts": s.counts} if s.counts else {})}
+                              **({"counts": s.counts} if s.counts else {}),
+                              **({"files": s.files} if s.files else {})}
                        for name, s in self.stages.items()},
             **({"refs": self.refs} if self.refs else {}),
             **self.extra,

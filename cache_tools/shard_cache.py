@@ -10,6 +10,11 @@ of a killed reader are removed on open), and named by the store's URL, the objec
 version (the ETag, else size and modification time, asked once per object and process), so two
 caches can share a folder and a rebuilt stage is fetched anew.
 
+What a file holds is checked by the reader (`CacheReader`: its SHA-256 against the manifest's);
+one that fails is dropped here (`drop`) and fetched again, so a damaged or replaced local file
+is never believed and never blamed on the store. A local folder that cannot be written (read
+only, full) only costs the caching: the fetched bytes are served from memory.
+
 Reading ahead is the stream's (its prefetch thread reads the next batches' blocks, and Zarr
 fetches a block's shards concurrently). `stats` counts requests served from local files (hits),
 objects fetched (misses), bytes fetched and files evicted.
@@ -86,6 +91,9 @@ class LocalShardCache(WrapperStore):
             version = str(info.get("ETag") or (info.get("size"), info.get("LastModified"),
                                                 info.get("mtime")))
             self._versions[key] = version
+        return self._file_name(key, version)
+
+    def _file_name(self, key: str, version: str) -> str:
         blob = f"{self.url}\n{key}\n{version}".encode()
         return hashlib.sha256(blob).hexdigest()[:32] + ".shard"
 
@@ -111,7 +119,7 @@ class LocalShardCache(WrapperStore):
         path = self.folder / name
         try:
             data = path.read_bytes()
-        except FileNotFoundError:
+        except OSError:  # absent, or unreadable: fetched again
             data = None
         if data is not None:
             self.stats["hits"] += 1
@@ -124,11 +132,28 @@ class LocalShardCache(WrapperStore):
         self.stats["misses"] += 1
         self.stats["bytes_fetched"] += len(data)
         tmp = self.folder / f".{name}.{uuid.uuid4().hex}"
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError:  # a read-only or full local folder: serve it uncached
+            tmp.unlink(missing_ok=True)
+            return data
         self._touch(name, len(data))
         self._evict()
         return data
+
+    def drop(self, key: str) -> None:
+        """Forget the local copy of `key` (and its version), so the next read fetches it."""
+        version = self._versions.pop(key, None)
+        if version is None:
+            return
+        name = self._file_name(key, version)
+        with self._lock:
+            self._files.pop(name, None)
+        try:
+            (self.folder / name).unlink(missing_ok=True)
+        except OSError:
+            pass
 
     async def get(self, key: str, prototype: BufferPrototype,
                   byte_range: ByteRequest | None = None) -> Buffer | None:

@@ -1,9 +1,12 @@
 """Integrity check of a cache: read every chunk and test what the format promises.
 
-Checks, per `<task>/<split>`: every chunk decodes (crc32c checksums, shard indexes), shapes agree
-with the sequence offsets, token ids are inside the vocabulary, log-probs are <= 0, top-K mass
-plus tail mass is 1 within the value encoding's tolerance, sampled counts add up, and reference
-losses are finite. The first failure is reported by array, chunk and rows.
+Checks, per `<task>/<split>`: every file is the one written there (its SHA-256 against the
+manifest's), every array has the format's dtype, shape and codecs, the manifest's counts agree
+with the arrays, every chunk decodes (crc32c checksums, shard indexes), shapes agree with the
+sequence offsets, and the values pass `integrity`'s checks (the ones the readers apply): token
+ids inside the vocabulary, log-probs <= 0, top-K mass plus tail mass 1 within the value
+encoding's tolerance, sampled counts adding up, finite reference losses. The first failure is
+reported by array, chunk and rows.
 """
 
 from __future__ import annotations
@@ -13,12 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cache_tools import schema, store
+from cache_tools import integrity, schema, store
 from cache_tools.errors import CacheError
 from cache_tools.manifest import Manifest
 
-# |sum_k p_k + p_tail - 1| allowed per row, by how the values are stored.
-MASS_TOLERANCE = {"float16": 5e-3, "uint8q": 6e-2}
+MASS_TOLERANCE = integrity.MASS_TOLERANCE
 
 
 @dataclass
@@ -63,15 +65,53 @@ def _check_stored(group, path: str, root: str, manifest: Manifest) -> None:
             raise _Bad(str(err).split(": the store is damaged")[0]) from None
 
 
-def _check_sequences(group, path: str, vocab_size: int) -> tuple[int, np.ndarray]:
+def _check_arrays_and_files(group, path: str, manifest: Manifest, n_rows: int | None) -> None:
+    """Each array's metadata is the format's and each of its files the one the manifest
+    recorded (SHA-256), before any is decoded; with `n_rows`, the row stages hold that many
+    label rows, as the manifest counts."""
+    vocab_size = int(manifest.vocab_size or 1)
+    for stage, entry in manifest.stages.items():
+        if not entry.files:
+            raise _Bad(f"{path}/{stage}: no file digests recorded (built by an older adaspec); "
+                       "rebuild it")
+        if (n_rows is not None and stage != schema.SEQUENCES
+                and int(entry.counts.get("label_tokens", n_rows)) != n_rows):
+            raise _Bad(f"{path}/{stage}: the manifest counts {entry.counts['label_tokens']} "
+                       f"label rows, the sequences hold {n_rows}")
+        specs = {} if stage == schema.SEQUENCES else schema.stage_arrays(stage, entry.params,
+                                                                         vocab_size)
+        stage_group = group[stage]
+        names = sorted(stage_group.array_keys()) if stage == schema.SEQUENCES else list(specs)
+        for name in names:
+            array = stage_group[name]
+            width = specs[name].width if name in specs else None
+            problem = integrity.array_problem(
+                array, integrity.expected_dtype(stage, name, entry.params, vocab_size),
+                n_rows if specs else None, width)
+            if problem is not None:
+                raise _Bad(f"{path}/{stage}/{name}: {problem}")
+            if n_rows is not None:
+                continue  # the files were compared on the first pass
+            for rel, key, rows in integrity.file_keys(array):
+                data = integrity.read_file(array, key)
+                if data is None or integrity.sha256(data) != entry.files.get(rel):
+                    raise _Bad(f"{path}/{rel} ({rows}): not the file written there (its "
+                               "SHA-256 differs from the manifest's: another shard's or another "
+                               "cache's file, or damage)")
+
+
+def _check_sequences(group, path: str, vocab_size: int, counts: dict) -> tuple[int, np.ndarray]:
     seq = group[schema.SEQUENCES]
     arrays = {}
     for name in schema.SEQUENCE_ARRAYS:
         arrays[name] = _read(seq[name], 0, seq[name].shape[0], f"{path}/sequences/{name}")
     offsets, label_offsets = arrays["offsets"], arrays["label_offsets"]
     n_tokens = len(arrays["input_ids"])
-    if offsets[0] != 0 or offsets[-1] != n_tokens or np.any(np.diff(offsets) <= 0):
-        raise _Bad(f"{path}/sequences/offsets: not increasing from 0 to {n_tokens}")
+    problem = integrity.sequence_problem(offsets, label_offsets, n_tokens, counts)
+    if problem is not None:
+        raise _Bad(f"{path}/sequences: {problem}")
+    if len(arrays["label_mask"]) != n_tokens or len(arrays["source_index"]) != len(offsets) - 1:
+        raise _Bad(f"{path}/sequences: label_mask or source_index disagree with the offsets")
     if np.any(arrays["input_ids"] >= vocab_size):
         raise _Bad(f"{path}/sequences/input_ids: token id outside the vocabulary ({vocab_size})")
     per_seq = np.add.reduceat(arrays["label_mask"].astype(np.int64), offsets[:-1])
@@ -97,38 +137,20 @@ def _check_target(group, path: str, params: dict, n_rows: int, vocab_size: int) 
     for i, start, stop in _blocks(n_rows, chunk_rows):
         where = f"{path}/target chunk {i} (rows {start}-{stop})"
         ids = _read(target["ids"], start, stop, where.replace("/target", "/target/ids"))
-        ids = schema.decode_ids(ids, params.get(schema.ID_ENCODING, "plain"))
+        rows = {"ids": schema.decode_ids(ids, params.get(schema.ID_ENCODING, "plain"))}
         raw = _read(target["logprobs"], start, stop, where.replace("/target", "/target/logprobs"))
-        logprobs = schema.decode_logprobs(raw, encoding)
+        rows["logprobs"] = schema.decode_logprobs(raw, encoding)
         checked += 2
-        if ids.shape[0] != stop - start or ids.shape != logprobs.shape:
-            raise _Bad(f"{where}: ids {ids.shape} and logprobs {logprobs.shape} disagree")
-        if np.any(ids >= vocab_size):
-            raise _Bad(f"{where}: token id outside the vocabulary ({vocab_size})")
-        if not np.all(logprobs <= 1e-3):
-            raise _Bad(f"{where}: log-prob above 0")
-        if "tail_logmass" in target:
-            tail = _read(
-                target["tail_logmass"],
-                start,
-                stop,
-                where.replace("/target", "/target/tail_logmass"),
-            )
-            checked += 1
-            mass = np.exp(logprobs.astype(np.float64)).sum(-1) + np.exp(tail.astype(np.float64))
-            worst = float(np.max(np.abs(mass - 1.0))) if len(mass) else 0.0
-            if not worst <= MASS_TOLERANCE[encoding]:
-                raise _Bad(
-                    f"{where}: top-K mass + tail = 1 +- {worst:.3g} "
-                    f"(tolerance {MASS_TOLERANCE[encoding]})"
-                )
-        if "counts" in target:
-            counts = _read(
-                target["counts"], start, stop, where.replace("/target", "/target/counts")
-            )
-            checked += 1
-            if np.any(counts.sum(-1) != params.get(schema.K)):
-                raise _Bad(f"{where}: sample counts do not add up to {params.get(schema.K)}")
+        if rows["ids"].shape[0] != stop - start:
+            raise _Bad(f"{where}: ids {rows['ids'].shape} for {stop - start} rows")
+        for name in ("tail_logmass", "counts"):
+            if name in target:
+                rows[name] = _read(target[name], start, stop,
+                                   where.replace("/target", f"/target/{name}"))
+                checked += 1
+        problem = integrity.target_problem(rows, params, vocab_size)
+        if problem is not None:
+            raise _Bad(f"{where}: {problem}")
     return checked
 
 
@@ -143,8 +165,9 @@ def _check_ref(group, path: str, stage: str, n_rows: int) -> int:
             where = f"{path}/{stage}/{name} chunk {i} (rows {start}-{stop})"
             values = _read(ref[name], start, stop, where)
             checked += 1
-            if not np.all(np.isfinite(values)):
-                raise _Bad(f"{where}: non-finite loss")
+            problem = integrity.ref_problem(values)
+            if problem is not None:
+                raise _Bad(f"{where}: {problem}")
     return checked
 
 
@@ -171,9 +194,12 @@ def verify_cache(root: str) -> VerifyReport:
                 raise _Bad(f"{path}: stage {building[0]!r} is not complete (a build still "
                            "running, or interrupted: resume it with `adaspec-cache build`)")
             _check_stored(group, path, root, manifest)
-            n, label_offsets = _check_sequences(group, path, vocab_size)
+            _check_arrays_and_files(group, path, manifest, None)
+            n, label_offsets = _check_sequences(
+                group, path, vocab_size, manifest.stages[schema.SEQUENCES].counts)
             checked += n
             n_rows = int(label_offsets[-1])
+            _check_arrays_and_files(group, path, manifest, n_rows)
             for stage, entry in manifest.stages.items():
                 if stage == schema.SEQUENCES:
                     continue

@@ -20,12 +20,14 @@ from collections.abc import Sequence
 import numpy as np
 import zarr
 
-from cache_tools import schema
+from cache_tools import integrity, schema
 from cache_tools.errors import CacheError
 from cache_tools.manifest import Manifest, Stage
 from cache_tools.manifest import write as write_manifest
 from cache_tools.reader import CacheReader
 from cache_tools.zarr_io import STORE_EVERY_CHUNK, check_params, open_root
+
+SHA256 = "_sha256"  # a row stage's (n_shards, n_arrays, 32) file digests, written per shard
 
 
 def _write_sequence_arrays(
@@ -92,6 +94,13 @@ def _write_sequence_arrays(
     }
 
 
+def _sequence_digests(group: zarr.Group) -> dict[str, str]:
+    """SHA-256 of every file of the sequences' arrays, as just written."""
+    sequences = group[schema.SEQUENCES]
+    return {key: digest for name in sorted(sequences.array_keys())
+            for key, digest in integrity.digests(sequences[name]).items()}
+
+
 class CacheWriter:
     """Writes one `<task>/<split>` group: its sequences, then row stages shard by shard.
 
@@ -148,7 +157,7 @@ class CacheWriter:
         manifest = Manifest(task=self.task, split=self.split, vocab_size=int(vocab_size),
                             package_version=package_version,
                             stages={schema.SEQUENCES: Stage(schema.STATUS_COMPLETE, params,
-                                                            counts)})
+                                                            counts, _sequence_digests(group))})
         write_manifest(group, manifest)
         return counts
 
@@ -172,8 +181,13 @@ class CacheWriter:
             raise CacheError(
                 f"cache {self.task}/{self.split}: the data now makes other sequences ({counts}) "
                 f"than the stored ones ({stored}); they cannot be repaired: use a new --cache")
-        return _write_sequence_arrays(self.group, input_ids, label_masks, source_index,
-                                      vocab_size, texts)
+        counts = _write_sequence_arrays(self.group, input_ids, label_masks, source_index,
+                                        vocab_size, texts)
+        group = self.group
+        manifest = Manifest.read(group)
+        manifest.stages[schema.SEQUENCES].files = _sequence_digests(group)
+        write_manifest(group, manifest)
+        return counts
 
     def open_stage(self, stage: str, params: dict, vocab_size: int,
                    shard_rows: int = schema.DEFAULT_SHARD_ROWS,
@@ -276,7 +290,12 @@ class StageWriter:
             stage_group.create_array(
                 schema.DONE, shape=(self.n_shards,), dtype=np.uint8, chunks=(1,), fill_value=0
             )
+        if create and SHA256 not in stage_group:  # each shard's file digests, by process
+            width = (len(self.arrays), 32)
+            stage_group.create_array(SHA256, shape=(self.n_shards, *width), dtype=np.uint8,
+                                     chunks=(1, *width), fill_value=0)
         self.done = stage_group[schema.DONE].with_config(STORE_EVERY_CHUNK)
+        self.sha256 = stage_group[SHA256].with_config(STORE_EVERY_CHUNK)
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         start = shard * self.shard_rows
@@ -307,7 +326,33 @@ class StageWriter:
                 raise ValueError(f"{name}: {len(values[name])} rows for shard of {stop - start}")
             if stop > start:
                 array[start:stop] = values[name]
+        self.sha256[shard] = self._shard_digests(shard)  # what a reader will compare
         self.done[shard] = 1
+
+    def _shard_digests(self, shard: int) -> np.ndarray:
+        """(n_arrays, 32) uint8: the SHA-256 of each array's file of `shard`, as stored."""
+        start, stop = self.shard_range(shard)
+        out = np.zeros((len(self.arrays), 32), dtype=np.uint8)
+        for j, array in enumerate(self.arrays.values()):
+            for _, key, _ in integrity.file_keys(array, start, stop):
+                data = integrity.read_file(array, key)
+                if data is not None:
+                    out[j] = np.frombuffer(bytes.fromhex(integrity.sha256(data)), np.uint8)
+        return out
+
+    def _digests(self) -> dict[str, str]:
+        """Every file's SHA-256 by key under the split, from the shards' records (a shard
+        written before they were kept is hashed now)."""
+        recorded = self.sha256[:]
+        files = {}
+        for shard in range(self.n_shards):
+            if not recorded[shard].any():
+                recorded[shard] = self._shard_digests(shard)
+            start, stop = self.shard_range(shard)
+            for j, array in enumerate(self.arrays.values()):
+                for key, _, _ in integrity.file_keys(array, start, stop):
+                    files[key] = bytes(recorded[shard, j]).hex()
+        return files
 
     def all_done(self) -> bool:
         return bool(np.all(self.done[:] == 1))
@@ -321,6 +366,7 @@ class StageWriter:
         group = self.writer.group
         manifest = Manifest.read(group)
         entry = manifest.stages[self.stage]
-        manifest.stages[self.stage] = Stage(schema.STATUS_COMPLETE, entry.params, counts)
+        manifest.stages[self.stage] = Stage(schema.STATUS_COMPLETE, entry.params, counts,
+                                            self._digests())
         write_manifest(group, manifest)
         return counts

@@ -40,7 +40,8 @@ def _rows(rng, n: int, mode: str) -> dict[str, np.ndarray]:
         return {"ids": ids, "logprobs": values.astype(np.float32),
                 "tail_logmass": tail.astype(np.float32)}
     ids = np.stack([rng.choice(VOCAB, size=K, replace=False) for _ in range(n)])
-    counts = rng.integers(0, 3, size=(n, K)).astype(np.float32)
+    # K draws per row, as a sampled build makes them (verify and the readers check the sum).
+    counts = rng.multinomial(K - 1, np.full(K, 1.0 / K), size=n).astype(np.float32)
     counts[:, 0] += 1
     ids = np.where(counts > 0, ids, 0)
     values = np.where(counts > 0, np.take_along_axis(logprobs, ids, -1), 0.0)
