@@ -196,7 +196,10 @@ def evaluate(
     for d, (spec, draft) in enumerate(zip(plan.specs, drafts, strict=True)):
         result: dict = {
             "task": cfg.data.task, "split": cfg.data.split, "draft": spec,
-            "target": cfg.models.target, "gamma": s.gamma, "temperature": s.temperature,
+            # --gamma auto is decided by speculative decoding; without it, the teacher-forced
+            # predictions of accepted length are made at --max-gamma
+            "target": cfg.models.target,
+            "gamma": s.max_gamma if s.gamma == "auto" else s.gamma, "temperature": s.temperature,
             "max_new_tokens": s.max_new_tokens, "modes": list(modes),
             "eval_config": {**as_plain(dataclasses.asdict(s)), "modes": list(modes)},
         }

@@ -401,6 +401,23 @@ def test_gamma_auto_picks_the_predicted_fastest_and_reports_predicted_speed(setu
     assert "gamma auto" in text and "predicted speedup" in text and "speedup" in text
 
 
+def test_gamma_auto_without_speculative_decoding_predicts_at_max_gamma(setup):
+    """`--modes exact` with a config's `gamma: auto` (the demo's) died predicting the accepted
+    length at gamma "auto" (a TypeError traceback); auto is chosen by speculative decoding, so
+    without it the prediction is made at --max-gamma."""
+    from adaspec.cli.eval_format import format_result
+    from adaspec.speedup import iid_expected_tokens
+
+    cfg, draft_dir = setup
+    [result] = evaluate(cfg, [str(draft_dir)], ("exact",), gamma="auto", max_gamma=3,
+                        max_new_tokens=6, n_prompts=1, progress=False)
+    assert result["gamma"] == 3
+    predicted = result["predicted_mean_accepted_length"]
+    assert predicted["exact"] == pytest.approx(
+        iid_expected_tokens(result["exact"]["greedy_agreement"], 3))
+    assert "speculative" not in result and format_result(result)
+
+
 @pytest.mark.parametrize("speed", [True, False])
 def test_speculative_results_format_with_and_without_speed(setup, speed):
     """--no-speed used to die formatting the result (KeyError: 'speed_rounds') after the
