@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -215,6 +216,10 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device_map: str | 
         raise _loading_error(parsed, location, error) from error
     except SafetensorError as error:  # a truncated or garbled safetensors header
         raise _loading_error(parsed, location, error) from None
+    except pickle.UnpicklingError:  # a .bin that is not plain tensors: never run
+        raise UserError(f"model {location} holds a pickled weight file that is not plain "
+                        "tensors (refused: unpickling it could run code); use safetensors "
+                        "weights from a copy you trust") from None
     tokenizer = load_tokenizer(spec)
     if isinstance(parsed.layers, tuple):
         keep_layers(model, layer_indices(parsed.layers, len(_decoder_layers(model)), spec))
@@ -507,14 +512,14 @@ def check_saved_weights(folder: Path) -> None:
                             f"{WEIGHTS_HASH_FILE} is missing (a partial copy?); copy the whole "
                             "folder, or retrain")
         return  # saved elsewhere (a hub snapshot, another tool): nothing recorded to check
-    if in_config is not None and in_config != record.read_text().strip():
+    if in_config is not None and in_config != record.read_text(errors="replace").strip():
         raise UserError(f"model folder {folder}: {WEIGHTS_HASH_FILE} and config.json record "
                         "different weights (files mixed from two saves); restore the folder")
     files = _weight_files(folder)
     if not files:
         raise UserError(f"model folder {folder} has no weight files (deleted?); its "
                         f"{WEIGHTS_HASH_FILE} says it had some")
-    if _combined_hash(files) != record.read_text().strip():
+    if _combined_hash(files) != record.read_text(errors="replace").strip():
         raise UserError(f"the weights in {folder} do not match the hash recorded when they were "
                         "saved: the files are damaged; retrain or restore them")
 

@@ -280,6 +280,12 @@ def _train(cfg: Config, accelerator, run_dir: Path, resume: bool, progress: bool
         model.base_model.compile()  # the trunk; the chunked head + loss stay eager
     stream, teacher, vocab_size = open_data(cfg, reader, ref_spec, tokenizer, device, rank, world)
     per_epoch = stream.batches_per_epoch
+    n_sequences = stream.sequences.n_sequences
+    if t.run_batch_size > n_sequences:  # the stream would cap it, and the schedule be wrong
+        asked = (f"b/k = {t.batch_size}/{t.k:g} = {t.run_batch_size} (--official-schedule)"
+                 if t.official_schedule else str(t.run_batch_size))
+        raise UserError(f"--batch-size {asked} is larger than the split's {n_sequences} "
+                        "sequences; lower --batch-size or use more data")
     if per_epoch == 0:
         raise UserError(
             f"{stream.sequences.n_sequences} sequences make fewer than {world} batches of "

@@ -56,8 +56,8 @@ def sha256(data: bytes) -> str:
 
 
 def file_keys(array: zarr.Array, start: int = 0, stop: int | None = None
-              ) -> Iterator[tuple[str, str, str]]:
-    """(key under the split group, key in the store, "rows a-b" it holds) of each file holding
+              ) -> Iterator[tuple[str, str, int, int]]:
+    """(key under the split group, key in the store, first row, end row) of each file holding
     rows [start, stop)."""
     stop = array.shape[0] if stop is None else stop
     per = (array.shards or array.chunks)[0]
@@ -66,8 +66,8 @@ def file_keys(array: zarr.Array, start: int = 0, stop: int | None = None
     tail = (0,) * (len(array.shape) - 1)
     for i in range(start // per, -(-stop // per) if stop > start else start // per):
         chunk = array.metadata.encode_chunk_key((i, *tail))
-        rows = f"rows {i * per}-{min(array.shape[0], (i + 1) * per)}"
-        yield f"{under_split}/{chunk}", f"{path}/{chunk}", rows
+        yield (f"{under_split}/{chunk}", f"{path}/{chunk}", i * per,
+               min(array.shape[0], (i + 1) * per))
 
 
 def read_file(array: zarr.Array, key: str) -> bytes | None:
@@ -79,7 +79,7 @@ def read_file(array: zarr.Array, key: str) -> bytes | None:
 def digests(array: zarr.Array, start: int = 0, stop: int | None = None) -> dict[str, str]:
     """SHA-256 of the files holding rows [start, stop), by key under the split group."""
     out = {}
-    for name, key, _ in file_keys(array, start, stop):
+    for name, key, _, _ in file_keys(array, start, stop):
         data = read_file(array, key)
         if data is not None:
             out[name] = sha256(data)

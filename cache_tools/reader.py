@@ -128,7 +128,7 @@ class CacheReader:
         """Each file holding rows [start, stop) is the one written there (SHA-256), once per
         file and process; a local shard cache's copy that is not is dropped and fetched again."""
         files = self.manifest.stages[self._stage_of(array)].files
-        for rel, key, rows in integrity.file_keys(array, start, stop):
+        for rel, key, lo, hi in integrity.file_keys(array, start, stop):
             want = files.get(rel)
             if (self.root, key, want) in _checked_files:
                 continue
@@ -138,9 +138,10 @@ class CacheReader:
                 store.drop(key)  # the local copy: fetch the store's own again
                 got = self._file_digest(array, key)
             if got != want:
+                read_rows(array, lo, hi, self.root)  # damage inside: names the chunk first
                 raise self._refused(
-                    f"{rel} ({rows})", "not the file written there (its SHA-256 differs from "
-                    "the manifest's: another shard's or another cache's file, or damage)"
+                    f"{rel} (rows {lo}-{hi})", "not the file written there (its SHA-256 differs "
+                    "from the manifest's: another shard's or another cache's file, or damage)"
                     if want is not None else "a file the manifest does not record")
             with _checking:
                 _checked_files.add((self.root, key, want))

@@ -46,6 +46,14 @@ def _read(array, start: int, stop: int, where: str) -> np.ndarray:
         raise _Bad(f"{where}: cannot be read ({type(err).__name__}: {str(err)[:120]})") from None
 
 
+def _read_chunks(array, start: int, stop: int, where: str) -> None:
+    """Decode rows [start, stop) chunk by chunk: the first that cannot be read is named."""
+    step = array.chunks[0]
+    for _, lo, hi in _blocks(stop - start, step):
+        _read(array, start + lo, start + hi,
+              f"{where} chunk {(start + lo) // step} (rows {start + lo}-{start + hi})")
+
+
 def _reason(err: Exception) -> str:
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]}"
 
@@ -92,10 +100,11 @@ def _check_arrays_and_files(group, path: str, manifest: Manifest, n_rows: int | 
                 raise _Bad(f"{path}/{stage}/{name}: {problem}")
             if n_rows is not None:
                 continue  # the files were compared on the first pass
-            for rel, key, rows in integrity.file_keys(array):
+            for rel, key, lo, hi in integrity.file_keys(array):
                 data = integrity.read_file(array, key)
                 if data is None or integrity.sha256(data) != entry.files.get(rel):
-                    raise _Bad(f"{path}/{rel} ({rows}): not the file written there (its "
+                    _read_chunks(array, lo, hi, f"{path}/{stage}/{name}")  # damage: the chunk
+                    raise _Bad(f"{path}/{rel} (rows {lo}-{hi}): not the file written there (its "
                                "SHA-256 differs from the manifest's: another shard's or another "
                                "cache's file, or damage)")
 

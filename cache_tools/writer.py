@@ -334,7 +334,7 @@ class StageWriter:
         start, stop = self.shard_range(shard)
         out = np.zeros((len(self.arrays), 32), dtype=np.uint8)
         for j, array in enumerate(self.arrays.values()):
-            for _, key, _ in integrity.file_keys(array, start, stop):
+            for _, key, _, _ in integrity.file_keys(array, start, stop):
                 data = integrity.read_file(array, key)
                 if data is not None:
                     out[j] = np.frombuffer(bytes.fromhex(integrity.sha256(data)), np.uint8)
@@ -350,7 +350,7 @@ class StageWriter:
                 recorded[shard] = self._shard_digests(shard)
             start, stop = self.shard_range(shard)
             for j, array in enumerate(self.arrays.values()):
-                for key, _, _ in integrity.file_keys(array, start, stop):
+                for key, _, _, _ in integrity.file_keys(array, start, stop):
                     files[key] = bytes(recorded[shard, j]).hex()
         return files
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import pickle
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -246,8 +247,11 @@ class HeldOut:
 def evaluate_model(held: HeldOut, model_dir: Path, key: str, cache_file: Path) -> dict:
     """Per-token acceptance of a saved draft, kept in `cache_file` (a re-run reuses it)."""
     if cache_file.exists():
-        stored = torch.load(cache_file)
-        if stored.get("key") == key:
+        try:  # tensors only: a file that is not what this study wrote is recomputed, never run
+            stored = torch.load(cache_file, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError):
+            stored = {}
+        if isinstance(stored, dict) and stored.get("key") == key:
             return stored["values"]
     draft, _ = models.load_model(str(model_dir))
     values = held.acceptance(draft.eval())

@@ -201,9 +201,10 @@ def test_corrupt_chunk_names_the_array_on_read(env, tmp_path):
     cache = _copy_cache(env, tmp_path)
     corrupt_chunks(cache, "ids", only_first=True)
     reader = CacheReader(str(cache), "gsm8k", "train")
-    assert len(reader.target_rows(130, 140)["ids"]) == 10  # chunk 1 reads fine
-    with pytest.raises(CacheError, match=r"target/ids chunk 0 \(rows 0-128\)"):
-        reader.target_rows(100, 200)
+    # The shard file fails its digest, so none of its rows is read; the damaged chunk is named.
+    for rows in ((130, 140), (100, 200)):
+        with pytest.raises(CacheError, match=r"target/ids chunk 0 \(rows 0-128\)"):
+            reader.target_rows(*rows)
 
 
 # --- issue 20: the three ways a wrong result used to exit 0 --------------------------------------

@@ -245,3 +245,31 @@ def test_a_model_with_non_finite_weights_is_refused(env, tmp_path, capsys):
     save_file(state, str(weights), metadata={"format": "pt"})
     code, err = eval_outcome(capsys, env, folder)
     assert code == 2 and "nan/inf" in err, err
+
+
+def test_an_official_schedule_batch_larger_than_the_split_is_refused(env, tmp_path, capsys):
+    """b/k = 4/0.4 = 10 sequences of a split of 8: it used to be capped silently at 8 (and the
+    recorded schedule said 10)."""
+    cfg = train_config(env, k=0.4, batch_size=4, official_schedule=True, out=tmp_path / "run")
+    code, err = outcome(capsys, lambda: train(cfg, progress=False))
+    assert code == 2 and "larger than the split's 8 sequences" in err, err
+
+
+def test_a_pickle_planted_in_any_file_of_a_model_folder_never_runs(env, tmp_path, capsys):
+    """A run's model/ (hash recorded) and a folder saved by plain transformers (an export's
+    kind): each file replaced by a payload in turn, and a pytorch_model.bin planted in place of
+    the safetensors: loading refuses it in one line or ignores it; the payload never runs."""
+    from adaspec import models
+
+    for kind, source in (("run model", runs.model_dir(env.ref_run)), ("plain", env.target)):
+        names = sorted(p.name for p in Path(source).iterdir() if p.is_file())
+        for i, name in enumerate([*names, "pytorch_model.bin"]):
+            folder = tmp_path / f"{kind}-{i}"
+            shutil.copytree(source, folder)
+            marker = tmp_path / f"ran-{kind}-{i}"
+            if name == "pytorch_model.bin":
+                for weights in folder.glob("*.safetensors"):
+                    weights.unlink()
+            plant(folder / name, marker)
+            outcome(capsys, lambda f=folder: models.load_model(str(f)) and None)
+            assert not marker.exists(), (kind, name)

@@ -230,3 +230,68 @@ def test_a_lease_with_a_damaged_expiry_is_taken_over_not_a_traceback(caches, tmp
     path.write_text(json.dumps(record))
     with store.build_lock(str(cache), "gsm8k", "train") as held:
         held.check()
+
+
+# ---------------------------------------------------------------------------------------------
+# The local shard cache of a remote cache
+
+
+@pytest.fixture(scope="module")
+def remote(caches):
+    """Cache "a" copied into a bucket of a local S3 server (moto's, as test_object_store)."""
+    import s3fs
+
+    from bench import harness
+
+    with harness.local_s3_server("adaspec-trust") as env:
+        s3fs.S3FileSystem(skip_instance_cache=True).put(str(caches["a"]), "adaspec-trust/a",
+                                                        recursive=True)
+        yield env, "s3://adaspec-trust/a"
+
+
+def _all_rows(reader) -> dict:
+    return {**reader.target_rows(0, reader.n_label_rows), "tokens": reader.all_tokens()[0]}
+
+
+def test_a_replaced_local_shard_file_is_dropped_and_fetched_again(caches, remote, tmp_path):
+    """A file of the local shard cache replaced by another shard's (or garbled) used to be
+    read as that shard; now its digest fails, it is fetched again, the rows are the store's."""
+    import numpy as np
+
+    from cache_tools import reader as reader_module
+
+    _, root = remote
+    folder = tmp_path / "shards"
+    want = _all_rows(store.CacheReader(str(caches["a"]), "gsm8k", "train"))
+    _all_rows(store.CacheReader(root, "gsm8k", "train", local_cache=(str(folder), 2**30)))
+    files = sorted(folder.glob("*.shard"), key=lambda p: p.stat().st_size)
+    assert len(files) >= 3
+    _swap(files[-1], files[-2])
+    files[0].write_bytes(b"garbage")
+    reader_module._checked_files.clear()  # a new process: nothing compared yet
+    reader = store.CacheReader(root, "gsm8k", "train", local_cache=(str(folder), 2**30))
+    got = _all_rows(reader)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+    assert reader.group.store.stats["misses"] >= 3  # the three bad files fetched again
+
+
+def test_a_local_shard_cache_that_cannot_be_written_only_costs_the_caching(
+        caches, remote, tmp_path, monkeypatch):
+    """A full (or read-only) local folder: reads are served from the store, not blamed on it."""
+    import numpy as np
+
+    from cache_tools import reader as reader_module
+    from cache_tools import shard_cache
+
+    _, root = remote
+    want = _all_rows(store.CacheReader(str(caches["a"]), "gsm8k", "train"))
+
+    def full(self, data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(shard_cache.Path, "write_bytes", full)
+    reader_module._checked_files.clear()
+    got = _all_rows(store.CacheReader(root, "gsm8k", "train",
+                                      local_cache=(str(tmp_path / "full"), 2**30)))
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])

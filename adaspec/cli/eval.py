@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument("--no-progress", action="store_true")
     add_config_flags(parser, section_keys("data")
-                     + section_keys("cache", only=["cache", "batch_tokens"])
+                     + section_keys("cache", only=["cache", "batch_tokens", "local_cache_dir",
+                                                 "local_cache_mb"])
                      + section_keys("models", only=["target", "dtype", "device_map"])
                      + section_keys("eval"))
     return parser

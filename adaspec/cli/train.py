@@ -19,7 +19,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="continue the run folder from its latest checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_config_flags(parser, section_keys("data")
-                     + section_keys("cache", only=["cache", "ref_name"])
+                     + section_keys("cache", only=["cache", "ref_name", "local_cache_dir",
+                                                 "local_cache_mb"])
                      + section_keys("models") + section_keys("train"))
     return parser
 
