@@ -309,6 +309,10 @@ class EvalConfig(Checked):
     """Interleaved timing rounds of speculative and target-only decoding (speeds are medians)."""
     speed: bool = True
     """Time speculative against target-only decoding (off: acceptance counts only, one pass)."""
+    prepack: bool = True
+    """On a CPU in fp32, decode (speculative and target-only alike) with every linear layer's
+    weight prepacked for oneDNN: verifying several tokens costs less (adaspec/cpu_decoding.py).
+    Teacher-forced measures never use it."""
     compare: bool = False
     """Print the first draft minus each other draft, with standard errors (paired: the same
     tokens, clustered by sequence; the same prompts for decoding)."""

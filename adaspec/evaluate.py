@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adaspec import models, provenance, runs, tasks
+from adaspec import cpu_decoding, models, provenance, runs, tasks
 from adaspec.config import Config, as_plain
 from adaspec.errors import UserError
 from adaspec.speculative_timing import (
@@ -216,6 +216,12 @@ def evaluate(
                 result["exact_continuations"] = cont_exact[d]
         results.append(result)
     if "speculative" in modes:
+        # after every teacher-forced measure: prepacked linears compute the same function in
+        # another summation order, for decoding speed only
+        prepacked = s.prepack and all(cpu_decoding.available(m) for m in (target, *drafts))
+        if prepacked:
+            for model in (target, *drafts):
+                cpu_decoding.prepack_linears(model)
         prompts = [p.to(device) for p in split_prompts(cfg, tokenizer, s.prompts)]
         decode = (drafts, target, prompts, vocab_size, tokenizer.eos_token_id)
         rest = (s.temperature, s.max_new_tokens, cfg.data.seed)
@@ -226,6 +232,7 @@ def evaluate(
                                                            progress=progress))
         for d, (result, spec_result) in enumerate(zip(results, spec_results, strict=True)):
             result["n_prompts"] = len(prompts)
+            spec_result["prepacked_linears"] = prepacked
             result["gamma"] = gammas[d] if choice else s.gamma
             if costs:
                 spec_result["costs"] = costs[d]

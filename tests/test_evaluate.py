@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import GSM8K, REPO, make_tiny_model, save_tiny_model
 
 from adaspec import evaluate as evaluate_module
@@ -399,6 +400,20 @@ def test_gamma_auto_picks_the_predicted_fastest_and_reports_predicted_speed(setu
     assert sum(s["accepted_at"]) == s["accepted"] and sum(s["drafted_at"]) == s["drafted"]
     text = format_result(result)
     assert "gamma auto" in text and "predicted speedup" in text and "speedup" in text
+
+
+@pytest.mark.parametrize("prepack", [True, False])
+def test_speculative_decoding_says_whether_linears_were_prepacked(setup, prepack):
+    """Decoding on a CPU in fp32 prepacks the linear layers (adaspec/cpu_decoding.py) after the
+    teacher-forced measures, which stay those of the plain models; --no-prepack keeps them."""
+    cfg, draft_dir = setup
+    plain = evaluate(cfg, [str(draft_dir)], ("exact",), progress=False)[0]
+    [result] = evaluate(cfg, [str(draft_dir)], ("exact", "speculative"), gamma=2,
+                        max_new_tokens=6, n_prompts=1, speed=False, prepack=prepack,
+                        progress=False)
+    assert result["speculative"]["prepacked_linears"] is (
+        prepack and torch.backends.mkldnn.is_available())
+    assert result["exact"] == plain["exact"]
 
 
 def test_gamma_auto_without_speculative_decoding_predicts_at_max_gamma(setup):
