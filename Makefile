@@ -30,6 +30,7 @@ CONTINUATIONS := --cache $(DEMO_DIR)/continuations --generate --gen-temperature 
 	--gen-max-new-tokens 40 --sparse topk --topk 64 --value-encoding float16
 VALIDATE := --eval-cache $(DEMO_DIR)/continuations
 RUNS := $(DEMO_DIR)/runs
+TEST_ROWS := 16
 # Each step runs as a named phase (adaspec/phase_times.py, standard library only, so it runs
 # before .venv exists); the demo ends with the table of where its time went.
 PHASES := $(DEMO_DIR)/phases.jsonl
@@ -42,9 +43,11 @@ demo:
 	@$(PHASE) "cache: target, training responses" -- \
 		$(BIN)/adaspec-cache build --model target $(DEMO) --generate --gen-temperature 0
 	@$(PHASE) "cache: validation continuations" -- \
-		$(BIN)/adaspec-cache build --model target $(DEMO) --split validation --limit 8 $(CONTINUATIONS)
+		$(BIN)/adaspec-cache build --model target $(DEMO) --split validation --limit 8 \
+		$(CONTINUATIONS)
 	@$(PHASE) "cache: test continuations" -- \
-		$(BIN)/adaspec-cache build --model target $(DEMO) --split test --limit 8 $(CONTINUATIONS)
+		$(BIN)/adaspec-cache build --model target $(DEMO) --split test --limit $(TEST_ROWS) \
+		$(CONTINUATIONS)
 	@$(PHASE) "train: reference (plain KD)" -- \
 		$(BIN)/adaspec-train $(DEMO) $(VALIDATE) --stage ref --out $(RUNS)/ref-k1.0
 	@$(PHASE) "cache: reference losses" -- $(BIN)/adaspec-cache build --model ref $(DEMO)
@@ -52,10 +55,14 @@ demo:
 		$(BIN)/adaspec-train $(DEMO) $(VALIDATE) --stage draft --k 0.4 --official-schedule \
 		--out $(RUNS)/adaspec-k0.4
 	@$(PHASE) "cache: verify" -- $(BIN)/adaspec-cache verify --cache $(DEMO_DIR)/cache
-	@$(PHASE) "eval: speculative decoding, timed" -- \
-		$(BIN)/adaspec-eval $(DEMO) --split test --limit 8 --modes speculative --compare \
+	@$(PHASE) "eval: AdaSPEC vs reference, teacher-forced" -- \
+		$(BIN)/adaspec-eval $(DEMO) --split test --limit $(TEST_ROWS) --modes exact --compare \
 		--continuations-cache $(DEMO_DIR)/continuations \
-		--draft $(RUNS)/adaspec-k0.4/best $(RUNS)/ref-k1.0/best --json $(DEMO_DIR)/eval.json
+		--draft $(RUNS)/adaspec-k0.4/best $(RUNS)/ref-k1.0/best --json $(DEMO_DIR)/compare.json
+	@$(PHASE) "eval: speculative decoding, timed" -- \
+		$(BIN)/adaspec-eval $(DEMO) --split test --limit $(TEST_ROWS) --modes speculative \
+		--continuations-cache $(DEMO_DIR)/continuations \
+		--draft $(RUNS)/adaspec-k0.4/best --json $(DEMO_DIR)/eval.json
 	@$(PHASE) "export: AdaSPEC draft" -- \
 		$(BIN)/adaspec-export $(RUNS)/adaspec-k0.4 --best --out $(DEMO_DIR)/export \
 		--eval-json $(DEMO_DIR)/eval.json --overwrite
