@@ -191,7 +191,8 @@ def test_an_unknown_role_is_one_line_and_no_traceback(tmp_path, chat_model):
 
 def test_conversations_to_an_exported_draft(tmp_path, chat_model, one_thread):
     """Chat fixture -> target cache of regenerated conversations -> reference -> AdaSPEC draft
-    -> evaluation (exact and real speculative decoding on test conversations) -> export."""
+    validated on the target's own continuations of validation conversations -> evaluation
+    (exact and real speculative decoding on test conversations) -> export."""
     from adaspec.cli import eval as eval_cli
     from adaspec.cli import export as export_cli
     from adaspec.cli import train as train_cli
@@ -204,8 +205,16 @@ def test_conversations_to_an_exported_draft(tmp_path, chat_model, one_thread):
     assert train_cli.main([*train, "--stage", "ref", "--out", str(tmp_path / "ref")]) == 0
     assert cache_cli.main(["build", "--model", "ref", *data, "--target", str(chat_model),
                            *cache, "--limit", "12", "--no-progress"]) == 0
-    assert train_cli.main([*train, "--limit", "12", "--k", "0.4",
-                           "--out", str(tmp_path / "ada")]) == 0
+    continuations = tmp_path / "continuations"
+    assert cache_cli.main(_build_args(continuations, chat_model, SHAREGPT, (
+        "--split", "validation", "--generate", "--gen-temperature", "0",
+        "--gen-max-new-tokens", "12"))) == 0
+    assert train_cli.main([*train, "--limit", "12", "--k", "0.4", "--eval-split", "validation",
+                           "--eval-cache", str(continuations), "--eval-every", "2",
+                           "--keep-best", "--out", str(tmp_path / "ada")]) == 0
+    records = [json.loads(line) for line in (tmp_path / "ada" / "metrics.jsonl").open()]
+    checks = [r["validation"] for r in records if "validation" in r]
+    assert checks and all(c["label_tokens"] > 0 for c in checks)
     result = tmp_path / "eval.json"
     assert eval_cli.main(["--draft", str(tmp_path / "ada"), *data, "--target", str(chat_model),
                           *cache, "--split", "test", "--modes", "exact,speculative",
