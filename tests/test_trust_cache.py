@@ -295,3 +295,35 @@ def test_a_local_shard_cache_that_cannot_be_written_only_costs_the_caching(
                                       local_cache=(str(tmp_path / "full"), 2**30)))
     for key in want:
         np.testing.assert_array_equal(got[key], want[key])
+
+
+@pytest.mark.parametrize("count", ["sequences", "tokens", "label_tokens"])
+def test_manifest_counts_that_disagree_with_the_arrays_are_refused(caches, tmp_path, count):
+    """verify used not to compare the manifest's counts with the arrays (nor did the readers)."""
+    from cache_tools.errors import CacheError
+
+    cache = _copy(caches["a"], tmp_path)
+    group = store.open_root(str(cache), "a")["gsm8k/train"]
+    manifest = manifest_io.Manifest.read(group)
+    manifest.stages["sequences"].counts[count] += 1
+    manifest_io.write(group, manifest)  # its digest recomputed: only the counts are wrong
+    report = verify_cache(str(cache))
+    assert not report.ok and count in report.message, report.message
+    with pytest.raises(CacheError, match=count):
+        store.CacheReader(str(cache), "gsm8k", "train")
+
+
+@pytest.mark.parametrize("cli", ["train", "eval"])
+def test_train_and_eval_take_the_local_shard_cache_flags(cli, tmp_path):
+    """The README and the readers' own errors name them; only `adaspec-cache build` had them."""
+    import importlib
+
+    from adaspec.cli.common import config_from_args
+
+    module = importlib.import_module(f"adaspec.cli.{cli}")
+    args = module._parser().parse_args(["--cache", "s3://bucket/c", "--task", "gsm8k",
+                                        "--local-cache-mb", "7",
+                                        "--local-cache-dir", str(tmp_path),
+                                        *(["--draft", "d"] if cli == "eval" else [])])
+    cfg = config_from_args(args)
+    assert (cfg.cache.local_cache_mb, cfg.cache.local_cache_dir) == (7, str(tmp_path))
