@@ -61,6 +61,9 @@ def is_export(folder: Path) -> bool:
 
 def check_out_dir(out: Path, overwrite: bool, source: DraftSource) -> None:
     """Refuse to write over a non-empty folder (unless `overwrite`), or over the draft itself."""
+    if out.is_symlink():  # --overwrite deletes --out: never through a link
+        raise UserError(f"--out {out} is a symlink; pass the folder itself (adaspec never "
+                        "deletes or replaces through a link)")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder")
     if out.is_dir() and any(out.iterdir()) and overwrite and not is_export(out):

@@ -273,3 +273,22 @@ def test_a_pickle_planted_in_any_file_of_a_model_folder_never_runs(env, tmp_path
             plant(folder / name, marker)
             outcome(capsys, lambda f=folder: models.load_model(str(f)) and None)
             assert not marker.exists(), (kind, name)
+
+
+def test_an_export_over_a_symlink_is_refused_and_nothing_is_deleted(tmp_path):
+    """--overwrite replaces --out: a link to an earlier export is refused, its target kept."""
+    from types import SimpleNamespace
+
+    from adaspec import export
+    from adaspec.errors import UserError
+
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / export.EXPORT_MARKER).write_text("{}")
+    (earlier / "model.safetensors").write_text("kept")
+    link = tmp_path / "link"
+    os.symlink(earlier, link)
+    source = SimpleNamespace(model_spec=str(tmp_path / "draft"), run_dir=None)
+    with pytest.raises(UserError, match="symlink"):
+        export.check_out_dir(link, True, source)
+    assert (earlier / "model.safetensors").read_text() == "kept"
