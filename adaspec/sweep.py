@@ -91,6 +91,8 @@ def train_single_pass(cfg: Config, variants: list[Variant], out: Path,
     torch.manual_seed(variants[0].seed)
     # fp32 master weights, as in train.train (bf16 only through autocast).
     draft, tokenizer = models.load_model(cfg.models.draft, dtype=torch.float32)
+    # as train.train does: --draft-vocab's reduced head (the variants share draft_vocab)
+    train.reduce_vocabulary(base, reader, draft, tokenizer)
     rank, world = accelerator.process_index, accelerator.num_processes
     stream, teacher, vocab_size = train.open_data(base, reader, None, tokenizer, device, rank,
                                                   world)

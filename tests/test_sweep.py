@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import build_split_target, run_weights, train_config
 
+from adaspec import draft_vocab
 from adaspec.build import build_stage
 from adaspec.sweep import grid, run_sweep
 
@@ -46,6 +47,25 @@ def test_single_pass_equals_one_by_one(env, tmp_path):
     for a, b in zip(one, many, strict=True):
         wa = run_weights(tmp_path / "one" / a["name"])
         wb = run_weights(tmp_path / "many" / b["name"])
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6)
+        assert a["alpha_lower"] == pytest.approx(b["alpha_lower"], abs=1e-5)
+
+
+def test_single_pass_reduces_the_vocabulary_as_training_does(env, tmp_path):
+    """`train.draft_vocab` in a sweep: the single pass trained full-vocabulary heads without a
+    word (it copied training's setup and missed `reduce_vocabulary`); its runs now equal the
+    one-by-one runs, reduced head and token map included."""
+    cfg = train_config(env, epochs=1.0, draft_vocab=16)
+    variants = grid([1.0], [1.0, 2.0], ["fkl"], [0])  # k < 1 needs a reference of the same map
+    one = run_sweep(cfg, variants, tmp_path / "one", "test", progress=False)
+    many = run_sweep(cfg, variants, tmp_path / "many", "test", single_pass=True, progress=False)
+    for a, b in zip(one, many, strict=True):
+        folder_a, folder_b = (tmp_path / "one" / a["name"]), (tmp_path / "many" / b["name"])
+        map_a = (folder_a / "model" / draft_vocab.MAP_FILE).read_text()
+        assert map_a == (folder_b / "model" / draft_vocab.MAP_FILE).read_text()
+        wa, wb = run_weights(folder_a), run_weights(folder_b)
         assert wa.keys() == wb.keys()
         for key in wa:
             torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6)
