@@ -96,10 +96,13 @@ def train_single_pass(cfg: Config, variants: list[Variant], out: Path,
     rank, world = accelerator.process_index, accelerator.num_processes
     stream, teacher, vocab_size = train.open_data(base, reader, None, tokenizer, device, rank,
                                                   world)
+    train.check_stream(base.train, stream, world)
     per_epoch = stream.batches_per_epoch
     learner_runs, validators = [], {}
     for vcfg in configs:
         model = copy.deepcopy(draft).to(device).train()
+        if vcfg.train.compile:
+            model.base_model.compile()  # as train.train: the trunk; head and loss stay eager
         run = train.prepare_run(accelerator, vcfg, model, per_epoch, vocab_size)
         if accelerator.is_main_process:
             runs.start_run_dir(run.run_dir, vcfg, 0,

@@ -206,6 +206,21 @@ def reduce_vocabulary(cfg: Config, reader: CacheReader | None, model, tokenizer)
         draft_vocab.reduce_head(model, ids)
 
 
+def check_stream(t, stream, world: int) -> None:
+    """The run's batch fits the split and every process gets batches (train and the sweep)."""
+    n_sequences = stream.sequences.n_sequences
+    if t.run_batch_size > n_sequences:  # the stream would cap it, and the schedule be wrong
+        asked = (f"b/k = {t.batch_size}/{t.k:g} = {t.run_batch_size} (--official-schedule)"
+                 if t.official_schedule else str(t.run_batch_size))
+        raise UserError(f"--batch-size {asked} is larger than the split's {n_sequences} "
+                        "sequences; lower --batch-size or use more data")
+    if stream.batches_per_epoch == 0:
+        raise UserError(
+            f"{n_sequences} sequences make fewer than {world} batches of "
+            f"--batch-size {t.run_batch_size}; lower --batch-size or use fewer processes"
+        )
+
+
 def prepare_run(accelerator, cfg: Config, model, per_epoch: int, vocab_size: int) -> LearnerRun:
     """A run of `model` per cfg.train (its learner, folder and length) over a stream of
     `per_epoch` micro-batches per process: what `train` and the single-pass sweep both run."""
@@ -279,18 +294,8 @@ def _train(cfg: Config, accelerator, run_dir: Path, resume: bool, progress: bool
     if t.compile:
         model.base_model.compile()  # the trunk; the chunked head + loss stay eager
     stream, teacher, vocab_size = open_data(cfg, reader, ref_spec, tokenizer, device, rank, world)
+    check_stream(t, stream, world)
     per_epoch = stream.batches_per_epoch
-    n_sequences = stream.sequences.n_sequences
-    if t.run_batch_size > n_sequences:  # the stream would cap it, and the schedule be wrong
-        asked = (f"b/k = {t.batch_size}/{t.k:g} = {t.run_batch_size} (--official-schedule)"
-                 if t.official_schedule else str(t.run_batch_size))
-        raise UserError(f"--batch-size {asked} is larger than the split's {n_sequences} "
-                        "sequences; lower --batch-size or use more data")
-    if per_epoch == 0:
-        raise UserError(
-            f"{stream.sequences.n_sequences} sequences make fewer than {world} batches of "
-            f"--batch-size {t.run_batch_size}; lower --batch-size or use fewer processes"
-        )
     run = prepare_run(accelerator, cfg, model, per_epoch, vocab_size)
     total_steps = run.total_steps
     stop_step = run.total_steps if max_steps is None else min(run.total_steps, max_steps)
