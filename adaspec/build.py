@@ -14,6 +14,7 @@ the same rows come out whichever process, shard or restart computes them.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,9 +41,16 @@ SEQUENCES_FIX = "use a new --cache directory for other data, tokenizer or genera
 # Sequences
 
 
-def sequence_params(cfg: Config, fingerprint: str, generate: dict | None = None) -> dict:
-    """What a split's sequences are made from, as the manifest records it."""
+def sequence_params(cfg: Config, fingerprint: str, generate: dict | None = None,
+                    tokenizer=None) -> dict:
+    """What a split's sequences are made from, as the manifest records it; for conversations
+    also the chat template that rendered them (from `tokenizer`: the tokenizer fingerprint
+    does not cover it)."""
     d = cfg.data
+    chat = {}
+    if tokenizer is not None and tasks.lookup(d.task).conversations:
+        template = getattr(tokenizer, "chat_template", None) or ""
+        chat = {"chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest()}
     return {
         "task": d.task,
         "split": d.split,
@@ -54,6 +62,7 @@ def sequence_params(cfg: Config, fingerprint: str, generate: dict | None = None)
         "seed": d.seed,
         schema.TOKENIZER_FINGERPRINT: fingerprint,
         "generate": generate,
+        **chat,
     }
 
 
@@ -210,11 +219,11 @@ def _build_target(cfg: Config, model_spec: str | None, state: PartialState, prog
                                         f"--generator model {writer_model.spec}", "the target")
         gen_identity = writer_model.identity
         gen_params = generate.generation_params(cfg, gen_identity)
-        seq_params = sequence_params(cfg, fingerprint, gen_params)
+        seq_params = sequence_params(cfg, fingerprint, gen_params, loaded.tokenizer)
         if conversations:  # every assistant turn rewritten; the target scores them below
             processes.together(state, lambda: generate.regenerate_conversations(
                 cfg, writer_model.model, writer_model.tokenizer, state, progress, gen_identity,
-                sequence_params(cfg, fingerprint)))
+                sequence_params(cfg, fingerprint, None, loaded.tokenizer)))
             state.wait_for_everyone()
             del writer_model
             processes.on_main(state, lambda: ensure_sequences(
@@ -232,7 +241,8 @@ def _build_target(cfg: Config, model_spec: str | None, state: PartialState, prog
                 lambda: generate.generated_examples(generated), rebuild))
     else:
         processes.on_main(state, lambda: ensure_sequences(
-            writer, cfg, loaded.tokenizer, sequence_params(cfg, fingerprint),
+            writer, cfg, loaded.tokenizer,
+            sequence_params(cfg, fingerprint, None, loaded.tokenizer),
             lambda: tasks.tokenize_split(cfg.data, loaded.tokenizer, notes), rebuild, notes))
     state.wait_for_everyone()
     reader = provenance.reader_of(cfg, require=())

@@ -26,10 +26,14 @@ CONVERSATIONS = CHAT_FIXTURES / "conversations.jsonl"
 SHAREGPT = CHAT_FIXTURES / "sharegpt.json"
 
 
-def _chat_model(path: Path, **kw) -> Path:
+def _chat_tokenizer(template: str):
     tokenizer = make_tiny_tokenizer()
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return save_tiny_model(path, tokenizer, **kw)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def _chat_model(path: Path, **kw) -> Path:
+    return save_tiny_model(path, _chat_tokenizer(TINY_CHAT_TEMPLATE), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +244,15 @@ def test_build_train_and_evaluate_a_file_in_either_shape(tmp_path, chat_model, d
                            "--no-progress"]) == 0
     assert eval_cli.main(["--draft", str(tmp_path / "run"), *flags, "--modes", "exact",
                           "--no-progress"]) == 0
+
+
+def test_a_cache_rendered_by_another_chat_template_is_refused(tmp_path):
+    from cache_tools.errors import CacheError
+
+    first = save_tiny_model(tmp_path / "first", _chat_tokenizer(TINY_CHAT_TEMPLATE), seed=1)
+    other = _chat_tokenizer(TINY_CHAT_TEMPLATE.replace("<{{ m['role'] }}>", "[{{ m['role'] }}]"))
+    second = save_tiny_model(tmp_path / "second", other, seed=1)
+    args = ("--limit", "4")
+    assert cache_cli.main(_build_args(tmp_path / "c", first, extra=args)) == 0
+    with pytest.raises(CacheError, match="chat_template_sha256"):
+        cache_cli.main(_build_args(tmp_path / "c", second, extra=args))
