@@ -268,3 +268,15 @@ def test_a_template_without_a_generation_prompt_is_refused(tiny_chat_tokenizer):
     example = tasks.load_examples("chat", "all", SHAPES["messages"])[1]
     with pytest.raises(UserError, match="with text before its content"):
         tasks.tokenize_example(example, tokenizer)
+
+
+def test_preview_brackets_each_assistant_turn(tiny_chat_tokenizer):
+    text = tasks.preview("chat", tiny_chat_tokenizer, "all", SHAPES["conversations"], limit=1,
+                         max_length=4096)
+    row = json.loads(SHAPES["conversations"].read_text())[0]
+    answers = [t["value"] for t in row["conversations"] if t["from"] == "gpt"]
+    assert "chat_template on" in text.splitlines()[0]
+    body = text.split("--- conversation ([[labels]]) ---\n")[1]
+    assert body.count("[[") == len(answers)
+    for answer in answers:
+        assert f"<assistant>[[{answer}<|endoftext|>]]" in body

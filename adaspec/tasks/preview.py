@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from adaspec.tasks.files import DataFiles
-from adaspec.tasks.registry import template_version
+from adaspec.tasks.registry import lookup, template_version
 from adaspec.tasks.sources import load_examples
 from adaspec.tasks.templates import Example
 from adaspec.tasks.tokenize import IGNORE_INDEX, check_max_length, tokenize_with_note
@@ -32,7 +32,8 @@ def preview(
     examples = load_examples(task, split, data_files=data_files, limit=limit, seed=seed)
     lines = [
         f"{task} {split}: first {len(examples)} examples, template {template_version(task)}, "
-        f"max_length {max_length}, chat_template {'on' if chat_template else 'off'}"
+        f"max_length {max_length}, chat_template "
+        f"{'on' if chat_template or lookup(task).conversations else 'off'}"
     ]
     for example in examples:
         lines += _example_lines(example, tokenizer, max_length, chat_template)
