@@ -182,6 +182,8 @@ BAD_ROWS = {
     "unknown ShareGPT role": (_row(("human", "Hi"), ("bot", "Hello"), key="conversations"),
                               "turn 2 has from 'bot'; use one of system, human, gpt"),
     "missing role": (json.dumps({"messages": [{"content": "Hi"}]}), "turn 1 has role missing"),
+    "role not text": (json.dumps({"messages": [{"role": ["user"], "content": "Hi"}]}),
+                      r"turn 1 has role \['user'\]; use one of"),
     "empty content": (_row(("user", "Hi"), ("assistant", "  ")),
                       r"turn 2 \(assistant\) is empty"),
     "non-string content": (json.dumps({"messages": [

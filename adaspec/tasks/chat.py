@@ -69,7 +69,7 @@ def chat_example(row: dict, source_index: int, where: str) -> Example:
             raise UserError(f"{where}: turn {number} should be an object with '{role_field}' and "
                             f"'{content_field}', got {type(item).__name__}")
         name = item.get(role_field)
-        if name not in names:
+        if not isinstance(name, str) or name not in names:
             shown = "missing" if name is None else repr(name)
             raise UserError(f"{where}: turn {number} has {role_field} {shown}; "
                             f"use one of {', '.join(names)}")
