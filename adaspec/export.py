@@ -277,7 +277,7 @@ def _write_checked(out: Path, overwrite: bool, model, target: TargetInfo,
         (staging / EXPORT_MARKER).write_text(json.dumps(
             {"made_by": "adaspec-export", "target": target.spec}, indent=2) + "\n")
         verify_export(staging, model, real)
-        _readable(staging)
+        make_readable(staging)
         if out.exists():
             if any(out.iterdir()) and not (overwrite and is_export(out)):  # changed meanwhile
                 raise UserError(f"--out {out} is no longer empty (or no longer an export)")
@@ -288,7 +288,7 @@ def _write_checked(out: Path, overwrite: bool, model, target: TargetInfo,
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _readable(folder: Path) -> None:
+def make_readable(folder: Path) -> None:
     """Modes as the umask allows: mkdtemp makes the folder 0700 and safetensors writes 0600,
     but a serving folder is read by other users (an engine's container, a hub upload job)."""
     umask = os.umask(0)
