@@ -155,6 +155,9 @@ def ensure_draft(args, work: Path, on_chunk=None) -> dict:
     run = work / "draft"
     log_path = work / "chunks.json"
     chunks = json.loads(log_path.read_text()) if log_path.is_file() else []
+    chunks = [c for i, c in enumerate(chunks)  # one entry per chunk (a re-run re-decides it)
+              if not any(d["epochs"] == c["epochs"] and d["action"] == c["action"]
+                         for d in chunks[:i])]
     epochs = run_epochs_planned(run) or args.chunk_epochs
     while True:
         if run_epochs_done(run) < epochs and args.no_train:
@@ -173,7 +176,7 @@ def ensure_draft(args, work: Path, on_chunk=None) -> dict:
         decision = next_chunk(curve, epochs, args.chunk_epochs, args.max_epochs)
         entry = {"epochs": epochs, "steps": max((r["step"] for r in curve), default=0),
                  "action": decision["action"], "plateau": decision["plateau"]}
-        if not chunks or chunks[-1]["epochs"] != epochs:
+        if not any(c["epochs"] == epochs and c["action"] != "stopped" for c in chunks):
             chunks.append(entry)
             log_path.write_text(json.dumps(chunks, indent=1))
         if on_chunk is not None:
@@ -556,6 +559,7 @@ def time_llamacpp(args, cfg: Config, work: Path, gamma: int) -> dict:
                 seconds[name][r] += one["seconds"]
                 if r == 0:
                     texts[name][i] = text
+                    (folder / f"output-{name}-{i}.txt").write_text(text)
                     for k in counts:
                         if name in ("draft", "perfect") and k in one:
                             (counts if name == "draft" else perfect)[k] += one[k]
@@ -568,8 +572,8 @@ def time_llamacpp(args, cfg: Config, work: Path, gamma: int) -> dict:
     perfect_speed = summarize_speed(tokens["perfect"], seconds["perfect"], tokens["target"],
                                     seconds["target"])
     same = [same_prefix(a, b) for a, b in zip(texts["draft"], texts["perfect"], strict=True)]
-    same_target = [same_prefix(a, b) for a, b in zip(texts["draft"], texts["target"],
-                                                     strict=True)]
+    same_target = [same_prefix(generated(a), generated(b))
+                   for a, b in zip(texts["draft"], texts["target"], strict=True)]
     costs = llamacpp_costs(bin_dir, target, draft, args.max_gamma, int(t))
     tokens_per_step = counts["n_predict"] / counts["steps"]
     return path_result(
@@ -590,9 +594,18 @@ def time_llamacpp(args, cfg: Config, work: Path, gamma: int) -> dict:
                        "prompt left out)"})
 
 
+def generated(printed: str) -> str:
+    """The generated text of a printed output (llama-completion prints the prompt without its
+    special tokens, llama-speculative-simple with them): what follows the last "assistant" line
+    of the chat template."""
+    return printed.rsplit("assistant\n", 1)[-1]
+
+
 def same_prefix(a: str, b: str) -> bool:
-    """Two outputs agree up to the shorter one (llama-speculative-simple stops after the step
-    that passes -n, so lengths differ by up to gamma tokens)."""
+    """Two printed outputs (prompt and generated text, then the tool's closing newlines) agree
+    up to the shorter one (llama-speculative-simple stops after the step that passes -n, so
+    lengths differ by up to gamma tokens)."""
+    a, b = a.rstrip(), b.rstrip()
     n = min(len(a), len(b))
     return a[:n] == b[:n]
 
@@ -624,6 +637,12 @@ def markdown(payload: dict, plot_name: str) -> str:
     lines = [
         "# A converged draft, timed end to end",
         "",
+    ]
+    if t.get("outcome") != "plateau":
+        lines += [f"**Status: the draft timed here had not reached its plateau** (training "
+                  f"{t.get('outcome')} after {t.get('steps_done')} steps; see the notes at the "
+                  "end): these are the numbers of a partly trained draft.", ""]
+    lines += [
         f"Target {a['target']} ({'raw prompts' if a['raw_prompts'] else 'chat template'}) on "
         f"{a['task']}, draft {a['draft']} with a {a['draft_vocab']}-id head (--draft-vocab), as "
         "`make demo` makes them, with more data and steps: the cache holds the target's own "
@@ -720,12 +739,14 @@ def markdown(payload: dict, plot_name: str) -> str:
               f"- greedy outputs identical on every measured path: "
               f"{yes(s['identical_everywhere'])}", ""]
     loads = [f"{PATH_NAMES[k]} {other_cores(v):.2f}" for k, v in payload["paths"].items()
-             if v.get("measured", True) and v.get("span")]
+             if v.get("measured", True) and v.get("span") and k in ("ours", "assisted")]
     if loads:
         lines += ["Machine: " + payload["machine"].get("cpu", "?") + f", "
-                  f"{payload['machine'].get('cores')} cores. Timed under `quiet-run` (other "
-                  "niced jobs paused); cores used by other processes while each path was timed: "
-                  + ", ".join(loads) + ".", ""]
+                  f"{payload['machine'].get('cores')} cores. Each path timed under `quiet-run` "
+                  "(other niced jobs paused); cores used by other processes while the in-process "
+                  "paths were timed: " + ", ".join(loads) + " (llama.cpp and vLLM run as the "
+                  "study's child processes, which that counter cannot tell from other jobs).",
+                  ""]
     notes = a.get("note") or []
     if notes:
         lines += ["## Notes on this run", ""] + [f"- {n}" for n in notes] + [""]
@@ -763,7 +784,10 @@ def plot(payload: dict, path: Path) -> None:
     ax.axhline(1.0, color="gray", linewidth=0.8)
     ax.set_xticks(x, [name for name, _ in rows], fontsize=8)
     ax.set_ylabel("speedup over the path's own target-only decoding")
-    ax.set_title("A converged draft, greedy, per path")
+    t = payload.get("training") or {}
+    ax.set_title("A converged draft, greedy, per path" if t.get("outcome") == "plateau" else
+                 f"A draft not yet at its plateau ({t.get('steps_done')} steps, "
+                 f"{t.get('outcome')}), greedy, per path")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -807,8 +831,22 @@ def analysis(paths: dict) -> list[str]:
         if head:
             out.append(f"{PATH_NAMES[name]} runs the exported draft with the full 49,152-row "
                        f"head (an engine has no token map for a plain draft): c = {r['c']:.3f} "
+                       f"({'llama-bench' if name == 'llamacpp' else 'adaspec forwards'}) "
                        f"against {ours['c']:.3f} for the same draft with its reduced head in "
                        "adaspec's decoder.")
+        if name == "vllm" and "vllm_mean_accepted_length" in r:
+            check = r.get("check", {})
+            batch = ", ".join(f"{v['speedup']:.2f}x ({v['speedup_min']:.2f}-"
+                              f"{v['speedup_max']:.2f}) at batch {k}"
+                              for k, v in r.get("batch_n", {}).items())
+            out.append(
+                f"vLLM CPU: {r['speedup']:.2f}x at batch 1" + (f", {batch} (all prompts in one "
+                                                              "call)" if batch else "")
+                + f"; vLLM's mean accepted length {r['vllm_mean_accepted_length']:.3f}; "
+                "bench/vllm_check's own check (outputs identical, MAL within 0.05 of "
+                f"adaspec-eval's on the export): {'passed' if check.get('passed') else 'failed'}"
+                + ("" if check.get("passed") else " (" + ", ".join(
+                    k for k, v in check.items() if v is False and k != "passed") + ")") + ".")
         if name == "llamacpp":
             perfect = r["perfect_draft"]
             out.append(

@@ -174,4 +174,6 @@ def test_llamacpp_counts_and_times_are_read_from_its_own_lines():
 
 def test_outputs_agree_up_to_the_shorter():
     assert ss.same_prefix("2 + 3 = 5. The answer", "2 + 3 = 5")
+    # the tool's closing newlines after a shorter output are not a difference
+    assert ss.same_prefix("Maya's age = 8 -\n\n\n", "Maya's age = 8 - 3 = \n\n\n")
     assert not ss.same_prefix("2 + 3 = 6", "2 + 3 = 5. The answer")
