@@ -218,7 +218,7 @@ class CacheReader:
         arrays = [member(sequences, name, self.root) for name in schema.TEXT_ARRAYS]
         for array in arrays:
             check_stored(array, self.root)
-        data, offsets = (read_rows(a, 0, a.shape[0], self.root) for a in arrays)
+        data, offsets = (self._read(a, 0, a.shape[0]) for a in arrays)
         raw = data.tobytes()
         return [raw[a:b].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
