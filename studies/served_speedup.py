@@ -345,7 +345,10 @@ def ensure_export(args, work: Path, fmt: str = "hf") -> Path:
     """The draft's best model exported for engines (`adaspec-export --best`): a full-vocabulary
     head (engines have no token map for a plain draft), rows padded to the target's."""
     out = work / ("export" if fmt == "hf" else f"export-gguf-{args.gguf_type}")
-    if (out / "config.json").is_file() or any(out.glob("*.gguf")):
+    best = json.dumps(runs.read_best(work / "draft"), sort_keys=True)
+    stamp = out.with_name(out.name + ".best.json")  # the best model it was exported from
+    exported = (out / "config.json").is_file() or any(out.glob("*.gguf"))
+    if exported and stamp.is_file() and stamp.read_text() == best:
         return out
     command = [str(BIN / "adaspec-export"), str(work / "draft"), "--best", "--out", str(out),
                "--overwrite", "--format", fmt]
@@ -354,6 +357,7 @@ def ensure_export(args, work: Path, fmt: str = "hf") -> Path:
     if args.target != "smollm2-135m":
         command += ["--target", args.target]
     subprocess.run(command, check=True)
+    stamp.write_text(best)
     return out
 
 
