@@ -948,7 +948,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def partial(training: dict) -> None:  # after every chunk: the curve so far, paths timed
         payload["training"] = training
-        payload["paths"] = {n: r for n in PATHS if (r := read_path(work, n)) is not None}
+        best = runs.read_best(work / "draft")
+        payload["paths"] = {n: r for n in PATHS if (r := read_path(work, n)) is not None
+                            and r.get("draft_best", best) == best}
         report(args, payload)
 
     payload["training"] = ensure_draft(args, work, partial)
@@ -956,14 +958,20 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(asked) - set(PATHS))
     if unknown:
         raise SystemExit(f"--paths: unknown {','.join(unknown)}; choose from {','.join(PATHS)}")
-    todo = [] if args.train_only else [x for x in asked if args.retime or not read_path(work, x)]
+    best = runs.read_best(work / "draft")
+
+    def timed(name: str) -> dict | None:  # a path's timing, if it timed this best model
+        r = read_path(work, name)
+        return r if r is not None and r.get("draft_best", best) == best else None
+
+    todo = [] if args.train_only else [x for x in asked if args.retime or not timed(x)]
     local = [x for x in todo if x in ("ours", "assisted")]
     if local:
         with harness.measure() as span:
             results = time_local(args, cfg, runs.best_dir(work / "draft"), local)
         for name, result in results.items():
             write_path(work, name, {**result, "loadavg": span.loadavg_after,
-                                    "span": span.as_dict()})
+                                    "span": span.as_dict(), "draft_best": best})
     gamma = (read_path(work, "ours") or {}).get("gamma", args.max_gamma)
     for name, timer in (("llamacpp", time_llamacpp), ("vllm", time_vllm)):
         if name not in todo:
@@ -972,11 +980,11 @@ def main(argv: list[str] | None = None) -> int:
             with harness.measure() as span:
                 result = timer(args, cfg, work, gamma)
             write_path(work, name, {**result, "loadavg": span.loadavg_after,
-                                    "span": span.as_dict()})
+                                    "span": span.as_dict(), "draft_best": best})
         except (RuntimeError, OSError, subprocess.CalledProcessError, KeyError) as e:
             write_path(work, name, {"measured": False, "reason": f"{type(e).__name__}: {e}"})
     for name in PATHS:
-        result = read_path(work, name)
+        result = timed(name)
         if result is not None:
             payload["paths"][name] = result
     report(args, payload)
