@@ -242,6 +242,10 @@ def member(group: zarr.Group, name: str, root: str):
         return group[name]
     except METADATA_ERRORS as err:
         raise metadata_error(root, f"{group.path}/{name}".strip("/"), err) from None
+    except Exception as err:  # a remote store gone since the cache was opened
+        if is_local(root):
+            raise
+        raise unreachable(root, err) from None
 
 
 def check_stored(array: zarr.Array, root: str) -> None:

@@ -397,3 +397,91 @@ def test_two_remote_caches_share_a_local_shard_folder_without_mixing(built, tiny
         assert a.keys() == b.keys()
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+class Relay:
+    """A plain TCP relay to the S3 server whose `close()` cuts every connection at once and
+    refuses new ones: the store going down in the middle of a run."""
+
+    def __init__(self, upstream: str):
+        import socket
+        import threading
+
+        host, port = upstream.removeprefix("http://").split(":")
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream)
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        import socket
+
+        self.listener.close()
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+
+READ_AFTER_SIGNAL = """
+import sys
+from cache_tools.errors import CacheError
+from cache_tools.store import CacheReader
+reader = CacheReader(sys.argv[1], "gsm8k", "train")
+print("open", flush=True)
+sys.stdin.readline()
+try:
+    reader.target_rows(0, reader.n_label_rows)
+except CacheError as error:
+    print(f"CacheError: {error}", file=sys.stderr)
+    raise SystemExit(3) from None
+print("read everything", flush=True)
+"""
+
+
+def test_the_store_going_down_mid_run_is_a_cache_error(built, s3):
+    """Issue 33: the store going down after a reader opened the cache was a traceback from the
+    S3 client; it is a CacheError (one line in every CLI) naming the cache."""
+    _, remote = built
+    relay = Relay(s3["AWS_ENDPOINT_URL"])
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{relay.port}",
+           "AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard"}
+    proc = subprocess.Popen([sys.executable, "-c", READ_AFTER_SIGNAL, remote], cwd=REPO,
+                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "open"
+        relay.close()
+        out, err = proc.communicate("go\n", timeout=300)
+    finally:
+        relay.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, (out, err[-2000:])
+    assert "read everything" not in out
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
