@@ -8,7 +8,7 @@
 # 1. builds llama.cpp once from the source vendored in the llama-cpp-python sdist on PyPI
 #    (cached under ~/.cache/adaspec/llama.cpp; about 40 minutes on 2 busy cores), and installs
 #    sentencepiece beside it (pip --target; llama.cpp's converter imports it);
-# 2. runs bench/llamacpp_check.py with the project's .venv: exports the run's draft as GGUF
+# 2. runs bench/llamacpp_check/check.py with the project's .venv: exports the run's draft as GGUF
 #    (default demo/runs/adaspec-k0.4, its best/), decodes the demo's test prompts with llama-server
 #    (target alone, target as its own perfect draft, target with each exported draft), compares
 #    with adaspec-eval on the same prompt ids and writes bench/results/llamacpp.json.
@@ -55,5 +55,5 @@ if [[ "${1:-}" == "--build-only" ]]; then echo "llama.cpp built in $BUILD/bin"; 
 pydeps
 cd "$ROOT"
 export LLAMACPP_PY_VERSION
-exec "$PY" "$ROOT/bench/llamacpp_check.py" --llamacpp-bin "$BUILD/bin" \
+exec "$PY" "$ROOT/bench/llamacpp_check/check.py" --llamacpp-bin "$BUILD/bin" \
     --llamacpp-src "$SRC" --cmake-flags "${CMAKE_FLAGS[*]}" --pydeps "$CACHE/pydeps" "$@"
