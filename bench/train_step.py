@@ -113,7 +113,8 @@ def replicate_cache(src: Path, dst: Path, task: str, split: str, times: int) -> 
     for stage, entry in reader.manifest.stages.items():
         if stage == schema.SEQUENCES:
             continue
-        stored = {n: a for n, a in reader.group[stage].arrays() if n != schema.DONE}
+        # stored row arrays only: `_done`, `_sha256` are the writer's bookkeeping
+        stored = {n: a for n, a in reader.group[stage].arrays() if not n.startswith("_")}
         rows = reader.stored_rows(stage, 0, reader.n_label_rows)
         values = {n: np.concatenate([v] * times) for n, v in rows.items()}
         first = stored[sorted(stored)[0]]
