@@ -298,6 +298,9 @@ def local_s3_server(bucket: str) -> Iterator[dict]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    # fsspec keeps one S3 filesystem per process, made with the endpoint of its day: a server
+    # started after an earlier one (another test module) would be asked at the old port
+    _clear_s3_filesystems()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -310,11 +313,18 @@ def local_s3_server(bucket: str) -> Iterator[dict]:
         yield env
     finally:
         server.stop()
+        _clear_s3_filesystems()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _clear_s3_filesystems() -> None:
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def format_table(header: list[str], rows: list[list]) -> str:
