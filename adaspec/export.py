@@ -277,15 +277,21 @@ def _write_checked(out: Path, overwrite: bool, model, target: TargetInfo,
         (staging / EXPORT_MARKER).write_text(json.dumps(
             {"made_by": "adaspec-export", "target": target.spec}, indent=2) + "\n")
         verify_export(staging, model, real)
-        make_readable(staging)
-        if out.exists():
-            if any(out.iterdir()) and not (overwrite and is_export(out)):  # changed meanwhile
-                raise UserError(f"--out {out} is no longer empty (or no longer an export)")
-            shutil.rmtree(out)
-        staging.rename(out)
+        publish(staging, out, overwrite)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish(staging: Path, out: Path, overwrite: bool) -> None:
+    """Move a finished staging folder to --out (readable by all), replacing an earlier export
+    only with --overwrite; a folder that changed meanwhile is refused."""
+    make_readable(staging)
+    if out.exists():
+        if any(out.iterdir()) and not (overwrite and is_export(out)):  # changed meanwhile
+            raise UserError(f"--out {out} is no longer empty (or no longer an export)")
+        shutil.rmtree(out)
+    staging.rename(out)
 
 
 def make_readable(folder: Path) -> None:

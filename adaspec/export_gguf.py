@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from adaspec.errors import UserError
-from adaspec.export import EXPORT_MARKER, is_export, make_readable, prepare_draft, tied_embeddings
+from adaspec.export import EXPORT_MARKER, prepare_draft, publish, tied_embeddings
 from adaspec.export_inputs import TargetInfo
 from adaspec.model_card import DEFAULT_GAMMA, ExportResult, GGUFExport, model_card
 
@@ -408,12 +408,7 @@ def export_gguf(run: str, out: str | Path, target: str | None = None, best: bool
         (staging / EXPORT_MARKER).write_text(json.dumps(
             {"made_by": "adaspec-export", "format": "gguf", "gguf_type": gguf_type,
              "target": info.spec}, indent=2) + "\n")
-        make_readable(staging)
-        if out.exists():
-            if any(out.iterdir()) and not (overwrite and is_export(out)):  # changed meanwhile
-                raise UserError(f"--out {out} is no longer empty (or no longer an export)")
-            shutil.rmtree(out)
-        staging.rename(out)
+        publish(staging, out, overwrite)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
