@@ -308,6 +308,19 @@ def read_schedule(run_dir: Path) -> dict:
     return schedule
 
 
+def is_finished(run_dir: Path, epochs: float | None = None) -> bool:
+    """The one test of a finished run: its model is saved and its last optimizer step is its
+    schedule's last (an extension rewrites the schedule before its first step, so a run killed
+    mid-extension is not finished), and, given `epochs`, its schedule is at least that long."""
+    if not (is_run_folder(run_dir) and (model_dir(run_dir) / "config.json").is_file()):
+        return False
+    schedule = read_schedule(run_dir)
+    if epochs is not None and schedule["epochs"] < epochs:
+        return False
+    trained = training_metrics(run_dir)
+    return bool(trained) and trained[-1]["step"] >= schedule["optimizer_steps"]
+
+
 def log_metrics(run_dir: Path, record: dict) -> None:
     with metrics_path(run_dir).open("a") as f:
         f.write(json.dumps(record) + "\n")

@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import harness
 from adaspec import build, labels, models, sparse, tasks
 from adaspec.config import build_config
-from bench import harness
 from cache_tools import schema, store
 
 TOPK_PIECE = "top-K (log_softmax+topk+tail)"

@@ -38,9 +38,9 @@ import torch
 import zarr
 from zarr.storage import MemoryStore
 
+import harness
 from adaspec import build, labels, losses, models, sparse
 from adaspec.config import build_config
-from bench import harness
 from cache_tools import schema, store
 
 COMBOS = [("float16", "plain"), ("float16", "delta"), ("uint8q", "plain"), ("uint8q", "delta")]

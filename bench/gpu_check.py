@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
+import harness
 from adaspec import runs
-from bench import harness
 
 REPO = harness.REPO
 SHAPES = REPO / "configs" / "gpu_check"

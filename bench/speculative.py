@@ -34,8 +34,8 @@ from collections import Counter
 
 import torch
 
+import harness
 from adaspec import draft_vocab, models, runs, speculative, statistics, tasks
-from bench import harness
 
 NOTE_DRAFT_VOCAB = (
     "reduced-head drafts (--draft-vocab) are a speed benchmark of the head's size only: their "

@@ -37,11 +37,12 @@ from pathlib import Path
 
 import torch
 
+import harness
 from adaspec import models, selection, step
 from adaspec.build import build_stage
 from adaspec.config import build_config
 from adaspec.stream import BatchStream
-from bench import harness
+from bench import instruments
 from cache_tools.store import CacheReader
 
 CACHES = {
@@ -108,7 +109,7 @@ def object_store_rates(root: str, task: str, split: str, args, local_warm: float
     shard cache, and no local cache; with the local warm rate measured beside it."""
     import s3fs
 
-    with harness.local_s3_server("adaspec-bench"):
+    with instruments.local_s3_server("adaspec-bench"):
         s3fs.S3FileSystem(skip_instance_cache=True).put(root, "adaspec-bench/cache",
                                                         recursive=True)
         remote = "s3://adaspec-bench/cache"

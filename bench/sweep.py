@@ -46,9 +46,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+import harness
 from adaspec import build, labels, models, runs, step, stream, sweep, teacher_forced, train
 from adaspec.config import build_config
-from bench import harness
+from bench import instruments
 from cache_tools import schema
 from cache_tools.store import CacheReader
 
@@ -133,7 +134,7 @@ def instrumented(timers: harness.Timers, role_of):
     original_batches = stream.BatchStream.batches
     return harness.patched(
         (models, "load_model", load_model),
-        (labels, "LabelLogits", harness.timed_label_logits(timers, forward_piece)),
+        (labels, "LabelLogits", instruments.timed_label_logits(timers, forward_piece)),
         (step.LossModel, "forward", timers.wrap("draft forward + loss", step.LossModel.forward)),
         (torch.Tensor, "backward", timers.wrap("draft backward", torch.Tensor.backward)),
         (stream.BatchStream, "batches", batches),

@@ -50,11 +50,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import harness
 from adaspec import build, labels, models, runs, step
 from adaspec.config import build_config
 from adaspec.stream import BatchStream
 from adaspec.train import train
-from bench import harness
+from bench import instruments
 from cache_tools import manifest as cache_manifest
 from cache_tools import schema, store
 
@@ -181,7 +182,7 @@ def timed_run(mode: str, overrides: dict, run_dir: Path, max_steps: int, batches
         (BatchStream, "batches", timed_batches),
         (BatchStream, "load", timers.wrap("stream load+decode (prefetch thread)",
                                           BatchStream.load)),
-        (labels, "LabelLogits", harness.timed_label_logits(
+        (labels, "LabelLogits", instruments.timed_label_logits(
             timers, lambda model: "target forward" if model is target else "ref forward")),
         (step.LossModel, "forward", timers.wrap("draft forward + loss", step.LossModel.forward)),
     ), harness.measure() as span:

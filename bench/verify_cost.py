@@ -17,8 +17,8 @@ import copy
 
 import torch
 
+import harness
 from adaspec import cpu_decoding, models, speculative
-from bench import harness
 
 
 def main(argv: list[str] | None = None) -> int:

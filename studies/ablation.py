@@ -27,11 +27,11 @@ import dataclasses
 import json
 from pathlib import Path
 
+import harness
 from adaspec.build import build_stage
 from adaspec.config import Config
 from adaspec.evaluate import evaluate
 from adaspec.statistics import clustered_difference
-from bench import harness
 from studies import paper_table
 from studies.paper_table import base_config, ensure_run, split_config
 

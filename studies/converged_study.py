@@ -55,6 +55,7 @@ import json
 import math
 from pathlib import Path
 
+import harness
 from adaspec import models, provenance, quality, runs
 from adaspec.build import build_stage
 from adaspec.config import Config, build_config
@@ -62,7 +63,6 @@ from adaspec.evaluate import evaluate
 from adaspec.statistics import clustered_difference, t_interval
 from adaspec.train import train
 from adaspec.validation import plateau, validation_records
-from bench import harness
 from cache_tools import schema
 from studies.paper_table import split_config
 

@@ -43,9 +43,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import harness
 from adaspec import acceptance, build, labels, losses, models, tasks, teacher_forced, train
 from adaspec.config import build_config
-from bench import harness
 from cache_tools.info import cache_summary
 from cache_tools.store import CacheReader
 from studies import fidelity_measures as measures

@@ -34,6 +34,7 @@ import json
 import math
 from pathlib import Path
 
+import harness
 from adaspec import models, quality
 from adaspec.build import build_stage
 from adaspec.config import Config, build_config
@@ -41,7 +42,6 @@ from adaspec.evaluate import evaluate
 from adaspec.statistics import clustered_difference, prompt_difference
 from adaspec.train import train
 from adaspec.validation import validation_records
-from bench import harness
 from cache_tools.store import CacheReader
 
 DATA = {
@@ -342,8 +342,9 @@ def _cell(value: float | None, digits: int) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
-def converged_verdict(path: Path = harness.STUDY_RESULTS / "converged_study.json") -> str:
+def converged_verdict(path: Path | None = None) -> str:
     """The decisive study's verdict sentence, from its committed results."""
+    path = path or harness.results_dir("studies") / "converged_study.json"
     from studies.converged_study import verdict_sentence  # it imports this module
 
     if not path.is_file():

@@ -44,7 +44,6 @@ timing (`--retime` times a path again).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -55,15 +54,15 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import harness
 from adaspec import runs, speedup
 from adaspec.build import build_stage
 from adaspec.config import Config, build_config
+from adaspec.experiment import continuations_config, ensure_tuned_target, split_config
 from adaspec.train import train
 from adaspec.validation import plateau, validation_records
-from bench import harness
 
 METRIC = "greedy_agreement"  # on the validation continuations: what greedy decoding accepts
-EVAL_CACHE = {"sparse": "topk", "topk": 64, "value_encoding": "float16"}
 BIN = Path(sys.executable).parent  # the project's virtualenv: its adaspec-export
 PATHS = ("ours", "assisted", "llamacpp", "vllm")
 PATH_NAMES = {"ours": "adaspec's decoder", "assisted": "transformers assisted generation",
@@ -74,10 +73,12 @@ PATH_NAMES = {"ours": "adaspec's decoder", "assisted": "transformers assisted ge
 # Configs
 
 
-def base_config(args, work: Path, epochs: float) -> Config:
-    """The demo's settings (configs/demo.yaml) with this study's rows, lengths and epochs."""
+def base_config(args, work: Path, epochs: float, target: str | None = None) -> Config:
+    """The demo's settings (configs/demo.yaml) with this study's rows, lengths and epochs, for
+    `target` (default: the fine-tuned target, `args.tuned_target`, once it exists)."""
     return build_config({
-        "models": {"target": args.target, "draft": args.draft},
+        "models": {"target": target or getattr(args, "tuned_target", None) or args.target,
+                   "draft": args.draft},
         "data": {"task": args.task, "max_length": 256, "chat_template": not args.raw_prompts,
                  "limit": args.train_rows},
         "cache": {"cache": str(work / "cache"), "batch_tokens": 4096, "shard_rows": 4096,
@@ -94,21 +95,13 @@ def base_config(args, work: Path, epochs: float) -> Config:
     })
 
 
-def split_config(cfg: Config, split: str, limit: int, cache: str | None = None,
-                 **cache_values) -> Config:
-    data = dataclasses.replace(cfg.data, split=split, limit=limit)
-    c = dataclasses.replace(cfg.cache, cache=cache or cfg.cache.cache, **cache_values)
-    return dataclasses.replace(cfg, data=data, cache=c)
-
-
 def ensure_caches(args, cfg: Config, work: Path) -> None:
     """Training responses (the default sampled cache), then the target's greedy continuations
     of the validation and test prompts (top-64 float16), as the demo builds them."""
     build_stage(cfg, "target", progress=args.progress)
     for split, rows in (("validation", args.val_rows), ("test", args.prompts)):
-        build_stage(split_config(cfg, split, rows, str(work / "continuations"), generate=True,
-                                 gen_temperature=0.0, gen_max_new_tokens=args.cont_tokens,
-                                 **EVAL_CACHE), "target", progress=args.progress)
+        build_stage(continuations_config(cfg, split, rows, str(work / "continuations"),
+                                         args.cont_tokens), "target", progress=args.progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,16 +122,9 @@ def next_chunk(curve: list[dict], epochs_done: float, chunk: float, max_epochs: 
 
 
 def run_epochs_done(run: Path) -> float:
-    """The epochs a run has finished: its schedule's, once its model is saved and its last
-    optimizer step is the schedule's last (an extension rewrites the schedule before its first
-    step: a run killed mid-extension has finished only the chunk before, whose length is not
-    needed, so 0 then too)."""
-    if not (runs.is_run_folder(run) and (runs.model_dir(run) / "config.json").is_file()):
-        return 0.0
-    schedule = runs.read_schedule(run)
-    trained = runs.training_metrics(run)
-    done = trained[-1]["step"] if trained else 0
-    return float(schedule["epochs"]) if done >= schedule["optimizer_steps"] else 0.0
+    """The epochs a run has finished (`runs.is_finished`: a run killed mid-extension has
+    finished only the chunk before, whose length is not needed, so 0 then too)."""
+    return float(runs.read_schedule(run)["epochs"]) if runs.is_finished(run) else 0.0
 
 
 def run_epochs_planned(run: Path) -> float:
@@ -354,8 +340,8 @@ def ensure_export(args, work: Path, fmt: str = "hf") -> Path:
                "--overwrite", "--format", fmt]
     if fmt == "gguf":
         command += ["--gguf-type", args.gguf_type]
-    if args.target != "smollm2-135m":
-        command += ["--target", args.target]
+    if args.tuned_target != "smollm2-135m":
+        command += ["--target", args.tuned_target]
     subprocess.run(command, check=True)
     stamp.write_text(best)
     return out
@@ -392,7 +378,7 @@ def time_vllm(args, cfg: Config, work: Path, gamma: int) -> dict:
     common = ["--max-new-tokens", str(args.max_new_tokens), "--gamma", str(gamma)]
     rounds = str(args.vllm_rounds or args.rounds)
     subprocess.run([str(BIN / "python"), "bench/vllm_check/prepare.py", "--export", str(export),
-                    "--target", args.target, "--task", args.task, "--prompts",
+                    "--target", cfg.models.target, "--task", args.task, "--prompts",
                     str(args.prompts), "--work", str(folder), *common], check=True,
                    cwd=harness.REPO, env=env)
     raw = folder / "vllm_raw.json"
@@ -910,6 +896,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-gamma", type=int, default=6)
     p.add_argument("--raw-prompts", action="store_true", help="no chat template")
     p.add_argument("--target", default="smollm2-135m")
+    p.add_argument("--sft-epochs", type=float, default=1.0,
+                   help="the target fine-tuned on the training rows first (0: untuned)")
+    p.add_argument("--sft-lr", type=float, default=1e-5)
     p.add_argument("--draft", default="smollm2-135m@layers=2")
     p.add_argument("--paths", default="ours,assisted",
                    help=f"comma list of {','.join(PATHS)} to time (finished ones are reused)")
@@ -940,6 +929,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work.mkdir(parents=True, exist_ok=True)
     machine = harness.start(args)
+    args.tuned_target = ensure_tuned_target(  # the paper's first step, as the converged study
+        base_config(args, work, args.chunk_epochs, args.target), work / "target", args.sft_lr,
+        args.sft_epochs, args.progress)
     cfg = base_config(args, work, args.chunk_epochs)
     if not args.no_train:
         ensure_caches(args, cfg, work)

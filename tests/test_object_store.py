@@ -29,9 +29,9 @@ BUCKET = "adaspec-test"
 @pytest.fixture(scope="module")
 def s3():
     """The AWS environment of a local S3 server (moto's) holding the test bucket."""
-    from bench import harness  # moto is a test dependency (.ci/run installs it): no skipping
+    from bench import instruments  # moto is a test dependency (.ci/run installs it): no skipping
 
-    with harness.local_s3_server(BUCKET) as env:
+    with instruments.local_s3_server(BUCKET) as env:
         yield env
 
 

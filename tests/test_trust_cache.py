@@ -241,9 +241,9 @@ def remote(caches):
     """Cache "a" copied into a bucket of a local S3 server (moto's, as test_object_store)."""
     import s3fs
 
-    from bench import harness
+    from bench import instruments
 
-    with harness.local_s3_server("adaspec-trust") as env:
+    with instruments.local_s3_server("adaspec-trust") as env:
         s3fs.S3FileSystem(skip_instance_cache=True).put(str(caches["a"]), "adaspec-trust/a",
                                                         recursive=True)
         yield env, "s3://adaspec-trust/a"

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO / "bench" / "vllm_check"))
 
 import prepare  # noqa: E402  (bench/vllm_check/prepare.py: prompt ids and adaspec-eval's counts)
 
-from bench import harness  # noqa: E402
+import harness  # noqa: E402
 
 QUIET_FILE = Path("/tmp/adaspec-quiet-llamacpp")
 ACCEPT_LINE = re.compile(r"draft acceptance = [\d.]+ \(\s*(\d+) accepted /\s*(\d+) generated\), "

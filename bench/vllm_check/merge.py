@@ -9,7 +9,7 @@ check: |difference| <= TOLERANCE); and vLLM speculative over vLLM target-only to
 median of per-round ratios, rounds interleaved). Prints a short table.
 
     PYTHONPATH=. .venv/bin/python bench/vllm_check/merge.py --prompts FILE --adaspec FILE \
-        --vllm FILE --out FILE       # from the repository root (it imports bench.harness)
+        --vllm FILE --out FILE       # from the repository root (it imports harness)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench import harness
+import harness
 
 TOLERANCE = 0.05  # |vLLM - adaspec-eval| mean accepted length allowed (the issue's bound)
 COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens",
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", required=True, type=Path, help="prompts.json (prepare.py)")
     p.add_argument("--adaspec", required=True, type=Path, help="adaspec.json (prepare.py)")
     p.add_argument("--vllm", required=True, type=Path, help="engine.py's JSON")
-    p.add_argument("--out", default=str(harness.RESULTS / "vllm.json"))
+    p.add_argument("--out", default=str(harness.results_dir("bench") / "vllm.json"))
     p.add_argument("--wall-seconds", type=float, default=None, help="the whole run's time")
     args = p.parse_args(argv)
     read = [json.loads(path.read_text()) for path in (args.prompts, args.adaspec, args.vllm)]

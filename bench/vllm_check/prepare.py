@@ -12,7 +12,7 @@ by engine.py and merge.py) and adaspec.json (read by merge.py).
 
     PYTHONPATH=. .venv/bin/python bench/vllm_check/prepare.py --export DIR --work DIR \
         [--target SPEC] [--task NAME] [--prompts N] [--max-new-tokens M] [--gamma G] \
-        [--raw-prompts] [--data-files FILE]    # from the repository root (bench.harness)
+        [--raw-prompts] [--data-files FILE]    # from the repository root (bench.instruments)
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
+import harness
 from adaspec import models, speculative
 from adaspec.config import Config, build_config
 from adaspec.evaluate import evaluate, split_prompts
-from bench import harness
 
 TARGET_DIR, STAMP = "target", "adaspec-target.json"
 PROMPTS_FILE, ADASPEC_FILE = "prompts.json", "adaspec.json"

@@ -1,14 +1,14 @@
-"""What every benchmark shares: paths, machine info, one timer, alternated rounds, tables, JSON,
-the common flags, and patching the library at its public names only.
+"""What the benchmarks (bench/) and the studies (studies/) share: paths, machine info, one
+timer, alternated rounds, tables, JSON and the common flags.
 
-The machine is shared and its load drifts over minutes, so a benchmark measures its baseline in
+The machine is shared and its load drifts over minutes, so a script measures its baseline in
 the same run, alternates what it compares (`rotated`, `alternate`), notes the CPU time other
 processes took meanwhile (`measure`, `OtherLoad`) and writes the raw numbers with the machine's
-description (`write_json`). Benchmarks wrap what the library calls to see where the time goes;
-`patched` refuses a private name, so a bench can only reach the library through its public seams.
+description (`write_json`). It belongs to neither annex: bench/ and studies/ both import it and
+never each other.
 
-Run a benchmark as `python -m bench.NAME` from the repository root (bench/README.md); the
-studies in `studies/` use these helpers too (`python -m studies.NAME`, studies/README.md).
+Run a benchmark as `python -m bench.NAME` and a study as `python -m studies.NAME` from the
+repository root (bench/README.md, studies/README.md).
 """
 
 from __future__ import annotations
@@ -30,13 +30,18 @@ from unittest import mock
 import numpy as np
 import torch
 
-from adaspec import labels, models
+from adaspec import models
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
-STUDY_RESULTS = REPO / "studies" / "results"
 SHARED_DATA = REPO.parent / "shared" / "data"
 DEFAULT_DATA = SHARED_DATA / "gsm8k" / "train.jsonl"
+
+
+def results_dir(package: str) -> Path:
+    """Where a script of `package` ("bench" or "studies") writes its results JSON."""
+    if package not in ("bench", "studies"):
+        raise ValueError(f"results of bench/ or studies/, not {package!r}")
+    return REPO / package / "results"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,29 +232,6 @@ def serving_models(serve: Callable[[str], tuple | None]) -> tuple[object, str, o
     return (models, "load_model", load_model)
 
 
-def timed_label_logits(timers: Timers, name_of: Callable[[object], str | None]) -> type:
-    """A `labels.LabelLogits` whose trunk (construction) and head (calls) are timed together
-    under `name_of(model)` (None: not timed); one call counted per construction."""
-
-    class TimedLabelLogits(labels.LabelLogits):
-        def __init__(self, model, batch, vocab_size=None):
-            self.piece = name_of(model)
-            start = time.perf_counter()
-            super().__init__(model, batch, vocab_size)
-            if self.piece is not None:
-                timers.add(self.piece, time.perf_counter() - start)
-
-        def __call__(self, start=0, stop=None):
-            began = time.perf_counter()
-            try:
-                return super().__call__(start, stop)
-            finally:
-                if self.piece is not None:
-                    timers.add(self.piece, time.perf_counter() - began, calls=0)
-
-    return TimedLabelLogits
-
-
 # ---------------------------------------------------------------------------------------------
 # Flags, tables and results
 
@@ -259,7 +241,7 @@ def parser(name: str, doc: str, rounds: int | None = None, data: bool = True,
     """The flags every benchmark takes: --out (default PACKAGE/results/NAME.json) and --threads;
     --rounds (alternated rounds), --data-files (task rows) and --progress where they apply.
     `package` is the module's package: "bench" for a benchmark, "studies" for a study."""
-    results = {"bench": RESULTS, "studies": STUDY_RESULTS}[package]
+    results = results_dir(package)
     p = argparse.ArgumentParser(prog=f"python -m {package}.{name}",
                                 description=doc.split("\n\n")[0])
     p.add_argument("--out", default=str(results / f"{name}.json"),
@@ -285,46 +267,6 @@ def start(args: argparse.Namespace) -> dict:
     if not getattr(args, "progress", False):
         transformers.utils.logging.disable_progress_bar()
     return machine_info()
-
-
-@contextlib.contextmanager
-def local_s3_server(bucket: str) -> Iterator[dict]:
-    """A local S3 server (moto's standalone server on 127.0.0.1) with `bucket` made, and the
-    AWS environment pointing every client at it while the block runs (restored after); yields
-    that environment (for subprocesses). Shared by bench/stream.py and the object-store tests."""
-    import logging
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    # fsspec keeps one S3 filesystem per process, made with the endpoint of its day: a server
-    # started after an earlier one (another test module) would be asked at the old port
-    _clear_s3_filesystems()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        boto3.client("s3").create_bucket(Bucket=bucket)
-        yield env
-    finally:
-        server.stop()
-        _clear_s3_filesystems()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _clear_s3_filesystems() -> None:
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def format_table(header: list[str], rows: list[list]) -> str:
