@@ -263,6 +263,19 @@ class TrainConfig(Checked):
         return max(1, round(self.batch_size / self.k)) if self.official_schedule \
             else self.batch_size
 
+    @property
+    def needs_ref(self) -> bool:
+        """AdaSPEC with k < 1 compares the draft with a reference."""
+        return self.stage == "draft" and self.k < 1.0 and self.selection == "adaspec"
+
+    def micro_batches(self, per_epoch: int) -> int:
+        """Micro-batches per process the run makes over a stream of `per_epoch` per epoch."""
+        return max(1, round(self.run_epochs * per_epoch))
+
+    def optimizer_steps(self, per_epoch: int) -> int:
+        """Optimizer steps of the run: its micro-batches, `grad_accum` to a step (rounded up)."""
+        return -(-self.micro_batches(per_epoch) // self.grad_accum)
+
     def check(self) -> None:
         self._range("k", 0.0 < self.k <= 1.0, "must be in (0, 1]")
         self._range("eval_every", self.eval_every >= 0, "must be >= 0")

@@ -13,6 +13,7 @@ would when trained one by one, since each sees the same batches in the same orde
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -60,7 +61,7 @@ def variant_config(cfg: Config, variant: Variant, run_dir: Path) -> Config:
     select = cfg.sweep.select_split
     train_cfg = dataclasses.replace(
         cfg.train, stage="draft", k=variant.k, epochs=variant.epochs, loss=variant.loss,
-        seed=variant.seed, out=str(run_dir), online=False,
+        seed=variant.seed, out=str(run_dir),
         eval_split=select if select else cfg.train.eval_split,
         keep_best=bool(select) or cfg.train.keep_best,
     )
@@ -83,30 +84,23 @@ def train_single_pass(cfg: Config, variants: list[Variant], out: Path,
         raise ValueError("a single pass needs one seed and one divergence")
     configs = [variant_config(cfg, v, out / v.name) for v in variants]
     base = configs[0]
-    if any(train.needs_ref(c) for c in configs):  # the stream reads the reference's losses
-        base = next(c for c in configs if train.needs_ref(c))
+    if any(c.train.needs_ref for c in configs):  # the stream reads the reference's losses
+        base = next(c for c in configs if c.train.needs_ref)
     accelerator = train.accelerator_for(base)
-    device = accelerator.device
-    reader, _ = train.open_cache(base)
+    world = accelerator.num_processes
     torch.manual_seed(variants[0].seed)
-    # fp32 master weights, as in train.train (bf16 only through autocast).
-    draft, tokenizer = models.load_model(cfg.models.draft, dtype=torch.float32)
-    # as train.train does: --draft-vocab's reduced head (the variants share draft_vocab)
-    train.reduce_vocabulary(base, reader, draft, tokenizer)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    stream, teacher, vocab_size = train.open_data(base, reader, None, tokenizer, device, rank,
-                                                  world)
-    train.check_stream(base.train, stream, world)
-    per_epoch = stream.batches_per_epoch
+    inputs = train.open_inputs(base, accelerator)  # as train.train: one setup for both
+    per_epoch, tokenizer = inputs.per_epoch, inputs.tokenizer
     learner_runs, validators = [], {}
+    owner = contextlib.ExitStack()
     for vcfg in configs:
-        model = copy.deepcopy(draft).to(device).train()
-        if vcfg.train.compile:
-            model.base_model.compile()  # as train.train: the trunk; head and loss stay eager
-        run = train.prepare_run(accelerator, vcfg, model, per_epoch, vocab_size)
+        model = train.compiled(copy.deepcopy(inputs.model), vcfg.train)
+        run = train.prepare_run(accelerator, vcfg, model, per_epoch, inputs.vocab_size)
+        owner.enter_context(runs.owned(run.run_dir, hold=accelerator.is_main_process))
         if accelerator.is_main_process:
             runs.start_run_dir(run.run_dir, vcfg, 0,
-                               train.schedule_of(vcfg.train, per_epoch, run.total_steps, world))
+                               train.schedule_of(vcfg.train, per_epoch, run.total_steps, world),
+                               inputs.reference if vcfg.train.needs_ref else None)
         learner_runs.append(run)
         if vcfg.train.eval_split is not None and accelerator.is_main_process:
             validators[id(run)] = Validator(vcfg, run.run_dir, tokenizer)
@@ -121,14 +115,18 @@ def train_single_pass(cfg: Config, variants: list[Variant], out: Path,
         return False
 
     started = time.perf_counter()
-    fit.fit(accelerator, learner_runs, stream, teacher, 0,
-              max(r.total_steps for r in learner_runs), progress,
-              f"single pass x{len(learner_runs)}", validate)
-    seconds = (time.perf_counter() - started) / len(learner_runs)
-    for r in learner_runs:
-        if accelerator.is_main_process:
-            models.save_model(accelerator.unwrap_model(r.learner.loss_model).model, tokenizer,
-                              runs.model_dir(r.run_dir))
+    with owner:
+        fit.fit(accelerator, learner_runs, inputs.stream, inputs.teacher, 0,
+                max(r.total_steps for r in learner_runs), progress,
+                f"single pass x{len(learner_runs)}", validate)
+        seconds = (time.perf_counter() - started) / len(learner_runs)
+        for vcfg, r in zip(configs, learner_runs, strict=True):
+            if id(r) in validators:
+                train.report_plateau(r.run_dir, r.total_steps, vcfg.train.best_metric, progress)
+            fit.check_weights(accelerator, r, r.total_steps)
+            if accelerator.is_main_process:
+                models.save_model(accelerator.unwrap_model(r.learner.loss_model).model,
+                                  tokenizer, runs.model_dir(r.run_dir))
     return {v.name: seconds for v in variants}
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,12 +51,6 @@ def resolve_config(cfg: Config) -> Config:
         name = f"{t.stage}-{cfg.data.task}-k{t.k:g}-{t.loss}-s{t.seed}"
         train_cfg = dataclasses.replace(train_cfg, out=str(Path("runs") / name))
     return dataclasses.replace(cfg, train=train_cfg)
-
-
-def needs_ref(cfg: Config) -> bool:
-    """AdaSPEC with k < 1 compares the draft with a reference."""
-    t = cfg.train
-    return t.stage == "draft" and t.k < 1.0 and t.selection == "adaspec"
 
 
 def accelerator_for(cfg: Config, run_dir: Path | None = None):
@@ -111,11 +106,11 @@ def open_cache(cfg: Config) -> tuple[CacheReader | None, str | None]:
         reader = provenance.open_split(cfg)
         if reader is not None:
             provenance.check_data(cfg, reader)
-        return reader, provenance.reference_spec(cfg) if needs_ref(cfg) else None
+        return reader, provenance.reference_spec(cfg) if cfg.train.needs_ref else None
     require = () if t.stage == "sft" else (schema.TARGET,)
     reader = provenance.reader_of(cfg, require=require)
     provenance.check_data(cfg, reader)
-    if needs_ref(cfg):
+    if cfg.train.needs_ref:
         stage = schema.ref_group_name(cfg.cache.ref_name)
         if not reader.manifest.is_complete(stage):
             raise UserError(
@@ -159,12 +154,56 @@ def open_data(cfg: Config, reader: CacheReader | None, ref_spec: str | None, tok
         ref = _frozen(ref_spec, dtype, device, tokenizer) if ref_spec is not None else None
         return stream, step.OnlineTeacher(target, ref, vocab_size, t.loss, t.beta), vocab_size
     assert reader is not None
-    ref = (cfg.cache.ref_name, t.loss) if needs_ref(cfg) else None
+    ref = (cfg.cache.ref_name, t.loss) if cfg.train.needs_ref else None
     stream = BatchStream(reader, t.run_batch_size, t.seed, pad_id, with_target=t.stage != "sft",
                          ref=ref, rank=rank, world_size=world,
                          memory_budget_mb=t.stream_memory_mb)
     teacher = step.LabelTeacher() if t.stage == "sft" else step.CachedTeacher()
     return stream, teacher, reader.vocab_size
+
+
+@dataclass
+class TrainInputs:
+    """What a run trains from (`open_inputs`): the cache and its reference, the model with its
+    head reduced, on its device in train mode, and the data as a stream with its teacher."""
+
+    reader: CacheReader | None
+    ref_spec: str | None
+    reference: dict | None  # the reference's identity, recorded in the run folder
+    model: torch.nn.Module
+    tokenizer: object
+    stream: BatchStream
+    teacher: object
+    vocab_size: int
+
+    @property
+    def per_epoch(self) -> int:
+        return self.stream.batches_per_epoch
+
+
+def open_inputs(cfg: Config, accelerator) -> TrainInputs:
+    """The one training setup `train` and the sweep's single pass share: the cache (and the
+    reference: its spec and identity), the model (fp32 master weights whatever --dtype says,
+    see `step.mixed_precision`; --draft-vocab's reduced head), the stream (checked against the
+    batch size and the processes) and its teacher. The model is not compiled (`compiled`)."""
+    t = cfg.train
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    reader, ref_spec = open_cache(cfg)
+    reference = provenance.reference_identity(cfg, reader, ref_spec) if t.needs_ref else None
+    spec = cfg.models.target if t.stage == "sft" else cfg.models.draft
+    model, tokenizer = models.load_model(spec, dtype=torch.float32)
+    reduce_vocabulary(cfg, reader, model, tokenizer)
+    model.to(device).train()
+    stream, teacher, vocab_size = open_data(cfg, reader, ref_spec, tokenizer, device, rank, world)
+    check_stream(t, stream, world)
+    return TrainInputs(reader, ref_spec, reference, model, tokenizer, stream, teacher, vocab_size)
+
+
+def compiled(model, t):
+    """--compile: the model's trunk compiled; the chunked head and loss stay eager."""
+    if t.compile:
+        model.base_model.compile()
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +239,7 @@ def reduce_vocabulary(cfg: Config, reader: CacheReader | None, model, tokenizer)
                 f"{cfg.data.split} in {cfg.cache.cache}; build it first (`adaspec-cache build "
                 "--model target`)")
         ids = draft_vocab.token_map(reader, t.draft_vocab, draft_vocab.special_ids(tokenizer))
-    if needs_ref(cfg):
+    if cfg.train.needs_ref:
         provenance.check_reference_vocab(cfg, reader, ids)
     if ids is not None:
         draft_vocab.reduce_head(model, ids)
@@ -225,10 +264,9 @@ def prepare_run(accelerator, cfg: Config, model, per_epoch: int, vocab_size: int
     """A run of `model` per cfg.train (its learner, folder and length) over a stream of
     `per_epoch` micro-batches per process: what `train` and the single-pass sweep both run."""
     t = cfg.train
-    total_micro = max(1, round(t.run_epochs * per_epoch))  # micro-batches per process
-    learner = make_learner(accelerator, model, cfg, vocab_size,
-                           -(-total_micro // t.grad_accum))
-    return LearnerRun(learner, Path(t.out), total_micro, t.grad_accum, t.log_every, t.max_grad_norm)
+    learner = make_learner(accelerator, model, cfg, vocab_size, t.optimizer_steps(per_epoch))
+    return LearnerRun(learner, Path(t.out), t.micro_batches(per_epoch), t.grad_accum,
+                      t.log_every, t.max_grad_norm)
 
 
 def schedule_of(t, per_epoch: int, total_steps: int, world: int) -> dict:
@@ -273,7 +311,7 @@ def train(
 def _train(cfg: Config, accelerator, run_dir: Path, resume: bool, progress: bool,
            max_steps: int | None, owner: contextlib.ExitStack) -> Path:
     t = cfg.train
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    world = accelerator.num_processes
     tasks.check_files(cfg.data.data_files)  # before any model loads
     if t.stage == "ref":
         provenance.check_can_record_ref(cfg)
@@ -281,22 +319,13 @@ def _train(cfg: Config, accelerator, run_dir: Path, resume: bool, progress: bool
     checkpoint = runs.check_run_dir(run_dir, cfg, resume, clear=False)
     torch.manual_seed(t.seed)
 
-    reader, ref_spec = open_cache(cfg)
-    reference = provenance.reference_identity(cfg, reader, ref_spec) if needs_ref(cfg) else None
+    inputs = open_inputs(cfg, accelerator)
+    reference, tokenizer = inputs.reference, inputs.tokenizer
     if checkpoint is not None:
         provenance.check_same_reference(run_dir, runs.read_config(run_dir).get("reference"),
                                         reference)
-    spec = cfg.models.target if t.stage == "sft" else cfg.models.draft
-    # fp32 master weights whatever --dtype says (see `step.mixed_precision`).
-    model, tokenizer = models.load_model(spec, dtype=torch.float32)
-    reduce_vocabulary(cfg, reader, model, tokenizer)
-    model.to(device).train()
-    if t.compile:
-        model.base_model.compile()  # the trunk; the chunked head + loss stay eager
-    stream, teacher, vocab_size = open_data(cfg, reader, ref_spec, tokenizer, device, rank, world)
-    check_stream(t, stream, world)
-    per_epoch = stream.batches_per_epoch
-    run = prepare_run(accelerator, cfg, model, per_epoch, vocab_size)
+    per_epoch = inputs.per_epoch
+    run = prepare_run(accelerator, cfg, compiled(inputs.model, t), per_epoch, inputs.vocab_size)
     total_steps = run.total_steps
     stop_step = run.total_steps if max_steps is None else min(run.total_steps, max_steps)
 
@@ -320,7 +349,7 @@ def _train(cfg: Config, accelerator, run_dir: Path, resume: bool, progress: bool
         accelerator.init_trackers(run_dir.name, config=tracker_config(cfg))
 
     hooks = EpochHooks(accelerator, cfg, run, per_epoch, validator, progress)
-    fit(accelerator, [run], stream, teacher, start_step, stop_step, progress,
+    fit(accelerator, [run], inputs.stream, inputs.teacher, start_step, stop_step, progress,
         f"{t.stage} {cfg.data.task}", hooks)
     if t.report_to is not None:
         accelerator.end_training()

@@ -8,9 +8,11 @@ import pytest
 import torch
 from helpers import build_split_target, run_weights, train_config
 
-from adaspec import draft_vocab
+import yaml
+
+from adaspec import draft_vocab, runs, train
 from adaspec.build import build_stage
-from adaspec.sweep import grid, run_sweep
+from adaspec.sweep import Variant, grid, run_sweep, train_single_pass, variant_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,6 +72,50 @@ def test_single_pass_reduces_the_vocabulary_as_training_does(env, tmp_path):
         for key in wa:
             torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6)
         assert a["alpha_lower"] == pytest.approx(b["alpha_lower"], abs=1e-5)
+
+
+# Every training setting that changes the model or the data, with the variant it needs: a
+# setting that matters only below k = 1 (official schedule, selection rule) runs at k = 0.5.
+SETTINGS = {
+    "draft_vocab": ({"draft_vocab": 16}, Variant(1.0, 1.0, "fkl", 0)),
+    "compile": ({"compile": True}, Variant(1.0, 1.0, "fkl", 0)),
+    "official_schedule": ({"official_schedule": True}, Variant(0.5, 1.0, "fkl", 0)),
+    "selection": ({"selection": "speckd"}, Variant(0.5, 1.0, "fkl", 0)),
+    "loss": ({}, Variant(1.0, 1.0, "rkl", 1)),
+    "online": ({"online": True}, Variant(1.0, 1.0, "fkl", 0)),
+}
+
+
+def _saved_config(run_dir) -> dict:
+    saved = yaml.safe_load((run_dir / runs.CONFIG_FILE).read_text())
+    saved.pop(runs.RUN_KEY)  # the run's id: new for every run
+    saved["train"].pop("out")
+    return saved
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_the_single_pass_trains_every_setting_as_train_does(env, tmp_path, setting):
+    """`train` and the sweep's single pass share one setup (`train.open_inputs`): a setting
+    that changes the model or the data ends in the same run folder through both (weights,
+    config with schedule and reference, token map, loss curve)."""
+    values, variant = SETTINGS[setting]
+    cfg = train_config(env, epochs=1.0, **values)
+    one = tmp_path / "one"
+    train.train(variant_config(cfg, variant, one), progress=False)
+    train_single_pass(cfg, [variant], tmp_path / "many", progress=False)
+    many = tmp_path / "many" / variant.name
+    assert _saved_config(one) == _saved_config(many)
+    wa, wb = run_weights(one), run_weights(many)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6)
+    maps = [folder / "model" / draft_vocab.MAP_FILE for folder in (one, many)]
+    assert [m.is_file() for m in maps] == [setting == "draft_vocab"] * 2
+    if setting == "draft_vocab":
+        assert maps[0].read_text() == maps[1].read_text()
+    losses = [[r["loss"] for r in runs.training_metrics(f)] for f in (one, many)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
+    assert len(losses[0]) == runs.read_schedule(one)["optimizer_steps"]
 
 
 def test_best_epoch_column_single_pass_and_the_html_report(env, tmp_path):
