@@ -98,11 +98,103 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 # The trained model and its per-token loss
 
 
+class _TokenLoss:
+    """The per-token loss of a draft whose logits come from its whole forward (a head that is not
+    plain: `models.has_plain_head`), against sparse target rows or dense target logits.
+
+    One object per `LossModel`, chosen once by `_token_loss` from the model's head; subclasses
+    change only how the draft's label rows are made. The model is passed on each call (the
+    `LossModel` owns it), and its head is read on each call.
+    """
+
+    def __init__(self, vocab_size: int, divergence: str, beta: float, chunk_tokens: int):
+        self.vocab_size, self.divergence, self.beta = vocab_size, divergence, beta
+        self.chunk_tokens = chunk_tokens
+
+    def logits(self, model, batch: labels.LabelBatch) -> torch.Tensor:
+        """(N, V) the draft's logits at the label rows."""
+        out = model(**labels.forward_inputs(model, batch))
+        return models.cut_logits(out.logits[batch.index_b, batch.index_t], self.vocab_size)
+
+    def sparse(self, model, batch, target: SparseTarget, want_argmax: bool):
+        logits = self.logits(model, batch)
+        loss = losses.sparse_divergence(logits, target, self.divergence, self.beta)
+        return loss, logits.detach().argmax(-1) if want_argmax else None
+
+    def dense(self, model, batch, target_logits: torch.Tensor, want_argmax: bool):
+        logits = self.logits(model, batch)
+        loss = losses.dense_divergence(logits, target_logits, self.divergence, self.beta)
+        return loss, logits.detach().argmax(-1) if want_argmax else None
+
+
+class _PlainHeadLoss(_TokenLoss):
+    """A plain head: applied to the label rows' hidden states only, and against sparse rows
+    chunked (`losses.sparse_divergence_chunked`: one chunk's (chunk_tokens, V) logits at once)."""
+
+    def logits(self, model, batch: labels.LabelBatch) -> torch.Tensor:
+        head = model.get_output_embeddings()
+        return models.cut_logits(head(labels.label_hidden(model, batch)), self.vocab_size)
+
+    def sparse(self, model, batch, target: SparseTarget, want_argmax: bool):
+        head = model.get_output_embeddings()
+        hidden = labels.label_hidden(model, batch)  # (N, H)
+        loss = losses.sparse_divergence_chunked(
+            hidden, head.weight, target, self.divergence, self.beta, self.chunk_tokens,
+            lm_head_bias=head.bias, vocab_size=self.vocab_size)
+        if not want_argmax:
+            return loss, None
+        with torch.no_grad():
+            argmax = torch.cat([
+                models.cut_logits(head(part), self.vocab_size).argmax(-1)
+                for part in hidden.split(self.chunk_tokens)
+            ]) if len(hidden) else hidden.new_zeros(0, dtype=torch.long)
+        return loss, argmax
+
+
+class _ReducedHeadLoss(_TokenLoss):
+    """A reduced head (`draft_vocab.ReducedHead`, --draft-vocab): the divergence over its mapped
+    ids and rest outcome; the argmax is over the mapped ids, as the draft proposes."""
+
+    def sparse(self, model, batch, target: SparseTarget, want_argmax: bool):
+        reduced = draft_vocab.reduced_head_of(model)
+        hidden = labels.label_hidden(model, batch)  # (N, H)
+        loss = losses.sparse_divergence_chunked(
+            hidden, reduced.weight, target, self.divergence, self.beta, self.chunk_tokens,
+            to_draft=reduced.to_draft)
+        if not want_argmax:
+            return loss, None
+        with torch.no_grad():
+            argmax = reduced.ids[reduced.restricted_logits(hidden)[:, :-1].argmax(-1)] \
+                if len(hidden) else hidden.new_zeros(0, dtype=torch.long)
+        return loss, argmax
+
+    def dense(self, model, batch, target_logits: torch.Tensor, want_argmax: bool):
+        reduced = draft_vocab.reduced_head_of(model)
+        logits = reduced.restricted_logits(labels.label_hidden(model, batch))  # (N, n + 1)
+        loss = losses.dense_restricted_divergence(logits, target_logits, reduced.ids,
+                                                  self.divergence, self.beta)
+        argmax = reduced.ids[logits[:, :-1].argmax(-1)].detach() if want_argmax else None
+        return loss, argmax
+
+
+def _token_loss(model, vocab_size: int, divergence: str, beta: float,
+                chunk_tokens: int) -> _TokenLoss:
+    """The per-token loss for `model`'s head: reduced, plain, or neither (the whole forward)."""
+    if draft_vocab.reduced_head_of(model) is not None:
+        kind = _ReducedHeadLoss
+    elif models.has_plain_head(model):
+        kind = _PlainHeadLoss
+    else:
+        kind = _TokenLoss
+    return kind(vocab_size, divergence, beta, chunk_tokens)
+
+
 class LossModel(torch.nn.Module):
     """The trained causal LM plus its per-token loss at the label positions.
 
     The loss lives in `forward` so that under DDP every parameter use (the lm_head used by the
-    chunked loss included) happens inside the wrapped module's forward.
+    chunked loss included) happens inside the wrapped module's forward. Which loss (how the
+    draft's label rows are made, from its head) is chosen once, here (`_token_loss`).
     """
 
     def __init__(self, model, vocab_size: int, divergence: str, beta: float, chunk_tokens: int):
@@ -122,6 +214,7 @@ class LossModel(torch.nn.Module):
                 f"the model's head has {rows} rows but the tokenizer has {vocab_size} ids; "
                 "the model does not match the tokenizer"
             )
+        self.token_loss = _token_loss(model, vocab_size, divergence, beta, chunk_tokens)
 
     def forward(
         self,
@@ -141,51 +234,9 @@ class LossModel(torch.nn.Module):
         Returns:
             ((N,) float32 loss, (N,) int64 argmax or None).
         """
-        head = self.model.get_output_embeddings()
-        reduced = draft_vocab.reduced_head_of(self.model)
-        if reduced is not None and target_logits is not None:  # online: the dense target
-            hidden = labels.label_hidden(self.model, batch)  # (N, H)
-            logits = reduced.restricted_logits(hidden)  # (N, n + 1)
-            loss = losses.dense_restricted_divergence(logits, target_logits, reduced.ids,
-                                                      self.divergence, self.beta)
-            argmax = reduced.ids[logits[:, :-1].argmax(-1)].detach() if want_argmax else None
-            return loss, argmax
-        if reduced is not None:
-            hidden = labels.label_hidden(self.model, batch)  # (N, H)
-            loss = losses.sparse_divergence_chunked(
-                hidden, reduced.weight, target, self.divergence, self.beta, self.chunk_tokens,
-                to_draft=reduced.to_draft)
-            argmax = None
-            if want_argmax:  # over the mapped ids, as the draft proposes
-                with torch.no_grad():
-                    argmax = reduced.ids[reduced.restricted_logits(hidden)[:, :-1].argmax(-1)] \
-                        if len(hidden) else hidden.new_zeros(0, dtype=torch.long)
-            return loss, argmax
-        if self.plain_head:
-            hidden = labels.label_hidden(self.model, batch)  # (N, H)
-            if target_logits is None:
-                loss = losses.sparse_divergence_chunked(
-                    hidden, head.weight, target, self.divergence, self.beta, self.chunk_tokens,
-                    lm_head_bias=head.bias, vocab_size=self.vocab_size,
-                )
-                argmax = None
-                if want_argmax:
-                    with torch.no_grad():
-                        argmax = torch.cat([
-                            models.cut_logits(head(part), self.vocab_size).argmax(-1)
-                            for part in hidden.split(self.chunk_tokens)
-                        ]) if len(hidden) else hidden.new_zeros(0, dtype=torch.long)
-                return loss, argmax
-            logits = head(hidden)  # (N, V')
-        else:
-            out = self.model(**labels.forward_inputs(self.model, batch))
-            logits = out.logits[batch.index_b, batch.index_t]  # (N, V')
-        logits = models.cut_logits(logits, self.vocab_size)  # (N, V)
         if target_logits is not None:
-            loss = losses.dense_divergence(logits, target_logits, self.divergence, self.beta)
-        else:
-            loss = losses.sparse_divergence(logits, target, self.divergence, self.beta)
-        return loss, logits.detach().argmax(-1) if want_argmax else None
+            return self.token_loss.dense(self.model, batch, target_logits, want_argmax)
+        return self.token_loss.sparse(self.model, batch, target, want_argmax)
 
 
 # ---------------------------------------------------------------------------------------------
