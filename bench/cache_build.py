@@ -106,6 +106,24 @@ def plain_forward(model, data: Data) -> float:
 # The build, instrumented
 
 
+def timed_setup(timers: harness.Timers) -> list[tuple[object, str, object]]:
+    """Patches timing the build's setup: hashing the model, fingerprinting the tokenizer, the
+    sequences stage (reading, tokenising and writing the rows, reading them back)."""
+    return [
+        (models, "model_identity", timers.wrap("model identity (weight hash)",
+                                               models.model_identity)),
+        (models, "tokenizer_fingerprint", timers.wrap("tokenizer fingerprint",
+                                                      models.tokenizer_fingerprint)),
+        (build, "ensure_sequences", timers.wrap("sequences stage (all)", build.ensure_sequences)),
+        (tasks, "load_examples", timers.wrap("read task rows", tasks.load_examples)),
+        (tasks, "tokenize_examples", timers.wrap("tokenise", tasks.tokenize_examples)),
+        (store.CacheWriter, "write_sequences", timers.wrap(
+            "write sequences", store.CacheWriter.write_sequences)),
+        (store.CacheReader, "sequence_lists", timers.wrap("read sequences back",
+                                                         store.CacheReader.sequence_lists)),
+    ]
+
+
 def instrumented_build(timers: harness.Timers, loaded: tuple, spec: str, data: Data,
                        marks: dict):
     """Patches of what `build_stage` calls, timed; `load_model` serves `loaded` for `spec`.
@@ -168,17 +186,7 @@ def instrumented_build(timers: harness.Timers, loaded: tuple, spec: str, data: D
 
     return harness.patched(
         harness.serving_models(lambda s: loaded if s == spec else None),
-        (models, "model_identity", timers.wrap("model identity (weight hash)",
-                                               models.model_identity)),
-        (models, "tokenizer_fingerprint", timers.wrap("tokenizer fingerprint",
-                                                      models.tokenizer_fingerprint)),
-        (build, "ensure_sequences", timers.wrap("sequences stage (all)", build.ensure_sequences)),
-        (tasks, "load_examples", timers.wrap("read task rows", tasks.load_examples)),
-        (tasks, "tokenize_examples", timers.wrap("tokenise", tasks.tokenize_examples)),
-        (store.CacheWriter, "write_sequences", timers.wrap(
-            "write sequences", store.CacheWriter.write_sequences)),
-        (store.CacheReader, "sequence_lists", timers.wrap("read sequences back",
-                                                         store.CacheReader.sequence_lists)),
+        *timed_setup(timers),
         (labels, "LabelLogits", BuildLabelLogits),
         (sparse, "topk_rows", timers.wrap(TOPK_PIECE, sparse.topk_rows)),
         (build, "target_batch_fn", target_batch_fn),

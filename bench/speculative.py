@@ -87,7 +87,7 @@ def assistant_settings(draft, gamma: int) -> None:
     draft.generation_config.assistant_confidence_threshold = 0.0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None):
     p = harness.parser("speculative", __doc__, rounds=3, data=False)
     p.add_argument("--target", default="smollm2-135m")
     p.add_argument("--drafts", default="smollm2-135m@layers=2",
@@ -108,17 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft-vocab", type=int, default=None,
                    help="also time each draft with its head reduced to N ids (speed only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    machine = harness.start(args)
-    device = torch.device(args.device)
-    m, gamma = args.max_new_tokens, args.gamma
+    return p.parse_args(argv)
 
-    target, tokenizer = models.load_model(args.target)
-    target.to(device).eval()
-    vocab = models.real_vocab_size(tokenizer)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    pad = eos if pad is None else pad
-    specs = [s.strip() for s in args.drafts.split(",") if s.strip()]
+
+def load_drafts(drafts_arg: str, tokenizer, device: torch.device) -> list[dict]:
+    """One entry per --drafts spec: label, spec, the model on `device`, its own reduced head."""
+    specs = [s.strip() for s in drafts_arg.split(",") if s.strip()]
     drafts: list[dict] = []
     for spec in specs:
         path = runs.resolve_run_folder(spec)
@@ -129,95 +124,121 @@ def main(argv: list[str] | None = None) -> int:
                        "reduced_vocab": None if head is None else {
                            "n_mapped": head.n_mapped, "hash": draft_vocab.map_hash(
                                head.ids.cpu().numpy()), "from": "the draft's own map"}})
-    prompts = [x.to(device) for x in load_prompts(
-        args.task, args.split, args.data_files, tokenizer, args.prompts, args.chat_template,
-        args.max_length, args.data_seed)]
+    return drafts
 
-    def run_target(i: int) -> list[int]:
-        return speculative.target_generate(target, prompts[i], m, eos_token_id=eos,
-                                           vocab_size=vocab).tolist()
 
-    # The reference outputs (and the reduced heads' ids) before anything is timed.
-    expected = [run_target(i) for i in range(len(prompts))]
-    if args.draft_vocab:
-        ids = frequent_ids(expected, prompts, args.draft_vocab, vocab,
-                           draft_vocab.special_ids(tokenizer))
-        for d in list(drafts):
-            if d["reduced_vocab"] is not None:
-                continue  # already reduced: its own map is what it is timed with
-            model = draft_vocab.reduce_head(copy.deepcopy(d["model"]), ids)
-            drafts.append({"label": f"{d['label']} [head {len(ids)}]", "spec": d["spec"],
-                           "model": model.eval(),
-                           "reduced_vocab": {"n": args.draft_vocab, "n_mapped": len(ids),
-                                             "hash": draft_vocab.map_hash(ids),
-                                             "from": "the target's outputs on these prompts"}})
-    for d in drafts:
-        assistant_settings(d["model"], gamma)
+def add_reduced_drafts(drafts: list[dict], expected: list[list[int]],
+                       prompts: list[torch.Tensor], n: int, vocab: int, tokenizer) -> None:
+    """Append, per draft not already reduced, a copy with its head reduced to the `n` ids the
+    target emits most (`frequent_ids`)."""
+    ids = frequent_ids(expected, prompts, n, vocab, draft_vocab.special_ids(tokenizer))
+    for d in list(drafts):
+        if d["reduced_vocab"] is not None:
+            continue  # already reduced: its own map is what it is timed with
+        model = draft_vocab.reduce_head(copy.deepcopy(d["model"]), ids)
+        drafts.append({"label": f"{d['label']} [head {len(ids)}]", "spec": d["spec"],
+                       "model": model.eval(),
+                       "reduced_vocab": {"n": n, "n_mapped": len(ids),
+                                         "hash": draft_vocab.map_hash(ids),
+                                         "from": "the target's outputs on these prompts"}})
 
-    stats: dict[str, speculative.SpecStats] = {}
 
-    def ours(d: dict, i: int) -> list[int]:
-        out, one = speculative.speculative_generate(target, d["model"], prompts[i], m, gamma,
-                                                    eos_token_id=eos, vocab_size=vocab)
-        stats[d["label"]] = stats.get(d["label"], speculative.SpecStats()).merge(one)
+class Decoders:
+    """The three ways to decode a prompt greedily; `stats` gathers ours' SpecStats per draft."""
+
+    def __init__(self, target, prompts: list[torch.Tensor], max_new_tokens: int, gamma: int,
+                 eos: int | None, pad: int | None, vocab: int):
+        self.target, self.prompts, self.m, self.gamma = target, prompts, max_new_tokens, gamma
+        self.eos, self.pad, self.vocab = eos, pad, vocab
+        self.stats: dict[str, speculative.SpecStats] = {}
+
+    def run_target(self, i: int) -> list[int]:
+        return speculative.target_generate(self.target, self.prompts[i], self.m,
+                                           eos_token_id=self.eos, vocab_size=self.vocab).tolist()
+
+    def ours(self, d: dict, i: int) -> list[int]:
+        out, one = speculative.speculative_generate(self.target, d["model"], self.prompts[i],
+                                                    self.m, self.gamma, eos_token_id=self.eos,
+                                                    vocab_size=self.vocab)
+        self.stats[d["label"]] = self.stats.get(d["label"], speculative.SpecStats()).merge(one)
         return out.tolist()
 
-    def assisted(d: dict, i: int) -> list[int]:
-        ids = prompts[i]
-        out = target.generate(ids, attention_mask=torch.ones_like(ids),
-                              assistant_model=d["model"], do_sample=False, max_new_tokens=m,
-                              eos_token_id=eos, pad_token_id=pad)
+    def assisted(self, d: dict, i: int) -> list[int]:
+        ids = self.prompts[i]
+        out = self.target.generate(ids, attention_mask=torch.ones_like(ids),
+                                   assistant_model=d["model"], do_sample=False,
+                                   max_new_tokens=self.m, eos_token_id=self.eos,
+                                   pad_token_id=self.pad)
         return out[0, ids.shape[1]:].tolist()
 
-    paths: dict[str, dict] = {"target": {"kind": "target", "draft": None, "run": run_target}}
-    for d in drafts:
-        paths[f"ours {d['label']}"] = {"kind": "ours", "draft": d["label"],
-                                       "run": lambda i, d=d: ours(d, i)}
-        paths[f"assisted {d['label']}"] = {"kind": "assisted", "draft": d["label"],
-                                           "run": lambda i, d=d: assisted(d, i)}
+    def paths(self, drafts: list[dict]) -> dict[str, dict]:
+        """Path name -> kind, draft label and its `run(i)`: target, then ours and assisted per
+        draft."""
+        paths: dict[str, dict] = {"target": {"kind": "target", "draft": None,
+                                             "run": self.run_target}}
+        for d in drafts:
+            paths[f"ours {d['label']}"] = {"kind": "ours", "draft": d["label"],
+                                           "run": lambda i, d=d: self.ours(d, i)}
+            paths[f"assisted {d['label']}"] = {"kind": "assisted", "draft": d["label"],
+                                               "run": lambda i, d=d: self.assisted(d, i)}
+        return paths
+
+
+def checked(paths: dict[str, dict], expected: list[list[int]], name: str,
+            i: int) -> tuple[int, float, float]:
+    """(tokens, wall seconds, process CPU seconds) of prompt i through a path; its output
+    must be the target's."""
+    speculative.synchronize()
+    cpu, started = time.process_time(), time.perf_counter()
+    out = paths[name]["run"](i)
+    speculative.synchronize()
+    took, cpu = time.perf_counter() - started, time.process_time() - cpu
+    if out != expected[i]:
+        pairs = enumerate(zip(out, expected[i], strict=False))
+        at = next((k for k, (a, b) in pairs if a != b), min(len(out), len(expected[i])))
+        raise RuntimeError(
+            f"prompt {i}: path {name!r} gave {len(out)} tokens that differ from target-only "
+            f"greedy decoding ({len(expected[i])} tokens) at position {at}: "
+            f"{out[at:at + 5]} vs {expected[i][at:at + 5]}")
+    return len(out), took, cpu
+
+
+def measure_rounds(paths: dict[str, dict], expected: list[list[int]], n_prompts: int,
+                   n_rounds: int, stats: dict[str, speculative.SpecStats]) -> dict:
+    """One untimed warm-up per path, then `n_rounds` rounds of every prompt through every path
+    (order rotated): per-path tokens, seconds and CPU seconds per round, the rounds' spans and
+    the first round's SpecStats per draft."""
     names = list(paths)
-
-    def checked(name: str, i: int) -> tuple[int, float, float]:
-        """(tokens, wall seconds, process CPU seconds) of prompt i through a path; its output
-        must be the target's."""
-        speculative.synchronize()
-        cpu, started = time.process_time(), time.perf_counter()
-        out = paths[name]["run"](i)
-        speculative.synchronize()
-        took, cpu = time.perf_counter() - started, time.process_time() - cpu
-        if out != expected[i]:
-            pairs = enumerate(zip(out, expected[i], strict=False))
-            at = next((k for k, (a, b) in pairs if a != b), min(len(out), len(expected[i])))
-            raise RuntimeError(
-                f"prompt {i}: path {name!r} gave {len(out)} tokens that differ from target-only "
-                f"greedy decoding ({len(expected[i])} tokens) at position {at}: "
-                f"{out[at:at + 5]} vs {expected[i][at:at + 5]}")
-        return len(out), took, cpu
-
     # No outer no_grad: each path is timed as a user calls it (all three disable grad).
-    if prompts:
+    if n_prompts:
         for name in names:  # untimed: first calls pay for allocations and lazy init
-            checked(name, 0)
+            checked(paths, expected, name, 0)
     stats.clear()
-    tokens = {n: [0] * args.rounds for n in names}
-    seconds = {n: [0.0] * args.rounds for n in names}
-    cpu_seconds = {n: [0.0] * args.rounds for n in names}
+    tokens = {n: [0] * n_rounds for n in names}
+    seconds = {n: [0.0] * n_rounds for n in names}
+    cpu_seconds = {n: [0.0] * n_rounds for n in names}
     rounds: list[dict] = []
     first_round: dict[str, speculative.SpecStats] = {}
-    for r in range(args.rounds):
+    for r in range(n_rounds):
         with harness.measure() as span:
-            for i in range(len(prompts)):
+            for i in range(n_prompts):
                 for name in harness.rotated(names, r + i):
-                    n, took, cpu = checked(name, i)
+                    n, took, cpu = checked(paths, expected, name, i)
                     tokens[name][r] += n
                     seconds[name][r] += took
                     cpu_seconds[name][r] += cpu
         if r == 0:
             first_round = dict(stats)
         rounds.append({"round": r, **span.as_dict()})
+    return {"tokens": tokens, "seconds": seconds, "cpu_seconds": cpu_seconds, "rounds": rounds,
+            "first_round": first_round}
 
+
+def path_results(paths: dict[str, dict], measured: dict) -> dict:
+    """Per path: tokens/s (median, min, max) and its speedup over target-only."""
+    tokens, seconds = measured["tokens"], measured["seconds"]
     results = {}
-    for name in names:
+    for name in paths:
         speed = statistics.summarize_speed(tokens[name], seconds[name], tokens["target"],
                                          seconds["target"])
         results[name] = {
@@ -227,15 +248,24 @@ def main(argv: list[str] | None = None) -> int:
             "tokens_per_s_max": speed["speculative_tokens_per_s_max"],
             "speedup_over_target": speed["speedup"], "speedup_min": speed["speedup_min"],
             "speedup_max": speed["speedup_max"], "speedup_spread": speed["speedup_spread"],
-            "tokens": tokens[name], "seconds": seconds[name], "cpu_seconds": cpu_seconds[name],
+            "tokens": tokens[name], "seconds": seconds[name],
+            "cpu_seconds": measured["cpu_seconds"][name],
         }
+    return results
+
+
+def ours_vs_assisted(drafts: list[dict], measured: dict) -> dict:
+    """Per draft: ours over assisted by wall time (per round and all rounds) and by CPU time,
+    the head's rows and the first round's acceptance."""
+    tokens, seconds, cpu_seconds = (measured["tokens"], measured["seconds"],
+                                    measured["cpu_seconds"])
     comparison = {}
     for d in drafts:
         label = d["label"]
         a, b = f"ours {label}", f"assisted {label}"
         ratio = statistics.summarize_speed(tokens[a], seconds[a], tokens[b], seconds[b])
         by_cpu = statistics.summarize_speed(tokens[a], cpu_seconds[a], tokens[b], cpu_seconds[b])
-        st = first_round.get(label)
+        st = measured["first_round"].get(label)
         comparison[label] = {
             "ours_over_assisted": ratio["speedup"], "min": ratio["speedup_min"],
             "max": ratio["speedup_max"], "spread": ratio["speedup_spread"],
@@ -248,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
             "mean_accepted_length": st.mean_accepted_length() if st else float("nan"),
             "alpha": st.alpha() if st else float("nan"),
         }
+    return comparison
 
+
+def print_tables(results: dict, comparison: dict) -> None:
     print(harness.format_table(
         ["path", "tokens/s", "min", "max", "x target", "min", "max"],
         [[name, r["tokens_per_s"], r["tokens_per_s_min"], r["tokens_per_s_max"],
@@ -262,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
           c["max"], c["ours_over_assisted_total"], c["ours_over_assisted_cpu"], c["cpu_min"],
           c["cpu_max"]] for label, c in comparison.items()]))
 
+
+def write_results(args, machine: dict, prompts: list[torch.Tensor], expected: list[list[int]],
+                  drafts: list[dict], results: dict, comparison: dict, rounds: list[dict]) -> None:
     harness.write_json(args.out, {
         "benchmark": "speculative",
         "machine": machine,
@@ -278,6 +314,38 @@ def main(argv: list[str] | None = None) -> int:
         "ours_vs_assisted": comparison,
         "rounds": rounds,
     })
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    machine = harness.start(args)
+    device = torch.device(args.device)
+
+    target, tokenizer = models.load_model(args.target)
+    target.to(device).eval()
+    vocab = models.real_vocab_size(tokenizer)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = eos if pad is None else pad
+    drafts = load_drafts(args.drafts, tokenizer, device)
+    prompts = [x.to(device) for x in load_prompts(
+        args.task, args.split, args.data_files, tokenizer, args.prompts, args.chat_template,
+        args.max_length, args.data_seed)]
+    decoders = Decoders(target, prompts, args.max_new_tokens, args.gamma, eos, pad, vocab)
+
+    # The reference outputs (and the reduced heads' ids) before anything is timed.
+    expected = [decoders.run_target(i) for i in range(len(prompts))]
+    if args.draft_vocab:
+        add_reduced_drafts(drafts, expected, prompts, args.draft_vocab, vocab, tokenizer)
+    for d in drafts:
+        assistant_settings(d["model"], args.gamma)
+
+    paths = decoders.paths(drafts)
+    measured = measure_rounds(paths, expected, len(prompts), args.rounds, decoders.stats)
+    results = path_results(paths, measured)
+    comparison = ours_vs_assisted(drafts, measured)
+    print_tables(results, comparison)
+    write_results(args, machine, prompts, expected, drafts, results, comparison,
+                  measured["rounds"])
     return 0
 
 

@@ -35,6 +35,7 @@ import sys
 import time
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -198,7 +199,42 @@ def quiet_window():
         QUIET_FILE.unlink(missing_ok=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class Exported:
+    """The draft's GGUF files (per type, and f32) and the target's GGUF file."""
+
+    draft_spec: str
+    types: list[str]
+    files: dict[str, Path]
+    sizes: dict[str, int]
+    target_gguf: Path
+    converter: dict
+
+
+@dataclass
+class AdaspecSide:
+    """adaspec's prompt ids, target-only outputs and adaspec-eval's speculative decoding."""
+
+    cfg: object
+    ids: list[list[int]]
+    eos: int
+    spec: dict
+    calls: list[dict]
+    outputs: dict[str, list[list[int]]]
+
+
+@dataclass
+class Served:
+    """llama-server's outputs, acceptance and timed rounds, per configuration."""
+
+    configs: dict[str, list[str]]
+    results: dict
+    rounds: list[dict]
+    load_before: tuple
+    load_after: tuple
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--llamacpp-bin", type=Path, required=True)
     p.add_argument("--llamacpp-src", type=Path, required=True)
@@ -217,14 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=Path("/tmp/adaspec-llamacpp-check"))
     p.add_argument("--out", default="bench/results/llamacpp.json")
-    args = p.parse_args(argv)
-    started = time.monotonic()
-    import transformers
+    return p.parse_args(argv)
 
-    from adaspec import models
 
-    transformers.utils.logging.disable_progress_bar()
-    args.work.mkdir(parents=True, exist_ok=True)
+def export_step(args: argparse.Namespace) -> Exported:
+    """Step 1: the draft exported (best/ when the run has one), the target's GGUF located and
+    llama.cpp's converter compared with our f32 file."""
     run_path = Path(args.run)
     best = (run_path / "best" / "config.json").is_file()
     draft_spec = str(run_path / "best") if best else args.run
@@ -242,6 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     converter = compare_with_converter(files["f32"], args.work / "hf", args.llamacpp_src,
                                        args.work, args.pydeps)
     print(f"llamacpp_check: converter comparison: {json.dumps(converter)[:300]}")
+    return Exported(draft_spec, types, files, sizes, target_gguf, converter)
+
+
+def adaspec_side(args: argparse.Namespace, draft_spec: str) -> AdaspecSide:
+    """Step 2: the prompt ids, adaspec's target-only outputs and adaspec-eval's speculative
+    decoding of them (PyTorch), final EOS stripped."""
+    from adaspec import models
 
     print("llamacpp_check: adaspec side (target-only and adaspec-eval speculative, PyTorch)")
     cfg = prepare.eval_config(args.target, args.task, args.prompts, args.max_new_tokens,
@@ -252,15 +293,58 @@ def main(argv: list[str] | None = None) -> int:
     spec, calls = prepare.evaluate_recorded(cfg, draft_spec, target_model)
     del target_model
     eos = tokenizer.eos_token_id
-    adaspec_out = {"target_only": [strip_eos(o, eos) for o in own["outputs"]],
-                   "speculative": [strip_eos(c["output"], eos) for c in calls]}
+    outputs = {"target_only": [strip_eos(o, eos) for o in own["outputs"]],
+               "speculative": [strip_eos(c["output"], eos) for c in calls]}
+    return AdaspecSide(cfg, ids, eos, spec, calls, outputs)
 
-    spec_args = ["--spec-type", "draft-simple", "--spec-draft-n-max", str(args.gamma),
-                 "--spec-draft-p-min", "0", "-td", str(args.threads), "-tbd", str(args.threads)]
+
+def server_configs(exported: Exported, gamma: int, threads: int) -> dict[str, list[str]]:
+    """llama-server's arguments per configuration: target only, the target as its own (perfect)
+    draft, and the target with each exported draft."""
+    target_gguf = exported.target_gguf
+    spec_args = ["--spec-type", "draft-simple", "--spec-draft-n-max", str(gamma),
+                 "--spec-draft-p-min", "0", "-td", str(threads), "-tbd", str(threads)]
     configs = {"target_only": ["-m", str(target_gguf)],
                "perfect_draft": ["-m", str(target_gguf), "-md", str(target_gguf), *spec_args]}
-    for kind in types:
-        configs[f"draft_{kind}"] = ["-m", str(target_gguf), "-md", str(files[kind]), *spec_args]
+    for kind in exported.types:
+        configs[f"draft_{kind}"] = ["-m", str(target_gguf), "-md", str(exported.files[kind]),
+                                    *spec_args]
+    return configs
+
+
+def first_pass(servers: dict[str, Server], ids: list[list[int]], max_new_tokens: int, eos: int,
+               results: dict) -> None:
+    """Every server's outputs and acceptance on every prompt, into `results`."""
+    print("llamacpp_check: outputs and acceptance (first pass)")
+    for name, server in servers.items():
+        for prompt in ids:
+            out = server.complete(prompt, max_new_tokens)
+            results[name]["outputs"].append(strip_eos(out["tokens"], eos))
+            results[name]["acceptance"].append(out.get("acceptance"))
+
+
+def timed_round(servers: dict[str, Server], timed: list[str], ids: list[list[int]],
+                max_new_tokens: int, r: int) -> dict[str, float]:
+    """Round `r`: every prompt through the `timed` servers, the order swapped per prompt and
+    round; tokens/s per server as the server reports it."""
+    per = {n: {"tokens": 0, "seconds": 0.0} for n in timed}
+    for i, prompt in enumerate(ids):
+        order = timed if (r + i) % 2 == 0 else timed[::-1]
+        for name in order:
+            out = servers[name].complete(prompt, max_new_tokens)
+            t = out["timings"]
+            per[name]["tokens"] += t["predicted_n"]
+            per[name]["seconds"] += t["predicted_ms"] / 1000
+    tps = {n: v["tokens"] / v["seconds"] for n, v in per.items()}
+    print(f"llamacpp_check: round {r + 1}: "
+          + ", ".join(f"{n} {v:.1f} tok/s" for n, v in tps.items()))
+    return tps
+
+
+def serve(args: argparse.Namespace, configs: dict[str, list[str]], ids: list[list[int]],
+          eos: int) -> Served:
+    """Step 3: one llama-server per configuration; a first pass (outputs, acceptance), then
+    --rounds timed rounds of every configuration but the perfect draft."""
     servers = {}
     results: dict = {name: {"outputs": [], "acceptance": [], "speed": []} for name in configs}
     rounds = []
@@ -270,49 +354,52 @@ def main(argv: list[str] | None = None) -> int:
                                    args.work / f"server-{name}.log", args.threads)
         for server in servers.values():
             server.wait_ready()
-        print("llamacpp_check: outputs and acceptance (first pass)")
-        for name, server in servers.items():
-            for prompt in ids:
-                out = server.complete(prompt, args.max_new_tokens)
-                results[name]["outputs"].append(strip_eos(out["tokens"], eos))
-                results[name]["acceptance"].append(out.get("acceptance"))
+        first_pass(servers, ids, args.max_new_tokens, eos, results)
         timed = [n for n in servers if n != "perfect_draft"]
         load_before = os.getloadavg()
         with quiet_window():
             for r in range(args.rounds):
-                per = {n: {"tokens": 0, "seconds": 0.0} for n in timed}
-                for i, prompt in enumerate(ids):
-                    order = timed if (r + i) % 2 == 0 else timed[::-1]
-                    for name in order:
-                        out = servers[name].complete(prompt, args.max_new_tokens)
-                        t = out["timings"]
-                        per[name]["tokens"] += t["predicted_n"]
-                        per[name]["seconds"] += t["predicted_ms"] / 1000
-                tps = {n: v["tokens"] / v["seconds"] for n, v in per.items()}
-                rounds.append(tps)
-                print(f"llamacpp_check: round {r + 1}: "
-                      + ", ".join(f"{n} {v:.1f} tok/s" for n, v in tps.items()))
+                rounds.append(timed_round(servers, timed, ids, args.max_new_tokens, r))
         load_after = os.getloadavg()
     finally:
         for server in servers.values():
             server.stop()
+    return Served(configs, results, rounds, load_before, load_after)
 
+
+def llama_bench_costs(args: argparse.Namespace, exported: Exported) -> dict:
+    """Step 4: llama-bench's tokens/s of the target's and each draft's generation and of the
+    target verifying gamma + 1 tokens at once."""
     print("llamacpp_check: llama-bench costs")
     bench = args.llamacpp_bin / "llama-bench"
+    target_gguf = exported.target_gguf
     with quiet_window():
         costs = {"target_tg": llama_bench(bench, target_gguf, args.threads, 32, 0, 3),
                  "target_pp_verify": llama_bench(bench, target_gguf, args.threads, 0,
                                                  args.gamma + 1, 5)}
-        for kind in types:
-            costs[f"draft_{kind}_tg"] = llama_bench(bench, files[kind], args.threads, 32, 0, 3)
+        for kind in exported.types:
+            costs[f"draft_{kind}_tg"] = llama_bench(bench, exported.files[kind], args.threads,
+                                                    32, 0, 3)
+    return costs
 
-    # ---- the comparison
+
+def step_ms(costs: dict, gamma: int) -> tuple[float, float]:
+    """(the target's ms per generated token, its ms verifying gamma + 1 tokens)."""
+    target_ms = 1000 / costs["target_tg"]["avg_ts"]
+    verify_ms = 1000 * (gamma + 1) / costs["target_pp_verify"]["avg_ts"]
+    return target_ms, verify_ms
+
+
+def summarize_drafts(args: argparse.Namespace, exported: Exported, ours: AdaspecSide,
+                     served: Served, costs: dict) -> dict:
+    """Per exported type: outputs against the perfect draft and target-only, llama.cpp's mean
+    accepted length against adaspec-eval's, the cost ratios, predicted and measured speedup."""
+    results, rounds, spec = served.results, served.rounds, ours.spec
     target_only = results["target_only"]["outputs"]
     perfect = results["perfect_draft"]["outputs"]
-    target_ms = 1000 / costs["target_tg"]["avg_ts"]
-    verify_ms = 1000 * (args.gamma + 1) / costs["target_pp_verify"]["avg_ts"]
+    target_ms, verify_ms = step_ms(costs, args.gamma)
     summary = {}
-    for kind in types:
+    for kind in exported.types:
         name = f"draft_{kind}"
         outs = results[name]["outputs"]
         acc = [a for a in results[name]["acceptance"] if a]
@@ -326,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         c, v = draft_ms / target_ms, verify_ms / target_ms
         speedups = [r[name] / r["target_only"] for r in rounds]
         summary[kind] = {
-            "file_bytes": sizes[kind],
+            "file_bytes": exported.sizes[kind],
             "identical_to_perfect_draft": [a == b for a, b in zip(outs, perfect, strict=True)],
             "identical_to_target_only": [a == b for a, b in zip(outs, target_only, strict=True)],
             "first_difference_from_target_only": [first_difference(a, b) for a, b in
@@ -339,27 +426,38 @@ def main(argv: list[str] | None = None) -> int:
             "predicted_speedup": mal / (args.gamma * c + v),
             "speedup_rounds": speedups, "speedup_median": statistics.median(speedups),
         }
+    return summary
+
+
+def build_payload(args: argparse.Namespace, exported: Exported, ours: AdaspecSide,
+                  served: Served, costs: dict, summary: dict, started: float) -> dict:
+    """The JSON written to --out."""
+    results, ids, target_gguf = served.results, ours.ids, exported.target_gguf
+    target_only = results["target_only"]["outputs"]
+    perfect = results["perfect_draft"]["outputs"]
     perfect_acc = [a for a in results["perfect_draft"]["acceptance"] if a]
-    payload = {
+    target_ms, verify_ms = step_ms(costs, args.gamma)
+    return {
         "benchmark": "llamacpp",
         "llama_cpp": {"source": f"llama-cpp-python sdist {os.environ.get('LLAMACPP_PY_VERSION')}"
                       " (vendor/llama.cpp)", "build": costs["target_tg"]["build"],
                       "cmake_flags": args.cmake_flags, "threads": args.threads,
-                      "server_args": {n: a for n, a in configs.items()}},
-        "settings": {"run": args.run, "draft": draft_spec, "target": args.target,
+                      "server_args": {n: a for n, a in served.configs.items()}},
+        "settings": {"run": args.run, "draft": exported.draft_spec, "target": args.target,
                      "target_gguf": str(target_gguf), "target_bytes": target_gguf.stat().st_size,
                      "task": args.task, "split": "test", "chat_template": True,
                      "prompts": len(ids), "max_new_tokens": args.max_new_tokens,
                      "gamma": args.gamma, "rounds": args.rounds, "greedy": True,
                      "cache_prompt": False},
         "machine": harness.machine_info(),
-        "load_average": {"before_timing": load_before, "after_timing": load_after},
-        "converter_comparison": converter,
-        "gguf_bytes": sizes,
-        "adaspec": {"command": prepare.eval_command(cfg, draft_spec), "eval": spec,
-                    "eval_prompts_match": [c["prompt"] for c in calls] == ids,
+        "load_average": {"before_timing": served.load_before, "after_timing": served.load_after},
+        "converter_comparison": exported.converter,
+        "gguf_bytes": exported.sizes,
+        "adaspec": {"command": prepare.eval_command(ours.cfg, exported.draft_spec),
+                    "eval": ours.spec,
+                    "eval_prompts_match": [c["prompt"] for c in ours.calls] == ids,
                     "llamacpp_target_only_identical_to_adaspec_target_only": [
-                        a == b for a, b in zip(target_only, adaspec_out["target_only"],
+                        a == b for a, b in zip(target_only, ours.outputs["target_only"],
                                                strict=True)]},
         "perfect_draft": {
             "identical_to_target_only": [a == b for a, b in zip(perfect, target_only,
@@ -369,24 +467,44 @@ def main(argv: list[str] | None = None) -> int:
             "accepted": sum(a["accepted"] for a in perfect_acc),
             "drafted": sum(a["drafted"] for a in perfect_acc)},
         "costs": {"target_ms_per_token": target_ms, "verify_ms": verify_ms, "llama_bench": costs},
-        "rounds_tokens_per_second": rounds,
+        "rounds_tokens_per_second": served.rounds,
         "drafts": summary,
         "outputs": {**{n: r["outputs"] for n, r in results.items()},
-                    **{f"adaspec_{n}": o for n, o in adaspec_out.items()}},
+                    **{f"adaspec_{n}": o for n, o in ours.outputs.items()}},
         "seconds": time.monotonic() - started,
     }
-    harness.write_json(args.out, payload)
+
+
+def print_report(args: argparse.Namespace, summary: dict, n_prompts: int,
+                 rounds: list[dict]) -> None:
     print(harness.format_table(
         ["draft", "MB", "= perfect", "= target-only", "MAL llama.cpp", "MAL adaspec-eval", "c",
          "v", "predicted", "speedup (median)"],
         [[k, f"{s['file_bytes'] / 1e6:.1f}",
-          f"{sum(s['identical_to_perfect_draft'])}/{len(ids)}",
-          f"{sum(s['identical_to_target_only'])}/{len(ids)}",
+          f"{sum(s['identical_to_perfect_draft'])}/{n_prompts}",
+          f"{sum(s['identical_to_target_only'])}/{n_prompts}",
           f"{s['mean_accepted_length']:.3f}", f"{s['adaspec_eval_mean_accepted_length']:.3f}",
           f"{s['c']:.3f}", f"{s['v']:.2f}", f"{s['predicted_speedup']:.2f}x",
           f"{s['speedup_median']:.2f}x"] for k, s in summary.items()]))
     print(f"llamacpp_check: target alone {statistics.median(r['target_only'] for r in rounds):.1f}"
           f" tok/s (median of {args.rounds} rounds); results in {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    args.work.mkdir(parents=True, exist_ok=True)
+    exported = export_step(args)
+    ours = adaspec_side(args, exported.draft_spec)
+    served = serve(args, server_configs(exported, args.gamma, args.threads), ours.ids, ours.eos)
+    costs = llama_bench_costs(args, exported)
+    summary = summarize_drafts(args, exported, ours, served, costs)
+    harness.write_json(args.out, build_payload(args, exported, ours, served, costs, summary,
+                                               started))
+    print_report(args, summary, len(ours.ids), served.rounds)
     shutil.rmtree(args.work / "hf", ignore_errors=True)
     return 0
 

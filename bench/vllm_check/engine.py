@@ -71,7 +71,7 @@ def decode(llm, prompts: list, params, batch: int) -> tuple[list[list[int]], flo
     return outputs, time.perf_counter() - started
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", required=True, help="the target as a save_pretrained folder")
     p.add_argument("--draft", required=True, help="the draft: a folder from adaspec-export")
@@ -84,17 +84,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="enforce_eager: skip vLLM's torch.compile of both models (minutes on a "
                         "small CPU the first time; later runs reuse ~/.cache/vllm)")
     p.add_argument("--out", required=True, type=Path)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    import torch
-    import transformers
-    import vllm
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
 
-    ids = json.loads(args.prompts.read_text())["prompt_token_ids"]
-    prompts = [TokensPrompt(prompt_token_ids=p) for p in ids]
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens, ignore_eos=False)
+def engine_settings(args: argparse.Namespace, ids: list[list[int]]) -> tuple[dict, dict]:
+    """(the `LLM` arguments both engines share, the speculative engine's speculative_config)."""
     engine = {
         "dtype": args.dtype, "seed": 0, "disable_log_stats": False,
         # Rounds repeat the same prompts: without this, later rounds would skip the prefill.
@@ -103,24 +97,36 @@ def main(argv: list[str] | None = None) -> int:
     }
     speculative = {"method": "draft_model", "model": args.draft,
                    "num_speculative_tokens": args.gamma}
-    seconds = {}
+    return engine, speculative
+
+
+def load_engines(target: str, engine: dict, speculative: dict, prompts: list, params,
+                 seconds: dict) -> dict:
+    """The two engines (target only, speculative), each warmed up on one prompt; their load and
+    warm-up seconds go into `seconds`."""
+    from vllm import LLM
+
     started = time.perf_counter()
-    llms = {"target_only": LLM(model=args.target, **engine)}
+    llms = {"target_only": LLM(model=target, **engine)}
     seconds["load_target_only"] = time.perf_counter() - started
     started = time.perf_counter()
-    llms["speculative"] = LLM(model=args.target, speculative_config=speculative, **engine)
+    llms["speculative"] = LLM(model=target, speculative_config=speculative, **engine)
     seconds["load_speculative"] = time.perf_counter() - started
     started = time.perf_counter()
     for llm in llms.values():  # untimed: first calls pay for allocations and lazy setup
         decode(llm, prompts[:1], params, 1)
     seconds["warm_up"] = time.perf_counter() - started
+    return llms
 
+
+def measure_rounds(llms: dict, prompts: list, params, n_rounds: int) -> tuple[dict, dict]:
+    """(per batch size and engine: tokens, seconds per round, the first round's outputs and
+    spec-decode counters; per batch size: whether later rounds repeated the outputs)."""
     batches = sorted({1, len(prompts)})
     runs = {b: {path: {"tokens": [], "seconds": [], "outputs": None} for path in llms}
             for b in batches}
     deterministic = {b: True for b in batches}
-    started = time.perf_counter()
-    for r in range(args.rounds):
+    for r in range(n_rounds):
         for batch in batches:
             order = list(llms) if r % 2 == 0 else list(reversed(llms))
             for path in order:
@@ -136,27 +142,55 @@ def main(argv: list[str] | None = None) -> int:
                 elif outputs != entry["outputs"]:
                     deterministic[batch] = False
             rates = {path: e["tokens"][-1] / e["seconds"][-1] for path, e in runs[batch].items()}
-            print(f"vllm_check: round {r + 1}/{args.rounds} batch {batch}: "
+            print(f"vllm_check: round {r + 1}/{n_rounds} batch {batch}: "
                   + ", ".join(f"{path} {rate:.1f} tok/s" for path, rate in rates.items()),
                   flush=True)
-    seconds["rounds"] = time.perf_counter() - started
+    return runs, deterministic
 
+
+def versions() -> dict:
+    import torch
+    import transformers
+    import vllm
+
+    return {"vllm": vllm.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def write_results(args: argparse.Namespace, engine: dict, speculative: dict, runs: dict,
+                  deterministic: dict, seconds: dict) -> None:
     payload = {
         "rounds": args.rounds,
         "engine": {**engine, "speculative_config": speculative, "temperature": 0.0,
                    "max_tokens": args.max_new_tokens, "ignore_eos": False,
                    "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE")},
-        "versions": {"vllm": vllm.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__,
-                     "python": platform.python_version(),
-                     "torch_threads": torch.get_num_threads()},
+        "versions": versions(),
         "runs": [{"batch_size": b, "deterministic": deterministic[b], **runs[b]}
-                 for b in batches],
+                 for b in runs],
         "seconds": {f"vllm_{k}": v for k, v in seconds.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"vllm_check: vLLM results in {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    ids = json.loads(args.prompts.read_text())["prompt_token_ids"]
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in ids]
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens, ignore_eos=False)
+    engine, speculative = engine_settings(args, ids)
+    seconds: dict = {}
+    llms = load_engines(args.target, engine, speculative, prompts, params, seconds)
+    started = time.perf_counter()
+    runs, deterministic = measure_rounds(llms, prompts, params, args.rounds)
+    seconds["rounds"] = time.perf_counter() - started
+    write_results(args, engine, speculative, runs, deterministic, seconds)
     return 0
 
 
