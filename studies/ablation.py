@@ -1,4 +1,4 @@
-"""What moves AdaSPEC's gap to plain KD? One factor at a time, from `studies.paper_table`'s setup.
+"""What moves AdaSPEC's gap to plain KD? One factor at a time, from the small study's setup.
 
 Each variant changes one thing of AdaSPEC's official arm (k = 0.4, E / k epochs) and is compared
 with the plain-KD run trained for as many epochs on the same data (the compute-matched control):
@@ -15,7 +15,8 @@ with the plain-KD run trained for as many epochs on the same data (the compute-m
 Every run keeps its best epoch on the validation split (offline). Each variant and its control
 are measured on the test split, teacher-forced with the target, on the dataset's answers and on
 the target's own greedy continuations; the difference comes with its standard error clustered
-by sequence. It reuses `studies.paper_table`'s work folder (caches, the seed's runs).
+by sequence. It reuses `studies.paper_table`'s work folder (caches, the seed's runs; the setup
+both share is studies/paper_setup.py).
 
     python -m studies.ablation --task gsm8k --seed 0                     # the committed study
     python -m studies.ablation --task arith --variants k=0.8,depth=1 ... # see studies/README.md
@@ -28,14 +29,15 @@ import json
 from pathlib import Path
 
 import harness
+from adaspec import runs
 from adaspec.build import build_stage
 from adaspec.config import Config
 from adaspec.evaluate import evaluate
+from adaspec.experiment import EVAL_CACHE, ensure_run, split_config
 from adaspec.statistics import clustered_difference
-from studies import paper_table
-from studies.paper_table import base_config, ensure_run, split_config
+from studies import paper_setup
+from studies.paper_setup import base_config
 
-EVALUATION = {"sparse": "topk", "topk": 64, "value_encoding": "float16"}
 VARIANTS = ("k=0.2", "k=0.6", "k=0.8", "normalize=selected", "threshold=global",
             "reference=strong", "data=target", "data=draft", "depth=1", "depth=4")
 
@@ -63,7 +65,7 @@ def _setup(args, cfg: Config, work: Path, name: str, seed: int) -> tuple[Config,
                            generator=generator, gen_temperature=1.0,
                            gen_max_new_tokens=args.gen_tokens)
         build_stage(gen, "target", progress=args.progress)
-        build_stage(split_config(cfg, "validation", args.val_rows, root, **EVALUATION),
+        build_stage(split_config(cfg, "validation", args.val_rows, root, **EVAL_CACHE),
                     "target", progress=args.progress)
         cfg = gen
     if name.startswith(("data=", "depth=")):  # its own reference and control
@@ -99,15 +101,13 @@ def run_variant(args, cfg: Config, work: Path, name: str, seed: int) -> dict:
     run = ensure_run(dataclasses.replace(vcfg, train=dataclasses.replace(
         vcfg.train, out=str(folder / "adaspec"), **values)), args.progress)
     control = Path(control or work / f"seed-{seed}" / "kd_control")
-    test = split_config(cfg, "test", args.test_rows, **EVALUATION)
-    drafts = [str(run / c) for c in ("model", "best")] + [str(control / c)
-                                                          for c in ("model", "best")]
+    test = split_config(cfg, "test", args.test_rows, **EVAL_CACHE)
+    drafts = [str(d(r)) for r in (run, control) for d in (runs.model_dir, runs.best_dir)]
     tf = evaluate(test, drafts, ("exact",), progress=args.progress,
                   continuations_cache=str(work / "continuations"), per_token=True)
     out = {"variant": name, "seed": seed, "drafts": drafts, "teacher_forced": tf,
-           "best_epoch": json.loads((run / "best" / "best.json").read_text())["epoch"],
-           "control_best_epoch": json.loads((control / "best" / "best.json").read_text())
-           ["epoch"]}
+           "best_epoch": runs.read_best(run)["epoch"],
+           "control_best_epoch": runs.read_best(control)["epoch"]}
     done.parent.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(out))
     return out
@@ -116,7 +116,7 @@ def run_variant(args, cfg: Config, work: Path, name: str, seed: int) -> dict:
 def study_result(seed_eval: dict, k: float) -> dict:
     """The study's own AdaSPEC (k = 0.4, E / k epochs) against its control, as a variant row."""
     tf = seed_eval["teacher_forced"]
-    index = {arm: 1 + 2 * paper_table.ARMS.index(arm) for arm in ("adaspec_official",
+    index = {arm: 1 + 2 * paper_setup.ARMS.index(arm) for arm in ("adaspec_official",
                                                                    "kd_control")}
     return {"variant": f"the study's AdaSPEC (k={k:g})",
             "teacher_forced": [tf[index["adaspec_official"]], tf[index["adaspec_official"] + 1],
@@ -186,12 +186,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw-prompts", action="store_true")
     p.add_argument("--work", default="/tmp/adaspec-paper-table")
     p.add_argument("--doc", default=str(harness.REPO / "docs" / "ablation.md"))
+    p.add_argument("--report-only", action="store_true",
+                   help="re-make the doc from the results JSON (--out)")
     args = p.parse_args(argv)
+    if args.report_only:
+        payload = json.loads(Path(args.out).read_text())
+        Path(args.doc).write_text(markdown(payload))
+        print(f"wrote {args.doc}")
+        return 0
     machine = harness.start(args)
     work = Path(args.work) / args.task
     cfg = base_config(args, args.task, work)
-    paper_table.ensure_caches(args, cfg, work)
-    seed_eval = paper_table.run_seed(args, cfg, work, args.seed)  # reference, control
+    paper_setup.ensure_caches(args, cfg, work)
+    seed_eval = paper_setup.run_seed(args, cfg, work, args.seed)  # reference, control
     variants = [summarize(study_result(seed_eval, args.k))] + [
         summarize(run_variant(args, cfg, work, name, args.seed))
         for name in args.variants.split(",")]

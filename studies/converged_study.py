@@ -56,15 +56,21 @@ import math
 from pathlib import Path
 
 import harness
-from adaspec import models, provenance, quality, runs
+from adaspec import models, quality, runs
 from adaspec.build import build_stage
 from adaspec.config import Config, build_config
 from adaspec.evaluate import evaluate
+from adaspec.experiment import (
+    EVAL_CACHE,
+    continuations_config,
+    ensure_run,
+    ensure_tuned_target,
+    split_config,
+)
+from adaspec.experiment import ensure_reference as ensure_reference_run
 from adaspec.statistics import clustered_difference, t_interval
-from adaspec.train import train
 from adaspec.validation import plateau, validation_records
-from cache_tools import schema
-from studies.paper_table import split_config
+from studies.decision_rule import decide, parts_sentence, power_sentence, verdict_sentence
 
 ARMS = ("R", "A", "C")
 DENSE = ("A-dense", "C-dense")
@@ -75,7 +81,6 @@ ARM_NAMES = {
     "A-dense": "A with --online (dense target and reference)",
     "C-dense": "C with --online (dense target)",
 }
-EVAL_CACHE = {"sparse": "topk", "topk": 64, "value_encoding": "float16"}
 HEADLINE = "greedy_agreement"  # on the test continuations: what greedy decoding accepts
 ENDPOINTS = ("greedy_agreement", "expected_acceptance", "mean_accepted_length")
 
@@ -114,7 +119,7 @@ def arm_config(args, cfg: Config, arm: str, run: Path, ref: Path | None) -> Conf
                                     draft_vocab=args.draft_vocab or None, **t)
     models_cfg = cfg.models
     if base == "A" and train_cfg.online:
-        models_cfg = dataclasses.replace(cfg.models, ref=str(ref / "model"))
+        models_cfg = dataclasses.replace(cfg.models, ref=str(runs.model_dir(ref)))
     return dataclasses.replace(cfg, train=train_cfg, models=models_cfg)
 
 
@@ -122,34 +127,10 @@ def arm_config(args, cfg: Config, arm: str, run: Path, ref: Path | None) -> Conf
 # Steps (each skipped when its output exists)
 
 
-def ensure_run(cfg: Config, progress: bool, reference: dict | None = None) -> Path:
-    """Train the run unless it is finished at this length; resume a killed one (train restarts
-    one killed before its first checkpoint), extend a finished shorter one (constant rate: the
-    same training continued, `--epochs` raised after a run had not plateaued), and start over
-    one whose reference (`reference`, an identity) changed since it started."""
-    run = Path(cfg.train.out)
-    if reference is not None and (run / runs.CONFIG_FILE).is_file():
-        recorded = runs.read_config(run).get("reference") or {}
-        if recorded.get("weight_hash") != reference.get("weight_hash"):
-            runs.discard_run(run)  # its tokens were selected against another reference
-    if runs.is_run_folder(run) and (runs.model_dir(run) / "config.json").is_file():
-        if runs.read_schedule(run)["epochs"] >= cfg.train.run_epochs:
-            return run
-    started = runs.latest_checkpoint(run) is not None
-    train(cfg, resume=started, progress=progress)
-    return run
-
-
 def ensure_target(args, work: Path) -> str:
     """The target fine-tuned on seed 0's training rows (stage sft, online: no cache needed)."""
-    if args.sft_epochs == 0:
-        return args.target
     cfg = base_config(args, 0, args.target, work / "sft")
-    t = dataclasses.replace(cfg.train, stage="sft", lr=args.sft_lr, epochs=args.sft_epochs,
-                            online=True, out=str(work / "target"), eval_split=None,
-                            eval_cache=None, keep_best=False, checkpoint_every=25)
-    ensure_run(dataclasses.replace(cfg, train=t), args.progress)
-    return str(work / "target" / "model")
+    return ensure_tuned_target(cfg, work / "target", args.sft_lr, args.sft_epochs, args.progress)
 
 
 def target_quality(args, work: Path, tuned: str) -> dict:
@@ -173,10 +154,8 @@ def ensure_caches(args, cfg: Config, folder: Path) -> None:
     build_stage(cfg, "target", progress=p)
     for split, rows in (("validation", args.val_rows), ("test", args.test_rows)):
         build_stage(split_config(cfg, split, rows, **EVAL_CACHE), "target", progress=p)
-        build_stage(split_config(cfg, split, rows, str(folder / "continuations"),
-                                 generate=True, gen_temperature=0.0,
-                                 gen_max_new_tokens=args.max_new_tokens, **EVAL_CACHE),
-                    "target", progress=p)
+        build_stage(continuations_config(cfg, split, rows, str(folder / "continuations"),
+                                         args.max_new_tokens), "target", progress=p)
 
 
 def run_seed(args, work: Path, tuned: str, seed: int, arms: list[str], record: dict | None,
@@ -208,7 +187,7 @@ def run_seed(args, work: Path, tuned: str, seed: int, arms: list[str], record: d
         if arm != "R":
             ensure_run(arm_config(args, cfg, arm, folder / arm, ref), args.progress,
                        identity if arm.startswith("A") else None)
-        tokens[arm] = add_draft(args, record, test, folder, str(folder / arm / "best"))
+        tokens[arm] = add_draft(args, record, test, folder, str(runs.best_dir(folder / arm)))
         record["arms"].append(arm)
         record["runs"][arm] = run_record(folder / arm)
         if identity is not None:  # R itself, or the R an A arm selected against
@@ -237,24 +216,9 @@ def ensure_reference(args, cfg: Config, folder: Path, record: dict, losses: bool
     deterministic, and its weight hash must be the one the seed's record holds, where it holds
     one) and, with `losses`, its per-token losses in the training cache (an --online arm
     computes them itself)."""
-    ref = ensure_run(arm_config(args, cfg, "R", folder / "R", None), args.progress)
-    identity = models.model_identity(str(runs.model_dir(ref)))
     recorded = record["runs"].get("R", {}).get("reference_hash")
-    if recorded is not None and recorded != identity["weight_hash"]:
-        raise SystemExit(
-            f"seed {record['seed']}: R trained again is not the R of its record (weight hash "
-            f"{identity['weight_hash'][:12]}, recorded {recorded[:12]}): an arm selecting "
-            "against it would not be comparable; start the seed over with another --out")
-    if not losses:
-        return ref, identity
-    ref_cfg = dataclasses.replace(cfg, models=dataclasses.replace(
-        cfg.models, ref=str(runs.model_dir(ref))))
-    reader = provenance.open_split(cfg)
-    stage = reader.manifest.stage(schema.ref_group_name(cfg.cache.ref_name))
-    stale = stage is not None and (stage.params.get("model") or {}).get("weight_hash") != \
-        identity["weight_hash"]  # R was extended: its losses are rebuilt
-    build_stage(ref_cfg, "ref", progress=args.progress, rebuild=stale)
-    return ref, identity
+    return ensure_reference_run(arm_config(args, cfg, "R", folder / "R", None), args.progress,
+                                losses, recorded)
 
 
 def add_draft(args, record: dict, test: Config, folder: Path, spec: str) -> dict:
@@ -372,52 +336,13 @@ def summarize(records: list[dict]) -> dict:
     plateaus = {arm: [s["runs"][arm]["plateau"]["reached"] for s in seeds if arm in s["runs"]]
                 for arm in ARMS + DENSE}
     return {"per_arm": per_arm, "comparisons": comparisons, "plateau": plateaus,
-            "decision": decision(comparisons, plateaus, len(seeds))}
+            "decision": decision(comparisons, plateaus)}
 
 
-def decision(comparisons: dict, plateaus: dict, n_seeds: int) -> dict:
-    """The rule stated before running (module docstring), on the headline measure."""
-    ac = comparisons.get("A - C", {}).get(HEADLINE)
-    if ac is None:
-        return {"outcome": "no result yet", "seeds": 0}
-    n_seeds = ac["n"]  # the seeds with R, A and C
-    every_seed = all(v > 0 for v in ac["per_seed"])
-    every_seed_negative = all(v < 0 for v in ac["per_seed"])
-    above_zero = n_seeds >= 2 and ac["low"] > 0
-    below_zero = n_seeds >= 2 and ac["high"] < 0
-    c_flat = bool(plateaus["C"]) and all(plateaus["C"])
-    if every_seed and above_zero and c_flat:
-        outcome = "A beats C"
-    elif below_zero and every_seed_negative:
-        # C's flatness is not required here: a C still improving would only widen the gap
-        outcome = "C beats A"
-    else:
-        outcome = "no difference shown"
-    return {"outcome": outcome, "seeds": n_seeds, "A-C positive in every seed": every_seed,
-            "A-C negative in every seed": every_seed_negative,
-            "interval above 0": above_zero, "interval below 0": below_zero,
-            "C plateaued in every seed": c_flat,
-            "complete": n_seeds >= 3}
-
-
-def verdict_sentence(payload: dict) -> str:
-    """The decision in one sentence with its numbers (for this study's doc and the small
-    study's, docs/paper_table.md)."""
-    d = payload["summary"]["decision"]
-    ac = payload["summary"].get("comparisons", {}).get("A - C", {}).get(HEADLINE)
-    if ac is None:
-        return "no seed has finished yet."
-    n = ac["n"]
-    if n >= 2:
-        size = (f"{ac['mean'] * 100:+.2f} pt, 95% t-interval [{ac['low'] * 100:+.2f}, "
-                f"{ac['high'] * 100:+.2f}]")
-    else:
-        size = f"{ac['mean'] * 100:+.2f} pt, one seed"
-    seeds = ", ".join(f"{v * 100:+.2f}" for v in ac["per_seed"])
-    return (f"**{d['outcome']}** after {n} seed(s){'' if d.get('complete') else ' (incomplete)'}"
-            f": AdaSPEC minus the compute-matched control in greedy agreement on the test "
-            f"continuations {size} (per seed {seeds}); the control's validation curve flat at "
-            f"its end in every seed: {'yes' if d['C plateaued in every seed'] else 'no'}.")
+def decision(comparisons: dict, plateaus: dict) -> dict:
+    """The rule stated before running (studies/decision_rule.py), on the headline measure."""
+    return dataclasses.asdict(decide(comparisons.get("A - C", {}).get(HEADLINE),
+                                     plateaus.get("C", [])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,8 +412,25 @@ def _steps(payload: dict) -> str:
 
 
 def markdown(payload: dict, plot_name: str) -> str:
-    a = payload["settings"]
     s = payload["summary"]
+    lines = (_setup_lines(payload) + _quality_lines(payload.get("quality", {}))
+             + _schedule_lines(payload) + _endpoint_lines(payload) + _difference_lines(s))
+    lines += ["", "## Decision", "", verdict_sentence(s, HEADLINE), "",
+              parts_sentence(s["decision"])]
+    for name in ("A - C", "A - R"):  # in greedy agreement, the headline
+        row = s["comparisons"].get(name, {}).get(HEADLINE)
+        power = power_sentence(row, name) if row else None
+        if power:
+            lines += ["", power]
+    check = cache_check_sentence(payload)
+    if check:
+        lines += ["", check]
+    lines += ["", f"![learning curves]({plot_name})", ""]
+    return "\n".join(lines)
+
+
+def _setup_lines(payload: dict) -> list[str]:
+    a = payload["settings"]
     head = f" with a {a['draft_vocab']}-id head (--draft-vocab)" if a["draft_vocab"] else ""
     lines = [
         "# AdaSPEC vs plain KD on the official schedule, a fixed budget of "
@@ -515,14 +457,22 @@ def markdown(payload: dict, plot_name: str) -> str:
         "shown.",
         "",
     ]
-    q = payload.get("quality", {})
+    return lines
+
+
+def _quality_lines(q: dict) -> list[str]:
+    lines = []
     if q:
         lines += ["## The target, before and after fine-tuning", "",
                   "| target | task quality | mean output tokens |", "|---|---|---|"]
         lines += [f"| {name} | {v['quality']:.3f} | {v['mean_output_tokens']:.1f} |"
                   for name, v in q.items()]
         lines.append("")
-    lines += ["## Schedules", "", "| arm | seed | epochs | batch | optimizer steps | best step | "
+    return lines
+
+
+def _schedule_lines(payload: dict) -> list[str]:
+    lines = ["## Schedules", "", "| arm | seed | epochs | batch | optimizer steps | best step | "
               "plateau (last-quarter mean minus the quarter before) |",
               "|---|---|---|---|---|---|---|"]
     for seed in payload["seeds"]:
@@ -532,13 +482,17 @@ def markdown(payload: dict, plot_name: str) -> str:
             lines.append(f"| {arm} | {seed['seed']} | {sch['epochs']:g} | {sch['batch_size']} | "
                          f"{sch['optimizer_steps']} | {run['best']['step']} | "
                          f"{'yes' if p['reached'] else 'no'} ({gain}) |")
-    lines += ["", "## Test endpoints per seed", "",
+    return lines
+
+
+def _endpoint_lines(payload: dict) -> list[str]:
+    lines = ["", "## Test endpoints per seed", "",
               "| arm | seed | greedy agreement (cont.) | expected acceptance (cont.) | "
               "mean accepted length (real, g=4) | exact acceptance (answers) |",
               "|---|---|---|---|---|---|"]
     measures = ("greedy_agreement", "expected_acceptance", "mean_accepted_length",
                 "exact_acceptance_answers")
-    for arm, rows in s["per_arm"].items():
+    for arm, rows in payload["summary"]["per_arm"].items():
         seeds = [x["seed"] for x in payload["seeds"] if arm == "untrained" or arm in x["arms"]]
         labelled = list(zip(map(str, seeds), rows, strict=True))
         if len(rows) >= 2:  # and the seed mean
@@ -547,7 +501,11 @@ def markdown(payload: dict, plot_name: str) -> str:
             lines.append(f"| {ARM_NAMES.get(arm, arm)} | {seed} | {r['greedy_agreement']:.4f} | "
                          f"{r['expected_acceptance']:.4f} | {r['mean_accepted_length']:.3f} | "
                          f"{r['exact_acceptance_answers']:.4f} |")
-    lines += ["", "## Differences", "",
+    return lines
+
+
+def _difference_lines(s: dict) -> list[str]:
+    lines = ["", "## Differences", "",
               "Points (x100) for agreement and acceptance, tokens for accepted length. Per seed "
               "± the clustered standard error (holds the trained models fixed); seed-level mean "
               "with its 95% t-interval (the spread of training).", "",
@@ -565,16 +523,7 @@ def markdown(payload: dict, plot_name: str) -> str:
             pooled = v.get("pooled_clustered_se")
             lines.append(f"| {name} | {measure} | {per_seed} | {interval} | "
                          f"{'-' if pooled is None else f'{pooled * scale:.2f}'} |")
-    d = s["decision"]
-    lines += ["", "## Decision", "", verdict_sentence(payload), "",
-              "The rule's parts: " + ", ".join(f"{k}: {v}" for k, v in d.items()
-                                               if k not in ("outcome", "seeds", "complete"))
-              + "."]
-    check = cache_check_sentence(payload)
-    if check:
-        lines += ["", check]
-    lines += ["", f"![learning curves]({plot_name})", ""]
-    return "\n".join(lines)
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -709,7 +658,7 @@ def report(args, payload: dict, seeds: list[dict]) -> None:
     for seed in seeds:  # plateau by the current rule, from each run's stored curve
         for run in seed["runs"].values():
             run["plateau"] = plateau(run["validation"], HEADLINE)
-    payload["summary"] = summarize(seeds) if seeds else {"decision": decision({}, {}, 0)}
+    payload["summary"] = summarize(seeds) if seeds else {"decision": decision({}, {})}
     payload["seeds"] = seeds
     if not seeds:
         harness.write_json(args.out, payload)

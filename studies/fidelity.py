@@ -44,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 import harness
-from adaspec import acceptance, build, labels, losses, models, tasks, teacher_forced, train
+from adaspec import acceptance, build, labels, losses, models, runs, tasks, teacher_forced, train
 from adaspec.config import build_config
 from cache_tools.info import cache_summary
 from cache_tools.store import CacheReader
@@ -188,7 +188,7 @@ def train_config(cfg, stage: str, k: float, out: Path, online: bool = False,
 def train_once(cfg, progress: bool) -> Path:
     """Train unless the run folder already holds a finished model; returns the model folder."""
     run = Path(cfg.train.out)
-    model = run / "model"
+    model = runs.model_dir(run)
     if (model / "config.json").exists():
         return model
     if run.exists():  # an interrupted run: short runs restart rather than resume

@@ -36,29 +36,13 @@ from pathlib import Path
 
 import harness
 from adaspec import models, quality
-from adaspec.build import build_stage
-from adaspec.config import Config, build_config
-from adaspec.evaluate import evaluate
+from adaspec.config import Config
+from adaspec.experiment import split_config
 from adaspec.statistics import clustered_difference, prompt_difference
-from adaspec.train import train
-from adaspec.validation import validation_records
 from cache_tools.store import CacheReader
+from studies.decision_rule import verdict_sentence
+from studies.paper_setup import ARM_NAMES, ARMS, base_config, ensure_caches, run_seed
 
-DATA = {
-    "gsm8k": "gsm8k/train.jsonl",
-    "alpaca": "alpaca/alpaca_5000.json",
-    "mbpp": "mbpp/mbpp.jsonl",
-    "cnn_dailymail": "cnn_dailymail/cnn_dailymail_validation_subset.csv",
-    "xsum": "xsum/xsum-1000.jsonl",
-    "arith": None,
-}
-ARMS = ("distillspec", "adaspec_official", "adaspec_equal", "kd_control")
-ARM_NAMES = {
-    "distillspec": "DistillSpec (ref, k=1, E epochs)",
-    "adaspec_official": "AdaSPEC k=0.4, E/k epochs (official)",
-    "adaspec_equal": "AdaSPEC k=0.4, E epochs",
-    "kd_control": "plain KD k=1, E/k epochs (compute-matched)",
-}
 # The paper's Table 1 (official README, Pythia-31M -> 1.4B, acceptance rate alpha in %):
 # (DistillSpec, AdaSPEC) after 3 epochs and at each model's optimal epoch.
 PAPER = {
@@ -71,64 +55,7 @@ PAPER = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Configs
-
-
-def base_config(args, task: str, work: Path) -> Config:
-    data_file = DATA[task]
-    return build_config({
-        "models": {"target": args.target, "draft": args.draft},
-        "data": {"task": task, "data_files": str(harness.SHARED_DATA / data_file)
-                 if data_file else None, "max_length": args.max_length,
-                 "chat_template": not args.raw_prompts, "limit": args.train_rows},
-        "cache": {"cache": str(work / "cache")},
-        "train": {"lr": args.lr, "batch_size": args.batch_size, "weight_decay": 0.1,
-                  "lr_schedule": "constant", "eval_split": "validation", "keep_best": True},
-        "eval": {"gamma": args.gamma, "max_new_tokens": args.max_new_tokens,
-                 "prompts": args.prompts, "speed": False},
-    })
-
-
-def split_config(cfg: Config, split: str, limit: int, cache: str | None = None,
-                 **cache_values) -> Config:
-    data = dataclasses.replace(cfg.data, split=split, limit=limit)
-    c = dataclasses.replace(cfg.cache, cache=cache or cfg.cache.cache, **cache_values)
-    return dataclasses.replace(cfg, data=data, cache=c)
-
-
-def arm_config(cfg: Config, arm: str, seed: int, epochs: float, k: float, run: Path) -> Config:
-    official = arm in ("adaspec_official", "kd_control")
-    t = dataclasses.replace(
-        cfg.train, stage="ref" if arm == "distillspec" else "draft",
-        k=1.0 if arm in ("distillspec", "kd_control") else k, seed=seed,
-        epochs=epochs / k if official else epochs, out=str(run))
-    c = dataclasses.replace(cfg.cache, ref_name=f"ref-s{seed}")
-    return dataclasses.replace(cfg, train=t, cache=c)
-
-
-# ---------------------------------------------------------------------------------------------
-# Steps (each skipped when its output exists)
-
-
-def ensure_caches(args, cfg: Config, work: Path) -> None:
-    evaluation = {"sparse": "topk", "topk": 64, "value_encoding": "float16"}
-    build_stage(cfg, "target", progress=args.progress)  # train: the default cache
-    build_stage(split_config(cfg, "validation", args.val_rows, **evaluation), "target",
-                progress=args.progress)
-    build_stage(split_config(cfg, "test", args.test_rows, **evaluation), "target",
-                progress=args.progress)
-    # The target's own greedy continuations of the test prompts (what decoding sees).
-    build_stage(split_config(cfg, "test", args.test_rows, str(work / "continuations"),
-                             generate=True, gen_temperature=0.0,
-                             gen_max_new_tokens=args.max_new_tokens, **evaluation),
-                "target", progress=args.progress)
-
-
-def ensure_run(cfg: Config, progress: bool) -> Path:
-    run = Path(cfg.train.out)
-    if not (run / "model" / "config.json").is_file():
-        train(cfg, resume=(run / "config.yaml").exists(), progress=progress)
-    return run
+# The target's quality
 
 
 def target_quality(args, cfg: Config, work: Path) -> dict:
@@ -146,36 +73,6 @@ def target_quality(args, cfg: Config, work: Path) -> dict:
         out[name] = quality.target_quality(qcfg, model, tokenizer, args.quality_prompts,
                                            args.quality_tokens, progress=args.progress)
     path.write_text(json.dumps(out, indent=1))
-    return out
-
-
-def run_seed(args, cfg: Config, work: Path, seed: int) -> dict:
-    """The four arms of one seed, trained and measured (cached in work/seed-N/eval.json)."""
-    folder = work / f"seed-{seed}"
-    done = folder / "eval.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    runs = {arm: folder / arm for arm in ARMS}
-    ref = ensure_run(arm_config(cfg, "distillspec", seed, args.epochs, args.k, runs["distillspec"]),
-                     args.progress)
-    ref_cfg = arm_config(cfg, "distillspec", seed, args.epochs, args.k, ref)
-    build_stage(dataclasses.replace(ref_cfg, models=dataclasses.replace(
-        cfg.models, ref=str(ref / "model"))), "ref", progress=args.progress)
-    for arm in ARMS[1:]:
-        ensure_run(arm_config(cfg, arm, seed, args.epochs, args.k, runs[arm]), args.progress)
-    test = split_config(cfg, "test", args.test_rows,
-                        **{"sparse": "topk", "topk": 64, "value_encoding": "float16"})
-    drafts = [args.draft] + [str(runs[a] / name) for a in ARMS for name in ("model", "best")]
-    teacher_forced = evaluate(test, drafts, ("offline", "exact"), progress=args.progress,
-                              continuations_cache=str(work / "continuations"), per_token=True)
-    decoding = evaluate(test, [args.draft] + [str(runs[a] / "best") for a in ARMS],
-                        ("speculative",), progress=args.progress)
-    out = {"seed": seed, "drafts": drafts, "teacher_forced": teacher_forced,
-           "decoding": decoding,
-           "validation": {arm: validation_records(runs[arm]) for arm in ARMS},
-           "best": {arm: json.loads((runs[arm] / "best" / "best.json").read_text())
-                    for arm in ARMS}}
-    done.write_text(json.dumps(out))
     return out
 
 
@@ -345,7 +242,6 @@ def _cell(value: float | None, digits: int) -> str:
 def converged_verdict(path: Path | None = None) -> str:
     """The decisive study's verdict sentence, from its committed results."""
     path = path or harness.results_dir("studies") / "converged_study.json"
-    from studies.converged_study import verdict_sentence  # it imports this module
 
     if not path.is_file():
         return "The decisive study (docs/converged_study.md) has not run yet."
@@ -360,7 +256,7 @@ def converged_verdict(path: Path | None = None) -> str:
             f"{'' if payload['summary']['decision'].get('complete') else ' planned'}, is "
             "[converged_study.md]"
             "(converged_study.md): "
-            f"{verdict_sentence(payload)}")
+            f"{verdict_sentence(payload['summary'], 'greedy_agreement')}")
 
 
 def verdict(tasks: dict) -> str:

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from studies import converged_study
+from studies import converged_study, decision_rule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -161,8 +161,8 @@ def test_the_verdict_sentence_states_the_rule_outcome_and_the_interval():
     per_seed = [-0.016, -0.010, -0.022]
     comparisons = {"A - C": {"greedy_agreement": {"per_seed": per_seed, **t_interval(per_seed)}}}
     summary = {"comparisons": comparisons,
-               "decision": converged_study.decision(comparisons, {"C": [False] * 3}, 3)}
-    text = converged_study.verdict_sentence({"summary": summary})
+               "decision": converged_study.decision(comparisons, {"C": [False] * 3})}
+    text = decision_rule.verdict_sentence(summary, "greedy_agreement")
     interval = comparisons["A - C"]["greedy_agreement"]
     assert summary["decision"]["outcome"] == "C beats A" and "**C beats A** after 3" in text
     assert f"[{interval['low'] * 100:+.2f}, {interval['high'] * 100:+.2f}]" in text
@@ -202,11 +202,43 @@ def test_the_decision_rule(per_seed, c_flat, outcome):
     from adaspec.statistics import t_interval
 
     ac = {"per_seed": per_seed, **t_interval(per_seed)}
-    d = converged_study.decision({"A - C": {"greedy_agreement": ac}}, {"C": c_flat},
-                                 len(per_seed))
-    assert d["outcome"] == outcome
-    assert d["interval above 0"] == (len(per_seed) >= 2 and ac["low"] > 0)
-    assert d["interval below 0"] == (len(per_seed) >= 2 and ac["high"] < 0)
+    d = converged_study.decision({"A - C": {"greedy_agreement": ac}}, {"C": c_flat})
+    assert d["outcome"] == outcome and d["seeds"] == len(per_seed)
+    assert d["interval_above_zero"] == (len(per_seed) >= 2 and ac["low"] > 0)
+    assert d["interval_below_zero"] == (len(per_seed) >= 2 and ac["high"] < 0)
+    assert d["control_plateaued"] == all(c_flat) and d["complete"] == (len(per_seed) >= 3)
+    assert decision_rule.parts_sentence(d).startswith(
+        f"The rule's parts: A-C positive in every seed: {all(v > 0 for v in per_seed)}, ")
+
+
+@pytest.mark.parametrize("sd, half_width, seeds", [
+    (0.0027, 0.01, 3),  # the converged study's A - C spread: 3 seeds resolve 1 pt
+    (0.0111, 0.01, 8),  # its A - R spread
+    (0.02, 0.01, 18),
+    (0.0, 0.01, 2),
+])
+def test_the_seeds_a_difference_needs(sd, half_width, seeds):
+    """The fewest n with t(0.975, n - 1) sd / sqrt(n) <= half_width, against a dense check."""
+    import math
+
+    from adaspec.statistics import t_quantile
+
+    n = decision_rule.seeds_needed(sd, half_width)
+    assert n == seeds
+    if sd > 0:
+        assert t_quantile(0.975, n - 1) * sd / math.sqrt(n) <= half_width
+        assert t_quantile(0.975, n - 2) * sd / math.sqrt(n - 1) > half_width or n == 2
+
+
+def test_the_power_sentence_reads_the_spread_of_the_seeds():
+    from adaspec.statistics import t_interval
+
+    values = [0.0096, 0.0037, -0.0118]
+    text = decision_rule.power_sentence({"per_seed": values, **t_interval(values)}, "A - R")
+    assert f"{t_interval(values)['sd'] * 100:.2f} pt over 3 seeds" in text
+    assert text.endswith(f"needs {decision_rule.seeds_needed(t_interval(values)['sd'], 0.01)} "
+                         "seeds.")
+    assert decision_rule.power_sentence({"per_seed": [0.01], **t_interval([0.01])}) is None
 
 
 def test_a_session_that_ends_mid_seed_keeps_its_finished_arms(tiny_model_dir, tmp_path,

@@ -102,20 +102,41 @@ def test_training_does_not_import_speculative_decoding():
 
 
 def _module_imports(path: Path) -> set[str]:
-    """Every adaspec/cache_tools module a file imports, at the top or inside a function."""
+    """Every module of ours (SCANNED) a file imports, at the top or inside a function."""
     found = set()
     for name in _imports(path):
         parts = name.split(".")
-        if parts[0] in ("adaspec", "cache_tools"):
-            for i in range(2, len(parts) + 1):
+        if parts[0] in SCANNED:
+            for i in range(2 if parts[0] != "harness" else 1, len(parts) + 1):
                 found.add(".".join(parts[:i]))
     return found
+
+
+# The library, its cache format, and the annexes (benchmarks, studies) with their shared plumbing.
+SCANNED = ("adaspec", "cache_tools", "harness", "bench", "studies")
+# Modules of studies/ that are not studies: what several studies share.
+STUDY_SHARED = {"__init__", "decision_rule", "paper_setup", "fidelity_measures"}
+
+
+def test_the_annexes_stand_on_the_library_and_harness_only():
+    """bench/ and studies/ never import each other, and no study imports another study (what
+    they share lives in harness/, adaspec/experiment.py or a shared module of studies/)."""
+    for path in sorted((REPO / "studies").rglob("*.py")):
+        imported = _module_imports(path)
+        assert not {m for m in imported if m.startswith("bench")}, f"{path.name} imports bench/"
+        studies = {m.split(".")[1] for m in imported if m.startswith("studies.")}
+        assert studies <= STUDY_SHARED, f"{path.name} imports the studies {studies - STUDY_SHARED}"
+    for path in sorted((REPO / "bench").rglob("*.py")):
+        assert not {m for m in _module_imports(path) if m.startswith("studies")}, \
+            f"{path.relative_to(REPO)} imports studies/"
+    harness_imports = _module_imports(REPO / "harness" / "__init__.py")
+    assert not {m for m in harness_imports if m.split(".")[0] in ("bench", "studies")}
 
 
 def test_no_import_cycle_at_run_time():
     """No module imports (even inside a function) one that imports it back."""
     modules = {}
-    for root in ("adaspec", "cache_tools"):
+    for root in SCANNED:
         for path in (REPO / root).rglob("*.py"):
             rel = path.relative_to(REPO).with_suffix("")
             name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)

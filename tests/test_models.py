@@ -16,6 +16,7 @@ import torch
 from helpers import make_tiny_model, make_tiny_tokenizer
 from tokenizers import Tokenizer
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
@@ -71,6 +72,8 @@ def _one_line_error(excinfo) -> str:
         ("/models/x.Q4_1.gguf@layers=3", ModelSpec("/models/x.Q4_1.gguf", 3, "gguf")),
         ("/no/such/folder", ModelSpec("/no/such/folder", None, "dir")),
         ("./runs/draft@layers=1", ModelSpec("./runs/draft", 1, "dir")),
+        ("smollm2-135m@random=layers:2,hidden:256,heads:4",
+         ModelSpec("smollm2-135m", None, "alias", (("heads", 4), ("hidden", 256), ("layers", 2)))),
     ],
 )
 def test_parse_model_spec(spec, expected):
@@ -84,7 +87,12 @@ def test_parse_model_spec_existing_folder_is_dir(tiny_model_dir):
 
 @pytest.mark.parametrize(
     "spec", ["", "@layers=2", "smollm2-135m@layers=0", "smollm2-135m@layers=x", "gpt2@layer=2",
-             "smollm2-135m@layers=0,", "smollm2-135m@layers=0,,1", "smollm2-135m@layers=0;1"]
+             "smollm2-135m@layers=0,", "smollm2-135m@layers=0,,1", "smollm2-135m@layers=0;1",
+             "smollm2-135m@random=hidden:256", "smollm2-135m@random=layers:2,hidden:256,x:1",
+             "smollm2-135m@random=layers:0,hidden:256",
+             "smollm2-135m@random=layers:2,hidden:250,heads:4",
+             "smollm2-135m@random=layers:2,hidden:256,heads:4,kv_heads:3",
+             "smollm2-135m@random=layers:2,layers:3,hidden:256", "smollm2-135m@random="]
 )
 def test_parse_model_spec_rejects_bad_specs(spec):
     with pytest.raises(UserError) as excinfo:
@@ -93,6 +101,67 @@ def test_parse_model_spec_rejects_bad_specs(spec):
 
 
 # --- loading, drafts, saving -----------------------------------------------------------------
+
+
+def _llama_parameters(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int,
+                      tied: bool) -> int:
+    """A Llama model's parameter count, term by term (no biases; RMSNorm weights only)."""
+    head_dim = hidden // heads
+    attention = 2 * hidden * hidden + 2 * hidden * kv_heads * head_dim  # q, o; k, v
+    per_layer = attention + 3 * hidden * ffn + 2 * hidden  # gate, up, down; two norms
+    return vocab * hidden * (1 if tied else 2) + layers * per_layer + hidden
+
+
+def test_a_random_draft_has_its_own_size_and_weights(tiny_model_dir):
+    """`@random=`: the target's family and tokenizer at the sizes asked, initialised by its seed
+    (not from the target: no tensor of the target's reappears), the same weights for the same
+    spec, other weights for another seed, the global random state untouched."""
+    target, target_tok = load_model(str(tiny_model_dir))
+    spec = f"{tiny_model_dir}@random=layers:1,hidden:16,heads:2,ffn:24"
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    draft, tok = load_model(spec)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert tok.get_vocab() == target_tok.get_vocab() and not draft.training
+    vocab = target.config.vocab_size
+    expected = _llama_parameters(vocab, 16, 1, 2, 2, 24, tied=False)
+    assert sum(p.numel() for p in draft.parameters()) == expected
+    assert (draft.config.num_hidden_layers, draft.config.hidden_size,
+            draft.config.intermediate_size) == (1, 16, 24)
+    target_tensors = [t for t in target.state_dict().values()]
+    for name, tensor in draft.state_dict().items():
+        if tensor.dim() >= 2:  # norms start at ones in both: only weight matrices tell
+            assert not any(t.shape == tensor.shape and torch.equal(t, tensor)
+                           for t in target_tensors), name
+    again, _ = load_model(spec)
+    other, _ = load_model(spec + ",seed:1")
+    for (name, a), b, c in zip(draft.state_dict().items(), again.state_dict().values(),
+                               other.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+        if a.dim() >= 2:
+            assert not torch.equal(a, c), name
+    ids = torch.tensor([[1, 2, 3]])
+    assert draft(ids).logits.shape == (1, 3, vocab)
+    identity = models.model_identity(spec)
+    assert identity["random"] == {"layers": 1, "hidden": 16, "heads": 2, "ffn": 24}
+    assert identity["weight_hash"] != models.model_identity(str(tiny_model_dir))["weight_hash"]
+    assert identity["weight_hash"] != models.model_identity(spec + ",seed:1")["weight_hash"]
+
+
+def test_the_weak_draft_of_the_embedded_model_is_several_times_cheaper():
+    """The weak-draft study's draft: SmolLM2's family and tokenizer at hidden 256, 2 layers,
+    4 heads; its parameters against the count by formula and the 2-layer draft's."""
+    spec = "smollm2-135m@random=layers:2,hidden:256,heads:4"
+    config = AutoConfig.from_pretrained(str(models.embedded_folder()))
+    model = models.random_model(parse_model_spec(spec), str(models.embedded_folder()), None,
+                                torch.float32)
+    ffn = round(config.intermediate_size / config.hidden_size * 256)
+    assert sum(p.numel() for p in model.parameters()) == _llama_parameters(
+        config.vocab_size, 256, 2, 4, 4, ffn, tied=config.tie_word_embeddings)
+    layers_only = _llama_parameters(0, 256, 2, 4, 4, ffn, True)
+    two_layers = _llama_parameters(0, config.hidden_size, 2, config.num_attention_heads,
+                                   config.num_key_value_heads, config.intermediate_size, True)
+    assert two_layers > 4 * layers_only  # the decoder work per token
 
 
 def test_dir_round_trips_through_save(tiny_model_dir, tiny_tokenizer, tmp_path):

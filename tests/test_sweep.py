@@ -6,9 +6,8 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import build_split_target, run_weights, train_config
-
 import yaml
+from helpers import build_split_target, run_weights, train_config
 
 from adaspec import draft_vocab, runs, train
 from adaspec.build import build_stage
