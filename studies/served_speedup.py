@@ -485,6 +485,21 @@ def llamacpp_costs(bin_dir: Path, target: Path, draft: Path, max_gamma: int, thr
             "timing": "llama-bench, 5 repetitions, mean"}
 
 
+def ensure_target_gguf(args, work: Path) -> Path:
+    """The target as llama.cpp runs it: the embedded GGUF (Q4_1, as the package ships it), or
+    the fine-tuned target exported to GGUF at the same Q4_1 type (`adaspec-export --format
+    gguf`), so both sides of the comparison are quantized alike."""
+    from adaspec import models
+
+    if args.tuned_target == models.DEFAULT_ALIAS:
+        return models.smollm2_gguf_path()
+    out = work / "target-gguf-q4_1"
+    if not any(out.glob("*.gguf")):
+        subprocess.run([str(BIN / "adaspec-export"), str(work / "target"), "--out", str(out),
+                        "--overwrite", "--format", "gguf", "--gguf-type", "q4_1"], check=True)
+    return next(out.glob("*.gguf"))
+
+
 def time_llamacpp(args, cfg: Config, work: Path, gamma: int) -> dict:
     """llama.cpp (binaries from bench/llamacpp_check.sh): the target's own GGUF (Q4_1, as the
     embedded package ships it) alone (`llama-completion`), with the exported draft
@@ -499,7 +514,7 @@ def time_llamacpp(args, cfg: Config, work: Path, gamma: int) -> dict:
     if args.target != models.DEFAULT_ALIAS:
         raise RuntimeError("llama.cpp path: only the embedded target (its GGUF) is wired")
     bin_dir = llamacpp_bin()
-    target = models.smollm2_gguf_path()
+    target = ensure_target_gguf(args, work)
     draft_dir = ensure_export(args, work, "gguf")
     draft = next(draft_dir.glob("*.gguf"))
     folder = work / "llamacpp"

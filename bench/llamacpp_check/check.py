@@ -259,9 +259,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def export_step(args: argparse.Namespace) -> Exported:
     """Step 1: the draft exported (best/ when the run has one), the target's GGUF located and
     llama.cpp's converter compared with our f32 file."""
+    from adaspec import runs
+
     run_path = Path(args.run)
-    best = (run_path / "best" / "config.json").is_file()
-    draft_spec = str(run_path / "best") if best else args.run
+    best = (runs.best_dir(run_path) / "config.json").is_file()
+    draft_spec = str(runs.best_dir(run_path)) if best else args.run
     types = [t for t in args.gguf_types.split(",") if t]
 
     print(f"llamacpp_check: exporting {draft_spec} as GGUF ({', '.join(types)}, f32)")
