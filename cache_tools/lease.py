@@ -14,6 +14,9 @@ Taking it uses the store's conditional writes, so two builders can never both wi
 A lease is taken over when it was released, has expired, or its holder is a dead process on this
 host (a killed build is resumed at once, as with a kernel lock).
 
+`build_lock` is the lock a build runs under: it opens (or creates) the root, refusing a folder that
+is not a cache, and holds this process's lease until the build ends.
+
 Clocks: expiry is the holder's wall clock; hosts whose clocks differ by more than a fraction of
 `ADASPEC_LEASE_SECONDS` (default 120) could take over a live lease early.
 """
@@ -28,12 +31,14 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from cache_tools.errors import CacheError
-from cache_tools.location import Location
+from cache_tools.location import Location, location_of
+from cache_tools.root import open_root
+from cache_tools.schema import LEASES
 
-LEASES = "_leases"
 DEFAULT_SECONDS = 120.0
 
 
@@ -346,3 +351,27 @@ def _lease_record(data: bytes) -> dict:
     except (ValueError, KeyError, TypeError):
         return {"released": True}  # a damaged lease holds nothing
     return record if isinstance(record, dict) else {"released": True}
+
+
+# ---------------------------------------------------------------------------------------------
+# The build lock
+
+
+@contextlib.contextmanager
+def build_lock(root: str, task: str, split: str, rank: int = 0) -> Iterator[Lease]:
+    """Refuse a second build into the same `<task>/<split>` while one runs, on a local folder
+    or an object store: each process of a build holds a lease object in the store (`Lease`);
+    a lease whose holder died (on this machine) or stopped renewing it is taken over. Yields
+    the lease: call its `check()` before writing (it raises once the lease is lost)."""
+    location = location_of(root)
+    try:
+        open_root(root, "a")  # a foreign folder is refused untouched; the lease sits in a cache
+        held = Lease(location, task, split, rank)
+        held.acquire()
+    except OSError as err:
+        raise CacheError(f"cannot write the cache {root} ({err.strerror or err}); a build needs "
+                         "a writable --cache") from None
+    try:
+        yield held
+    finally:
+        held.release()

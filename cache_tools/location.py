@@ -29,6 +29,14 @@ class Location:
         return _filesystem(self.protocol)
 
 
+def is_local(root: str) -> bool:
+    return "://" not in str(root) or str(root).startswith("file://")
+
+
+def local_path(root: str) -> Path:
+    return Path(str(root).removeprefix("file://"))
+
+
 def location_of(root: str) -> Location:
     root = str(root)
     protocol, sep, rest = root.partition("://")

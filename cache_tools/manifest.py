@@ -10,9 +10,9 @@ It lives as JSON in the group's attributes under "manifest", so any Zarr reader 
      "refs": {"<name>": {"path": ..., "weight_hash": ..., ...}}}
 
 A stage's `params` are whatever its builder says made it; they are compared as a whole when a
-build resumes, and stored with the data so that a reader can tell what it reads. cache_tools
-interprets only the few fields it needs to decode rows (see `schema.TARGET_PARAMS`) and the
-sequences' tokenizer fingerprint. A complete stage's `files` are the SHA-256 of each of its
+build resumes (`check_params`), and stored with the data so that a reader can tell what it reads.
+cache_tools interprets only the few fields it needs to decode rows (see `schema.TARGET_PARAMS`)
+and the sequences' tokenizer fingerprint. A complete stage's `files` are the SHA-256 of each of its
 chunk or shard files as written (`integrity.py`: readers check them). `refs` records trained
 reference models by name (where they are and their weight hash) for the tools that score them.
 
@@ -151,3 +151,13 @@ def write(group, manifest: Manifest) -> None:
     stage's status is)."""
     data = manifest.to_json()
     group.attrs.update({KEY: data, DIGEST_KEY: digest(data)})
+
+
+def check_params(where: str, stored: dict, asked: dict, fix: str) -> None:
+    """Refuse, in one line naming the first difference, settings that differ from the store's."""
+    for key in sorted(set(stored) | set(asked)):
+        if stored.get(key) != asked.get(key):
+            raise CacheError(
+                f"{where} was built with {key}={stored.get(key)!r} but this run has "
+                f"{key}={asked.get(key)!r}; {fix}"
+            )

@@ -14,20 +14,13 @@ import numpy as np
 import zarr
 
 from cache_tools import integrity, schema
+from cache_tools.chunks import check_stored, read_rows
 from cache_tools.errors import CacheError
+from cache_tools.location import is_local, local_path
 from cache_tools.manifest import Manifest, Stage
-from cache_tools.zarr_io import (
-    METADATA_ERRORS,
-    check_stored,
-    is_local,
-    list_splits,
-    local_path,
-    member,
-    metadata_error,
-    open_root,
-    read_rows,
-    split_path,
-)
+from cache_tools.metadata import METADATA_ERRORS, member, metadata_error
+from cache_tools.root import open_root
+from cache_tools.splits import list_splits, split_path
 
 _checked_files: set[tuple[str, str, str]] = set()  # (root, key, sha256): compared already
 _checking = threading.Lock()

@@ -47,6 +47,7 @@ SEQUENCES = "sequences"
 TARGET = "target"
 REF_PREFIX = "ref"
 DONE = "_done"
+LEASES = "_leases"  # the root's group of build leases (`lease.py`)
 
 SEQUENCE_ARRAYS = ("input_ids", "label_mask", "offsets", "label_offsets", "source_index")
 TEXT_ARRAYS = ("texts", "text_offsets")  # optional, both or neither

@@ -21,11 +21,12 @@ import numpy as np
 import zarr
 
 from cache_tools import integrity, schema
+from cache_tools.chunks import STORE_EVERY_CHUNK
 from cache_tools.errors import CacheError
-from cache_tools.manifest import Manifest, Stage
+from cache_tools.manifest import Manifest, Stage, check_params
 from cache_tools.manifest import write as write_manifest
 from cache_tools.reader import CacheReader
-from cache_tools.zarr_io import STORE_EVERY_CHUNK, check_params, open_root
+from cache_tools.root import open_root
 
 SHA256 = "_sha256"  # a row stage's (n_shards, n_arrays, 32) file digests, written per shard
 
