@@ -206,8 +206,7 @@ def run_sweep(cfg: Config, variants: list[Variant] | None = None, out: Path | st
     todo = [v for v in variants if not (out / v.name / RESULT_FILE).exists()]
     # A variant killed after training (during its evaluation) is only evaluated again; one
     # killed while training resumes from its checkpoint (or, in a single pass, starts over).
-    untrained = [v for v in todo
-                 if not (runs.model_dir(out / v.name) / "config.json").is_file()]
+    untrained = [v for v in todo if not runs.is_finished(out / v.name)]
     seconds: dict[str, float | None] = {}
     if single_pass:
         groups: dict[tuple, list[Variant]] = {}

@@ -189,7 +189,7 @@ def train_once(cfg, progress: bool) -> Path:
     """Train unless the run folder already holds a finished model; returns the model folder."""
     run = Path(cfg.train.out)
     model = runs.model_dir(run)
-    if (model / "config.json").exists():
+    if runs.is_finished(run):
         return model
     if run.exists():  # an interrupted run: short runs restart rather than resume
         shutil.rmtree(run)

@@ -188,51 +188,26 @@ def train_record(run: Path, chunks: list[dict]) -> dict:
 
 
 def time_local(args, cfg: Config, draft_dir: Path, paths: list[str]) -> dict:
-    """`ours` and/or `assisted` (see the module docstring): one target and draft load, the
+    """`ours` and/or `assisted` (see the module docstring): one target and draft load (for
+    `ours` also a copy of each with every linear prepacked for oneDNN, as adaspec-eval decodes
+    on the CPU: adaspec/cpu_decoding.py; transformers' path runs the models as loaded), the
     target-only outputs first (untimed), costs and gamma, one untimed warm-up per decoding, then
     `--rounds` rounds, each prompt through every decoding back to back in rotated order."""
-    import torch
-
-    from adaspec import models, speculative
-    from adaspec.evaluate import split_prompts
+    from adaspec import speculative
     from adaspec.speculative_timing import plan_gammas, speculative_counts
-    from adaspec.statistics import summarize_speed
 
-    test = split_config(cfg, "test", args.prompts)
-    target, tokenizer = models.load_frozen(cfg.models.target, torch.float32, "cpu")
-    draft, _ = models.load_frozen(str(draft_dir), torch.float32, "cpu")
-    vocab, eos = models.real_vocab_size(tokenizer), tokenizer.eos_token_id
-    pad = models.pad_id(tokenizer)
-    prompts = split_prompts(test, tokenizer, args.prompts)
-    m = args.max_new_tokens
-    decode = ([draft], target, prompts, vocab, eos)
-    rest = (0.0, m, 0)
+    m = load_local(args, cfg, draft_dir, packed="ours" in paths)
+    target, draft = m.packed if m.packed else (m.target, m.draft)  # ours' costs, as it runs
+    decode = ([draft], target, m.prompts, m.vocab, m.eos)
+    rest = (0.0, args.max_new_tokens, 0)
     s = SimpleNamespace(gamma="auto", max_gamma=args.max_gamma, speed=True)
     costs, choice = plan_gammas(s, decode, rest, args.progress)  # pilot at max_gamma: P(A >= i)
     gamma = choice[0]["gamma"]
     counts = speculative_counts(*decode, gamma, *rest, progress=args.progress)[0]
-    draft.generation_config.num_assistant_tokens = gamma  # as bench/speculative.py runs it
-    draft.generation_config.num_assistant_tokens_schedule = "constant"
-    draft.generation_config.assistant_confidence_threshold = 0.0
-
-    def hf(i: int, assistant) -> list[int]:
-        ids = prompts[i]
-        extra = {"assistant_model": assistant} if assistant is not None else {}
-        out = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                              max_new_tokens=m, eos_token_id=eos, pad_token_id=pad, **extra)
-        return out[0, ids.shape[1]:].tolist()
-
-    decoders = {}
-    if "ours" in paths:
-        decoders["ours target"] = lambda i: speculative.target_generate(
-            target, prompts[i], m, eos_token_id=eos, vocab_size=vocab).tolist()
-        decoders["ours"] = lambda i: speculative.speculative_generate(
-            target, draft, prompts[i], m, gamma, eos_token_id=eos, vocab_size=vocab)[0].tolist()
-    if "assisted" in paths:
-        decoders["assisted target"] = lambda i: hf(i, None)
-        decoders["assisted"] = lambda i: hf(i, draft)
-    expected = [speculative.target_generate(target, p, m, eos_token_id=eos,
-                                            vocab_size=vocab).tolist() for p in prompts]
+    decoders = local_decoders(m, paths, gamma, args.max_new_tokens)
+    expected = [speculative.target_generate(m.target, p, args.max_new_tokens,
+                                            eos_token_id=m.eos, vocab_size=m.vocab).tolist()
+                for p in m.prompts]
     names = list(decoders)
 
     def checked(name: str, i: int) -> tuple[int, float]:
@@ -248,41 +223,122 @@ def time_local(args, cfg: Config, draft_dir: Path, paths: list[str]) -> dict:
 
     for name in names:  # untimed: first calls pay for allocations and lazy init
         checked(name, 0)
-    tokens = {n: [0] * args.rounds for n in names}
-    seconds = {n: [0.0] * args.rounds for n in names}
-    from tqdm.auto import tqdm
-    bar = tqdm(total=args.rounds * len(prompts), desc="timed rounds", disable=not args.progress,
-               dynamic_ncols=True)
-    for r in range(args.rounds):
-        for i in range(len(prompts)):
-            for name in harness.rotated(names, r + i):
-                n, took = checked(name, i)
-                tokens[name][r] += n
-                seconds[name][r] += took
-            bar.update()
-    bar.close()
-    c = costs[0]
+    tokens, seconds = interleaved_rounds(lambda name, i, r: checked(name, i), names,
+                                         len(m.prompts), args.rounds, args.progress,
+                                         "timed rounds")
+    timing = {"tokens": tokens, "seconds": seconds, "rounds": args.rounds,
+              "new_tokens": [len(e) for e in expected], "prepacked_linears": m.prepacked}
+    path_costs = {"ours": costs[0], "assisted": costs[0]}
+    if "assisted" in paths and m.packed:  # generate() runs the models as loaded
+        path_costs["assisted"] = speculative.step_costs(m.target, m.draft, m.prompts[0],
+                                                        args.max_gamma, vocab_size=m.vocab)
+    return local_results(paths, timing, counts, path_costs, choice[0], gamma)
+
+
+def load_local(args, cfg: Config, draft_dir: Path, packed: bool) -> SimpleNamespace:
+    """The target and the draft as loaded (float32, CPU), with `packed` also prepacked copies
+    (None where oneDNN is not available), the test prompts and the decoding ids."""
+    import torch
+
+    from adaspec import cpu_decoding, models
+    from adaspec.evaluate import split_prompts
+
+    target, tokenizer = models.load_frozen(cfg.models.target, torch.float32, "cpu")
+    draft, _ = models.load_frozen(str(draft_dir), torch.float32, "cpu")
+    pair, prepacked = None, 0
+    if packed and cpu_decoding.available(target) and cpu_decoding.available(draft):
+        pair = (models.load_frozen(cfg.models.target, torch.float32, "cpu")[0],
+                models.load_frozen(str(draft_dir), torch.float32, "cpu")[0])
+        prepacked = sum(cpu_decoding.prepack_linears(x) for x in pair)
+    draft.generation_config.num_assistant_tokens_schedule = "constant"  # as bench/speculative
+    draft.generation_config.assistant_confidence_threshold = 0.0
+    prompts = split_prompts(split_config(cfg, "test", args.prompts), tokenizer, args.prompts)
+    return SimpleNamespace(target=target, draft=draft, packed=pair, prepacked=prepacked,
+                           prompts=prompts, vocab=models.real_vocab_size(tokenizer),
+                           eos=tokenizer.eos_token_id, pad=models.pad_id(tokenizer))
+
+
+def local_decoders(m: SimpleNamespace, paths: list[str], gamma: int, new_tokens: int) -> dict:
+    """Each path's decoding and its target-only baseline, by prompt index -> generated ids."""
+    import torch
+
+    from adaspec import speculative
+
+    target, draft = m.packed if m.packed else (m.target, m.draft)
+    m.draft.generation_config.num_assistant_tokens = gamma
+
+    def hf(i: int, assistant) -> list[int]:
+        ids = m.prompts[i]
+        extra = {"assistant_model": assistant} if assistant is not None else {}
+        out = m.target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=new_tokens, eos_token_id=m.eos,
+                                pad_token_id=m.pad, **extra)
+        return out[0, ids.shape[1]:].tolist()
+
+    decoders = {}
+    if "ours" in paths:
+        decoders["ours target"] = lambda i: speculative.target_generate(
+            target, m.prompts[i], new_tokens, eos_token_id=m.eos, vocab_size=m.vocab).tolist()
+        decoders["ours"] = lambda i: speculative.speculative_generate(
+            target, draft, m.prompts[i], new_tokens, gamma, eos_token_id=m.eos,
+            vocab_size=m.vocab)[0].tolist()
+    if "assisted" in paths:
+        decoders["assisted target"] = lambda i: hf(i, None)
+        decoders["assisted"] = lambda i: hf(i, m.draft)
+    return decoders
+
+
+def local_results(paths: list[str], timing: dict, counts: dict, path_costs: dict,
+                  choice: dict, gamma: int) -> dict:
+    """Each in-process path's result (speed, prediction, costs, counts) from its rounds."""
+    from adaspec.statistics import summarize_speed
+
+    tokens, seconds = timing["tokens"], timing["seconds"]
+    n = len(timing["new_tokens"])
     out = {}
     for path in paths:
         speed = summarize_speed(tokens[path], seconds[path], tokens[f"{path} target"],
                                 seconds[f"{path} target"])
+        c = path_costs[path]
         out[path] = path_result(
             speed, speedup.expected_tokens(counts["at_least"], gamma), c["draft_cost"],
             c["verify_cost"], gamma,
-            identical={"prompts": len(prompts), "identical": len(prompts),
+            identical={"prompts": n, "identical": n,
                        "against": "adaspec's target-only greedy decoding"},
             extra={"at_least": counts["at_least"],
                    "counts": {k: v for k, v in counts.items() if k != "per_prompt"},
-                   "costs": c, "gamma_auto": choice[0], "tokens": tokens[path],
+                   "costs": c, "gamma_auto": choice, "tokens": tokens[path],
                    "seconds": seconds[path], "target_tokens": tokens[f"{path} target"],
-                   "target_seconds": seconds[f"{path} target"], "rounds": args.rounds,
-                   "new_tokens": [len(e) for e in expected]})
+                   "target_seconds": seconds[f"{path} target"], "rounds": timing["rounds"],
+                   "new_tokens": timing["new_tokens"],
+                   "prepacked_linears": timing["prepacked_linears"] if path == "ours" else 0})
     if "assisted" in out:
         out["assisted"]["note"] = (
             "acceptance from adaspec's decoder at the same gamma (greedy: the same draft proposes "
-            "the same tokens); c and v are the same models' forward costs, so the prediction "
-            "leaves out generate()'s own per-step work")
+            "the same tokens); c and v are the same models' forward costs as generate() runs "
+            "them (not prepacked), so the prediction leaves out generate()'s own per-step work")
     return out
+
+
+def interleaved_rounds(run_one, names: list[str], n_prompts: int, rounds: int, progress: bool,
+                       desc: str) -> tuple[dict, dict]:
+    """`rounds` rounds, each prompt through every decoding back to back, the order rotated per
+    round and prompt; `run_one(name, prompt_index, round)` -> (tokens, seconds). Returns the
+    tokens and seconds per decoding and round."""
+    from tqdm.auto import tqdm
+
+    tokens = {n: [0] * rounds for n in names}
+    seconds = {n: [0.0] * rounds for n in names}
+    bar = tqdm(total=rounds * n_prompts, desc=desc, disable=not progress, dynamic_ncols=True)
+    for r in range(rounds):
+        for i in range(n_prompts):
+            for name in harness.rotated(names, r + i):
+                n, took = run_one(name, i, r)
+                tokens[name][r] += n
+                seconds[name][r] += took
+            bar.update()
+    bar.close()
+    return tokens, seconds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,28 +604,31 @@ def time_llamacpp(args, cfg: Config, work: Path, gamma: int) -> dict:
     names = list(decoders)
     for name in names:  # untimed warm-up (page cache, first-run costs)
         decoders[name](files[0])
-    tokens = {n: [0] * args.rounds for n in names}
-    seconds = {n: [0.0] * args.rounds for n in names}
     texts: dict = {n: [None] * len(files) for n in names}
     counts = {"n_predict": 0, "n_drafted": 0, "n_accept": 0, "steps": 0}
     perfect = dict(counts)
-    from tqdm.auto import tqdm
-    bar = tqdm(total=args.rounds * len(files), desc="llama.cpp rounds",
-               disable=not args.progress, dynamic_ncols=True)
-    for r in range(args.rounds):
-        for i, f in enumerate(files):
-            for name in harness.rotated(names, r + i):
-                one, text = decoders[name](f)
-                tokens[name][r] += one["tokens"]
-                seconds[name][r] += one["seconds"]
-                if r == 0:
-                    texts[name][i] = text
-                    (folder / f"output-{name}-{i}.txt").write_text(text)
-                    for k in counts:
-                        if name in ("draft", "perfect") and k in one:
-                            (counts if name == "draft" else perfect)[k] += one[k]
-            bar.update()
-    bar.close()
+
+    def run_one(name: str, i: int, r: int) -> tuple[int, float]:
+        one, text = decoders[name](files[i])
+        if r == 0:  # outputs and acceptance counts from the first round
+            texts[name][i] = text
+            (folder / f"output-{name}-{i}.txt").write_text(text)
+            for k in counts:
+                if name in ("draft", "perfect") and k in one:
+                    (counts if name == "draft" else perfect)[k] += one[k]
+        return one["tokens"], one["seconds"]
+
+    tokens, seconds = interleaved_rounds(run_one, names, len(files), args.rounds, args.progress,
+                                         "llama.cpp rounds")
+    costs = llamacpp_costs(bin_dir, target, draft, args.max_gamma, int(t))
+    files_info = {"gguf_type": args.gguf_type, "draft_bytes": draft.stat().st_size,
+                  "target_bytes": target.stat().st_size}
+    return llamacpp_result(tokens, seconds, texts, counts, perfect, costs, gamma, files_info)
+
+
+def llamacpp_result(tokens: dict, seconds: dict, texts: dict, counts: dict, perfect: dict,
+                    costs: dict, gamma: int, files_info: dict) -> dict:
+    """The llama.cpp path's result from its rounds (see `time_llamacpp`)."""
     from adaspec.statistics import summarize_speed
 
     speed = summarize_speed(tokens["draft"], seconds["draft"], tokens["target"],
@@ -579,11 +638,10 @@ def time_llamacpp(args, cfg: Config, work: Path, gamma: int) -> dict:
     same = [same_prefix(a, b) for a, b in zip(texts["draft"], texts["perfect"], strict=True)]
     same_target = [same_prefix(generated(a), generated(b))
                    for a, b in zip(texts["draft"], texts["target"], strict=True)]
-    costs = llamacpp_costs(bin_dir, target, draft, args.max_gamma, int(t))
     tokens_per_step = counts["n_predict"] / counts["steps"]
     return path_result(
         speed, tokens_per_step, costs["draft_cost"], costs["verify_cost"], gamma,
-        identical={"prompts": len(files), "identical": sum(same),
+        identical={"prompts": len(same), "identical": sum(same),
                    "against": "llama.cpp's own output with a perfect draft (the target "
                               "drafting for itself), up to the shorter of the two",
                    "same_as_llama_completion": sum(same_target)},
@@ -591,8 +649,7 @@ def time_llamacpp(args, cfg: Config, work: Path, gamma: int) -> dict:
                    "counts": perfect, "speedup": perfect_speed["speedup"],
                    "speedup_min": perfect_speed["speedup_min"],
                    "speedup_max": perfect_speed["speedup_max"]},
-               "gguf_type": args.gguf_type, "draft_bytes": draft.stat().st_size,
-               "target_bytes": target.stat().st_size, "tokens": tokens, "seconds": seconds,
+               **files_info, "tokens": tokens, "seconds": seconds,
                "note": "tokens per step from llama-speculative-simple's totals (steps = tokens "
                        "- accepted; it reports no per-position counts); c and v from "
                        "llama-bench; speeds from each tool's own decoding time (loading and "
@@ -638,7 +695,25 @@ def targets(paths: dict) -> dict:
 
 
 def markdown(payload: dict, plot_name: str) -> str:
+    lines = (_intro_lines(payload) + _training_lines(payload["training"])
+             + _path_lines(payload) + _needs_lines(payload))
+    analysis = payload.get("analysis") or []
+    if analysis:
+        lines += ["## Why", ""] + [f"- {x}" for x in analysis] + [""]
+    lines += _target_lines(payload)
+    notes = payload["settings"].get("note") or []
+    if notes:
+        lines += ["## Notes on this run", ""] + [f"- {n}" for n in notes] + [""]
+    lines += [f"![speedup per path]({plot_name})", ""]
+    return "\n".join(lines)
+
+
+def _intro_lines(payload: dict) -> list[str]:
     a, t = payload["settings"], payload["training"]
+    tuned = (f"fine-tuned on the {a['train_rows']} training rows first (stage sft, lr "
+             f"{a['sft_lr']}, {a['sft_epochs']:g} epoch{'s' if a['sft_epochs'] != 1 else ''}, "
+             "the paper's first step, as docs/converged_study.md) "
+             if a.get("sft_epochs") else "")
     lines = [
         "# A converged draft, timed end to end",
         "",
@@ -648,7 +723,8 @@ def markdown(payload: dict, plot_name: str) -> str:
                   f"{t.get('outcome')} after {t.get('steps_done')} steps; see the notes at the "
                   "end): these are the numbers of a partly trained draft.", ""]
     lines += [
-        f"Target {a['target']} ({'raw prompts' if a['raw_prompts'] else 'chat template'}) on "
+        f"Target {a['target']} {tuned}"
+        f"({'raw prompts' if a['raw_prompts'] else 'chat template'}) on "
         f"{a['task']}, draft {a['draft']} with a {a['draft_vocab']}-id head (--draft-vocab), as "
         "`make demo` makes them, with more data and steps: the cache holds the target's own "
         f"greedy responses to {a['train_rows']} training prompts ({a['response_tokens']} new "
@@ -664,6 +740,12 @@ def markdown(payload: dict, plot_name: str) -> str:
         "`python -m studies.served_speedup` (studies/README.md); numbers from "
         "`studies/results/served_speedup.json`.",
         "",
+    ]
+    return lines
+
+
+def _training_lines(t: dict) -> list[str]:
+    lines = [
         "## Training to a plateau",
         "",
         "| epochs | optimizer steps | last-quarter mean minus the quarter before | decision |",
@@ -681,7 +763,11 @@ def markdown(payload: dict, plot_name: str) -> str:
               + ("" if p["change"] is None else f" ({p['change'] * 100:+.2f} pt)")
               + (f"; best model at step {best.get('step')}, validation greedy agreement "
                  f"{best.get('greedy_agreement', math.nan):.4f}" if best else "") + ".", ""]
-    lines += ["## Speedup per path", "",
+    return lines
+
+
+def _path_lines(payload: dict) -> list[str]:
+    lines = ["## Speedup per path", "",
               "Each path against its own target-only decoding, greedy, the same draft, prompts and "
               "lengths, rounds interleaved; speedup = median of per-round ratios (min-max). "
               "Predicted = E[1 + A] from the path's per-position acceptance over g c + v(g) from "
@@ -709,7 +795,11 @@ def markdown(payload: dict, plot_name: str) -> str:
         r = payload["paths"].get(name)
         if r and r.get("measured", True) and r.get("note"):
             lines += [f"{PATH_NAMES[name]}: {r['note']}.", ""]
-    lines += ["## What each path needs", "",
+    return lines
+
+
+def _needs_lines(payload: dict) -> list[str]:
+    lines = ["## What each path needs", "",
               "In each path's own numbers: the accepted length per step its step cost g c + v(g) "
               "needs for 1.0x / 1.5x / 2.0x, and the draft cost c (at this v) or verification "
               "cost v (at this c) with which its measured acceptance would give them (negative: "
@@ -727,12 +817,12 @@ def markdown(payload: dict, plot_name: str) -> str:
             + " / ".join(f"{be[g]['accepted_length_needed']:.2f}" for g in goals) + " | "
             + " / ".join(f"{be[g]['c_needed']:.3f}" for g in goals) + " | "
             + " / ".join(f"{be[g]['v_needed']:.2f}" for g in goals) + " |")
-    lines += [""]
-    analysis = payload.get("analysis") or []
-    if analysis:
-        lines += ["## Why", ""] + [f"- {x}" for x in analysis] + [""]
+    return lines + [""]
+
+
+def _target_lines(payload: dict) -> list[str]:
     s = payload["summary"]
-    lines += ["## Against the issue's targets", "",
+    lines = ["## Against the issue's targets", "",
               f"- adaspec's decoder >= 2.0x: {yes(s['ours_at_least_2x'])}; its spread above "
               f"1.5: {yes(s['ours_spread_above_1.5'])}",
               f"- a real engine (vLLM CPU or llama.cpp) >= 1.5x: "
@@ -752,11 +842,7 @@ def markdown(payload: dict, plot_name: str) -> str:
                   "paths were timed: " + ", ".join(loads) + " (llama.cpp and vLLM run as the "
                   "study's child processes, which that counter cannot tell from other jobs).",
                   ""]
-    notes = a.get("note") or []
-    if notes:
-        lines += ["## Notes on this run", ""] + [f"- {n}" for n in notes] + [""]
-    lines += [f"![speedup per path]({plot_name})", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def other_cores(result: dict) -> float:
@@ -890,7 +976,7 @@ def report(args, payload: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None):
     p = harness.parser("served_speedup", __doc__, rounds=3, data=False, progress=True,
                        package="studies")
     p.add_argument("--task", default="arith")
@@ -935,7 +1021,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="re-make the doc and chart from the results JSON")
     p.add_argument("--note", action="append", default=[],
                    help="a sentence for the doc's notes (how this run went; repeatable)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     work = Path(args.work)
     if args.report_only:
         payload = json.loads(Path(args.out).read_text())
@@ -972,6 +1062,19 @@ def main(argv: list[str] | None = None) -> int:
         return r if r is not None and r.get("draft_best", best) == best else None
 
     todo = [] if args.train_only else [x for x in asked if args.retime or not timed(x)]
+    time_paths(args, cfg, work, todo, best)
+    for name in PATHS:
+        result = timed(name)
+        if result is not None:
+            payload["paths"][name] = result
+    report(args, payload)
+    print_paths(payload["paths"])
+    return 0
+
+
+def time_paths(args, cfg: Config, work: Path, todo: list[str], best: dict | None) -> None:
+    """Time each path of `todo` and store its result in the work folder (an engine that fails
+    is stored as not measured, with its reason)."""
     local = [x for x in todo if x in ("ours", "assisted")]
     if local:
         with harness.measure() as span:
@@ -990,19 +1093,16 @@ def main(argv: list[str] | None = None) -> int:
                                     "span": span.as_dict(), "draft_best": best})
         except (RuntimeError, OSError, subprocess.CalledProcessError, KeyError) as e:
             write_path(work, name, {"measured": False, "reason": f"{type(e).__name__}: {e}"})
-    for name in PATHS:
-        result = timed(name)
-        if result is not None:
-            payload["paths"][name] = result
-    report(args, payload)
-    for name, r in payload["paths"].items():
+
+
+def print_paths(paths: dict) -> None:
+    for name, r in paths.items():
         if r.get("measured", True):
             print(f"{name}: {r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})"
                   f", predicted {r['predicted_speedup']:.2f}x, gamma {r['gamma']}, c {r['c']:.3f}"
                   f", v {r['v']:.2f}, accepted length {r['accepted_length']:.2f}")
         else:
             print(f"{name}: not measured ({r['reason']})")
-    return 0
 
 
 if __name__ == "__main__":
