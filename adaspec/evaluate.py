@@ -153,38 +153,14 @@ def _plan(cfg: Config, draft_specs: list[str], modes, note, overrides: dict) -> 
     return _Plan(settings, modes, reader, continuations, specs, tokenizers)
 
 
-def evaluate(
-    cfg: Config, draft_specs: list[str], modes: tuple[str, ...] | None = None,
-    progress: bool = True, note: Callable[[str], None] = _note_on_stderr,
-    per_token: bool = False, **overrides,
-) -> list[dict]:
-    """Every requested measure of each draft on one task split (the target loads once).
-
-    `per_token` keeps each label token's exact values (for paired statistics across drafts).
-
-    Settings come from `cfg.eval` (`EvalConfig`: gamma, temperature, max_new_tokens, prompts,
-    speed_rounds, speed, continuations_cache), which keyword `overrides` replace (`n_prompts`
-    is `prompts`); each result records the settings it was measured with. `modes=None` (or
-    cfg.eval.modes None) runs every mode it can: offline only when the cache holds the split
-    (`note` gets a one-line message otherwise). Every draft's tokenizer is checked before any
-    number is computed; all drafts stay loaded, the target's teacher-forced log-probs are
-    computed once for all of them, and speculative decoding times them against one shared
-    target-only baseline (`speculative_acceptance`).
-    """
-    plan = _plan(cfg, draft_specs, modes, note, dict(overrides))
-    s, modes, reader, continuations = plan.settings, plan.modes, plan.reader, plan.continuations
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    target, drafts = _load_models(cfg, plan.specs, "exact" in modes or "speculative" in modes,
-                                  device)
-    if not drafts:
-        return []
-    # Every draft shares the target's tokenizer (checked above): one vocabulary and pad id.
-    tokenizer = plan.tokenizers[0]
-    vocab_size = models.real_vocab_size(tokenizer)
-    pad_id = models.pad_id(tokenizer)
+def _exact_measures(cfg: Config, plan: _Plan, target, drafts: list, vocab_size: int, pad_id: int,
+                    progress: bool, per_token: bool) -> tuple[list | None, list | None]:
+    """Every draft's exact teacher-forced acceptance (the target's log-probs computed once for
+    all of them): on the split, and on the target's continuations; None where not measured."""
     bt = cfg.cache.batch_tokens
+    reader, continuations, tokenizer = plan.reader, plan.continuations, plan.tokenizers[0]
     exact = cont_exact = None
-    if "exact" in modes:
+    if "exact" in plan.modes:
         # On the cache's tokens when there is one, so offline and exact compare like with like.
         seqs = cache_sequences(reader) if reader is not None else task_sequences(cfg, tokenizer)
         exact = exact_acceptance_many(drafts, target, seqs, vocab_size, pad_id, bt, progress,
@@ -192,6 +168,16 @@ def evaluate(
     if continuations is not None and target is not None:
         cont_exact = exact_acceptance_many(drafts, target, cache_sequences(continuations),
                                            vocab_size, pad_id, bt, progress, per_token)
+    return exact, cont_exact
+
+
+def _teacher_forced_results(cfg: Config, plan: _Plan, drafts: list, exact: list | None,
+                            cont_exact: list | None, vocab_size: int, pad_id: int,
+                            progress: bool) -> list[dict]:
+    """One result per draft: its settings, offline measures (each draft in turn) and the exact
+    ones already measured."""
+    s, modes, reader, continuations = plan.settings, plan.modes, plan.reader, plan.continuations
+    bt = cfg.cache.batch_tokens
     results = []
     for d, (spec, draft) in enumerate(zip(plan.specs, drafts, strict=True)):
         result: dict = {
@@ -215,32 +201,75 @@ def evaluate(
             if cont_exact is not None:
                 result["exact_continuations"] = cont_exact[d]
         results.append(result)
-    if "speculative" in modes:
-        # after every teacher-forced measure: prepacked linears compute the same function in
-        # another summation order, for decoding speed only
-        prepacked = s.prepack and all(cpu_decoding.available(m) for m in (target, *drafts))
-        if prepacked:
-            for model in (target, *drafts):
-                cpu_decoding.prepack_linears(model)
-        prompts = [p.to(device) for p in split_prompts(cfg, tokenizer, s.prompts)]
-        decode = (drafts, target, prompts, vocab_size, tokenizer.eos_token_id)
-        rest = (s.temperature, s.max_new_tokens, cfg.data.seed)
-        costs, choice = plan_gammas(s, decode, rest, progress)
-        gammas = [c["gamma"] for c in choice] if choice else s.gamma
-        spec_results = (speculative_acceptance(*decode, gammas, *rest, s.speed_rounds, progress)
-                        if s.speed else speculative_counts(*decode, gammas, *rest,
-                                                           progress=progress))
-        for d, (result, spec_result) in enumerate(zip(results, spec_results, strict=True)):
-            result["n_prompts"] = len(prompts)
-            spec_result["prepacked_linears"] = prepacked
-            result["gamma"] = gammas[d] if choice else s.gamma
-            if costs:
-                spec_result["costs"] = costs[d]
-                spec_result["predicted_speedup"] = predicted_at(spec_result, costs[d],
-                                                                result["gamma"])
-            if choice:
-                spec_result["gamma_auto"] = choice[d]
-            result["speculative"] = spec_result
+    return results
+
+
+def _add_speculative(cfg: Config, s, results: list[dict], target, drafts: list, tokenizer,
+                     vocab_size: int, device, progress: bool) -> None:
+    """Real speculative decoding of every draft over the split's prompts, against one shared
+    target-only baseline; each result gets its "speculative" numbers (and gamma) in place."""
+    # after every teacher-forced measure: prepacked linears compute the same function in
+    # another summation order, for decoding speed only
+    prepacked = s.prepack and all(cpu_decoding.available(m) for m in (target, *drafts))
+    if prepacked:
+        for model in (target, *drafts):
+            cpu_decoding.prepack_linears(model)
+    prompts = [p.to(device) for p in split_prompts(cfg, tokenizer, s.prompts)]
+    decode = (drafts, target, prompts, vocab_size, tokenizer.eos_token_id)
+    rest = (s.temperature, s.max_new_tokens, cfg.data.seed)
+    costs, choice = plan_gammas(s, decode, rest, progress)
+    gammas = [c["gamma"] for c in choice] if choice else s.gamma
+    spec_results = (speculative_acceptance(*decode, gammas, *rest, s.speed_rounds, progress)
+                    if s.speed else speculative_counts(*decode, gammas, *rest,
+                                                       progress=progress))
+    for d, (result, spec_result) in enumerate(zip(results, spec_results, strict=True)):
+        result["n_prompts"] = len(prompts)
+        spec_result["prepacked_linears"] = prepacked
+        result["gamma"] = gammas[d] if choice else s.gamma
+        if costs:
+            spec_result["costs"] = costs[d]
+            spec_result["predicted_speedup"] = predicted_at(spec_result, costs[d],
+                                                            result["gamma"])
+        if choice:
+            spec_result["gamma_auto"] = choice[d]
+        result["speculative"] = spec_result
+
+
+def evaluate(
+    cfg: Config, draft_specs: list[str], modes: tuple[str, ...] | None = None,
+    progress: bool = True, note: Callable[[str], None] = _note_on_stderr,
+    per_token: bool = False, **overrides,
+) -> list[dict]:
+    """Every requested measure of each draft on one task split (the target loads once).
+
+    `per_token` keeps each label token's exact values (for paired statistics across drafts).
+
+    Settings come from `cfg.eval` (`EvalConfig`: gamma, temperature, max_new_tokens, prompts,
+    speed_rounds, speed, continuations_cache), which keyword `overrides` replace (`n_prompts`
+    is `prompts`); each result records the settings it was measured with. `modes=None` (or
+    cfg.eval.modes None) runs every mode it can: offline only when the cache holds the split
+    (`note` gets a one-line message otherwise). Every draft's tokenizer is checked before any
+    number is computed; all drafts stay loaded, the target's teacher-forced log-probs are
+    computed once for all of them, and speculative decoding times them against one shared
+    target-only baseline (`speculative_acceptance`).
+    """
+    plan = _plan(cfg, draft_specs, modes, note, dict(overrides))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    target, drafts = _load_models(
+        cfg, plan.specs, "exact" in plan.modes or "speculative" in plan.modes, device)
+    if not drafts:
+        return []
+    # Every draft shares the target's tokenizer (checked above): one vocabulary and pad id.
+    tokenizer = plan.tokenizers[0]
+    vocab_size = models.real_vocab_size(tokenizer)
+    pad_id = models.pad_id(tokenizer)
+    exact, cont_exact = _exact_measures(cfg, plan, target, drafts, vocab_size, pad_id, progress,
+                                        per_token)
+    results = _teacher_forced_results(cfg, plan, drafts, exact, cont_exact, vocab_size, pad_id,
+                                      progress)
+    if "speculative" in plan.modes:
+        _add_speculative(cfg, plan.settings, results, target, drafts, tokenizer, vocab_size,
+                         device, progress)
     for result in results:
         result["predicted_mean_accepted_length"] = predicted_lengths(result)
     return results
