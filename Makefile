@@ -73,7 +73,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check adaspec cache_tools tests bench studies
+	$(BIN)/ruff check adaspec cache_tools harness tests bench studies
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)
