@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.report_only:
         payload = json.loads(Path(args.out).read_text())
+        Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
         Path(args.doc).write_text(markdown(payload))
         print(f"wrote {args.doc}")
         return 0

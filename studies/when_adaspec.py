@@ -117,14 +117,16 @@ def plot(payloads: list[tuple[str, dict | None]], path: Path) -> None:
         ax.set_title(name)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("validation greedy agreement")
+        labelled = set()
         for seed in (payload or {}).get("seeds", []):
             for arm in ARMS:
                 curve = seed["runs"].get(arm, {}).get("validation", [])
                 if curve:
                     ax.plot([c["step"] for c in curve], [c[HEADLINE] for c in curve],
                             color=colors[arm], alpha=0.7, lw=1,
-                            label=arm if seed is payload["seeds"][0] else None)
-        if payload and payload.get("seeds"):
+                            label=None if arm in labelled else arm)
+                    labelled.add(arm)
+        if labelled:
             ax.legend()
         else:
             ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
