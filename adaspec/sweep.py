@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from adaspec import fit, models, provenance, runs, teacher_forced, train
+from adaspec import experiment, fit, models, provenance, runs, teacher_forced, train
 from adaspec.config import Config
 from adaspec.errors import UserError
 from adaspec.validation import Validator
@@ -218,10 +218,9 @@ def run_sweep(cfg: Config, variants: list[Variant] | None = None, out: Path | st
                     runs.discard_run(out / v.name)
             seconds.update(train_single_pass(cfg, group, out, progress))
     else:
-        for v in untrained:
+        for v in untrained:  # trained, or resumed from its last checkpoint
             started = time.perf_counter()
-            resume = runs.latest_checkpoint(out / v.name) is not None
-            train.train(variant_config(cfg, v, out / v.name), resume=resume, progress=progress)
+            experiment.ensure_run(variant_config(cfg, v, out / v.name), progress)
             seconds[v.name] = time.perf_counter() - started
     for v in todo:
         seconds.setdefault(v.name, None)  # trained before an interruption: not timed
