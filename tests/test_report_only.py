@@ -19,15 +19,23 @@ def _copy_results(name: str, tmp_path: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", ["paper_table", "ablation", "converged_study", "served_speedup"])
-def test_report_only_remakes_the_committed_doc(name, tmp_path):
+@pytest.mark.parametrize("module, name", [
+    ("paper_table", "paper_table"), ("ablation", "ablation"),
+    ("converged_study", "converged_study"), ("served_speedup", "served_speedup"),
+    ("converged_study", "weak_draft_study"),  # the same protocol in the weak-draft regime
+])
+def test_report_only_remakes_the_committed_doc(module, name, tmp_path):
     import importlib
 
-    study = importlib.import_module(f"studies.{name}")
+    study = importlib.import_module(f"studies.{module}")
     out, doc = _copy_results(name, tmp_path), tmp_path / "docs" / f"{name}.md"
     args = ["--report-only", "--out", str(out), "--doc", str(doc)]
-    if name in ("paper_table", "converged_study"):
+    if module in ("paper_table", "converged_study"):
         args += ["--work", str(tmp_path / "work")]  # no work folder: from the results alone
+    if module == "converged_study":  # its protocol flags must be the results' own
+        import json
+
+        args += ["--draft", json.loads(out.read_text())["settings"]["draft"]]
     assert study.main(args) == 0
     assert doc.read_text() == (DOCS / f"{name}.md").read_text()
 
