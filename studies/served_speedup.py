@@ -44,6 +44,7 @@ timing (`--retime` times a path again).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -249,8 +250,7 @@ def load_local(args, cfg: Config, draft_dir: Path, packed: bool) -> SimpleNamesp
     draft, _ = models.load_frozen(str(draft_dir), torch.float32, "cpu")
     pair, prepacked = None, 0
     if packed and cpu_decoding.available(target) and cpu_decoding.available(draft):
-        pair = (models.load_frozen(cfg.models.target, torch.float32, "cpu")[0],
-                models.load_frozen(str(draft_dir), torch.float32, "cpu")[0])
+        pair = (copy.deepcopy(target), copy.deepcopy(draft))  # generate() keeps the originals
         prepacked = sum(cpu_decoding.prepack_linears(x) for x in pair)
     draft.generation_config.num_assistant_tokens_schedule = "constant"  # as bench/speculative
     draft.generation_config.assistant_confidence_threshold = 0.0
