@@ -45,10 +45,17 @@ JSON (--out) and the per-token values beside it (`tokens_path`) carry the study 
 sessions whose work folder is gone (a new machine): every arm in them is reused
 (`earlier_results`), R trained again only where an A arm needs it as reference (the same R,
 by weight hash). `--report-only` re-makes the table and plots from the results JSON.
+
+Seeds in parallel (one process per core, each seed with its own --out, the same --work), then
+gathered into one results file:
+
+    python -m studies.converged_study --seeds 1 --out parts/seed-1.json --doc parts/seed-1.md ...
+    python -m studies.converged_study --merge parts/seed-*.json --out results.json ...
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gzip
 import json
@@ -560,6 +567,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", default=str(harness.REPO / "docs" / "converged_study.md"))
     p.add_argument("--report-only", action="store_true",
                    help="re-make JSON, table and plot from the seeds finished in --work")
+    p.add_argument("--merge", nargs="+", metavar="RESULTS", default=[],
+                   help="gather the seeds of these results files of the same protocol (seeds "
+                        "run in parallel, each with its own --out) and their per-token values "
+                        "into --out; trains and evaluates nothing")
     args = p.parse_args(argv)
     work = Path(args.work)
     machine = harness.start(args)
@@ -572,6 +583,10 @@ def main(argv: list[str] | None = None) -> int:
         payload["in_progress"] = in_progress(work, args, records)
         report(args, payload, [records[s] for s in sorted(records)])
 
+    if args.merge:
+        payload.update(merge_results(args, records, earlier))
+        write()
+        return 0
     if args.report_only:
         quality_path = work / "quality.json"
         payload["quality"] = json.loads(quality_path.read_text()) if quality_path.is_file() \
@@ -604,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # Settings that do not change what a seed measures: a seed finished under other values of these
 # is reused from the results JSON.
-NOT_PROTOCOL = ("out", "threads", "progress", "seeds", "dense_seed", "work", "doc", "report_only")
+NOT_PROTOCOL = ("out", "threads", "progress", "seeds", "dense_seed", "work", "doc", "report_only",
+                "merge")
 
 
 def earlier_results(args) -> dict:
@@ -635,6 +651,40 @@ def earlier_results(args) -> dict:
             raise SystemExit(f"{path}: seed {seed.get('seed')} has no stored differences "
                              "(written before they were); give another --out")
     return earlier
+
+
+def merge_results(args, records: dict, earlier: dict) -> dict:
+    """The seeds of the results files `args.merge` (this protocol's, each checked as
+    `earlier_results` checks --out) added to `records`, their per-token values copied beside
+    --out; returns what the files must agree on (the tuned target, its quality, the machine).
+    A seed held twice with other values, a missing file or per-token file, or another tuned
+    target (than the files' or --out's own) is refused before anything is written."""
+    shared = {k: earlier.get(k) for k in ("tuned_target", "quality", "machine")} \
+        if earlier.get("seeds") else {}
+    tokens = {}
+    for path in args.merge:
+        part_args = argparse.Namespace(**{**vars(args), "out": path})
+        part = earlier_results(part_args)
+        if not part.get("seeds"):
+            raise SystemExit(f"{path}: no results of this study with a finished seed to merge")
+        for key in ("tuned_target", "quality"):
+            if shared.setdefault(key, part.get(key)) != part.get(key):
+                raise SystemExit(f"{path}: another {key.replace('_', ' ')} than "
+                                 f"{args.merge[0]}'s; its seeds are not comparable")
+        shared.setdefault("machine", part.get("machine"))
+        for seed in part["seeds"]:
+            n = seed["seed"]
+            if n in records and records[n] != seed:
+                raise SystemExit(f"{path}: seed {n} is also in another results file, with "
+                                 "other values")
+            values = read_tokens(tokens_path(part_args, n))
+            if set(values) != set(seed["arms"]):
+                raise SystemExit(f"{tokens_path(part_args, n)}: no per-token values for every "
+                                 f"arm of seed {n}")
+            records[n], tokens[n] = seed, values
+    for n, values in tokens.items():
+        write_tokens(tokens_path(args, n), values)
+    return shared
 
 
 def in_progress(work: Path, args, records: dict) -> dict:

@@ -7,7 +7,9 @@ running; see docs/converged_study.md):
 - aligned arith: the draft is the target's own first 2 layers (studies/results/
   converged_study.json);
 - weak-draft arith: a draft of its own small size and random initialisation, the target's
-  tokenizer (`--draft smollm2-135m@random=...`, studies/results/weak_draft_study.json);
+  tokenizer (`--draft smollm2-135m@random=...`, studies/results/weak_draft_study.json), and
+  the first size tried, 128 wide, stopped after one seed when it ended above the paper's
+  agreement range (studies/results/weak_draft_h128_study.json);
 - aligned gsm8k: real data, the 2-layer draft (studies/results/gsm8k_study.json).
 
 Writes docs/when_adaspec.md (A - C and A - R with seed-level intervals, agreement levels,
@@ -30,6 +32,7 @@ HEADLINE = "greedy_agreement"
 REGIMES = (
     ("aligned arith", "converged_study.json"),
     ("weak-draft arith", "weak_draft_study.json"),
+    ("weak-draft arith, first size (too strong)", "weak_draft_h128_study.json"),
     ("aligned gsm8k", "gsm8k_study.json"),
 )
 ARMS = ("R", "A", "C")

@@ -300,3 +300,56 @@ def test_a_session_that_ends_mid_seed_keeps_its_finished_arms(tiny_model_dir, tm
     tokens.write_bytes(b"garbage")
     with pytest.raises(SystemExit, match="not readable per-token values"):
         converged_study.read_tokens(tokens)
+
+
+def test_seeds_run_in_parallel_merge_into_one_results_file(tiny_model_dir, tmp_path):
+    """Each seed with its own --out (the same --work), then --merge: the merged file holds
+    every seed with its per-token values and the summary over all of them, computed from the
+    parts alone; a seed twice with other values, a part without its per-token values, another
+    protocol or another tuned target is refused and nothing is written."""
+    work, parts = tmp_path / "study", tmp_path / "parts"
+
+    def args(seeds: str, out) -> list[str]:
+        a = _args(str(tiny_model_dir), work, seeds)
+        a[a.index("--out") + 1] = str(out)
+        a[a.index("--doc") + 1] = str(out.with_suffix(".md"))
+        return a
+
+    for seed in (0, 1):
+        assert converged_study.main(args(str(seed), parts / f"seed-{seed}.json")) == 0
+    shutil.rmtree(work)  # the merge computes nothing: the parts are all it reads
+    merged = tmp_path / "merged.json"
+    part_files = [str(parts / "seed-0.json"), str(parts / "seed-1.json")]
+    assert converged_study.main([*args("0,1", merged), "--merge", *part_files]) == 0
+    result = json.loads(merged.read_text())
+    one = [json.loads((parts / f"seed-{s}.json").read_text()) for s in (0, 1)]
+    assert result["seeds"] == [one[0]["seeds"][0], one[1]["seeds"][0]]
+    ac = result["summary"]["comparisons"]["A - C"]["greedy_agreement"]
+    assert ac["per_seed"] == [p["summary"]["comparisons"]["A - C"]["greedy_agreement"]
+                              ["per_seed"][0] for p in one]
+    assert ac["n"] == 2 and result["summary"]["decision"]["seeds"] == 2
+    assert result["tuned_target"] == one[0]["tuned_target"]
+    for seed in (0, 1):
+        assert (tmp_path / "merged" / f"seed-{seed}.tokens.json.gz").read_bytes() == \
+            (parts / f"seed-{seed}" / f"seed-{seed}.tokens.json.gz").read_bytes()
+    # merging again (the same seeds, the same values) changes nothing
+    before = merged.read_bytes()
+    assert converged_study.main([*args("0,1", merged), "--merge", *part_files]) == 0
+    assert json.loads(merged.read_bytes())["seeds"] == json.loads(before)["seeds"]
+
+    other = tmp_path / "other.json"
+    changed = json.loads((parts / "seed-1.json").read_text())
+    changed["seeds"][0]["differences"]["A - C"]["greedy_agreement"][0] += 0.5
+    (tmp_path / "bad").mkdir()
+    bad = tmp_path / "bad" / "seed-1.json"
+    bad.write_text(json.dumps(changed))
+    with pytest.raises(SystemExit, match="seed 1 is also in another results file"):
+        converged_study.main([*args("0,1", other), "--merge", *part_files, str(bad)])
+    with pytest.raises(SystemExit, match="no per-token values for every arm of seed 1"):
+        converged_study.main([*args("0,1", other), "--merge", str(bad)])
+    bad.write_text(json.dumps({**one[1], "tuned_target": "0" * 64}))
+    with pytest.raises(SystemExit, match="another tuned target"):
+        converged_study.main([*args("0,1", other), "--merge", part_files[0], str(bad)])
+    with pytest.raises(SystemExit, match=r"other settings \(lr\)"):
+        converged_study.main([*args("0,1", other), "--lr", "1e-3", "--merge", *part_files])
+    assert not other.exists() and not (tmp_path / "other").exists()

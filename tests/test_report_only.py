@@ -3,6 +3,7 @@ results (nothing computed, nothing in the repository written: results and doc go
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "studies" / "results"
 DOCS = REPO / "docs"
+
+
+def _protocol_flags(study, settings: dict) -> list[str]:
+    """The command-line flags that give `settings` (a converged-study results file's)."""
+    flags = []
+    for key, value in settings.items():
+        if key in study.NOT_PROTOCOL or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        flags += [flag] if value is True else [flag, str(value)]
+    return flags
 
 
 def _copy_results(name: str, tmp_path: Path) -> Path:
@@ -22,7 +34,7 @@ def _copy_results(name: str, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("module, name", [
     ("paper_table", "paper_table"), ("ablation", "ablation"),
     ("converged_study", "converged_study"), ("served_speedup", "served_speedup"),
-    ("converged_study", "weak_draft_study"),  # the same protocol in the weak-draft regime
+    ("converged_study", "weak_draft_h128_study"),  # the weak-draft regime, its first size
 ])
 def test_report_only_remakes_the_committed_doc(module, name, tmp_path):
     import importlib
@@ -33,9 +45,7 @@ def test_report_only_remakes_the_committed_doc(module, name, tmp_path):
     if module in ("paper_table", "converged_study"):
         args += ["--work", str(tmp_path / "work")]  # no work folder: from the results alone
     if module == "converged_study":  # its protocol flags must be the results' own
-        import json
-
-        args += ["--draft", json.loads(out.read_text())["settings"]["draft"]]
+        args += _protocol_flags(study, json.loads(out.read_text())["settings"])
     assert study.main(args) == 0
     assert doc.read_text() == (DOCS / f"{name}.md").read_text()
 
