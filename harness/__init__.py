@@ -35,6 +35,27 @@ from adaspec import models
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 DEFAULT_DATA = SHARED_DATA / "gsm8k" / "train.jsonl"
+# Each real task's rows under ../shared/data (see its SOURCES.md); arith is generated.
+TASK_FILES = {
+    "gsm8k": "gsm8k/train.jsonl",
+    "alpaca": "alpaca/alpaca_5000.json",
+    "mbpp": "mbpp/mbpp.jsonl",
+    "cnn_dailymail": "cnn_dailymail/cnn_dailymail_validation_subset.csv",
+    "xsum": "xsum/xsum-1000.jsonl",
+}
+
+
+def task_data(task: str) -> str | None:
+    """The data file of a real task under ../shared/data (None for arith, which is generated);
+    a task without one, or a file that is not there, is an error."""
+    if task == "arith":
+        return None
+    if task not in TASK_FILES:
+        raise SystemExit(f"no data file for task {task!r} (known: arith, {', '.join(TASK_FILES)})")
+    path = SHARED_DATA / TASK_FILES[task]
+    if not path.is_file():
+        raise SystemExit(f"{path}: the {task} rows are not there (see ../shared/data/SOURCES.md)")
+    return str(path)
 
 
 def results_dir(package: str) -> Path:

@@ -100,7 +100,8 @@ def base_config(args, seed: int, target: str, work: Path) -> Config:
     """The seed's settings: its carve (data seed), draws (cache seed) and batch order (seed)."""
     return build_config({
         "models": {"target": target, "draft": args.draft},
-        "data": {"task": args.task, "max_length": args.max_length,
+        "data": {"task": args.task, "data_files": harness.task_data(args.task),
+                 "max_length": args.max_length,
                  "chat_template": not args.raw_prompts,
                  "limit": args.train_rows, "seed": seed},
         "cache": {"cache": str(work / "cache"), "seed": seed, "batch_tokens": 4096},

@@ -50,15 +50,7 @@ from cache_tools.info import cache_summary
 from cache_tools.store import CacheReader
 from studies import fidelity_measures as measures
 
-DATA = harness.SHARED_DATA
 DOCS = harness.REPO / "docs" / "fidelity"
-TASK_FILES = {
-    "gsm8k": "gsm8k/train.jsonl",
-    "alpaca": "alpaca/alpaca_5000.json",
-    "xsum": "xsum/xsum-1000.jsonl",
-    "mbpp": "mbpp/mbpp.jsonl",
-    "cnn_dailymail": "cnn_dailymail/cnn_dailymail_validation_subset.csv",
-}
 
 
 @dataclass(frozen=True)
@@ -160,7 +152,7 @@ def check_work_folder(work: Path, args) -> None:
 def base_config(args, task: str, target: Path, draft: Path, cache: Path):
     return build_config({
         "models": {"target": str(target), "draft": str(draft)},
-        "data": {"task": task, "split": "train", "data_files": str(DATA / TASK_FILES[task]),
+        "data": {"task": task, "split": "train", "data_files": harness.task_data(task),
                  "limit": args.train_rows, "max_length": args.max_length},
         "cache": {"cache": str(cache)},
         "train": {"batch_size": args.batch_size, "epochs": args.epochs, "lr": args.lr,
@@ -714,8 +706,9 @@ def main(argv: list[str] | None = None) -> int:
     info = harness.start(args)
     tasks = [t for t in args.tasks.split(",") if t]
     for t in tasks:
-        if t not in TASK_FILES or not (DATA / TASK_FILES[t]).exists():
-            raise SystemExit(f"no data for task {t!r} under {DATA}")
+        if t == "arith":
+            raise SystemExit("no data file for task 'arith' (generated); fidelity reads real rows")
+        harness.task_data(t)
     settings = [Setting(int(k), m, v) for m in args.modes.split(",")
                 for v in args.values.split(",") for k in args.topks.split(",")]
     work = Path(args.work)
@@ -736,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
                        "per-token KL error, AdaSPEC selection agreement, and held-out "
                        "acceptance of drafts trained from each cache vs online dense",
         "settings": {k: v for k, v in vars(args).items() if k not in ("progress",)},
-        "data": {t: str(Path("../shared/data") / TASK_FILES[t]) for t in tasks},
+        "data": {t: str(Path("../shared/data") / harness.TASK_FILES[t]) for t in tasks},
         "splits": "train: the file's carved train split (first --train-rows); held-out: its "
                   "carved test split (first --eval-rows); ../shared/holdout is never read",
         "machine": info,

@@ -16,14 +16,6 @@ from adaspec.evaluate import evaluate
 from adaspec.experiment import EVAL_CACHE, continuations_config, ensure_run, split_config
 from adaspec.validation import validation_records
 
-DATA = {
-    "gsm8k": "gsm8k/train.jsonl",
-    "alpaca": "alpaca/alpaca_5000.json",
-    "mbpp": "mbpp/mbpp.jsonl",
-    "cnn_dailymail": "cnn_dailymail/cnn_dailymail_validation_subset.csv",
-    "xsum": "xsum/xsum-1000.jsonl",
-    "arith": None,
-}
 ARMS = ("distillspec", "adaspec_official", "adaspec_equal", "kd_control")
 ARM_NAMES = {
     "distillspec": "DistillSpec (ref, k=1, E epochs)",
@@ -37,11 +29,10 @@ ARM_NAMES = {
 
 
 def base_config(args, task: str, work: Path) -> Config:
-    data_file = DATA[task]
     return build_config({
         "models": {"target": args.target, "draft": args.draft},
-        "data": {"task": task, "data_files": str(harness.SHARED_DATA / data_file)
-                 if data_file else None, "max_length": args.max_length,
+        "data": {"task": task, "data_files": harness.task_data(task),
+                 "max_length": args.max_length,
                  "chat_template": not args.raw_prompts, "limit": args.train_rows},
         "cache": {"cache": str(work / "cache")},
         "train": {"lr": args.lr, "batch_size": args.batch_size, "weight_decay": 0.1,
