@@ -34,6 +34,7 @@ def _copy_results(name: str, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("module, name", [
     ("paper_table", "paper_table"), ("ablation", "ablation"),
     ("converged_study", "converged_study"), ("served_speedup", "served_speedup"),
+    ("converged_study", "weak_draft_study"),  # the same protocol in the weak-draft regime
     ("converged_study", "weak_draft_h128_study"),  # the weak-draft regime, its first size
 ])
 def test_report_only_remakes_the_committed_doc(module, name, tmp_path):
@@ -65,3 +66,10 @@ def test_when_adaspec_remakes_its_committed_page(tmp_path):
     doc = tmp_path / "when_adaspec.md"
     assert when_adaspec.main(["--doc", str(doc), "--out", str(tmp_path / "w.json")]) == 0
     assert doc.read_text() == (DOCS / "when_adaspec.md").read_text()
+
+
+def test_the_readme_quotes_the_rule_of_thumb_when_adaspec_writes():
+    from studies import when_adaspec
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f'"{when_adaspec.THUMB}"' in readme
