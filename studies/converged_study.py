@@ -46,7 +46,8 @@ sessions whose work folder is gone (a new machine): every arm in them is reused
 (`earlier_results`), R trained again only where an A arm needs it as reference (the same R,
 by weight hash). `--report-only` re-makes the table and plots from the results JSON.
 
-Seeds in parallel (one process per core, each seed with its own --out, the same --work), then
+Seeds in parallel (one process per core, each seed with its own --out, the same --work; the
+first alone until the tuned target is made, work/target/model), then their finished seeds
 gathered into one results file:
 
     python -m studies.converged_study --seeds 1 --out parts/seed-1.json --doc parts/seed-1.md ...
@@ -655,13 +656,17 @@ def earlier_results(args) -> dict:
 
 
 def merge_results(args, records: dict, earlier: dict) -> dict:
-    """The seeds of the results files `args.merge` (this protocol's, each checked as
-    `earlier_results` checks --out) added to `records`, their per-token values copied beside
-    --out; returns what the files must agree on (the tuned target, its quality, the machine).
-    A seed held twice with other values, a missing file or per-token file, or another tuned
-    target (than the files' or --out's own) is refused before anything is written."""
-    shared = {k: earlier.get(k) for k in ("tuned_target", "quality", "machine")} \
-        if earlier.get("seeds") else {}
+    """The finished seeds (R, A and C evaluated) of the results files `args.merge` (this
+    protocol's, each checked as `earlier_results` checks --out) added to `records` (--out's
+    own), their per-token values copied beside --out; returns what the files must agree on
+    (the tuned target, its quality, the machine). An unfinished seed, a seed held twice with
+    other values (or other per-token values), a missing file or per-token file, or another
+    tuned target is refused before anything is written."""
+    source = {n: str(args.out) for n in records}
+    shared, first = {}, {}
+    if earlier.get("seeds"):
+        shared = {k: earlier.get(k) for k in ("tuned_target", "quality", "machine")}
+        first = dict.fromkeys(shared, str(args.out))
     tokens = {}
     for path in args.merge:
         part_args = argparse.Namespace(**{**vars(args), "out": path})
@@ -669,20 +674,27 @@ def merge_results(args, records: dict, earlier: dict) -> dict:
         if not part.get("seeds"):
             raise SystemExit(f"{path}: no results of this study with a finished seed to merge")
         for key in ("tuned_target", "quality"):
+            first.setdefault(key, path)
             if shared.setdefault(key, part.get(key)) != part.get(key):
-                raise SystemExit(f"{path}: another {key.replace('_', ' ')} than "
-                                 f"{args.merge[0]}'s; its seeds are not comparable")
+                raise SystemExit(f"{path}: another {key.replace('_', ' ')} than {first[key]}'s; "
+                                 "its seeds are not comparable")
         shared.setdefault("machine", part.get("machine"))
         for seed in part["seeds"]:
             n = seed["seed"]
+            if not set(ARMS) <= set(seed["arms"]):
+                raise SystemExit(f"{path}: seed {n} is not finished (arms "
+                                 f"{', '.join(seed['arms']) or 'none'}); merge finished seeds")
             if n in records and records[n] != seed:
-                raise SystemExit(f"{path}: seed {n} is also in another results file, with "
-                                 "other values")
+                raise SystemExit(f"{path}: seed {n} is also in {source[n]}, with other values")
             values = read_tokens(tokens_path(part_args, n))
             if set(values) != set(seed["arms"]):
                 raise SystemExit(f"{tokens_path(part_args, n)}: no per-token values for every "
                                  f"arm of seed {n}")
-            records[n], tokens[n] = seed, values
+            held = tokens.get(n) or (read_tokens(tokens_path(args, n)) if n in records else {})
+            if held and held != values:
+                raise SystemExit(f"{path}: seed {n}'s per-token values differ from those of "
+                                 f"{source[n]}")
+            records[n], tokens[n], source[n] = seed, values, path
     for n, values in tokens.items():
         write_tokens(tokens_path(args, n), values)
     return shared

@@ -332,10 +332,14 @@ def test_seeds_run_in_parallel_merge_into_one_results_file(tiny_model_dir, tmp_p
     for seed in (0, 1):
         assert (tmp_path / "merged" / f"seed-{seed}.tokens.json.gz").read_bytes() == \
             (parts / f"seed-{seed}" / f"seed-{seed}.tokens.json.gz").read_bytes()
-    # merging again (the same seeds, the same values) changes nothing
+    # merging again (the same seeds, the same values) changes nothing; nor does a merge of
+    # one part into an --out that holds both seeds already
     before = merged.read_bytes()
     assert converged_study.main([*args("0,1", merged), "--merge", *part_files]) == 0
-    assert json.loads(merged.read_bytes())["seeds"] == json.loads(before)["seeds"]
+    assert converged_study.main([*args("0,1", merged), "--merge", part_files[1]]) == 0
+    again = json.loads(merged.read_bytes())
+    assert again["seeds"] == json.loads(before)["seeds"]
+    assert again["summary"] == json.loads(before)["summary"]
 
     other = tmp_path / "other.json"
     changed = json.loads((parts / "seed-1.json").read_text())
@@ -343,8 +347,17 @@ def test_seeds_run_in_parallel_merge_into_one_results_file(tiny_model_dir, tmp_p
     (tmp_path / "bad").mkdir()
     bad = tmp_path / "bad" / "seed-1.json"
     bad.write_text(json.dumps(changed))
-    with pytest.raises(SystemExit, match="seed 1 is also in another results file"):
+    with pytest.raises(SystemExit, match="seed 1 is also in .*seed-1.json, with other values"):
         converged_study.main([*args("0,1", other), "--merge", *part_files, str(bad)])
+    with pytest.raises(SystemExit, match=f"seed 1 is also in {merged}, with other values"):
+        converged_study.main([*args("0,1", merged), "--merge", str(bad)])
+    assert json.loads(merged.read_bytes())["seeds"] == again["seeds"]  # refused: untouched
+    unfinished = json.loads((parts / "seed-1.json").read_text())
+    unfinished["seeds"][0]["arms"] = ["R", "A"]
+    bad.write_text(json.dumps(unfinished))
+    with pytest.raises(SystemExit, match=r"seed 1 is not finished \(arms R, A\)"):
+        converged_study.main([*args("0,1", other), "--merge", str(bad)])
+    bad.write_text(json.dumps(changed))
     with pytest.raises(SystemExit, match="no per-token values for every arm of seed 1"):
         converged_study.main([*args("0,1", other), "--merge", str(bad)])
     bad.write_text(json.dumps({**one[1], "tuned_target": "0" * 64}))

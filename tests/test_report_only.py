@@ -18,7 +18,7 @@ def _protocol_flags(study, settings: dict) -> list[str]:
     """The command-line flags that give `settings` (a converged-study results file's)."""
     flags = []
     for key, value in settings.items():
-        if key in study.NOT_PROTOCOL or value is False:
+        if key in study.NOT_PROTOCOL or value is False or value is None:
             continue
         flag = "--" + key.replace("_", "-")
         flags += [flag] if value is True else [flag, str(value)]
