@@ -142,9 +142,15 @@ def ensure_target(args, work: Path) -> str:
     return ensure_tuned_target(cfg, work / "target", args.sft_lr, args.sft_epochs, args.progress)
 
 
+def quality_path(args, work: Path) -> Path:
+    """Where the target's quality is kept: named by what it measured (prompts, new tokens), so
+    a study with other settings measures again instead of reading another's figures."""
+    return work / f"quality-{args.quality_prompts}x{args.max_new_tokens}.json"
+
+
 def target_quality(args, work: Path, tuned: str) -> dict:
     """Task quality of the target before and after fine-tuning (seed 0's test prompts)."""
-    path = work / "quality.json"
+    path = quality_path(args, work)
     if path.is_file():
         return json.loads(path.read_text())
     out = {}
@@ -154,7 +160,9 @@ def target_quality(args, work: Path, tuned: str) -> dict:
         out[name] = quality.target_quality(cfg, model.eval(), tokenizer, args.quality_prompts,
                                            args.max_new_tokens, progress=args.progress)
         out[name]["target"] = spec
-    path.write_text(json.dumps(out, indent=1))
+    part = path.with_name(path.name + ".part")  # (seeds run in parallel read it)
+    part.write_text(json.dumps(out, indent=1))
+    part.replace(path)
     return out
 
 
@@ -590,8 +598,8 @@ def main(argv: list[str] | None = None) -> int:
         write()
         return 0
     if args.report_only:
-        quality_path = work / "quality.json"
-        payload["quality"] = json.loads(quality_path.read_text()) if quality_path.is_file() \
+        kept = quality_path(args, work)
+        payload["quality"] = json.loads(kept.read_text()) if kept.is_file() \
             else earlier.get("quality", {})
         payload["tuned_target"] = earlier.get("tuned_target")
         payload["machine"] = earlier.get("machine", machine)  # the one that ran the study

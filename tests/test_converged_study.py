@@ -366,3 +366,31 @@ def test_seeds_run_in_parallel_merge_into_one_results_file(tiny_model_dir, tmp_p
     with pytest.raises(SystemExit, match=r"other settings \(lr\)"):
         converged_study.main([*args("0,1", other), "--lr", "1e-3", "--merge", *part_files])
     assert not other.exists() and not (tmp_path / "other").exists()
+
+
+def test_the_targets_quality_is_measured_again_under_other_settings(tmp_path, monkeypatch):
+    """Kept beside the work, named by what it measured: another --max-new-tokens (or number of
+    prompts) measures again rather than reading the other settings' figures."""
+    import argparse
+
+    from adaspec import models, quality
+
+    class Model:  # what target_quality asks of a model here: eval()
+        def eval(self):
+            return self
+
+    calls = []
+    monkeypatch.setattr(models, "load_model", lambda spec: (Model(), None))
+    monkeypatch.setattr(quality, "target_quality", lambda cfg, model, tok, prompts, new, progress:
+                        calls.append((prompts, new)) or {"quality": 0.5, "new": new})
+    args = argparse.Namespace(quality_prompts=2, max_new_tokens=6, test_rows=4, target="t",
+                              draft="d", task="arith", max_length=64, raw_prompts=True,
+                              train_rows=8, lr=1e-3, batch_size=2, eval_every=2, gamma=2,
+                              prompts=2, progress=False)
+    first = converged_study.target_quality(args, tmp_path, "tuned")
+    assert converged_study.target_quality(args, tmp_path, "tuned") == first
+    assert calls == [(2, 6), (2, 6)]  # before and after fine-tuning, once
+    args.max_new_tokens = 12
+    longer = converged_study.target_quality(args, tmp_path, "tuned")
+    assert calls[2:] == [(2, 12), (2, 12)] and longer["after fine-tuning"]["new"] == 12
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quality-2x12.json", "quality-2x6.json"]
