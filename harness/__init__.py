@@ -34,7 +34,6 @@ from adaspec import models
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-DEFAULT_DATA = SHARED_DATA / "gsm8k" / "train.jsonl"
 # Each real task's rows under ../shared/data (see its SOURCES.md); arith is generated.
 TASK_FILES = {
     "gsm8k": "gsm8k/train.jsonl",
@@ -43,6 +42,7 @@ TASK_FILES = {
     "cnn_dailymail": "cnn_dailymail/cnn_dailymail_validation_subset.csv",
     "xsum": "xsum/xsum-1000.jsonl",
 }
+DEFAULT_DATA = SHARED_DATA / TASK_FILES["gsm8k"]
 
 
 def task_data(task: str) -> str | None:

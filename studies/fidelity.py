@@ -706,9 +706,8 @@ def main(argv: list[str] | None = None) -> int:
     info = harness.start(args)
     tasks = [t for t in args.tasks.split(",") if t]
     for t in tasks:
-        if t == "arith":
-            raise SystemExit("no data file for task 'arith' (generated); fidelity reads real rows")
-        harness.task_data(t)
+        if harness.task_data(t) is None:
+            raise SystemExit(f"no data file for task {t!r} (generated); fidelity reads real rows")
     settings = [Setting(int(k), m, v) for m in args.modes.split(",")
                 for v in args.values.split(",") for k in args.topks.split(",")]
     work = Path(args.work)

@@ -72,7 +72,24 @@ def regime_row(name: str, payload: dict | None) -> dict:
                      for m in ("greedy_agreement", "mean_accepted_length")} if values else None)
         flags = s["plateau"].get(arm, [])
         row[f"{arm} plateau"] = f"{sum(flags)}/{len(flags)}" if flags else "-"
+    row["validation A - C"] = validation_gap(payload["seeds"])
     return row
+
+
+def validation_gap(seeds: list[dict], fraction: float = 0.75) -> dict | None:
+    """A - C in validation greedy agreement per seed at the evaluation nearest `fraction` of
+    C's optimizer steps: a look along the way (not the rule's endpoint, and both arms are
+    still training there). None when no seed has both curves."""
+    gaps, step = [], None
+    for seed in seeds:
+        runs = seed["runs"]
+        if not ("A" in runs and "C" in runs):
+            continue
+        step = round(fraction * runs["C"]["schedule"]["optimizer_steps"])
+        at = {arm: min(runs[arm]["validation"], key=lambda c: abs(c["step"] - step))[HEADLINE]
+              for arm in ("A", "C")}
+        gaps.append(at["A"] - at["C"])
+    return {"step": step, "per_seed": gaps} if gaps else None
 
 
 def _interval(v: dict | None) -> str:
@@ -109,6 +126,12 @@ def markdown(rows: list[dict], thumb: str, plot_name: str) -> str:
                      f"{r['decision']} |")
     lines += ["", "Plateau: seeds whose validation curve had stopped rising at the end (mean of "
               "the last quarter of steps < 0.5 pt above the quarter before)."]
+    gaps = [f"{r['regime']}: A - C at step {g['step']}, per seed "
+            + ", ".join(f"{v * 100:+.2f}" for v in g["per_seed"]) + " pt"
+            for r in rows if r["run"] and (g := r["validation A - C"])]
+    if gaps:
+        lines += ["", "Along the way, on validation (a look after the fact, not the rule's "
+                  "endpoint; each arm still training): " + "; ".join(gaps) + "."]
     powers = [p for r in rows if r["run"] for name in ("A - C", "A - R")
               if r[name] and (p := power_sentence(r[name], f"{name} ({r['regime']})"))]
     if powers:

@@ -74,3 +74,18 @@ def test_the_readme_quotes_the_rule_of_thumb_when_adaspec_writes():
 
     readme = " ".join((REPO / "README.md").read_text().split())
     assert f'"{when_adaspec.THUMB}"' in readme
+
+
+def test_the_validation_gap_is_a_minus_c_at_three_quarters_of_cs_steps():
+    from studies.when_adaspec import validation_gap
+
+    def run(steps: int, values: dict) -> dict:
+        return {"schedule": {"optimizer_steps": steps},
+                "validation": [{"step": s, "greedy_agreement": v} for s, v in values.items()]}
+
+    seeds = [{"runs": {"A": run(100, {50: 0.5, 70: 0.6, 80: 0.9}),
+                       "C": run(100, {50: 0.4, 75: 0.55, 100: 0.7})}},
+             {"runs": {"R": run(100, {75: 0.1})}}]  # no A and C: not counted
+    gap = validation_gap(seeds)
+    assert gap["step"] == 75 and gap["per_seed"] == pytest.approx([0.6 - 0.55])
+    assert validation_gap(seeds[1:]) is None
