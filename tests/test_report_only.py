@@ -37,6 +37,7 @@ def _copy_results(name: str, tmp_path: Path) -> Path:
     ("converged_study", "weak_draft_study"),  # the same protocol in the weak-draft regime
     ("converged_study", "weak_draft_h128_study"),  # the weak-draft regime, its first size
     ("converged_study", "weak_draft_short_study"),  # and a shorter budget, fixed beforehand
+    ("converged_study", "gsm8k_study"),  # real data, the 2-layer draft
 ])
 def test_report_only_remakes_the_committed_doc(module, name, tmp_path):
     import importlib
