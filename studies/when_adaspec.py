@@ -57,10 +57,10 @@ THUMB = (
     "every seed (2.8-3.4 pt at step 2,250 of 3,000; a look after the fact); a budget of 2,250 "
     "steps fixed beforehand, on fresh seeds, did not bear that out: A was below the control in "
     "every seed, -5.26 pt [-11.03, +0.50] (-5.92 [-10.40, -1.43] in expected acceptance), the "
-    "control still rising. At the weak draft's seed-to-seed spread 1 pt needs 10-24 seeds to "
-    "show. On arith, wherever AdaSPEC gained on DistillSpec, plain KD given AdaSPEC's longer "
-    "schedule gained as much or more; on gsm8k neither moved beyond the noise (C - R -0.13 "
-    "[-2.67, +2.40]).")
+    "control still rising. At the weak draft's seed-to-seed spread 1 pt needs 9-24 seeds to "
+    "show. In the three complete arith studies (seed means), wherever AdaSPEC gained on "
+    "DistillSpec, plain KD given AdaSPEC's longer schedule gained as much or more; on gsm8k "
+    "neither moved beyond the noise (C - R -0.13 [-2.67, +2.40]).")
 
 
 def regime_row(name: str, payload: dict | None) -> dict:
