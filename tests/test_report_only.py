@@ -4,6 +4,7 @@ results (nothing computed, nothing in the repository written: results and doc go
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -75,6 +76,24 @@ def test_the_readme_quotes_the_rule_of_thumb_when_adaspec_writes():
 
     readme = " ".join((REPO / "README.md").read_text().split())
     assert f'"{when_adaspec.THUMB}"' in readme
+
+
+@pytest.mark.parametrize("file, comparisons", [
+    ("converged_study.json", ("A - C", "A - R")), ("weak_draft_study.json", ("A - C", "A - R")),
+    ("weak_draft_short_study.json", ("A - C",)), ("gsm8k_study.json", ("A - C", "A - R", "C - R")),
+])
+def test_the_rule_of_thumb_quotes_the_committed_intervals(file, comparisons):
+    """The rule of thumb is prose written by hand: every interval it quotes must be the one the
+    committed results give (a study rerun or a typo shows here)."""
+    from studies import when_adaspec
+
+    summary = json.loads((RESULTS / file).read_text())["summary"]["comparisons"]
+    for name in comparisons:
+        v = summary[name][when_adaspec.HEADLINE]
+        # "+0.41 pt [-1.66, +2.49]", "+0.05 [...]", or "lost ... by 1.46 pt [...]"
+        quoted = (rf"{abs(v['mean']) * 100:.2f}( pt)? "
+                  + re.escape(f"[{v['low'] * 100:+.2f}, {v['high'] * 100:+.2f}]"))
+        assert re.search(quoted, when_adaspec.THUMB), (file, name, quoted)
 
 
 def test_the_validation_gap_is_a_minus_c_at_three_quarters_of_cs_steps():
